@@ -1,0 +1,41 @@
+"""Exception hierarchy. Every :class:`UserError` is a problem with the user's input: the CLI prints its
+message (which names the fix) and exits with code 2."""
+
+
+class FslError(Exception):
+    """Base class of all fsl-bench errors."""
+
+
+class UserError(FslError):
+    """Bad input from the user (data, config, names, paths). CLI exit code 2."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A registry lookup with a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(UserError):
+    """Missing, corrupt or insufficient data."""
+
+
+class ChecksumError(DataError):
+    """A file's checksum does not match the expected one."""
+
+
+class ConfigError(UserError):
+    """A benchmark/method config is invalid."""
+
+
+class ProtocolError(UserError):
+    """An evaluation protocol the data cannot supply (n_way, shot+query)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt or does not match the backbone."""
+
+
+class TrainingDiverged(FslError):
+    """Loss became NaN or inf."""

@@ -1,0 +1,87 @@
+"""The method contract: a pretraining method is one ``nn.Module`` subclass registered in
+``fsl_lsskd.registry.METHODS``. The engine (``fsl_lsskd.train.engine``) owns data, augmentation,
+optimisation, checkpoints and logging; a method owns its extra modules, its loss and its state
+(e.g. prediction stores kept as buffers so checkpoints carry them)."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, Iterator, NamedTuple, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+
+class Batch(NamedTuple):
+    """One augmented training batch: float images ``[B,3,H,W]`` (normalised), labels ``[B]`` in 0..C-1 and
+    the dataset index of every sample ``[B]`` (PS-KD/LSSKD keep per-sample predictions)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Optimisation settings shared by all methods. Defaults: RFS (Tian et al. 2020, WangYueFt/rfs
+    train_supervised.py): SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64, 100 epochs, decay x0.1 at 60/80.
+
+    ``lr_milestones`` are fractions of ``epochs`` so shortened CPU profiles keep the schedule's shape."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[float, ...] = (0.6, 0.8)
+    lr_gamma: float = 0.1
+
+
+class Method(nn.Module, abc.ABC):
+    """Base class of every pretraining method.
+
+    Args:
+        backbone: a timm model created with ``num_classes=num_classes`` (its head is the final classifier).
+        num_classes: number of base classes.
+        num_samples: size of the training set (for per-sample stores indexed by ``Batch.index``).
+        config: an instance of ``config_cls``.
+        teacher: a frozen teacher ``Method`` for methods with ``needs_teacher``.
+    """
+
+    config_cls: ClassVar[Type[MethodConfig]] = MethodConfig
+    needs_teacher: ClassVar[bool] = False
+    #: methods that use the engine's standard shuffled mini-batches; episodic methods override ``batches``.
+    episodic: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, num_classes: int, num_samples: int,
+                 config: Optional[MethodConfig] = None, teacher: Optional["Method"] = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_samples = num_samples
+        self.config = config if config is not None else self.config_cls()
+        if self.needs_teacher and teacher is None:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"method {type(self).__name__} needs a teacher checkpoint (set `teacher:` in the config)")
+        # stored outside the module tree so the teacher is neither trained nor saved with the student
+        self.__dict__["teacher"] = teacher
+
+    @abc.abstractmethod
+    def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
+        """Return a dict with the total ``loss`` and each loss term (logged separately)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook called before each epoch (e.g. to update PS-KD's alpha)."""
+
+    def export_backbone(self) -> nn.Module:
+        """The inference network: the backbone alone, auxiliary heads removed, classifier reset."""
+        import copy
+
+        net = copy.deepcopy(self.backbone)
+        net.reset_classifier(0)
+        return net.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
