@@ -72,6 +72,12 @@ class Method(nn.Module, abc.ABC):
     def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
         """Return a dict with the total ``loss`` and each loss term (logged separately)."""
 
+    def iter_batches(self, loader, epoch: int) -> Iterator[Batch]:
+        """Batches of one epoch. Default: the engine's shuffled, augmented mini-batches
+        (``loader.epoch_batches(epoch)``). Episodic methods (ProtoNet, MAML) override this to yield
+        episodes built from ``loader.images``/``loader.labels`` with ``loader.augment``."""
+        return loader.epoch_batches(epoch)
+
     def on_epoch_start(self, epoch: int) -> None:
         """Hook called before each epoch (e.g. to update PS-KD's alpha)."""
 
