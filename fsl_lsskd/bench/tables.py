@@ -1,0 +1,240 @@
+"""Result tables from the MLflow store: Markdown, CSV and LaTeX, a paired comparison against ``ce`` on
+identical episodes, and plots. Cells are mean ± 95% CI (t-distribution over episodes) of the per-episode
+accuracy averaged over seeds (all seeds and methods share the published episodes)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+Key = Tuple[str, str]        # (method, backbone)
+Column = Tuple[str, int, str]  # (dataset, shot, classifier)
+
+
+def eval_metric_name(split: str, n_way: int, shot: int, classifier: str) -> str:
+    return f"eval.{split}.{n_way}w{shot}s.{classifier}"
+
+
+def eval_artifact_name(split: str, n_way: int, shot: int, classifier: str) -> str:
+    return f"{split}_{n_way}w{shot}s_{classifier}.npy"
+
+
+def mean_ci(values: np.ndarray) -> Tuple[float, float]:
+    """Mean and 95% CI half-width with the t-distribution (RFS ``mean_confidence_interval``)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n = values.size
+    if n < 2:
+        return float(values.mean()) if n else math.nan, math.nan
+    sem = values.std(ddof=1) / math.sqrt(n)
+    return float(values.mean()), float(sem * stats.t.ppf(0.975, n - 1))
+
+
+@dataclass
+class CellResult:
+    """Per-seed per-episode accuracies (fractions) of one (method, backbone) x column."""
+
+    per_seed: Dict[int, np.ndarray] = field(default_factory=dict)
+
+    def episode_means(self) -> np.ndarray:
+        arrays = list(self.per_seed.values())
+        n = min(a.size for a in arrays)
+        if any(a.size != n for a in arrays):
+            log.warning("seeds have different episode counts; using the first %d", n)
+        return np.mean([a[:n] for a in arrays], axis=0)
+
+    def summary(self) -> Tuple[float, float]:
+        m, h = mean_ci(self.episode_means() * 100)
+        return m, h
+
+
+@dataclass
+class ResultSet:
+    cells: Dict[Key, Dict[Column, CellResult]] = field(default_factory=dict)
+    curves: Dict[Key, Dict[str, List[Tuple[int, float]]]] = field(default_factory=dict)
+    meta: Dict[str, object] = field(default_factory=dict)
+
+    def add(self, key: Key, col: Column, seed: int, accs: np.ndarray) -> None:
+        self.cells.setdefault(key, {}).setdefault(col, CellResult()).per_seed[seed] = np.asarray(accs)
+
+    @property
+    def columns(self) -> List[Column]:
+        cols = {c for row in self.cells.values() for c in row}
+        return sorted(cols)
+
+    @property
+    def rows(self) -> List[Key]:
+        return sorted(self.cells)
+
+
+def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column, Tuple[float, float, float]]]:
+    """Per (method, backbone) and column: mean difference to ``baseline`` (same backbone) in points, its
+    95% CI and the paired t-test p-value, over identical episodes."""
+    from scipy import stats
+
+    out: Dict[Key, Dict[Column, Tuple[float, float, float]]] = {}
+    for (method, backbone), row in results.cells.items():
+        base = results.cells.get((baseline, backbone))
+        if method == baseline or base is None:
+            continue
+        for col, res in row.items():
+            if col not in base:
+                continue
+            a, b = res.episode_means(), base[col].episode_means()
+            n = min(a.size, b.size)
+            diff = (a[:n] - b[:n]) * 100
+            m, h = mean_ci(diff)
+            p = float(stats.ttest_rel(a[:n], b[:n]).pvalue) if n > 1 and np.any(diff) else 1.0
+            out.setdefault((method, backbone), {})[col] = (m, h, p)
+    return out
+
+
+def _col_label(col: Column) -> str:
+    dataset, shot, clf = col
+    return f"{dataset} {shot}-shot {clf}"
+
+
+def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
+           n_way: int = 5) -> Dict[str, str]:
+    """Return ``{"md": ..., "csv": ..., "tex": ...}``."""
+    cols, rows = results.columns, results.rows
+    summaries = {(r, c): results.cells[r][c].summary() for r in rows for c in cols if c in results.cells[r]}
+    best = {}
+    for c in cols:
+        vals = [(summaries[(r, c)][0], r) for r in rows if (r, c) in summaries]
+        if vals:
+            best[c] = max(vals)[0]
+    pub_cols = sorted({k for m in published.values() for k in m})
+
+    def seeds_of(r: Key) -> str:
+        ns = {len(results.cells[r][c].per_seed) for c in cols if c in results.cells[r]}
+        return "/".join(str(n) for n in sorted(ns))
+
+    # Markdown
+    head = ["method", "backbone", "seeds"] + [_col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
+    md = [f"{caption}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    csv_lines = ["method,backbone,dataset,shot,classifier,seeds,episodes,mean,ci95"]
+    tex_cells = []
+    for r in rows:
+        cells_md, cells_tex = [], []
+        for c in cols:
+            if (r, c) not in summaries:
+                cells_md.append("–")
+                cells_tex.append("--")
+                continue
+            m, h = summaries[(r, c)]
+            txt = f"{m:.2f} ± {h:.2f}"
+            is_best = abs(m - best[c]) < 1e-9
+            cells_md.append(f"**{txt}**" if is_best else txt)
+            cells_tex.append(f"\\textbf{{{m:.2f} $\\pm$ {h:.2f}}}" if is_best else f"{m:.2f} $\\pm$ {h:.2f}")
+            res = results.cells[r][c]
+            csv_lines.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{len(res.per_seed)},"
+                             f"{res.episode_means().size},{m:.4f},{h:.4f}")
+        pub = [published.get(r[0], {}).get(p, "–") for p in pub_cols]
+        md.append("| " + " | ".join([r[0], r[1], seeds_of(r)] + cells_md + pub) + " |")
+        tex_cells.append(" & ".join([r[0].replace("_", "\\_"), r[1].replace("_", "\\_")] + cells_tex
+                                    + [p.replace("±", "$\\pm$") for p in pub]) + " \\\\")
+    paired = paired_vs(results)
+    if paired:
+        md += ["", f"Paired difference to `ce` on identical episodes (points, mean ± 95% CI; paired t-test p):", "",
+               "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
+               "|" + "---|" * (len(cols) + 2)]
+        for r in sorted(paired):
+            vals = []
+            for c in cols:
+                if c in paired[r]:
+                    m, h, p = paired[r][c]
+                    vals.append(f"{m:+.2f} ± {h:.2f} (p={p:.2g})")
+                else:
+                    vals.append("–")
+            md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
+    if pub_cols:
+        md += ["", "Published columns are numbers reported in the cited papers under their own full "
+                   "protocol (data, resolution, epochs); they are context, not a like-for-like comparison."]
+    colspec = "ll" + "c" * (len(cols) + len(pub_cols))
+    tex = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex_escape(caption)}}}",
+           f"\\begin{{tabular}}{{{colspec}}}", "\\toprule",
+           " & ".join(["Method", "Backbone"] + [_tex_escape(_col_label(c)) for c in cols]
+                      + [_tex_escape(f"published {p}") for p in pub_cols]) + " \\\\",
+           "\\midrule", *tex_cells, "\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv_lines) + "\n", "tex": "\n".join(tex) + "\n"}
+
+
+def _tex_escape(s: str) -> str:
+    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&") \
+        .replace("±", "$\\pm$")
+
+
+def plot(results: ResultSet, out: Path) -> List[Path]:
+    """Accuracy with CIs per method (one panel per column) and training curves; returns written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    cols, rows = results.columns, results.rows
+    if cols:
+        fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
+        for ax, c in zip(axes[0], cols):
+            names, ms, hs = [], [], []
+            for r in rows:
+                if c in results.cells[r]:
+                    m, h = results.cells[r][c].summary()
+                    names.append(f"{r[0]}\n{r[1]}")
+                    ms.append(m)
+                    hs.append(0 if math.isnan(h) else h)
+            ax.errorbar(range(len(ms)), ms, yerr=hs, fmt="o", capsize=3)
+            ax.set_xticks(range(len(ms)), names, rotation=60, fontsize=7)
+            ax.set_title(_col_label(c), fontsize=8)
+            ax.set_ylabel("accuracy (%)")
+        fig.tight_layout()
+        path = out.with_name(out.name + "_accuracy.png")
+        with _atomic_png(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        written.append(path)
+    if results.curves:
+        metrics = sorted({m for d in results.curves.values() for m in d})
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for r, d in sorted(results.curves.items()):
+                if metric in d and d[metric]:
+                    xs, ys = zip(*sorted(d[metric]))
+                    ax.plot(xs, ys, marker=".", label=f"{r[0]}/{r[1]}")
+            ax.set_title(metric, fontsize=8)
+            ax.set_xlabel("epoch")
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        path = out.with_name(out.name + "_curves.png")
+        with _atomic_png(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _atomic_png(path: Path):
+    from ..utils import atomic_path
+
+    return atomic_path(path, suffix=".png")
+
+
+def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
+                 out_stem: Path, header: str = "") -> List[Path]:
+    rendered = render(results, published, caption)
+    paths = []
+    for ext, text in rendered.items():
+        path = out_stem.with_suffix(f".{ext}")
+        atomic_write_text(path, (header + "\n" + text) if ext == "md" and header else text)
+        paths.append(path)
+    return paths + plot(results, out_stem)
