@@ -8,6 +8,8 @@ from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import DataError
+
 SPLITS: Tuple[str, ...] = ("train", "val", "test")
 
 
@@ -46,6 +48,39 @@ class SplitData:
     def subset(self, index: np.ndarray, split: Optional[str] = None) -> "SplitData":
         return SplitData(self.images[index], self.labels[index], self.class_names, self.dataset,
                          split or self.split, f"{self.fingerprint}:subset{len(index)}")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def resized(self, size: int, chunk: int = 2048) -> "SplitData":
+        """The same split with every image resized to ``size``x``size`` (bilinear, antialiased, uint8 out),
+        e.g. Tiny ImageNet at 32x32. Returns ``self`` when the size already matches."""
+        if self.images.shape[1:3] == (size, size):
+            return self
+        import torch
+        import torch.nn.functional as F
+
+        out = np.empty((len(self), size, size, 3), dtype=np.uint8)
+        with torch.no_grad():
+            for i in range(0, len(self), chunk):
+                x = torch.from_numpy(np.ascontiguousarray(self.images[i:i + chunk])).permute(0, 3, 1, 2).float()
+                y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return SplitData(out, self.labels, self.class_names, self.dataset, self.split,
+                         f"{self.fingerprint}:resized{size}")
+
+
+def check_min_images(split: SplitData, needed: int) -> None:
+    """Raise :class:`DataError` listing every class of ``split`` with fewer than ``needed`` images
+    (e.g. ``needed = shot + query`` for an episode protocol)."""
+    counts = split.class_counts()
+    bad = [(split.class_names[c], int(n)) for c, n in enumerate(counts) if n < needed]
+    if bad:
+        listing = ", ".join(f"{name} ({n})" for name, n in bad)
+        raise DataError(f"{split.dataset} {split.split}: {len(bad)} of {split.num_classes} classes have fewer "
+                        f"than {needed} images (shot + query): {listing}. Use fewer shots/queries (at most "
+                        f"{int(counts.min())} per class), or supply more images for these classes")
 
 
 class FewShotDataset(abc.ABC):

@@ -1,0 +1,123 @@
+"""CIFAR-FS (Bertinetto et al., "Meta-learning with differentiable closed-form solvers", ICLR 2019).
+
+Read from the official ``cifar-100-python.tar.gz`` (or its extracted folder): all 600 images of each
+CIFAR-100 fine class (train and test rows pooled, train rows first, official row order), split 64/16/20 by
+class name with ``splits/cifar_fs/*.txt`` (the R2D2 split; same as torchmeta's ``cifar-fs`` json and the
+RFS/MetaOptNet pickles).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import DataError
+from ..registry import DATASETS
+from ._common import CachedDataset, check_md5, resolve_source
+from .splits import standard_split
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+ARCHIVE_NAME = "cifar-100-python.tar.gz"
+FOLDER_NAME = "cifar-100-python"
+
+
+def _is_folder(p: Path) -> bool:
+    return p.is_dir() and all((p / f).is_file() for f in ("train", "test", "meta"))
+
+
+def _get(d: dict, key: str):
+    return d[key] if key in d else d[key.encode()]
+
+
+@DATASETS.register("cifar_fs")
+class CifarFS(CachedDataset):
+    """CIFAR-FS: CIFAR-100, 600 images/class (train+test pooled), 64/16/20 classes, 32x32."""
+
+    name = "cifar_fs"
+    image_size = 32
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+    parts = ("train", "test")
+
+    def __init__(self, root: Optional[os.PathLike] = None, archive: Optional[os.PathLike] = None,
+                 download: bool = False, cache_dir: Optional[os.PathLike] = None, check_checksum: bool = False):
+        super().__init__(cache_dir)
+        self.source = resolve_source("CIFAR-100", root, archive, download, ARCHIVE_NAME, "cifar-100-python*.tar.gz",
+                                     FOLDER_NAME, _is_folder, URL, MD5)
+        if check_checksum and self.source.is_file():
+            check_md5(self.source, MD5)
+        self._raw: Optional[Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[str]]] = None
+
+    def class_split(self) -> Dict[str, List[str]]:
+        return standard_split("cifar_fs")
+
+    def _read_pickles(self) -> Dict[str, bytes]:
+        want = ("train", "test", "meta")
+        out: Dict[str, bytes] = {}
+        if self.source.is_dir():
+            for w in want:
+                out[w] = (self.source / w).read_bytes()
+            return out
+        try:
+            with tarfile.open(self.source, "r:*") as tar:
+                for m in tar:
+                    base = m.name.rsplit("/", 1)[-1]
+                    if m.isfile() and base in want and base not in out:
+                        f = tar.extractfile(m)
+                        out[base] = f.read() if f else b""
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            raise DataError(f"archive {self.source} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+                            f"download it again ({URL}, md5 {MD5}) or pass the extracted folder") from None
+        missing = [w for w in want if w not in out]
+        if missing:
+            raise DataError(f"archive {self.source} lacks cifar-100-python/{', '.join(missing)}; it is not the "
+                            f"CIFAR-100 python archive or it is truncated: download {URL} again")
+        return out
+
+    def _raw_data(self):
+        if self._raw is None:
+            blobs = self._read_pickles()
+            try:
+                meta = pickle.loads(blobs["meta"], encoding="bytes")
+                fine = [n.decode() if isinstance(n, bytes) else n for n in _get(meta, "fine_label_names")]
+                parts = {}
+                for part in ("train", "test"):
+                    d = pickle.loads(blobs[part], encoding="bytes")
+                    data = np.asarray(_get(d, "data"), dtype=np.uint8)
+                    labels = np.asarray(_get(d, "fine_labels"), dtype=np.int64)
+                    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                        raise ValueError(f"{part}: data {data.shape}, {len(labels)} labels")
+                    if len(labels) and (labels.min() < 0 or labels.max() >= len(fine)):
+                        raise ValueError(f"{part}: fine label out of range")
+                    parts[part] = (data, labels)
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise DataError(f"{self.source}: a CIFAR-100 pickle is corrupt or truncated ({exc}); "
+                                f"download {URL} again (md5 {MD5})") from None
+            self._raw = (parts, fine)
+        return self._raw
+
+    def inventory(self) -> Dict[str, Dict[str, int]]:
+        parts, fine = self._raw_data()
+        inv = {n: {p: 0 for p in self.parts} for n in fine}
+        for p, (_, labels) in parts.items():
+            for c, k in enumerate(np.bincount(labels, minlength=len(fine))):
+                inv[fine[c]][p] = int(k)
+        return inv
+
+    def decode_classes(self, names: Sequence[str]) -> List[np.ndarray]:
+        parts, fine = self._raw_data()
+        index = {n: i for i, n in enumerate(fine)}
+        out = []
+        for n in names:
+            c = index[n]
+            rows = [parts[p][0][parts[p][1] == c] for p in ("train", "test")]
+            flat = np.concatenate(rows)
+            # R, G, B planes of 32x32, row-major -> HWC
+            out.append(np.ascontiguousarray(flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)))
+        return out
