@@ -1,0 +1,9 @@
+"""Backbones: the few-shot standards registered in timm (``resnet12``, ``resnet12_narrow``, ``conv4``,
+``resnet18_cifar``) and any timm CNN adapted to small inputs, plus stage helpers for auxiliary branches.
+See ``_factory`` for which stages :func:`forward_stages` returns per model."""
+from . import conv4, resnet12, resnet18_cifar  # noqa: F401  (register in timm + BACKBONES)
+from ._factory import (branch_tail, create_backbone, embedding_dim, forward_stages, stage_indices, stage_info,
+                       stage_modules)
+
+__all__ = ["create_backbone", "forward_stages", "stage_info", "stage_indices", "stage_modules", "branch_tail",
+           "embedding_dim"]
