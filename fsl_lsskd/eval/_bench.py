@@ -1,0 +1,127 @@
+"""Speed benchmark of the evaluator against the per-episode pipeline most few-shot repositories use.
+
+Baseline (e.g. learn2learn examples, RFS ``meta_test``): per episode, sample a task with learn2learn's
+``Taskset`` (``MetaDataset`` + task transforms + ``LoadData`` + ``RemapLabels``), forward its images through
+the backbone, fit the classifier (ProtoNet; scikit-learn ``LogisticRegression``). To compare on IDENTICAL
+episodes, the task description comes from our episode index arrays (a custom ``TaskTransform``) instead of
+``NWays``/``KShots``. Ours: features of the split once, then vectorised ProtoNet / batched logistic
+regression over all episodes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+from ._episodes import class_offsets, load_episodes
+from ._features import extract_features
+from .base import l2_normalize
+from .logreg import LogRegEvaluator, fit_predict_sklearn
+from .logreg_batched import LogRegBatchedEvaluator
+from .protonet import ProtoNetEvaluator, sq_dist
+
+log = logging.getLogger(__name__)
+
+
+def _fixed_episode_transform(l2l, dataset, rows: np.ndarray):
+    """A learn2learn ``TaskTransform`` yielding the task descriptions of ``rows`` in order."""
+    from learn2learn.data.task_dataset import DataDescription
+
+    class FixedEpisodes(l2l.data.transforms.TaskTransform):
+        def __init__(self, ds):
+            super().__init__(ds)
+            self.next = 0
+
+        def __call__(self, task_description):
+            e = self.next
+            self.next += 1
+            return [DataDescription(int(r)) for r in rows[e].reshape(-1)]
+
+    return FixedEpisodes(dataset)
+
+
+def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Sequence[float], image_size: int,
+                  shots: Sequence[int] = (1, 5), n_episodes: int = 2000, n_way: int = 5, n_query: int = 15,
+                  device="cpu", batch_size: int = 256) -> Dict[str, Dict[str, float]]:
+    """Run ours and the baseline on the same episodes; check equal accuracies; return timings per shot."""
+    from .._l2l import require_learn2learn
+    from torch.utils.data import TensorDataset
+
+    l2l = require_learn2learn()
+    model = model.to(device).eval()
+    offsets, counts = class_offsets(split.labels, split.num_classes)
+    report: Dict[str, Dict[str, float]] = {}
+    # ---- ours: extract once (timed once, shared by both classifiers and both shots)
+    t0 = time.perf_counter()
+    feats = extract_features(model, split.images, mean, std, image_size, batch_size, device)
+    t_extract = time.perf_counter() - t0
+    report["extract"] = {"seconds": t_extract, "images": float(len(split))}
+    images_t = torch.from_numpy(np.ascontiguousarray(split.images))
+    labels_t = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    for k in shots:
+        ep = load_episodes(split.dataset, split.split, counts, n_way, k, n_query, n_episodes, 0, split.class_names)
+        rows = ep.rows(offsets)
+        t0 = time.perf_counter()
+        ours_proto = ProtoNetEvaluator().evaluate_episodes(feats, rows, k, device=device)
+        t_proto = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours_lrb = LogRegBatchedEvaluator().evaluate_episodes(feats, rows, k, device=device)
+        t_lrb = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours_lr = LogRegEvaluator().evaluate_episodes(feats, rows, k)
+        t_lr_ours = time.perf_counter() - t0
+        # ---- baseline: learn2learn Taskset driven by the same episodes, per-episode forward + fit
+        meta = l2l.data.MetaDataset(TensorDataset(images_t, labels_t))
+        tr = l2l.data.transforms
+        taskset = l2l.data.Taskset(meta, task_transforms=[_fixed_episode_transform(l2l, meta, rows),
+                                                          tr.LoadData(meta), tr.RemapLabels(meta)], num_tasks=-1)
+        W, K = rows.shape[1], rows.shape[2]
+        base_proto = np.empty(len(rows))
+        base_lr = np.empty(len(rows))
+        t_lf = t_bp = t_bl = 0.0
+        for e in range(len(rows)):
+            t0 = time.perf_counter()
+            x, y = taskset.sample()
+            yy = y.long().view(W, K)  # RemapLabels relabels 0..n_way-1; the class blocks must stay intact
+            if not (bool((yy == yy[:, :1]).all()) and len(set(yy[:, 0].tolist())) == W):
+                raise RuntimeError("learn2learn task is not grouped by class as described")
+            x = x.permute(0, 3, 1, 2).float()
+            if tuple(x.shape[-2:]) != (image_size, image_size):
+                x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                                    antialias=True, align_corners=False).round_().clamp_(0, 255)
+            with torch.no_grad():
+                f = model(((x - m) / s).to(device)).float().cpu()
+            t_lf += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            f64 = l2_normalize(f.double()).view(W, K, -1)
+            protos = f64[:, :k].mean(1)
+            q = f64[:, k:].reshape(-1, f64.shape[-1])
+            pred = (-sq_dist(q, protos)).argmax(-1)
+            base_proto[e] = (pred == torch.arange(W).repeat_interleave(K - k)).double().mean().item()
+            t_bp += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fn = f64.numpy()
+            pred = fit_predict_sklearn(fn[:, :k].reshape(-1, fn.shape[-1]), np.repeat(np.arange(W), k),
+                                       fn[:, k:].reshape(-1, fn.shape[-1]))
+            base_lr[e] = float(np.mean(pred == np.repeat(np.arange(W), K - k)))
+            t_bl += time.perf_counter() - t0
+        report[f"{k}shot"] = {
+            "episodes": float(len(rows)),
+            "ours_extract_s": t_extract, "ours_protonet_s": t_proto, "ours_logreg_batched_s": t_lrb,
+            "ours_logreg_sklearn_loop_s": t_lr_ours,
+            "base_load_forward_s": t_lf, "base_protonet_s": t_bp, "base_logreg_sklearn_s": t_bl,
+            "acc_ours_protonet": float(ours_proto.mean()), "acc_base_protonet": float(base_proto.mean()),
+            "acc_ours_logreg_batched": float(ours_lrb.mean()), "acc_ours_logreg": float(ours_lr.mean()),
+            "acc_base_logreg": float(base_lr.mean()),
+            "protonet_episodes_differing": float(np.sum(ours_proto != base_proto)),
+            "logreg_sklearn_episodes_differing": float(np.sum(ours_lr != base_lr)),
+            "speedup_protonet_pipeline": (t_lf + t_bp) / (t_extract + t_proto),
+            "speedup_logreg_pipeline": (t_lf + t_bl) / (t_extract + t_lrb),
+            "speedup_logreg_classifier_only": t_bl / t_lrb,
+        }
+    return report

@@ -1,0 +1,98 @@
+"""Frozen-backbone feature extraction for a whole split, cached on disk.
+
+RFS protocol (Tian et al. 2020, WangYueFt/rfs ``eval/meta_eval.py``): the backbone is frozen in eval mode
+and the pooled penultimate features are used. Every image is forwarded once (batched, channels_last,
+``torch.inference_mode``); episodes are then index arrays over the cached ``[N, D]`` float32 features.
+Cache key: sha256 of the network's parameters/buffers + the split fingerprint + image size + normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..utils import atomic_path, cache_dir
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def state_hash(model: nn.Module) -> str:
+    """Content hash of a network's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def split_key(split) -> str:
+    """The split's fingerprint, or a hash of its bytes when it has none (synthetic data)."""
+    if split.fingerprint:
+        return f"{split.dataset}/{split.split}/{split.fingerprint}"
+    h = hashlib.sha256(np.ascontiguousarray(split.images).tobytes())
+    h.update(np.ascontiguousarray(split.labels).tobytes())
+    return f"{split.dataset}/{split.split}/bytes:{h.hexdigest()}"
+
+
+def feature_cache_path(model_hash: str, split, image_size: int, mean: Sequence[float],
+                       std: Sequence[float]) -> Path:
+    key = "|".join([f"v{CACHE_VERSION}", model_hash, split_key(split), str(int(image_size)),
+                    ",".join(f"{m:.6g}" for m in mean), ",".join(f"{s:.6g}" for s in std)])
+    return cache_dir() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()}.npy"
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                     image_size: Optional[int] = None, batch_size: int = 256, device="cpu") -> np.ndarray:
+    """Pooled features ``[N, D]`` float32 of uint8 ``[N,H,W,3]`` images (resized to ``image_size`` with
+    antialiasing when it differs, normalised with ``mean``/``std``)."""
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        x = x.permute(0, 3, 1, 2).float()
+        if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
+            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                                antialias=True, align_corners=False).round_().clamp_(0, 255)
+        x = ((x - m) / s).contiguous(memory_format=torch.channels_last)
+        f = model(x)
+        if f.ndim != 2:
+            raise ValueError(f"backbone returned {tuple(f.shape)}; expected pooled [B, D] features "
+                             "(create it with num_classes=0)")
+        out.append(f.float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "num_features", 0)), np.float32)
+
+
+def split_features(model: nn.Module, split, mean: Sequence[float], std: Sequence[float],
+                   image_size: Optional[int] = None, batch_size: int = 256, device="cpu",
+                   cache: bool = True, model_hash: Optional[str] = None) -> np.ndarray:
+    """Features of every row of ``split``, from the cache when present (atomic writes)."""
+    size = int(image_size or split.image_size)
+    path = None
+    if cache:
+        path = feature_cache_path(model_hash or state_hash(model), split, size, mean, std)
+        if path.is_file():
+            try:
+                feats = np.load(path, allow_pickle=False)
+                if feats.shape[0] == len(split):
+                    log.info("feature cache hit %s", path)
+                    return feats
+            except (OSError, ValueError):
+                log.warning("unreadable feature cache %s; recomputing", path)
+    feats = extract_features(model, split.images, mean, std, size, batch_size, device)
+    if path is not None:
+        with atomic_path(path, suffix=".npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, feats, allow_pickle=False)
+        log.info("cached features %s -> %s", feats.shape, path)
+    return feats
