@@ -81,6 +81,14 @@ class Method(nn.Module, abc.ABC):
     def on_epoch_start(self, epoch: int) -> None:
         """Hook called before each epoch (e.g. to update PS-KD's alpha)."""
 
+    def on_step_end(self, batch: Batch, epoch: int) -> None:
+        """Hook called after each optimiser step (e.g. PS-KD/LSSKD write the step's detached predictions
+        into their per-sample stores, as PS-KD main.py does after ``optimizer.step()``)."""
+
+    def trainable_parameters(self):
+        """Parameters the engine's optimiser updates (default: all with ``requires_grad``)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def export_backbone(self) -> nn.Module:
         """The inference network: the backbone alone, auxiliary heads removed, classifier reset."""
         import copy

@@ -1,0 +1,86 @@
+"""Progressive Self-Knowledge Distillation (PS-KD): Kim et al., "Self-Knowledge Distillation with
+Progressive Refinement of Targets", ICCV 2021; lgcnsai/PS-KD-Pytorch (main.py, loss/pskd_loss.py).
+
+Targets ``(1 - a_t) * onehot(y) + a_t * P_{t-1}(x)`` with ``a_t = a_T * (t + 1) / E`` (``a_T = 0.8``);
+``P_{t-1}`` is the sample's softmax from the previous epoch, kept in a per-sample store initialised to the
+one-hot label on first visit and written (detached) after each optimiser step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import METHODS
+from ._stores import PredictionStore
+from .base import Batch, Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class PSKDConfig(MethodConfig):
+    """PS-KD CIFAR-100 recipe (lgcnsai/PS-KD-Pytorch README command and main.py defaults): SGD lr 0.1,
+    momentum 0.9, Nesterov, wd 5e-4, batch 128, 300 epochs, lr x0.1 at 150 and 225; ``alpha_T = 0.8``."""
+
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # epochs 150, 225 of 300
+    lr_gamma: float = 0.1
+    alpha_T: float = 0.8
+    store_dtype: str = "float32"  # PS-KD keeps float32 on the CPU
+
+
+def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:
+    """``a_t = a_T * (t + 1) / E`` for 0-based epoch ``t`` (PS-KD main.py), clipped at 0."""
+    return max(0.0, float(alpha_T) * (epoch + 1) / float(epochs))
+
+
+def pskd_targets(labels: torch.Tensor, previous: torch.Tensor, alpha: float, num_classes: int) -> torch.Tensor:
+    """``(1 - alpha) * onehot(labels) + alpha * previous``."""
+    onehot = F.one_hot(labels, num_classes).to(previous.dtype)
+    return (1.0 - alpha) * onehot + alpha * previous
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """``mean_b sum_c -target[b,c] * log_softmax(logits)[b,c]`` (PS-KD loss/pskd_loss.py)."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+@METHODS.register("pskd")
+class PSKD(Method):
+    """PS-KD: progressive self-distillation from the previous epoch's predictions (Kim et al. ICCV 2021)."""
+
+    config_cls = PSKDConfig
+
+    def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
+        super().__init__(backbone, num_classes, num_samples, config, teacher)
+        dtype = getattr(torch, self.config.store_dtype)
+        self.store = PredictionStore(num_samples, (num_classes,), dtype=dtype)
+        self.criterion = SoftTargetCrossEntropy()
+        self.alpha = 0.0
+        self._pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.alpha = pskd_alpha(self.config.alpha_T, epoch, self.config.epochs)
+
+    def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
+        logits = self.backbone(batch.images)
+        onehot = F.one_hot(batch.labels, self.num_classes).float()
+        previous = self.store.get(batch.index, default=onehot).to(logits.device)
+        targets = (1.0 - self.alpha) * onehot + self.alpha * previous
+        loss = self.criterion(logits, targets)
+        # written after the optimiser step (on_step_end), as PS-KD main.py does
+        self._pending = (batch.index, F.softmax(logits.detach().float(), dim=1))
+        return {"loss": loss, "pskd_ce": loss.detach(), "alpha": torch.tensor(self.alpha)}
+
+    def on_step_end(self, batch: Batch, epoch: int) -> None:
+        if self._pending is not None:
+            self.store.put(*self._pending)
+            self._pending = None

@@ -1,0 +1,443 @@
+"""The training engine: trains a registered method (``fsl_lsskd.registry.METHODS``) with any timm backbone on
+the base (train) classes of a dataset split.
+
+Data: the uint8 split cache -> held-out base images (stratified, seeded) -> limited-data fraction
+(stratified, seeded; HSAKD ``--few-ratio`` protocol) -> :class:`TrainLoader` (whole-batch augmentation).
+Optimisation: SGD (or Adam for episodic configs with ``optimizer="adam"``) + MultiStepLR at
+``lr_milestones`` fractions of the epochs. A checkpoint is written atomically after every epoch and holds
+everything needed to resume exactly; :func:`train` resumes from ``out_dir/last.pt`` automatically."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, TrainingDiverged
+from ..utils import atomic_path, atomic_write_text
+from .checkpoint import FORMAT_VERSION, create_backbone, read_checkpoint, save_checkpoint
+from .config import TrainConfig, build_method_config, config_hash, identity_dict
+from .loader import TrainLoader, epoch_seed
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    checkpoint: Path
+    backbone: Optional[Path]
+    run_id: Optional[str]
+    metrics: Dict[str, float]
+    out_dir: Path
+    history: List[Dict[str, float]] = field(default_factory=list)
+    export_report: Optional[Dict[str, Any]] = None
+    resumed_from_epoch: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- data
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted row indices keeping ``round(fraction * n_c)`` (>= 1) rows of every class ``c``, chosen with a
+    ``numpy`` generator seeded by ``seed``."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        k = min(len(rows), max(1, int(round(fraction * len(rows)))))
+        keep.append(np.sort(rng.permutation(rows)[:k]))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def limited_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Row indices of the limited-data protocol (``fsl_lsskd.data.limited.stratified_fraction`` when the
+    data layer provides it, else :func:`stratified_subset`)."""
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    try:
+        from ..data.limited import stratified_fraction
+    except ImportError:
+        return stratified_subset(labels, fraction, seed)
+    idx = np.asarray(stratified_fraction(labels, fraction, seed))
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    return np.sort(idx.astype(np.int64))
+
+
+def split_heldout(labels: np.ndarray, heldout: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): a stratified seeded ``heldout`` fraction of every class with >= 2 images."""
+    labels = np.asarray(labels)
+    if heldout <= 0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(epoch_seed(seed, 0, stream=11))
+    held = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < 2:
+            continue
+        k = min(len(rows) - 1, max(1, int(round(heldout * len(rows)))))
+        held.append(rng.permutation(rows)[:k])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held_idx] = False
+    return np.flatnonzero(mask), held_idx
+
+
+@dataclass
+class PreparedData:
+    train: Any  # SplitData of the training rows
+    heldout: Optional[Any]
+    val: Optional[Any]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    fingerprint: str
+
+
+def prepare_data(cfg: TrainConfig, train_data=None, val_data=None, mean=None, std=None) -> PreparedData:
+    """Load (or take) the train split at ``cfg.image_size``, hold out base images and apply the fraction."""
+    if train_data is None:
+        from ..data import get_dataset
+
+        ds = get_dataset(cfg.dataset, root=cfg.data_root, archive=cfg.archive)
+        train_data = ds.load_split("train")
+        if val_data is None and cfg.val_episodes > 0:
+            val_data = ds.load_split("val")
+        mean = mean if mean is not None else tuple(ds.mean)
+        std = std if std is not None else tuple(ds.std)
+    mean = tuple(mean) if mean is not None else (0.5, 0.5, 0.5)
+    std = tuple(std) if std is not None else (0.25, 0.25, 0.25)
+    train_data = train_data.resized(cfg.image_size)
+    if val_data is not None:
+        val_data = val_data.resized(cfg.image_size)
+    rows, held = split_heldout(train_data.labels, cfg.heldout, cfg.seed)
+    keep = limited_fraction(train_data.labels[rows], cfg.fraction, cfg.seed)
+    rows = rows[keep]
+    train_sub = train_data.subset(rows, split="train")
+    held_sub = train_data.subset(held, split="heldout") if len(held) else None
+    fp = f"{train_data.fingerprint}|rows{len(rows)}:{int(rows.sum()) % 1000003}"
+    return PreparedData(train_sub, held_sub, val_data if cfg.val_episodes > 0 else None, mean, std, fp)
+
+
+# ----------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def _batched(net, loader: TrainLoader, images_uint8: np.ndarray, bs: int = 512) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(images_uint8), bs):
+        x = torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + bs])).permute(0, 3, 1, 2).to(loader.device)
+        outs.append(net(loader.normalize(x)).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+@torch.no_grad()
+def heldout_accuracy(method, loader: TrainLoader, heldout) -> Optional[float]:
+    """Base-class top-1 accuracy on held-out train images (None when the method has no base classifier)."""
+    if heldout is None or len(heldout) == 0:
+        return None
+    was = method.training
+    method.eval()
+    try:
+        logits = _batched(method.backbone, loader, heldout.images)
+    finally:
+        method.train(was)
+    if logits.ndim != 2 or logits.shape[1] != method.num_classes:
+        return None
+    return float((logits.argmax(1).numpy() == heldout.labels).mean())
+
+
+@torch.no_grad()
+def fewshot_val(net, loader: TrainLoader, val, episodes: int, seed: int, n_way: int = 5, n_shot: int = 5,
+                n_query: int = 15) -> Dict[str, float]:
+    """ProtoNet N-way K-shot accuracy on val episodes: the evaluator's ``fsl_lsskd.eval`` API when it is
+    available, else nearest class mean (Euclidean) on pooled features over seeded episodes."""
+    try:
+        from ..eval._core import evaluate
+    except ImportError:
+        evaluate = None
+    if evaluate is not None:
+        res = evaluate(net, val, shots=(n_shot,), n_way=n_way, n_query=n_query, n_episodes=episodes,
+                       classifiers=("protonet",), mean=loader.mean, std=loader.std, image_size=loader.image_size,
+                       device=loader.device, cache=False)[0]  # the standard (published) val episodes
+        return {"val_fewshot_acc": float(res.mean), "val_fewshot_ci95": float(res.ci95)}
+    feats = _batched(net, loader, val.images)
+    labels = np.asarray(val.labels)
+    classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    classes = [r for r in classes if len(r) >= n_shot + n_query]
+    if len(classes) < n_way:
+        return {}
+    rng = np.random.default_rng(epoch_seed(seed, 0, stream=23))
+    accs = []
+    for _ in range(episodes):
+        cls = rng.choice(len(classes), n_way, replace=False)
+        sup, qry = [], []
+        for c in cls:
+            rows = rng.choice(classes[c], n_shot + n_query, replace=False)
+            sup.append(feats[rows[:n_shot]])
+            qry.append(feats[rows[n_shot:]])
+        protos = torch.stack([s.mean(0) for s in sup])
+        q = torch.cat(qry)
+        y = torch.arange(n_way).repeat_interleave(n_query)
+        accs.append(float((torch.cdist(q, protos).argmin(1) == y).float().mean()))
+    a = np.asarray(accs)
+    return {"val_fewshot_acc": float(a.mean()), "val_fewshot_ci95": float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
+            if len(a) > 1 else 0.0}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def build_optimizer(method, mcfg) -> torch.optim.Optimizer:
+    params = method.trainable_parameters() if hasattr(method, "trainable_parameters") else \
+        [p for p in method.parameters() if p.requires_grad]
+    if getattr(mcfg, "optimizer", "sgd") == "adam":
+        return torch.optim.Adam(params, lr=mcfg.lr, weight_decay=mcfg.weight_decay)
+    return torch.optim.SGD(params, lr=mcfg.lr, momentum=mcfg.momentum, nesterov=bool(mcfg.nesterov) and
+                           mcfg.momentum > 0, weight_decay=mcfg.weight_decay)
+
+
+def milestones(mcfg) -> List[int]:
+    """Epoch numbers of the LR decays: ``round(f * epochs)`` for each fraction (values > 1 are epochs)."""
+    out = []
+    for f in tuple(getattr(mcfg, "lr_milestones", ()) or ()):
+        m = int(f) if f > 1 else int(round(float(f) * mcfg.epochs))
+        if 0 < m < mcfg.epochs or (f > 1 and m < mcfg.epochs):
+            out.append(m)
+    return sorted(set(out))
+
+
+def _diff_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
+    """Training-curve PNG (losses, accuracies, learning rate per epoch; matplotlib Agg)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    keys = sorted({k for h in history for k in h})
+    groups = [("loss", [k for k in keys if k.startswith("train_")]),
+              ("accuracy", [k for k in keys if k.endswith("_acc")]),
+              ("learning rate", ["lr"])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, ks) in zip(axes, groups):
+        for k in ks:
+            ys = [h.get(k, float("nan")) for h in history]
+            ax.plot(epochs, ys, marker="o", label=k)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ks:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- train
+def build_run(cfg: TrainConfig, data: PreparedData, teacher=None):
+    """(method, method config, loader) for ``cfg`` on prepared data; model init seeded by ``cfg.seed``."""
+    from .. import plugins
+    from ..registry import METHODS
+
+    plugins.import_submodules("fsl_lsskd.methods")
+    cls = METHODS.get(cfg.method)
+    mcfg = build_method_config(cls.config_cls, cfg)
+    num_classes = int(data.train.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(epoch_seed(cfg.seed, 0, stream=7))
+        backbone = create_backbone(cfg.backbone, num_classes=num_classes, image_size=cfg.image_size)
+        method = cls(backbone, num_classes, len(data.train), mcfg, teacher)
+    method = method.to(cfg.device).to(memory_format=torch.channels_last)
+    loader = TrainLoader(data.train.images, data.train.labels, data.mean, data.std, batch_size=mcfg.batch_size,
+                         seed=cfg.seed, device=cfg.device)
+    return method, mcfg, loader
+
+
+def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=None, teacher=None,
+          parent_run_id: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+          stop_after_epoch: Optional[int] = None) -> TrainResult:
+    """Train ``cfg.method`` and return a :class:`TrainResult`.
+
+    ``train_data``/``val_data`` (``SplitData``) replace loading ``cfg.dataset`` (tests, benchmarks).
+    Resumes from ``cfg.out_dir/last.pt`` when it exists and was written with the same config
+    (else :class:`ConfigError` naming the differing keys). Raises :class:`TrainingDiverged` on a NaN/inf loss.
+    ``stop_after_epoch=k`` stops after ``k`` completed epochs (like a kill; no export), for time-sliced runs.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_NAME
+    data = prepare_data(cfg, train_data, val_data, mean, std)
+
+    if teacher is None and cfg.teacher:
+        from .checkpoint import load_method
+
+        teacher = load_method(cfg.teacher, cfg.device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    method, mcfg, loader = build_run(cfg, data, teacher)
+    identity = identity_dict(cfg, mcfg, data.fingerprint)
+    chash = config_hash(identity)
+    optimizer = build_optimizer(method, mcfg)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones(mcfg), gamma=mcfg.lr_gamma)
+
+    start_epoch, history, run_id = 0, [], None
+    if ckpt_path.exists():
+        ckpt = read_checkpoint(ckpt_path, map_location=cfg.device)
+        old = ckpt["meta"].get("identity", {})
+        if ckpt["meta"].get("config_hash") != chash:
+            keys = _diff_keys(old, identity)
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in keys)
+            raise ConfigError(f"{ckpt_path} was written by a different config ({detail}); use a new --out "
+                              f"directory or delete {ckpt_path} to start over")
+        method.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, history, run_id = int(ckpt["epoch"]), list(ckpt.get("history", [])), ckpt.get("mlflow_run_id")
+        log.info("resuming %s from epoch %d", ckpt_path, start_epoch)
+
+    meta = {"method": cfg.method, "backbone": cfg.backbone, "num_classes": int(data.train.num_classes),
+            "num_samples": len(data.train), "image_size": int(cfg.image_size), "dataset": cfg.dataset,
+            "class_names": list(data.train.class_names), "mean": list(data.mean), "std": list(data.std),
+            "config": cfg.to_dict(), "method_config": json.loads(json.dumps(asdict(mcfg), default=str)),
+            "identity": identity, "config_hash": chash, "format_version": FORMAT_VERSION}
+    atomic_write_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "method": meta["method_config"],
+                                                       "config_hash": chash}, indent=2, default=str) + "\n")
+
+    run_tags = {"method": cfg.method, "backbone": cfg.backbone, "dataset": cfg.dataset, "seed": str(cfg.seed),
+                "fraction": str(cfg.fraction), "config_hash": chash}
+    run_tags.update(tags or {})
+    if cfg.mlflow:
+        from .. import tracking
+
+        run_tags["git_commit"] = tracking.git_commit()
+        run_ctx = _open_run(cfg, run_id, run_tags, parent_run_id)
+    else:
+        import contextlib
+
+        run_ctx = contextlib.nullcontext(None)
+
+    with run_ctx as run:
+        if run is not None:
+            from .. import tracking
+
+            run_id = run.info.run_id
+            if start_epoch == 0:
+                params = {k: v for k, v in cfg.to_dict().items() if k != "method_overrides"}
+                params["method_overrides"] = json.dumps(cfg.method_overrides, sort_keys=True, default=str)
+                params["method_config"] = meta["method_config"]
+                params["num_classes"] = meta["num_classes"]
+                params["num_train_images"] = len(data.train)
+                params["num_heldout_images"] = len(data.heldout) if data.heldout is not None else 0
+                tracking.log_params(params)
+        with torch.random.fork_rng(devices=[]):
+            for epoch in range(start_epoch, mcfg.epochs):
+                if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                    break
+                metrics = _run_epoch(cfg, method, loader, optimizer, scheduler, epoch, data)
+                history.append(metrics)
+                state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                         "rng": {"loader": loader.generator.get_state(), "torch": torch.get_rng_state(),
+                                 "numpy_seed": cfg.seed},
+                         "history": history, "mlflow_run_id": run_id, "meta": meta}
+                save_checkpoint(state, ckpt_path)
+                if run is not None:
+                    tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                log.info("epoch %d/%d %s", epoch + 1, mcfg.epochs,
+                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        report, backbone_path = None, None
+        finished = len(history) >= mcfg.epochs
+        if cfg.export and finished:
+            from .export import export_network
+
+            backbone_path = out / "export" / "backbone.safetensors"
+            report = export_network(method.export_backbone().cpu(), cfg.backbone, cfg.image_size, out / "export",
+                                    method=cfg.method, source=ckpt_path)
+        curve = plot_curves(history, out / "training_curves.png")
+        if run is not None:
+            tracking.log_artifact(out / "config.json")
+            tracking.log_artifact(ckpt_path, "checkpoint")
+            if curve is not None:
+                tracking.log_artifact(curve)
+            if backbone_path is not None:
+                tracking.log_artifact(backbone_path, "export")
+                tracking.log_artifact(backbone_path.with_suffix(".json"), "export")
+                tracking.log_metrics({"export_params": report["params"], "export_flops": report["flops"],
+                                      "export_latency_ms": report["latency_ms_cpu_b1"]}, step=mcfg.epochs)
+    final = dict(history[-1]) if history else {}
+    return TrainResult(ckpt_path, backbone_path, run_id, final, out, history, report, start_epoch)
+
+
+def _open_run(cfg: TrainConfig, run_id: Optional[str], tags: Dict[str, str], parent_run_id: Optional[str]):
+    from .. import tracking
+
+    if run_id is not None:
+        try:
+            import mlflow
+
+            tracking.quiet_mlflow()
+            mlflow.get_run(run_id)
+        except Exception:  # the run lives in another store (cwd / URI changed): start a fresh one
+            log.warning("MLflow run %s not found in the current store; starting a new run", run_id)
+            run_id = None
+    return tracking.start_run(cfg.experiment, run_name=cfg.run_name or Path(cfg.out_dir).name, tags=tags,
+                              run_id=run_id, parent_run_id=parent_run_id)
+
+
+def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, scheduler, epoch: int,
+               data: PreparedData) -> Dict[str, float]:
+    # the global torch RNG (dropout, stochastic depth, method sampling) restarts from (seed, epoch): a resumed
+    # epoch replays exactly; the caller's RNG state is restored by fork_rng
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, stream=3))
+    method.train()
+    method.on_epoch_start(epoch)
+    lr = float(optimizer.param_groups[0]["lr"])
+    sums: Dict[str, float] = {}
+    n_images, n_steps = 0, 0
+    t0 = time.perf_counter()
+    for step, batch in enumerate(method.iter_batches(loader, epoch)):
+        outputs = method.training_step(batch, epoch)
+        loss = outputs["loss"]
+        if not bool(torch.isfinite(loss).all()):
+            raise TrainingDiverged(f"{cfg.method}: loss is {float(loss.detach())} at epoch {epoch} step {step}; training "
+                                   f"stopped. Lower the learning rate (--set lr=...) or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.on_step_end(batch, epoch)
+        bs = int(batch.images.shape[0])
+        n_images += bs
+        n_steps += 1
+        for k, v in outputs.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * bs
+    train_time = time.perf_counter() - t0
+    scheduler.step()
+    metrics: Dict[str, float] = {"epoch": float(epoch)}
+    for k, v in sums.items():
+        metrics[f"train_{k}"] = v / max(n_images, 1)
+    metrics.update({"lr": lr, "images_per_s": n_images / max(train_time, 1e-9), "epoch_time_s": train_time,
+                    "steps": float(n_steps)})
+    tv = time.perf_counter()
+    acc = heldout_accuracy(method, loader, data.heldout)
+    if acc is not None:
+        metrics["heldout_base_acc"] = acc
+    if data.val is not None and cfg.val_episodes > 0:
+        net = method.export_backbone().to(loader.device)
+        metrics.update(fewshot_val(net, loader, data.val, cfg.val_episodes, cfg.seed, n_shot=cfg.val_shot))
+    metrics["val_time_s"] = time.perf_counter() - tv
+    method.train()
+    return metrics
