@@ -1,0 +1,86 @@
+"""HSAKD student: Yang et al., "Hierarchical Self-supervised Augmented Knowledge Distillation", IJCAI 2021;
+winycg/HSAKD train_student_cifar.py (method.md §3.1)::
+
+    CE(p_s(x^(0)), y) + sum_l tau^2 KL(q_l^t || q_l^s) + tau^2 KL(p^t || p^s)
+
+over the 4 rotated copies (KL batchmean over 4B rows, tau = 3, unit weights). The teacher is an
+``hsakd_teacher`` run (same backbone stages, auxiliary heads with 4C outputs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..registry import METHODS
+from . import _losses as L
+from ._branches import build_branches, rotate_expand, run_with_branches
+from .base import Batch, Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class HSAKDConfig(MethodConfig):
+    """winycg/HSAKD train_student_cifar.py: SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4, batch 64,
+    240 epochs, lr x0.1 at 150/180/210, ``kd_T = 3``; all loss weights 1."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[float, ...] = (0.625, 0.75, 0.875)
+    lr_gamma: float = 0.1
+    tau: float = 3.0
+    weight_aux_kl: float = 1.0
+    weight_kl: float = 1.0
+
+
+def check_teacher(teacher, num_classes: int, num_branches: int) -> None:
+    """Raise :class:`ConfigError` naming the fix unless ``teacher`` is an aux-head teacher that matches."""
+    branches = getattr(teacher, "branches", None)
+    if branches is None or not getattr(teacher, "has_aux_heads", False):
+        raise ConfigError(f"hsakd needs a teacher with auxiliary rotation heads, got {type(teacher).__name__}; "
+                          f"train one with `--method hsakd_teacher` and pass its checkpoint as the teacher")
+    if getattr(teacher, "num_classes", None) != num_classes:
+        raise ConfigError(f"hsakd teacher has {getattr(teacher, 'num_classes', None)} classes, student "
+                          f"{num_classes}; train the teacher (hsakd_teacher) on the same dataset/split")
+    if len(branches) != num_branches:
+        raise ConfigError(f"hsakd teacher has {len(branches)} stages with auxiliary heads, the student backbone "
+                          f"{num_branches}; use a teacher backbone with {num_branches} stages")
+
+
+@METHODS.register("hsakd")
+class HSAKD(Method):
+    """HSAKD student distilled from an ``hsakd_teacher`` (Yang et al. IJCAI 2021)."""
+
+    config_cls = HSAKDConfig
+    needs_teacher = True
+    has_aux_heads = True
+
+    def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
+        super().__init__(backbone, num_classes, num_samples, config, teacher)
+        self.branches = build_branches(backbone, 4 * num_classes)
+        # a non-Method teacher is checkpoint.build_method's architecture-only placeholder (evaluation)
+        if isinstance(teacher, Method):
+            check_teacher(teacher, num_classes, len(self.branches))
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
+        cfg = self.config
+        x, _ = rotate_expand(batch.images, batch.labels)
+        logits, aux, _ = run_with_branches(self.backbone, self.branches, x)
+        teacher = self.teacher
+        if not isinstance(teacher, Method):
+            raise ConfigError("hsakd was built without a real teacher; pass --teacher <hsakd_teacher run>/last.pt")
+        teacher.eval()
+        with torch.no_grad():
+            t_logits, t_aux, _ = run_with_branches(teacher.backbone, teacher.branches, x)
+        ce = F.cross_entropy(logits[0::4], batch.labels)
+        aux_kl = sum(L.kd_kl(q, t.detach(), cfg.tau) for q, t in zip(aux, t_aux))
+        kl = L.kd_kl(logits, t_logits.detach(), cfg.tau)
+        loss = ce + cfg.weight_aux_kl * aux_kl + cfg.weight_kl * kl
+        return {"loss": loss, "ce": ce.detach(), "aux_kl": aux_kl.detach(), "kl": kl.detach()}

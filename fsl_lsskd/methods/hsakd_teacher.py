@@ -1,0 +1,53 @@
+"""HSAKD teacher stage: Yang et al., "Hierarchical Self-supervised Augmented Knowledge Distillation",
+IJCAI 2021; winycg/HSAKD train_teacher_cifar.py, joint training from scratch (option (2), "Teacher*",
+method.md §3.1): ``CE(final(x^(0)), y) + sum_l CE(q_l(x^(k)), 4y+k)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import METHODS
+from ._branches import build_branches, rotate_expand, run_with_branches
+from .base import Batch, Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class HSAKDTeacherConfig(MethodConfig):
+    """winycg/HSAKD train_teacher_cifar.py (joint, from scratch): SGD lr 0.05 (effective, see method.md §1.6),
+    momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[float, ...] = (0.625, 0.75, 0.875)
+    lr_gamma: float = 0.1
+
+
+@METHODS.register("hsakd_teacher")
+class HSAKDTeacher(Method):
+    """Teacher with auxiliary rotation branches (``self.branches``, 4C outputs each), used by ``hsakd``."""
+
+    config_cls = HSAKDTeacherConfig
+    has_aux_heads = True
+
+    def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
+        super().__init__(backbone, num_classes, num_samples, config, teacher)
+        self.branches = build_branches(backbone, 4 * num_classes)
+
+    def forward_all(self, images: torch.Tensor, labels: torch.Tensor):
+        """Rotation-expanded pass: ``(final_logits [4B,C], [aux_logits [4B,4C]], joint_labels [4B])``."""
+        x, joint = rotate_expand(images, labels)
+        logits, aux, _ = run_with_branches(self.backbone, self.branches, x)
+        return logits, aux, joint
+
+    def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
+        logits, aux, joint = self.forward_all(batch.images, batch.labels)
+        ce = F.cross_entropy(logits[0::4], batch.labels)
+        aux_ce = sum(F.cross_entropy(q, joint) for q in aux)
+        return {"loss": ce + aux_ce, "ce": ce.detach(), "aux_ce": aux_ce.detach()}

@@ -1,0 +1,61 @@
+"""Knowledge distillation: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
+``(1 - alpha) CE(s, y) + alpha tau^2 KL(softmax(t/tau) || softmax(s/tau))``; tau = 4 as RFS-distill
+(WangYueFt/rfs train_distillation.py ``--kd_T 4``), alpha = 0.9 as HobbitLong/RepDistiller's KD command
+(``-r 0.1 -a 0.9``). The teacher is a trained :class:`Method` (frozen, eval mode, its final logits)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+from ..errors import ConfigError
+from ..registry import METHODS
+from . import _losses as L
+from .base import Batch, Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class KDConfig(MethodConfig):
+    """RFS optimisation defaults (train_distillation.py: SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
+    100 epochs, x0.1 at 60/80); ``tau = 4`` (RFS), ``alpha = 0.9`` (RepDistiller KD)."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[float, ...] = (0.6, 0.8)
+    lr_gamma: float = 0.1
+    tau: float = 4.0
+    alpha: float = 0.9
+
+
+@METHODS.register("kd")
+class KD(Method):
+    """Hinton KD from a frozen teacher method's final logits."""
+
+    config_cls = KDConfig
+    needs_teacher = True
+
+    def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
+        super().__init__(backbone, num_classes, num_samples, config, teacher)
+        # a non-Method teacher is checkpoint.build_method's architecture-only placeholder (evaluation)
+        if isinstance(teacher, Method):
+            if teacher.num_classes != num_classes:
+                raise ConfigError(f"kd teacher has {teacher.num_classes} classes, student {num_classes}; use a "
+                                  f"teacher trained on the same dataset/split")
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
+        logits = self.backbone(batch.images)
+        teacher = self.teacher
+        if not isinstance(teacher, Method):
+            raise ConfigError("kd was built without a real teacher; pass --teacher <teacher run>/last.pt")
+        teacher.eval()
+        with torch.no_grad():
+            t_logits = teacher.backbone(batch.images)
+        loss, ce, kl = L.hinton_kd(logits, t_logits.detach(), batch.labels, self.config.alpha, self.config.tau)
+        return {"loss": loss, "ce": ce.detach(), "kl": kl.detach()}

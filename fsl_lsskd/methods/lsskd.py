@@ -1,0 +1,127 @@
+"""LSSKD: Dahri et al. 2025, "Layered Self-Supervised Knowledge Distillation" (arXiv 2506.07055), in the
+implementable reading of /work/shared/reference/method.md §1.5: HSAKD's auxiliary branches + rotation
+self-supervised augmented labels (Yang et al. IJCAI 2021, winycg/HSAKD) made teacher-free with PS-KD targets
+from the previous epoch (Kim et al. ICCV 2021, lgcnsai/PS-KD-Pytorch).
+
+Loss (``e`` = 0-based epoch, ``alpha_e = alpha_T * (e + 1) / E``)::
+
+    ls_final = CE(p(x^(0)), (1-a_e) onehot(y) + a_e P_fin[i])
+    ls_aux   = sum_l mean_{i,k} CE(q_l(x^(k)), (1-a_e) onehot(4y+k) + a_e P_aux[l][i,k])
+    xlayer_kl (flag, off) = lambda_kl * tau^2 * sum_{l<L} KL(sg[q_L^tau] || q_l^tau)
+    feat      (flag, off) = lambda_feat * sum_{l<L} ||a_l - sg(a_L)||^2
+
+The auxiliary branches are training-only: :meth:`export_backbone` returns the plain backbone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import METHODS
+from . import _losses as L
+from ._branches import build_branches, rotate_expand, run_with_branches
+from ._stores import PredictionStore
+from .base import Batch, Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class LSSKDConfig(MethodConfig):
+    """LSSKD's own hyperparameters were not recovered (method.md §1.6): HSAKD's CIFAR-100 recipe
+    (winycg/HSAKD train_student_cifar.py: SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs,
+    lr x0.1 at 150/180/210, KD temperature 3); ``alpha_T = 0.8`` from PS-KD (lgcnsai/PS-KD-Pytorch);
+    ``lambda_kl = 1`` (HSAKD unit weights), ``lambda_feat = 0.03`` (mmrazor BYOT feature weight), method.md §1.5."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[float, ...] = (0.625, 0.75, 0.875)  # epochs 150, 180, 210 of 240
+    lr_gamma: float = 0.1
+    alpha_T: float = 0.8
+    ls_final: bool = True
+    ls_aux: bool = True
+    xlayer_kl: bool = False
+    lambda_kl: float = 1.0
+    tau: float = 3.0
+    feat_l2: bool = False
+    lambda_feat: float = 0.03
+    final_store_dtype: str = "float32"
+    aux_store_dtype: str = "float16"  # N x 4 x 4C per layer (method.md §1.5 memory note)
+
+
+@METHODS.register("lsskd")
+class LSSKD(Method):
+    """Teacher-free layered self-supervised KD (Dahri et al. 2025; method.md §1.5 reading)."""
+
+    config_cls = LSSKDConfig
+
+    def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
+        super().__init__(backbone, num_classes, num_samples, config, teacher)
+        self.branches = build_branches(backbone, 4 * num_classes)
+        n_aux = len(self.branches)
+        self.final_store = PredictionStore(num_samples, (num_classes,), getattr(torch, self.config.final_store_dtype))
+        self.aux_stores = nn.ModuleList(
+            PredictionStore(num_samples, (4, 4 * num_classes), getattr(torch, self.config.aux_store_dtype))
+            for _ in range(n_aux))
+        self.alpha = 0.0
+        self._pending: Optional[Tuple[torch.Tensor, torch.Tensor, list]] = None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.alpha = L.alpha_schedule(self.config.alpha_T, epoch, self.config.epochs)
+
+    def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
+        cfg, C = self.config, self.num_classes
+        b = batch.labels.shape[0]
+        x, joint = rotate_expand(batch.images, batch.labels)
+        logits, aux_logits, aux_feats = run_with_branches(self.backbone, self.branches, x)
+        fin = logits[0::4]
+        out: Dict[str, torch.Tensor] = {}
+        total = fin.new_zeros(())
+
+        onehot = F.one_hot(batch.labels, C).float()
+        prev = self.final_store.get(batch.index, default=onehot).to(fin.device)
+        ls_final = L.soft_cross_entropy(fin, L.softened_targets(onehot, prev, self.alpha))
+        if cfg.ls_final:
+            total = total + ls_final
+        out["ls_final"] = ls_final.detach()
+
+        joint_onehot = F.one_hot(joint, 4 * C).float().view(b, 4, 4 * C)
+        ls_aux = fin.new_zeros(())
+        for l, q in enumerate(aux_logits):
+            prev_l = self.aux_stores[l].get(batch.index, default=joint_onehot).to(q.device)
+            tgt = L.softened_targets(joint_onehot, prev_l, self.alpha).view(4 * b, 4 * C)
+            ls_aux = ls_aux + L.soft_cross_entropy(q, tgt)
+        if cfg.ls_aux:
+            total = total + ls_aux
+        out["ls_aux"] = ls_aux.detach()
+
+        if cfg.xlayer_kl and len(aux_logits) > 1:
+            t = aux_logits[-1].detach()
+            kl = sum(L.kd_kl(q, t, cfg.tau) for q in aux_logits[:-1])
+            total = total + cfg.lambda_kl * kl
+            out["xlayer_kl"] = kl.detach()
+        if cfg.feat_l2 and len(aux_feats) > 1:
+            t = aux_feats[-1].detach()
+            feat = sum(L.feature_l2(a, t) for a in aux_feats[:-1])
+            total = total + cfg.lambda_feat * feat
+            out["feat"] = feat.detach()
+
+        # stored after the optimiser step (on_step_end), as PS-KD main.py does; softmax at T = 1
+        self._pending = (batch.index, F.softmax(fin.detach().float(), dim=1),
+                         [F.softmax(q.detach().float(), dim=1).view(b, 4, 4 * C) for q in aux_logits])
+        out["loss"] = total
+        out["alpha"] = torch.tensor(self.alpha)
+        return out
+
+    def on_step_end(self, batch: Batch, epoch: int) -> None:
+        if self._pending is not None:
+            index, p_fin, p_aux = self._pending
+            self.final_store.put(index, p_fin)
+            for store, p in zip(self.aux_stores, p_aux):
+                store.put(index, p)
+            self._pending = None
