@@ -1,0 +1,361 @@
+"""Episodic meta-learners: learn2learn task sampling (seeded, layout), ProtoNet loss, MAML adaptation,
+the learn2learn import shim."""
+from __future__ import annotations
+
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fsl_lsskd._l2l import MissingDependencyError, require_learn2learn
+from fsl_lsskd.methods._episodic import EpisodeSampler, EpisodicConfig, split_tasks
+from fsl_lsskd.methods.base import Batch
+from fsl_lsskd.methods.maml import FOMAML, MAML, MAMLConfig, adapt_and_predict
+from fsl_lsskd.methods.protonet import ProtoNet, ProtoNetConfig, prototype_logits
+from fsl_lsskd.registry import METHODS
+
+
+class TinyBackbone(nn.Module):
+    """A timm-like feature extractor: ``num_features``, ``reset_classifier``; conv + BN so MAML's
+    transductive BatchNorm path is exercised."""
+
+    def __init__(self, in_chs: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.num_features = width
+        self.fc = nn.Linear(width, 7)
+
+    def reset_classifier(self, num_classes: int = 0) -> None:
+        self.fc = nn.Identity() if num_classes == 0 else nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class IdentityBackbone(nn.Module):
+    """Features = the flattened input (for the ProtoNet hand computation)."""
+
+    num_features = 3 * 1 * 1
+
+    def reset_classifier(self, num_classes: int = 0) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class FakeLoader:
+    """The engine's TrainLoader surface used by episodic methods. Image ``i`` has every pixel equal to
+    ``i % 256`` and row ``i`` is stored in ``rowid`` so tests can check the index column."""
+
+    def __init__(self, n_classes: int = 8, per_class: int = 12, size: int = 4) -> None:
+        n = n_classes * per_class
+        self.labels = torch.arange(n_classes).repeat_interleave(per_class)
+        self.images = (torch.arange(n) % 256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, size, size).contiguous()
+        self.augment_calls = 0
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255.0
+
+    def augment(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        assert isinstance(generator, torch.Generator)
+        self.augment_calls += 1
+        return x.float() / 255.0
+
+
+# ---------------------------------------------------------------- learn2learn shim
+
+
+def test_missing_learn2learn_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "learn2learn", None)
+    with pytest.raises(MissingDependencyError, match=r"bash tools/install_learn2learn\.sh") as info:
+        require_learn2learn()
+    assert "tools/setup.sh" in str(info.value)
+    # methods stay constructible (plugin discovery must not need learn2learn); sampling reports the fix
+    method = ProtoNet(TinyBackbone(), num_classes=8, num_samples=96, config=ProtoNetConfig(n_way=2, n_shot=1, n_query=1))
+    with pytest.raises(MissingDependencyError, match="install_learn2learn"):
+        next(iter(method.iter_batches(FakeLoader(), epoch=0)))
+
+
+def test_registered():
+    assert METHODS.get("protonet") is ProtoNet
+    assert METHODS.get("maml") is MAML and METHODS.get("fomaml") is FOMAML
+    assert all(METHODS.get(n).episodic for n in ("protonet", "maml", "fomaml"))
+
+
+# ---------------------------------------------------------------- task sampling
+
+
+def _draw(sampler, n):
+    return [sampler.sample() for _ in range(n)]
+
+
+def test_taskset_episodes_reproducible_and_global_random_untouched():
+    loader = FakeLoader()
+    random.seed(1234)
+    before = random.getstate()
+    a = _draw(EpisodeSampler(loader.images, loader.labels, 3, 2, 2, seed=7, epoch=0), 4)
+    assert random.getstate() == before  # the global stream is not advanced or reseeded
+    random.random()  # the caller using `random` between episodes must not change the episodes
+    s = EpisodeSampler(loader.images, loader.labels, 3, 2, 2, seed=7, epoch=0)
+    b = [s.sample()]
+    random.seed(99)
+    b += _draw(s, 3)
+    for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    other_epoch = _draw(EpisodeSampler(loader.images, loader.labels, 3, 2, 2, seed=7, epoch=1), 4)
+    other_seed = _draw(EpisodeSampler(loader.images, loader.labels, 3, 2, 2, seed=8, epoch=0), 4)
+    rows = lambda eps: torch.cat([e[2] for e in eps])  # noqa: E731
+    assert not torch.equal(rows(a), rows(other_epoch))
+    assert not torch.equal(rows(a), rows(other_seed))
+
+
+def _check_task(loader, x, y, rows, n_way, n_shot, n_query):
+    ns = n_way * n_shot
+    assert x.shape == (n_way * (n_shot + n_query), 3, 4, 4)
+    assert torch.equal(y[:ns], torch.arange(n_way).repeat_interleave(n_shot))
+    assert torch.equal(y[ns:], torch.arange(n_way).repeat_interleave(n_query))
+    # index column = the dataset rows the images came from
+    assert torch.allclose(x[:, 0, 0, 0], (rows % 256).float() / 255.0)
+    assert len(set(rows.tolist())) == len(rows)  # support and query disjoint, no repeats
+    base = loader.labels[rows]
+    for c in range(n_way):  # one base class per episode label, in support and query alike
+        assert len(set(base[y == c].tolist())) == 1
+    assert len(set(base.tolist())) == n_way
+
+
+def test_iter_batches_layout_protonet():
+    loader = FakeLoader()
+    cfg = ProtoNetConfig(n_way=3, n_shot=2, n_query=2, episodes_per_epoch=5)
+    method = ProtoNet(TinyBackbone(), num_classes=8, num_samples=96, config=cfg)
+    batches = list(method.iter_batches(loader, epoch=0))
+    assert len(batches) == 5 and loader.augment_calls == 0  # papers: no augmentation by default
+    for b in batches:
+        assert isinstance(b, Batch) and b.images.dtype == torch.float32
+        _check_task(loader, b.images, b.labels, b.index, 3, 2, 2)
+    again = list(method.iter_batches(loader, epoch=0))
+    assert all(torch.equal(p.index, q.index) for p, q in zip(batches, again))
+    aug = ProtoNet(TinyBackbone(), 8, 96, config=ProtoNetConfig(n_way=3, n_shot=2, n_query=2, episodes_per_epoch=2,
+                                                                augment=True))
+    list(aug.iter_batches(loader, epoch=0))
+    assert loader.augment_calls == 2
+
+
+def test_iter_batches_layout_maml_meta_batch():
+    loader = FakeLoader()
+    cfg = MAMLConfig(n_way=2, n_shot=1, n_query=3, episodes_per_epoch=5, meta_batch_size=2)
+    method = MAML(TinyBackbone(), num_classes=8, num_samples=96, config=cfg)
+    batches = list(method.iter_batches(loader, epoch=3))
+    assert [len(b.images) // cfg.task_size for b in batches] == [2, 2, 1]  # 5 tasks, meta-batch 2
+    for b in batches:
+        tasks = split_tasks(b.images, b.labels, 2, 1, 3)
+        for t, (sx, sy, qx, qy) in enumerate(tasks):
+            sl = slice(t * cfg.task_size, (t + 1) * cfg.task_size)
+            _check_task(loader, b.images[sl], b.labels[sl], b.index[sl], 2, 1, 3)
+
+
+def test_sampler_rejects_impossible_episode():
+    from fsl_lsskd.errors import ProtocolError
+
+    loader = FakeLoader(n_classes=4, per_class=3)
+    with pytest.raises(ProtocolError, match="lower n_shot/n_query"):
+        EpisodeSampler(loader.images, loader.labels, 2, 2, 2)
+    with pytest.raises(ProtocolError, match="lower n_way"):
+        EpisodeSampler(loader.images, loader.labels, 5, 1, 1)
+
+
+# ---------------------------------------------------------------- ProtoNet
+
+
+def test_protonet_episode_loss_matches_hand_computation():
+    n_way, n_shot, n_query = 2, 2, 2
+    sf = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0],      # class 0
+                   [1.0, -1.0, 0.5], [3.0, 0.0, 1.5]])    # class 1
+    qf = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0],      # class 0 queries
+                   [2.0, -0.5, 1.0], [0.5, 2.0, 0.0]])    # class 1 queries
+    sy = np.array([0, 0, 1, 1])
+    qy = np.array([0, 0, 1, 1])
+    protos = np.stack([sf[sy == k].mean(0) for k in range(n_way)])
+    d2 = ((qf[:, None, :] - protos[None]) ** 2).sum(-1)
+    logits = -d2
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -logp[np.arange(4), qy].mean()
+    expected_acc = (logits.argmax(1) == qy).mean()
+
+    images = torch.tensor(np.concatenate([sf, qf]), dtype=torch.float32).view(8, 3, 1, 1)
+    labels = torch.tensor(np.concatenate([sy, qy]))
+    cfg = ProtoNetConfig(n_way=n_way, n_shot=n_shot, n_query=n_query)
+    method = ProtoNet(IdentityBackbone(), num_classes=4, num_samples=8, config=cfg)
+    out = method.training_step(Batch(images, labels, torch.arange(8)), epoch=0)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["query_acc"].item() == pytest.approx(expected_acc)
+    assert torch.allclose(prototype_logits(torch.tensor(sf), torch.tensor(sy), torch.tensor(qf), 2),
+                          torch.tensor(logits))
+
+
+def test_protonet_step_trains_backbone():
+    loader = FakeLoader()
+    cfg = ProtoNetConfig(n_way=3, n_shot=2, n_query=2, episodes_per_epoch=1)
+    method = ProtoNet(TinyBackbone(), num_classes=8, num_samples=96, config=cfg)
+    batch = next(iter(method.iter_batches(loader, 0)))
+    out = method.training_step(batch, 0)
+    out["loss"].backward()
+    assert method.backbone.conv.weight.grad is not None and method.backbone.conv.weight.grad.abs().sum() > 0
+    assert isinstance(method.export_backbone().fc, nn.Identity)
+
+
+# ---------------------------------------------------------------- MAML
+
+
+def _tiny_task(seed: int = 0, n_way: int = 3, n_shot: int = 2, n_query: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    k = n_shot + n_query
+    centres = torch.randn(n_way, 3, 1, 1, generator=g) * 2
+    x = centres.repeat_interleave(k, 0) + 0.3 * torch.randn(n_way * k, 3, 6, 6, generator=g)
+    y = torch.arange(n_way).repeat_interleave(k)
+    sup = torch.cat([torch.arange(c * k, c * k + n_shot) for c in range(n_way)])
+    qry = torch.cat([torch.arange(c * k + n_shot, (c + 1) * k) for c in range(n_way)])
+    return torch.cat([x[sup], x[qry]]), torch.cat([y[sup], y[qry]])
+
+
+def _maml(cls=MAML, **kw):
+    torch.manual_seed(0)
+    cfg = MAMLConfig(n_way=3, n_shot=2, n_query=2, meta_batch_size=2, **kw)
+    return cls(TinyBackbone(), num_classes=8, num_samples=96, config=cfg)
+
+
+def test_maml_adaptation_step_lowers_support_loss():
+    method = _maml(inner_lr=0.05, inner_steps=1)
+    x, y = _tiny_task()
+    sx, sy, qx, _ = split_tasks(x, y, 3, 2, 2)[0]
+    logits, before, after = adapt_and_predict(method.meta_model(), sx, sy, qx, steps=1)
+    assert logits.shape == (6, 3)
+    assert after.item() < before.item()
+
+
+@pytest.mark.parametrize("cls", [MAML, FOMAML])
+def test_maml_training_step_meta_gradient(cls):
+    method = _maml(cls, inner_lr=0.05, inner_steps=2)
+    x1, y1 = _tiny_task(1)
+    x2, y2 = _tiny_task(2)
+    batch = Batch(torch.cat([x1, x2]), torch.cat([y1, y2]), torch.arange(24))
+    out = method.training_step(batch, 0)
+    assert set(out) >= {"loss", "query_acc", "support_loss_before", "support_loss_after"}
+    # transductive BN in train mode; clones share the running-stat buffers, so they still track the data
+    assert method.backbone.bn.running_mean.abs().sum() > 0
+    assert out["support_loss_after"] < out["support_loss_before"]
+    out["loss"].backward()
+    for p in list(method.backbone.parameters()) + list(method.head.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert method.head.weight.grad.abs().sum() > 0
+
+
+def test_second_order_differs_from_first_order():
+    grads = []
+    for cls in (MAML, FOMAML):
+        method = _maml(cls, inner_lr=0.1, inner_steps=2)
+        x, y = _tiny_task(3)
+        method.training_step(Batch(x, y, torch.arange(12)), 0)["loss"].backward()
+        grads.append(method.backbone.conv.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_finetune_predict_leaves_model_untouched():
+    method = _maml(inner_lr=0.1, test_inner_steps=5)
+    x, y = _tiny_task(4)
+    sx, sy, qx, qy = split_tasks(x, y, 3, 2, 2)[0]
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    logits = method.finetune_predict(sx, sy, qx)
+    assert logits.shape == (6, 3)
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in state.items())
+
+
+# ---------------------------------------------------------------- engine loader and evaluator
+
+
+def test_episodes_from_engine_trainloader():
+    from fsl_lsskd.train.loader import TrainLoader
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(10)
+    images = torch.randint(0, 256, (60, 8, 8, 3), generator=g, dtype=torch.uint8)
+    loader = TrainLoader(images.numpy(), labels.numpy(), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), seed=3)
+    cfg = ProtoNetConfig(n_way=3, n_shot=2, n_query=3, episodes_per_epoch=2)
+    method = ProtoNet(TinyBackbone(), num_classes=6, num_samples=60, config=cfg)
+    b = next(iter(method.iter_batches(loader, epoch=0)))
+    assert torch.allclose(b.images, loader.normalize(loader.images[b.index]))
+    assert torch.equal(b.labels[:6], torch.arange(3).repeat_interleave(2))
+    # the run seed (loader.seed) changes the episode stream
+    other = TrainLoader(images.numpy(), labels.numpy(), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), seed=4)
+    rows = lambda ld: torch.cat([x.index for x in method.iter_batches(ld, 0)])  # noqa: E731
+    assert torch.equal(rows(loader), rows(loader)) and not torch.equal(rows(loader), rows(other))
+    out = method.training_step(b, 0)
+    assert torch.isfinite(out["loss"])
+
+
+def test_maml_finetune_evaluator():
+    from fsl_lsskd.errors import ConfigError
+    from fsl_lsskd.registry import EVALUATORS
+
+    import fsl_lsskd.eval.maml_finetune  # noqa: F401 (registers)
+
+    cls = EVALUATORS.get("maml_finetune")
+    assert cls.needs_images
+    method = _maml(inner_lr=0.1, test_inner_steps=3)
+    g = np.random.default_rng(0)
+    images = g.integers(0, 256, (30, 6, 6, 3), dtype=np.uint8)  # 6 classes x 5 images, class-major
+    rows = np.stack([np.stack([c * 5 + g.permutation(5) for c in g.permutation(6)[:3]]) for _ in range(4)])
+    acc = cls(max_episodes=2).evaluate_episodes(images, rows, n_shot=2, method=method, mean=(0.5,) * 3,
+                                                std=(0.25,) * 3, image_size=8)
+    assert acc.shape == (2,) and ((acc >= 0) & (acc <= 1)).all()
+    # a MAML method passed as the evaluation `backbone` works too; a bare backbone is refused
+    acc2 = cls(max_episodes=2).evaluate_episodes(images, rows, n_shot=2, backbone=method, mean=(0.5,) * 3,
+                                                 std=(0.25,) * 3, image_size=8)
+    assert np.array_equal(acc, acc2)
+    with pytest.raises(ConfigError, match="checkpoint="):
+        cls().evaluate_episodes(images, rows, n_shot=2, backbone=TinyBackbone(), mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.mark.parametrize("name", ["protonet", "maml"])
+def test_engine_trains_episodic_method_and_maml_checkpoint_evaluates(tmp_path, name):
+    """One short epoch through the real engine (Adam, episodes from iter_batches), then the checkpoint is
+    rebuilt with load_method; for MAML the maml_finetune evaluator reads that checkpoint."""
+    import fsl_lsskd.backbones.conv4  # noqa: F401 (registers conv4 in timm)
+    from fsl_lsskd.data.base import SplitData
+    from fsl_lsskd.train.checkpoint import load_method
+    from fsl_lsskd.train.config import TrainConfig
+    from fsl_lsskd.train.engine import train
+
+    g = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 8)
+    images = g.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    split = SplitData(images, labels, tuple(f"c{i}" for i in range(6)), "fake", "train", "fp")
+    sets = {"n_way": "3", "n_shot": "1", "n_query": "2", "episodes_per_epoch": "4"}
+    if name == "maml":
+        sets.update(inner_steps="1", test_inner_steps="2")
+    cfg = TrainConfig(method=name, backbone="conv4", dataset="fake", image_size=16, epochs=1, heldout=0.0,
+                      val_episodes=0, mlflow=False, export=False, out_dir=str(tmp_path / "run"),
+                      method_overrides=sets)
+    res = train(cfg, train_data=split, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert res.history[0]["steps"] == (4 if name == "protonet" else 2)
+    assert np.isfinite(res.history[0]["train_loss"])
+    method = load_method(res.checkpoint)
+    assert type(method) is METHODS.get(name)
+    if name == "maml":
+        from fsl_lsskd.registry import EVALUATORS
+        import fsl_lsskd.eval.maml_finetune  # noqa: F401
+
+        rows = np.stack([np.stack([c * 8 + g.permutation(8)[:3] for c in (0, 2, 4)]) for _ in range(3)])
+        acc = EVALUATORS.get("maml_finetune")(checkpoint=res.checkpoint).evaluate_episodes(
+            images, rows, n_shot=1, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=16)
+        assert acc.shape == (3,)
+        # what `fsl-bench evaluate --checkpoint last.pt` hands the evaluator: the in-memory export
+        net = method.export_backbone()
+        assert "maml_method" not in str(list(net.state_dict()))
+        acc2 = EVALUATORS.get("maml_finetune")().evaluate_episodes(
+            images, rows, n_shot=1, backbone=net, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=16)
+        assert np.array_equal(acc, acc2)
