@@ -15,6 +15,13 @@ import click
 # name -> "module:attribute" of a click command; a subcommand is added by one line here.
 COMMANDS: Dict[str, str] = {
     "ls": "fsl_lsskd.cli:ls_cmd",
+    "train": "fsl_lsskd.train.cli:train_cmd",
+    "export": "fsl_lsskd.train.cli:export_cmd",
+    "data": "fsl_lsskd.data.cli:data",
+    "run": "fsl_lsskd.bench.commands:run",
+    "table": "fsl_lsskd.bench.commands:table",
+    "evaluate": "fsl_lsskd.eval.cli:evaluate",
+    "bench": "fsl_lsskd.bench.cli:bench",
 }
 
 

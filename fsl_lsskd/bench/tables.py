@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..eval.base import mean_ci
 from ..utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,6 @@ def eval_metric_name(split: str, n_way: int, shot: int, classifier: str) -> str:
 
 def eval_artifact_name(split: str, n_way: int, shot: int, classifier: str) -> str:
     return f"{split}_{n_way}w{shot}s_{classifier}.npy"
-
-
-def mean_ci(values: np.ndarray) -> Tuple[float, float]:
-    """Mean and 95% CI half-width with the t-distribution (RFS ``mean_confidence_interval``)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=np.float64)
-    n = values.size
-    if n < 2:
-        return float(values.mean()) if n else math.nan, math.nan
-    sem = values.std(ddof=1) / math.sqrt(n)
-    return float(values.mean()), float(sem * stats.t.ppf(0.975, n - 1))
 
 
 @dataclass

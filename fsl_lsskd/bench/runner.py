@@ -1,0 +1,177 @@
+"""``fsl-bench run``: execute a benchmark grid resumably against the MLflow store.
+
+One MLflow parent run per invocation, one child run per cell. A cell counts as done only when its run
+carries ``fsl.cell_status=complete``, the last thing written after training, evaluation and artifacts;
+a killed cell is therefore re-run (and its training resumes from its own checkpoint), never half-read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from ..errors import ConfigError
+from .config import Benchmark, DataSource
+from .grid import Cell, expand, shard
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "complete"
+
+
+def experiment_name(bench: Benchmark) -> str:
+    return f"fsl-bench/{bench.name}"
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # "done" | "skipped" | "failed"
+    run_id: Optional[str] = None
+    metrics: Dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _resolve(path: str, bench: Benchmark) -> Path:
+    p = Path(os.path.expandvars(os.path.expanduser(path)))
+    if not p.is_absolute() and bench.path:
+        p = (Path(bench.path).resolve().parent / p).resolve()
+    return p
+
+
+def data_kwargs(dataset: str, source: Optional[DataSource], bench: Benchmark) -> Dict[str, object]:
+    """Arguments for ``fsl_lsskd.data.get_dataset`` from a benchmark's data source."""
+    if source is None:
+        return {}
+    if source.generate:
+        return {"archive": generated_archive(dataset, tuple(source.generate))}
+    kw: Dict[str, object] = {"download": source.download}
+    if source.archive:
+        kw["archive"] = _resolve(source.archive, bench)
+    if source.data_root:
+        kw["root"] = _resolve(source.data_root, bench)
+    return kw
+
+
+def generated_archive(dataset: str, sizes: tuple) -> Path:
+    """Generate (once, into the cache) a small dataset in the official archive format."""
+    from ..data import fake
+    from ..utils import cache_dir
+
+    out = cache_dir() / "generated" / f"{dataset}-{'x'.join(map(str, sizes))}"
+    writers = {
+        "tiny_imagenet": lambda d, a, b: fake.write_fake_tiny_imagenet(d, per_class_train=a, per_class_val=b, seed=0),
+        "cifar_fs": lambda d, a, b: fake.write_fake_cifar100(d, per_class_train=a, per_class_test=b, seed=0),
+    }
+    if dataset not in writers:
+        raise ConfigError(f"`generate` is supported for {', '.join(writers)}, not {dataset!r}")
+    done = out / ".done"
+    if done.is_file():
+        return Path(done.read_text().strip())
+    out.mkdir(parents=True, exist_ok=True)
+    path = writers[dataset](out, sizes[0], sizes[1])
+    done.write_text(str(path))
+    return Path(path)
+
+
+def finished_cells(client, experiment_id: str) -> Dict[str, str]:
+    """cell id -> run id of every cell marked complete in the store."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`fsl.cell_status` = '{COMPLETE}'",
+                              max_results=50000)
+    return {r.data.tags["fsl.cell_id"]: r.info.run_id for r in runs if "fsl.cell_id" in r.data.tags}
+
+
+def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shard_spec: Optional[str] = None,
+                  on_event: Callable[[str, Cell, Optional[CellOutcome]], None] = lambda *a: None
+                  ) -> List[CellOutcome]:
+    """Run every (not yet complete) cell of ``bench``; returns one outcome per cell of this shard."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from .. import tracking
+
+    cells = expand(bench)
+    if shard_spec:
+        cells = shard(cells, shard_spec)
+    tracking.quiet_mlflow()
+    exp = mlflow.set_experiment(experiment_name(bench))
+    exp_id = exp.experiment_id
+    client = MlflowClient()
+    done = {} if rerun else finished_cells(client, exp_id)
+    outcomes: List[CellOutcome] = []
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{bench.name} invocation",
+                          tags={"fsl.kind": "invocation", "fsl.benchmark": bench.name,
+                                "fsl.shard": shard_spec or "1/1", "git_commit": tracking.git_commit()}) as parent:
+        mlflow.log_dict(bench.to_dict(), "benchmark.json")
+        for cell in cells:
+            if cell.id in done:
+                outcomes.append(CellOutcome(cell, "skipped", done[cell.id]))
+                on_event("skip", cell, outcomes[-1])
+                continue
+            on_event("start", cell, None)
+            t0 = time.perf_counter()
+            outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id)
+            outcome.seconds = time.perf_counter() - t0
+            outcomes.append(outcome)
+            on_event("end", cell, outcome)
+        mlflow.log_metrics({"cells_done": sum(o.status == "done" for o in outcomes),
+                            "cells_skipped": sum(o.status == "skipped" for o in outcomes)})
+    return outcomes
+
+
+def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, exp_id: str) -> CellOutcome:
+    """Train, export and evaluate one cell inside its child run; mark it complete last."""
+    import mlflow
+    import numpy as np
+
+    from ..data import get_dataset
+    from ..eval import evaluate
+    from ..eval._checkpoint import load_backbone
+    from ..train.config import TrainConfig
+    from ..train.engine import train
+    from .tables import eval_artifact_name, eval_metric_name
+
+    settings = cell.settings()
+    tags = {"fsl.kind": "cell", "fsl.benchmark": bench.name, "fsl.cell_id": cell.id}
+    data_kw = data_kwargs(cell.dataset, bench.data.get(cell.dataset), bench)
+    dataset = get_dataset(cell.dataset, **data_kw)
+    if data_kw.get("download"):
+        dataset.prepare()  # fetch (checksummed) into the cache's downloads/ where training finds it
+    tr, ev = bench.train, bench.eval
+    cfg = TrainConfig(method=cell.method, backbone=cell.backbone, dataset=cell.dataset,
+                      archive=str(data_kw["archive"]) if data_kw.get("archive") else None,
+                      data_root=str(data_kw["root"]) if data_kw.get("root") else None,
+                      image_size=bench.image_size, seed=cell.seed, fraction=tr.fraction, epochs=tr.epochs,
+                      batch_size=tr.batch_size, method_overrides=dict(settings["overrides"]), device=tr.device,
+                      out_dir=str(out_dir), heldout=tr.heldout, val_episodes=tr.val_episodes,
+                      experiment=experiment_name(bench), run_name=cell.label)
+    result = train(cfg, parent_run_id=parent_run_id, tags=tags)
+    if result.run_id is None or result.backbone is None:
+        raise ConfigError(f"cell {cell.label}: training produced no MLflow run or exported backbone")
+    model, _ = load_backbone(cell.backbone, result.backbone, bench.image_size)
+    split = dataset.load_split(ev.split)
+    results = evaluate(model, split, shots=ev.shots, n_way=ev.n_way, n_query=ev.n_query, n_episodes=ev.episodes,
+                       classifiers=ev.classifiers, mean=dataset.mean, std=dataset.std,
+                       image_size=bench.image_size, device=tr.device)
+    client = mlflow.tracking.MlflowClient()
+    art_dir = out_dir / "eval"
+    art_dir.mkdir(parents=True, exist_ok=True)
+    metrics: Dict[str, float] = {}
+    for r in results:
+        name = eval_metric_name(ev.split, ev.n_way, r.n_shot, r.classifier)
+        metrics[f"{name}.acc"] = 100 * r.mean
+        metrics[f"{name}.ci95"] = 100 * r.ci95
+        path = art_dir / eval_artifact_name(ev.split, ev.n_way, r.n_shot, r.classifier)
+        np.save(path, np.asarray(r.accuracies, dtype=np.float32))
+        client.log_artifact(result.run_id, str(path), "eval")
+    for k, v in metrics.items():
+        client.log_metric(result.run_id, k, v)
+    client.set_tag(result.run_id, "fsl.episodes_source", ",".join(sorted({r.episodes_source for r in results})))
+    # written last: only now does the cell count as done (tables and resume read this tag)
+    client.set_tag(result.run_id, "fsl.cell_status", COMPLETE)
+    return CellOutcome(cell, "done", result.run_id, metrics)
