@@ -46,7 +46,7 @@ def collect(bench: Benchmark) -> ResultSet:
             key = (cell.method, cell.backbone)
             results.meta.setdefault("episodes_source", set()).add(run.data.tags.get("fsl.episodes_source", "?"))
             for shot in ev.shots:
-                for clf in ev.classifiers:
+                for clf in ev.classifiers_for(cell.method):
                     name = eval_artifact_name(ev.split, ev.n_way, shot, clf)
                     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"eval/{name}",
                                                                 dst_path=str(Path(tmp) / run.info.run_id))

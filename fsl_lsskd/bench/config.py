@@ -47,6 +47,15 @@ class EvalSpec:
     n_query: int = 15
     episodes: int = 2000
     classifiers: Tuple[str, ...] = ("protonet", "logreg_batched")
+    #: evaluators run only for some methods' cells, e.g. ``{maml: [maml_finetune]}``
+    extra_classifiers: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    #: cap on the episodes of image-level evaluators (``maml_finetune`` fine-tunes per episode): the first N
+    #: of the same published episodes; ``None`` = all
+    image_episodes: Optional[int] = None
+
+    def classifiers_for(self, method: str) -> Tuple[str, ...]:
+        return tuple(self.classifiers) + tuple(c for c in self.extra_classifiers.get(method, ())
+                                               if c not in self.classifiers)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from .config import Benchmark, DataSource
 from .grid import Cell, expand, shard
 
@@ -115,13 +115,30 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                 continue
             on_event("start", cell, None)
             t0 = time.perf_counter()
-            outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id)
+            try:
+                outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id)
+            except UserError:
+                raise  # bad data/config: every later cell would fail the same way
+            except Exception as exc:  # a diverged or crashed cell must not cost the rest of the grid
+                log.exception("cell %s failed", cell.label)
+                outcome = CellOutcome(cell, "failed", error=f"{type(exc).__name__}: {exc}")
             outcome.seconds = time.perf_counter() - t0
             outcomes.append(outcome)
             on_event("end", cell, outcome)
-        mlflow.log_metrics({"cells_done": sum(o.status == "done" for o in outcomes),
-                            "cells_skipped": sum(o.status == "skipped" for o in outcomes)})
+        mlflow.log_metrics({status: sum(o.status == status for o in outcomes)
+                            for status in ("done", "skipped", "failed")})
     return outcomes
+
+
+def image_evaluator_options(classifiers, checkpoint: Path, max_episodes: Optional[int]) -> Dict[str, dict]:
+    """Constructor arguments of the image-level evaluators among ``classifiers``: they fine-tune the trained
+    method itself (its training checkpoint) on each episode, on at most ``max_episodes`` episodes."""
+    from .. import plugins
+    from ..registry import EVALUATORS
+
+    plugins.import_submodules("fsl_lsskd.eval")
+    return {name: {"checkpoint": Path(checkpoint), "max_episodes": max_episodes}
+            for name in classifiers if EVALUATORS.get(name).needs_images}
 
 
 def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, exp_id: str) -> CellOutcome:
@@ -155,9 +172,11 @@ def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, ex
         raise ConfigError(f"cell {cell.label}: training produced no MLflow run or exported backbone")
     model, _ = load_backbone(cell.backbone, result.backbone, bench.image_size)
     split = dataset.load_split(ev.split)
+    classifiers = ev.classifiers_for(cell.method)
     results = evaluate(model, split, shots=ev.shots, n_way=ev.n_way, n_query=ev.n_query, n_episodes=ev.episodes,
-                       classifiers=ev.classifiers, mean=dataset.mean, std=dataset.std,
-                       image_size=bench.image_size, device=tr.device)
+                       classifiers=classifiers, mean=dataset.mean, std=dataset.std,
+                       image_size=bench.image_size, device=tr.device,
+                       evaluator_options=image_evaluator_options(classifiers, result.checkpoint, ev.image_episodes))
     client = mlflow.tracking.MlflowClient()
     art_dir = out_dir / "eval"
     art_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 from torch import nn
@@ -20,16 +20,21 @@ def evaluate(backbone: nn.Module, split, *, shots: Sequence[int] = (1, 5), n_way
              n_episodes: int = 2000, classifiers: Sequence[str] = ("protonet", "logreg_batched"),
              mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25),
              image_size: Optional[int] = None, seed: int = EPISODE_SEED, batch_size: int = 256,
-             device="cpu", cache: bool = True, model_hash: Optional[str] = None) -> List[EvalResult]:
+             device="cpu", cache: bool = True, model_hash: Optional[str] = None,
+             evaluator_options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[EvalResult]:
     """Score a frozen ``backbone`` on ``split`` (a :class:`~fsl_lsskd.data.base.SplitData`) with the
     standard episodes (published when available) for every shot and classifier.
 
     RFS protocol (Tian et al. 2020): pooled features, L2-normalised inside each classifier; mean ± 95% CI
-    (t-distribution). Returns one :class:`EvalResult` per (shot, classifier), per-episode accuracies kept."""
+    (t-distribution). Returns one :class:`EvalResult` per (shot, classifier), per-episode accuracies kept.
+    ``evaluator_options`` maps an evaluator name to its constructor arguments (e.g.
+    ``{"maml_finetune": {"checkpoint": path, "max_episodes": 500}}``)."""
     from .. import plugins
 
     plugins.import_submodules("fsl_lsskd.eval")
-    evaluators = {name: EVALUATORS.get(name)() for name in classifiers}  # unknown names fail before work
+    options = evaluator_options or {}
+    # unknown names fail before any work
+    evaluators = {name: EVALUATORS.get(name)(**dict(options.get(name, {}))) for name in classifiers}
     offsets, counts = class_offsets(split.labels, split.num_classes)
     episodes = {k: load_episodes(split.dataset, split.split, counts, n_way, k, n_query, n_episodes, seed,
                                  split.class_names) for k in shots}
