@@ -33,17 +33,25 @@ import click
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method config override (repeatable).")
 @click.option("--no-export", is_flag=True, help="Skip exporting the backbone at the end.")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@click.option("--no-sync-bn", is_flag=True,
+              help="Under torchrun: BatchNorm statistics per process instead of over the global batch.")
 def train_cmd(method, backbone, dataset, archive, data_root, image_size, epochs, batch_size, seed, fraction, heldout,
               val_episodes, teacher, device, threads, out_dir, experiment, run_name, settings, no_export,
-              no_mlflow) -> None:
+              no_mlflow, no_sync_bn) -> None:
     """Train a method on the base classes of a dataset; checkpoints each epoch, logs to MLflow
     (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db) and exports the backbone to OUT/export.
+
+    Several processes (torchrun, DistributedDataParallel) train one run: --batch-size is the global batch
+    (a multiple of the number of processes), rank 0 writes the checkpoint, logs and exports.
 
     \b
     Example:
       fsl-bench train --method ce --backbone conv4 --dataset tiny_imagenet \\
         --archive ../shared/data/tiny-imagenet-200-sub100.zip --image-size 32 --epochs 3 --seed 0 \\
         --out runs/x --set lr=0.1
+      torchrun --standalone --nproc_per_node 2 $(which fsl-bench) train --method pskd \\
+        --dataset tiny_imagenet --archive ../shared/data/tiny-imagenet-200-sub100.zip --batch-size 128 \\
+        --out runs/pskd-2proc
     """
     from .config import TrainConfig, parse_set_options
     from .engine import train
@@ -54,8 +62,13 @@ def train_cmd(method, backbone, dataset, archive, data_root, image_size, epochs,
                       method_overrides=parse_set_options(settings), device=device, out_dir=str(out_dir),
                       heldout=heldout, val_episodes=val_episodes, experiment=experiment, run_name=run_name,
                       teacher=str(teacher) if teacher else None, export=not no_export, num_threads=threads,
-                      mlflow=not no_mlflow)
+                      mlflow=not no_mlflow, sync_bn=not no_sync_bn)
+    from ..bench.validate import validate_train
+
+    validate_train(cfg)  # names, --out, val split capacity: fail before decoding data or opening a run
     res = train(cfg)
+    if res.rank != 0:  # one report per run, not per process
+        return
     for h in res.history[res.resumed_from_epoch:] if res.resumed_from_epoch else res.history:
         click.echo(" ".join([f"epoch {int(h['epoch']) + 1}"] +
                             [f"{k}={v:.4g}" for k, v in h.items() if k != "epoch"]))

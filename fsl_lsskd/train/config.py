@@ -22,6 +22,8 @@ class TrainConfig:
     ``fraction``: limited-data protocol (HSAKD ``--few-ratio``; stratified, seeded per class).
     ``heldout``: stratified fraction of the train split held out for base-class validation accuracy.
     ``val_episodes``: ProtoNet 5-way 5-shot episodes on the val split per epoch (0 disables).
+    ``sync_bn``: under torchrun with several processes, BatchNorm uses the statistics of the global batch
+    (as one process would); False keeps per-process statistics (ignored on one process).
     """
 
     method: str = "ce"
@@ -46,6 +48,7 @@ class TrainConfig:
     export: bool = True
     num_threads: Optional[int] = None
     mlflow: bool = True
+    sync_bn: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.fraction) <= 1.0:
@@ -65,7 +68,7 @@ class TrainConfig:
 
     # fields that may change between a run and its resumption (where/how, not what)
     RESUME_FREE = ("device", "out_dir", "num_threads", "run_name", "experiment", "export", "mlflow",
-                   "archive", "data_root")
+                   "archive", "data_root", "sync_bn")
 
 
 def identity_dict(cfg: TrainConfig, method_config: Any, data_fingerprint: str = "") -> Dict[str, Any]:

@@ -5,14 +5,16 @@ Data: the uint8 split cache -> held-out base images (stratified, seeded) -> limi
 (stratified, seeded; HSAKD ``--few-ratio`` protocol) -> :class:`TrainLoader` (whole-batch augmentation).
 Optimisation: SGD (or Adam for episodic configs with ``optimizer="adam"``) + MultiStepLR at
 ``lr_milestones`` fractions of the epochs. A checkpoint is written atomically after every epoch and holds
-everything needed to resume exactly; :func:`train` resumes from ``out_dir/last.pt`` automatically."""
+everything needed to resume exactly; :func:`train` resumes from ``out_dir/last.pt`` automatically.
+Launched by ``torchrun`` with several processes, one run trains on all of them (DistributedDataParallel;
+:mod:`fsl_lsskd.train.distributed`)."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, TrainingDiverged
-from ..utils import atomic_path, atomic_write_text
+from ..utils import atomic_path, atomic_write_text, make_dir
 from .checkpoint import FORMAT_VERSION, create_backbone, read_checkpoint, save_checkpoint
 from .config import TrainConfig, build_method_config, config_hash, identity_dict
 from .loader import TrainLoader, epoch_seed
@@ -42,6 +44,8 @@ class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)
     export_report: Optional[Dict[str, Any]] = None
     resumed_from_epoch: int = 0
+    rank: int = 0  # this process in a multi-process (torchrun) run; 0 otherwise
+    world_size: int = 1
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -246,8 +250,9 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------------------------- train
-def build_run(cfg: TrainConfig, data: PreparedData, teacher=None):
-    """(method, method config, loader) for ``cfg`` on prepared data; model init seeded by ``cfg.seed``."""
+def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
+    """(method, method config, loader) for ``cfg`` on prepared data; model init seeded by ``cfg.seed`` (the
+    same on every rank); the loader yields rank ``dctx.rank``'s slice of each global batch."""
     from .. import plugins
     from ..registry import METHODS
 
@@ -261,7 +266,8 @@ def build_run(cfg: TrainConfig, data: PreparedData, teacher=None):
         method = cls(backbone, num_classes, len(data.train), mcfg, teacher)
     method = method.to(cfg.device).to(memory_format=torch.channels_last)
     loader = TrainLoader(data.train.images, data.train.labels, data.mean, data.std, batch_size=mcfg.batch_size,
-                         seed=cfg.seed, device=cfg.device)
+                         seed=cfg.seed, device=cfg.device, rank=dctx.rank if dctx else 0,
+                         world_size=dctx.world_size if dctx else 1)
     return method, mcfg, loader
 
 
@@ -274,21 +280,61 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
     Resumes from ``cfg.out_dir/last.pt`` when it exists and was written with the same config
     (else :class:`ConfigError` naming the differing keys). Raises :class:`TrainingDiverged` on a NaN/inf loss.
     ``stop_after_epoch=k`` stops after ``k`` completed epochs (like a kill; no export), for time-sliced runs.
+
+    Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) the N processes train one run together
+    (:mod:`fsl_lsskd.train.distributed`): ``batch_size`` is the global batch, split into equal contiguous
+    slices; BatchNorm uses global-batch statistics unless ``cfg.sync_bn`` is False; rank 0 alone writes the
+    checkpoint and config, logs to MLflow, validates, plots and exports; every rank reads the same checkpoint
+    to resume and returns the same history (``TrainResult.rank``/``world_size`` tell them apart).
     """
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
+    from . import distributed
+
+    with distributed.process_group(cfg.device) as dctx:
+        return _train(cfg, dctx, train_data=train_data, val_data=val_data, mean=mean, std=std, teacher=teacher,
+                      parent_run_id=parent_run_id, tags=tags, stop_after_epoch=stop_after_epoch)
+
+
+def _setup_distributed(cfg: TrainConfig, method, dctx) -> None:
+    """Global-batch BatchNorm (unless ``cfg.sync_bn`` is off) and all-gathering prediction stores."""
+    from . import distributed
+
+    say = log.info if dctx.is_main else log.debug
+    if distributed.uses_batchnorm(method):
+        if method.episodic:
+            # MAML normalises each task with its own statistics, and a task lives on one rank
+            say("episodic method: BatchNorm keeps per-task statistics (tasks are split over processes)")
+        elif getattr(cfg, "sync_bn", True):
+            _, n = distributed.convert_sync_batchnorm(method, dctx.device)
+            say("%d BatchNorm layers use the statistics of the global batch (sync_bn)", n)
+        elif dctx.is_main:
+            log.warning("sync_bn is off: BatchNorm normalises each process's slice of %d images separately, so "
+                        "results depend on the number of processes", method.config.batch_size // dctx.world_size)
+    distributed.enable_store_gather(method)
+
+
+def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, parent_run_id, tags,
+           stop_after_epoch) -> TrainResult:
+    from . import distributed
+
+    run_cfg = replace(cfg, device=str(dctx.device)) if dctx.enabled else cfg  # cuda -> cuda:LOCAL_RANK
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)  # unwritable --out: OutputError (exit 2, stops a grid), not a crashed cell
     ckpt_path = out / CHECKPOINT_NAME
-    data = prepare_data(cfg, train_data, val_data, mean, std)
+    with dctx.main_first():  # rank 0 decodes the dataset cache, then the other ranks read it
+        data = prepare_data(cfg, train_data, val_data, mean, std)
 
     if teacher is None and cfg.teacher:
         from .checkpoint import load_method
 
-        teacher = load_method(cfg.teacher, cfg.device)
+        teacher = load_method(cfg.teacher, run_cfg.device)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    method, mcfg, loader = build_run(cfg, data, teacher)
+    method, mcfg, loader = build_run(run_cfg, data, teacher, dctx)
+    distributed.check_method(method, mcfg, loader, dctx)
+    if dctx.enabled:
+        _setup_distributed(cfg, method, dctx)
     identity = identity_dict(cfg, mcfg, data.fingerprint)
     chash = config_hash(identity)
     optimizer = build_optimizer(method, mcfg)
@@ -296,7 +342,7 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
 
     start_epoch, history, run_id = 0, [], None
     if ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path, map_location=cfg.device)
+        ckpt = read_checkpoint(ckpt_path, map_location=run_cfg.device)
         old = ckpt["meta"].get("identity", {})
         if ckpt["meta"].get("config_hash") != chash:
             keys = _diff_keys(old, identity)
@@ -308,19 +354,23 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history, run_id = int(ckpt["epoch"]), list(ckpt.get("history", [])), ckpt.get("mlflow_run_id")
         log.info("resuming %s from epoch %d", ckpt_path, start_epoch)
+    distributed.check_same_start(dctx, start_epoch, ckpt_path)
+    step_fn = distributed.wrap_training_step(method, dctx)  # after loading: DDP starts from rank 0's state
 
     meta = {"method": cfg.method, "backbone": cfg.backbone, "num_classes": int(data.train.num_classes),
             "num_samples": len(data.train), "image_size": int(cfg.image_size), "dataset": cfg.dataset,
             "class_names": list(data.train.class_names), "mean": list(data.mean), "std": list(data.std),
             "config": cfg.to_dict(), "method_config": json.loads(json.dumps(asdict(mcfg), default=str)),
-            "identity": identity, "config_hash": chash, "format_version": FORMAT_VERSION}
-    atomic_write_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "method": meta["method_config"],
-                                                       "config_hash": chash}, indent=2, default=str) + "\n")
+            "identity": identity, "config_hash": chash, "format_version": FORMAT_VERSION,
+            "world_size": dctx.world_size}
+    if dctx.is_main:
+        atomic_write_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "method": meta["method_config"],
+                                                           "config_hash": chash}, indent=2, default=str) + "\n")
 
     run_tags = {"method": cfg.method, "backbone": cfg.backbone, "dataset": cfg.dataset, "seed": str(cfg.seed),
                 "fraction": str(cfg.fraction), "config_hash": chash}
     run_tags.update(tags or {})
-    if cfg.mlflow:
+    if cfg.mlflow and dctx.is_main:
         from .. import tracking
 
         run_tags["git_commit"] = tracking.git_commit()
@@ -342,32 +392,35 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
                 params["num_classes"] = meta["num_classes"]
                 params["num_train_images"] = len(data.train)
                 params["num_heldout_images"] = len(data.heldout) if data.heldout is not None else 0
+                params["world_size"] = dctx.world_size
                 tracking.log_params(params)
         with torch.random.fork_rng(devices=[]):
             for epoch in range(start_epoch, mcfg.epochs):
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
                     break
-                metrics = _run_epoch(cfg, method, loader, optimizer, scheduler, epoch, data)
-                history.append(metrics)
-                state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                         "rng": {"loader": loader.generator.get_state(), "torch": torch.get_rng_state(),
-                                 "numpy_seed": cfg.seed},
-                         "history": history, "mlflow_run_id": run_id, "meta": meta}
-                save_checkpoint(state, ckpt_path)
-                if run is not None:
-                    tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-                log.info("epoch %d/%d %s", epoch + 1, mcfg.epochs,
-                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                metrics = _run_epoch(run_cfg, method, loader, optimizer, scheduler, epoch, data, step_fn, dctx)
+                if dctx.is_main:
+                    state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                             "rng": {"loader": loader.generator.get_state(), "torch": torch.get_rng_state(),
+                                     "numpy_seed": cfg.seed},
+                             "history": history + [metrics], "mlflow_run_id": run_id, "meta": meta}
+                    save_checkpoint(state, ckpt_path)
+                    if run is not None:
+                        tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                    log.info("epoch %d/%d %s", epoch + 1, mcfg.epochs,
+                             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                # rank 0's metrics (with validation) once its checkpoint is written: one history everywhere
+                history.append(dctx.broadcast_object(metrics))
         report, backbone_path = None, None
         finished = len(history) >= mcfg.epochs
-        if cfg.export and finished:
+        if cfg.export and finished and dctx.is_main:
             from .export import export_network
 
             backbone_path = out / "export" / "backbone.safetensors"
             report = export_network(method.export_backbone().cpu(), cfg.backbone, cfg.image_size, out / "export",
                                     method=cfg.method, source=ckpt_path)
-        curve = plot_curves(history, out / "training_curves.png")
+        curve = plot_curves(history, out / "training_curves.png") if dctx.is_main else None
         if run is not None:
             tracking.log_artifact(out / "config.json")
             tracking.log_artifact(ckpt_path, "checkpoint")
@@ -378,8 +431,11 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
                 tracking.log_artifact(backbone_path.with_suffix(".json"), "export")
                 tracking.log_metrics({"export_params": report["params"], "export_flops": report["flops"],
                                       "export_latency_ms": report["latency_ms_cpu_b1"]}, step=mcfg.epochs)
+    # the other ranks return once rank 0 has written everything
+    run_id, report, backbone_path = dctx.broadcast_object((run_id, report, backbone_path))
     final = dict(history[-1]) if history else {}
-    return TrainResult(ckpt_path, backbone_path, run_id, final, out, history, report, start_epoch)
+    return TrainResult(ckpt_path, backbone_path, run_id, final, out, history, report, start_epoch,
+                       rank=dctx.rank, world_size=dctx.world_size)
 
 
 def _open_run(cfg: TrainConfig, run_id: Optional[str], tags: Dict[str, str], parent_run_id: Optional[str]):
@@ -399,21 +455,32 @@ def _open_run(cfg: TrainConfig, run_id: Optional[str], tags: Dict[str, str], par
 
 
 def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, scheduler, epoch: int,
-               data: PreparedData) -> Dict[str, float]:
-    # the global torch RNG (dropout, stochastic depth, method sampling) restarts from (seed, epoch): a resumed
-    # epoch replays exactly; the caller's RNG state is restored by fork_rng
-    torch.manual_seed(epoch_seed(cfg.seed, epoch, stream=3))
+               data: PreparedData, step_fn=None, dctx=None) -> Dict[str, float]:
+    """One epoch: train (``step_fn`` = the method's step, DDP-wrapped on several processes), reduce the
+    metrics over the ranks, then validate (rank 0)."""
+    from .distributed import DistContext, nonfinite_losses, shard_tasks
+
+    dctx = dctx if dctx is not None else DistContext(device=loader.device)
+    step_fn = step_fn if step_fn is not None else method.training_step
+    # the global torch RNG (dropout, stochastic depth, method sampling) restarts from (seed, epoch[, rank]): a
+    # resumed epoch replays exactly; the caller's RNG state is restored by fork_rng
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, stream=3, rank=dctx.rank))
     method.train()
     method.on_epoch_start(epoch)
     lr = float(optimizer.param_groups[0]["lr"])
     sums: Dict[str, float] = {}
     n_images, n_steps = 0, 0
     t0 = time.perf_counter()
+    task_size = getattr(method.config, "task_size", 0)
     for step, batch in enumerate(method.iter_batches(loader, epoch)):
-        outputs = method.training_step(batch, epoch)
+        if dctx.enabled and method.episodic:  # every rank sampled the same tasks; keep this rank's share
+            batch = shard_tasks(batch, task_size, dctx)
+        outputs = step_fn(batch, epoch)
         loss = outputs["loss"]
-        if not bool(torch.isfinite(loss).all()):
-            raise TrainingDiverged(f"{cfg.method}: loss is {float(loss.detach())} at epoch {epoch} step {step}; training "
+        bad = nonfinite_losses(dctx, loss)  # every rank sees every rank's verdict: all stop together
+        if bad:
+            where = f" on rank {', '.join(str(r) for r, _ in bad)} of {dctx.world_size}" if dctx.enabled else ""
+            raise TrainingDiverged(f"{cfg.method}: loss is {bad[0][1]} at epoch {epoch} step {step}{where}; training "
                                    f"stopped. Lower the learning rate (--set lr=...) or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -426,18 +493,24 @@ def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, schedul
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * bs
     train_time = time.perf_counter() - t0
     scheduler.step()
+    if dctx.enabled:  # global means: sums and image counts over the ranks, the slowest rank's time
+        keys = sorted(sums)
+        tot = dctx.all_reduce([sums[k] for k in keys] + [n_images], "sum")
+        sums, n_images = dict(zip(keys, tot[:-1])), int(tot[-1])
+        train_time = dctx.all_reduce([train_time], "max")[0]
     metrics: Dict[str, float] = {"epoch": float(epoch)}
     for k, v in sums.items():
         metrics[f"train_{k}"] = v / max(n_images, 1)
     metrics.update({"lr": lr, "images_per_s": n_images / max(train_time, 1e-9), "epoch_time_s": train_time,
                     "steps": float(n_steps)})
-    tv = time.perf_counter()
-    acc = heldout_accuracy(method, loader, data.heldout)
-    if acc is not None:
-        metrics["heldout_base_acc"] = acc
-    if data.val is not None and cfg.val_episodes > 0:
-        net = method.export_backbone().to(loader.device)
-        metrics.update(fewshot_val(net, loader, data.val, cfg.val_episodes, cfg.seed, n_shot=cfg.val_shot))
-    metrics["val_time_s"] = time.perf_counter() - tv
+    if dctx.is_main:  # the other ranks wait for rank 0's metrics (DistContext.broadcast_object)
+        tv = time.perf_counter()
+        acc = heldout_accuracy(method, loader, data.heldout)
+        if acc is not None:
+            metrics["heldout_base_acc"] = acc
+        if data.val is not None and cfg.val_episodes > 0:
+            net = method.export_backbone().to(loader.device)
+            metrics.update(fewshot_val(net, loader, data.val, cfg.val_episodes, cfg.seed, n_shot=cfg.val_shot))
+        metrics["val_time_s"] = time.perf_counter() - tv
     method.train()
     return metrics
