@@ -1,6 +1,7 @@
 """The ``fsl-bench`` command line. Subcommands load lazily so ``fsl-bench --help`` does not import torch.
 
-Every :class:`~fsl_lsskd.errors.UserError` ends the command with its message on stderr and exit code 2.
+Every :class:`~fsl_lsskd.errors.UserError` ends the command with its message on stderr and exit code 2, and so
+does an ``OSError`` meaning an output cannot be written (disk full, read-only, permission denied).
 """
 from __future__ import annotations
 
@@ -43,11 +44,18 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         from .errors import UserError
+        from .utils import output_error
 
         try:
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except OSError as exc:  # disk full / read-only / permission denied outside the atomic writers
+            err = output_error(exc)
+            if err is None:
+                raise
+            click.echo(f"error: {err}", err=True)
             ctx.exit(2)
 
 
@@ -63,7 +71,7 @@ def main(verbose: int) -> None:
       fsl-bench data verify tiny_imagenet --archive tiny-imagenet-200.zip
     """
     _quiet_third_party()
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    level = logging.WARNING - 10 * min(verbose, 2)  # warnings by default, -v info, -vv debug
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

@@ -37,5 +37,9 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not match the backbone."""
 
 
+class OutputError(UserError):
+    """An output or cache location that cannot be written (read-only, permission denied, disk full)."""
+
+
 class TrainingDiverged(FslError):
     """Loss became NaN or inf."""

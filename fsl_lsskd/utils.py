@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
+import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "FSL_BENCH_CACHE"
 
@@ -38,22 +44,136 @@ def md5_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# errno values that mean "this location cannot be written": turned into an OutputError naming the fix
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def output_error(exc: OSError, path: Optional[PathLike] = None) -> Optional["OutputError"]:
+    """An :class:`~fsl_lsskd.errors.OutputError` naming the directory and the fix for an ``OSError`` that
+    means the location cannot be written (disk full, quota, read-only file system, permission denied);
+    ``None`` for any other error."""
+    from .errors import OutputError
+
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+        return None
+    target = Path(path if path is not None else (exc.filename or ""))
+    where = str(target) if str(target) not in ("", ".") else "an output file"
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and folder != folder.parent:  # the directory that refused, not a missing child
+        folder = folder.parent
+    elsewhere = (f"or choose another directory (--out for outputs, ${CACHE_ENV} for the data and feature "
+                 f"cache) and run the command again")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                  errno.EFBIG: "file too large"}[exc.errno]
+        msg = f"cannot write {where}: {reason} on the device holding {folder}. Free disk space there {elsewhere}"
+    elif exc.errno == errno.EROFS:
+        msg = f"cannot write {where}: {folder} is on a read-only file system. Mount it read-write {elsewhere}"
+    else:
+        msg = (f"cannot write {where}: permission denied in {folder}. Make it writable for this user "
+               f"(chmod u+w {folder}) {elsewhere}")
+    return OutputError(msg)
+
+
+def check_writable_dir(path: PathLike, option: str = "--out") -> None:
+    """Fail fast (before any work) when directory ``path`` cannot be created or written by this process:
+    raises :class:`~fsl_lsskd.errors.OutputError` naming ``option`` and the fix. Nothing is created."""
+    from .errors import OutputError
+
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{option} {path}: {probe} is a file, not a directory; choose another {option}")
+    # os.access honours read-only mounts even for root (root ignores permission bits, and can indeed write)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        how = ("is on a read-only file system" if _read_only_fs(probe) else "is not writable by this user")
+        raise OutputError(f"{option} {path}: {probe} {how}; choose a writable directory with {option} "
+                          f"(or make {probe} writable: chmod u+w {probe})")
+
+
+def make_dir(path: PathLike) -> Path:
+    """``mkdir -p path``; a directory that cannot be created (read-only, permission denied, disk full) raises
+    :class:`~fsl_lsskd.errors.OutputError` naming it and the fix."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err = output_error(exc, path)
+        if err is None:
+            raise
+        raise err from exc
+    return path
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _temp_prefix(dest: Path) -> str:
+    # host and pid in the name let a later writer of the same file remove temp files of dead writers
+    return f".{dest.name}.{socket.gethostname()}~{os.getpid()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(dest: PathLike) -> int:
+    """Delete temp files of ``dest`` left by writers on this host that were killed mid-write (SIGKILL,
+    power loss of the process); temp files of live writers are kept. Returns how many were removed."""
+    dest = Path(dest)
+    host = socket.gethostname()
+    removed = 0
+    for p in dest.parent.glob(glob.escape(f".{dest.name}.") + "*~*~*.tmp"):
+        fields = p.name[len(dest.name) + 2:].split("~")
+        if len(fields) < 3 or fields[0] != host or not fields[1].isdigit():
+            continue
+        pid = int(fields[1])
+        if pid != os.getpid() and not _pid_alive(pid):
+            p.unlink(missing_ok=True)
+            removed += 1
+            log.info("removed %s, left by killed process %d", p, pid)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(dest: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is renamed onto ``dest`` (atomic on POSIX),
-    on failure it is removed, so readers never see a half-written file."""
+    on failure it is removed, so readers never see a half-written file. A disk-full / read-only /
+    permission failure raises :class:`~fsl_lsskd.errors.OutputError` naming the directory and the fix."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=suffix + ".tmp", dir=dest.parent)
+    except OSError as exc:
+        err = output_error(exc, dest)
+        if err is None:
+            raise
+        raise err from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        raise
+        err = output_error(exc, dest) if isinstance(exc, OSError) else None
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _umask() -> int:

@@ -174,6 +174,23 @@ class CachedDataset(FewShotDataset):
                 log.warning("ignoring unreadable cache %s (%s); decoding again", npy, exc)
         return self._decode_and_cache(split, names, npy, meta_path)
 
+    def split_counts(self, split: str) -> np.ndarray:
+        """Images per class of ``split`` (split-file order) without decoding and without writing anything:
+        from the cache entry when there is one, else from the source's inventory. Raises :class:`DataError`
+        when the split names classes the source lacks. Lets callers check an episode protocol up front."""
+        names = self._names(split)
+        npy, meta_path = self.cache_paths(split)
+        if npy.is_file() and meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                if meta["class_names"] == names:
+                    return np.asarray(meta["counts"], dtype=np.int64)
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable entry: load_split decodes again; count from the source
+        self.check_classes_present(names)
+        inv = self.inventory()
+        return np.array([sum(inv[c].values()) for c in names], dtype=np.int64)
+
     def decode_split(self, split: str) -> SplitData:
         """Decode one split from the source without touching the cache (used by the cache benchmark)."""
         names = self._names(split)

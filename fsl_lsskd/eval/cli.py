@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import click
 
@@ -25,12 +25,15 @@ def _names(text: str) -> List[str]:
 
 
 def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool, dataset: str,
-            archive: Optional[Path], root: Optional[Path], split: str, image_size: Optional[int], seed: int = 0):
-    """(model, meta, split data, dataset object) for the CLI commands."""
+            archive: Optional[Path], root: Optional[Path], split: str, image_size: Optional[int], seed: int = 0,
+            protocols: Sequence[Tuple[int, int, int]] = ()):
+    """(model, meta, split data, dataset object) for the CLI commands. Each ``(n_way, n_shot, n_query)`` of
+    ``protocols`` is checked against the split's per-class counts before anything is decoded or cached."""
     import torch
 
     from ..data import get_dataset
     from ._checkpoint import load_backbone
+    from ._episodes import check_protocol
 
     if checkpoint is None and not untrained:
         raise ConfigError("pass --checkpoint PATH (exported backbone or training checkpoint) or --untrained")
@@ -45,6 +48,10 @@ def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool
     else:
         model, meta = load_backbone(backbone, checkpoint, image_size)
     ds = get_dataset(dataset, root=root, archive=archive)
+    if protocols and hasattr(ds, "split_counts"):
+        counts = ds.split_counts(split)
+        for n_way, n_shot, n_query in protocols:
+            check_protocol(counts, n_way, n_shot, n_query, ds.class_split()[split], where=f"{dataset} {split}")
     data = ds.load_split(split)
     return model, meta, data, ds
 
@@ -106,13 +113,21 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, root, split, ima
     """
     import time
 
+    from .. import plugins
+    from ..registry import EVALUATORS
+    from ..utils import check_writable_dir
     from ._core import evaluate as run_eval
 
     shot_list = _ints(shots, "shots")
     names = _names(classifiers)
+    plugins.import_submodules("fsl_lsskd.eval")
+    for name in names:  # unknown names and an unwritable --out fail before any loading
+        EVALUATORS.get(name)
+    if out is not None:
+        check_writable_dir(out, "--out")
     t0 = time.perf_counter()
     model, meta, data, ds = prepare(backbone, checkpoint, untrained, dataset, archive, root, split, image_size,
-                                    seed)
+                                    seed, protocols=[(way, k, queries) for k in shot_list])
     size = int(image_size or meta.get("image_size") or data.image_size)
     results = run_eval(model, data, shots=shot_list, n_way=way, n_query=queries, n_episodes=episodes,
                        classifiers=names, mean=ds.mean, std=ds.std, image_size=size, batch_size=batch_size,

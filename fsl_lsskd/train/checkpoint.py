@@ -59,7 +59,10 @@ def read_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}. Re-run training or re-export it") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path} ({first}): it is corrupt or truncated. Delete it to "
+                              f"restart that run from scratch (or train into a new --out), or re-run the training "
+                              f"that wrote it") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise CheckpointError(f"{path} is not an fsl-bench training checkpoint (no 'model'/'meta'); "
                               f"export files are read with load_backbone()")
