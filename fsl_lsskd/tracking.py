@@ -34,6 +34,43 @@ def _mlflow():
     return mlflow
 
 
+def _sqlite_path(uri: str) -> Optional[Path]:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+@contextlib.contextmanager
+def store_lock() -> Iterator[None]:
+    """An exclusive lock on a local SQLite tracking store (a ``.lock`` file beside the database).
+
+    Several shard processes started together on a fresh store would otherwise race in MLflow's table creation
+    (alembic migrations fail with "Online migration expected to match one row") and in creating the same
+    experiment. Other stores (an MLflow server) serialise this themselves: no lock."""
+    mlflow = _mlflow()
+    db = _sqlite_path(mlflow.get_tracking_uri())
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def set_experiment(name: str):
+    """``mlflow.set_experiment`` under :func:`store_lock` (creates the store and the experiment safely when
+    several processes start at once)."""
+    mlflow = _mlflow()
+    with store_lock():
+        return mlflow.set_experiment(name)
+
+
 def git_commit(path: Optional[Path] = None) -> str:
     """The checkout's commit (``+dirty`` suffix when modified), or ``unknown``."""
     cwd = Path(path) if path else Path(__file__).resolve().parent.parent
@@ -74,7 +111,7 @@ def start_run(experiment: str = "fsl-bench", run_name: Optional[str] = None,
         parent_run_id = active.info.run_id
     nested = nested or parent_run_id is not None or active is not None
     if run_id is None:
-        mlflow.set_experiment(experiment)
+        set_experiment(experiment)
     kwargs: Dict[str, Any] = {"run_id": run_id, "run_name": run_name if run_id is None else None,
                               "nested": nested}
     if parent_run_id is not None and run_id is None:

@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# The test models are tiny: one thread is several times faster than two competing for 2 cores (and
+# subprocesses inherit it). Set before torch is imported anywhere.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FSL_BENCH_CACHE", str(tmp_path_factory.mktemp("fslcache")))

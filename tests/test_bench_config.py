@@ -96,5 +96,30 @@ def test_render_bolds_best_and_pairs_against_ce():
     diff = paired_vs(rs)[("lsskd", "conv4")][("tiny", 5, "protonet")]
     assert diff[0] == pytest.approx(5.0) and diff[2] < 1e-6
     assert "published: paper 5-shot" in out["md"] and "72.0±0.6" in out["md"]
-    assert out["csv"].splitlines()[0].startswith("method,backbone")
+    csv = out["csv"].splitlines()
+    assert csv[0].startswith("method,backbone") and csv[0].endswith("seed_std,seed_means")
+    assert csv[1].split(",")[-2] == "0.0000"  # identical seeds: no spread
+    assert "Spread across training seeds" in out["md"]
     assert "\\textbf" in out["tex"]
+
+
+def test_fractions_are_a_grid_dimension_and_keep_full_data_ids(tmp_path):
+    plain = expand(load_benchmark(_write(tmp_path, GOOD)))
+    limited = expand(load_benchmark(_write(tmp_path, GOOD + "fractions: [0.25, 0.5, 1.0]\n", "l.yaml")))
+    assert len(limited) == 3 * len(plain)
+    assert len({c.id for c in limited}) == len(limited)
+    full = [c for c in limited if c.fraction == 1.0]
+    # the 100% cells are the cells of the plain grid (same payload -> same id), so results are shared
+    assert [c.id for c in full] == [c.id for c in plain]
+    quarter = [c for c in limited if c.fraction == 0.25]
+    assert {c.settings()["train"]["fraction"] for c in quarter} == {0.25}
+    assert quarter[0].data_label == "tiny_imagenet@25%" and full[0].data_label == "tiny_imagenet"
+    assert "@25%" in quarter[0].label
+
+
+def test_teacher_follows_the_fraction_and_bad_fractions_are_rejected(tmp_path):
+    bench = load_benchmark(_write(tmp_path, GOOD.replace("[ce, lsskd]", "[kd]") + "fractions: [0.5]\n"))
+    (cell, *_) = expand(bench)
+    assert cell.teacher.method == "ce" and cell.teacher.fraction == 0.5 and cell.teacher.role == "teacher"
+    with pytest.raises(ConfigError, match="fractions must be in"):
+        load_benchmark(_write(tmp_path, GOOD + "fractions: [0.0, 1.5]\n", "bad.yaml"))

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .config import Benchmark
-from .grid import expand
+from .grid import expand, with_teachers
 from .runner import COMPLETE, experiment_name
 from .tables import ResultSet, eval_artifact_name
 
@@ -31,7 +31,7 @@ def collect(bench: Benchmark) -> ResultSet:
     if exp is None:
         raise ConfigError(f"no runs for benchmark {bench.name!r} in {mlflow.get_tracking_uri()}; "
                           f"run `fsl-bench run {bench.path or bench.name}` first")
-    wanted = {c.id: c for c in expand(bench)}
+    wanted = {c.id: c for c in with_teachers(expand(bench))}  # teacher rows are results too
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`fsl.cell_status` = '{COMPLETE}'",
                               max_results=50000)
     results = ResultSet()
@@ -50,8 +50,8 @@ def collect(bench: Benchmark) -> ResultSet:
                     name = eval_artifact_name(ev.split, ev.n_way, shot, clf)
                     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"eval/{name}",
                                                                 dst_path=str(Path(tmp) / run.info.run_id))
-                    results.add(key, (cell.dataset, shot, clf), cell.seed, np.load(local))
-            if cell.seed == min(bench.seeds):
+                    results.add(key, (cell.data_label, shot, clf), cell.seed, np.load(local))
+            if cell.seed == min(bench.seeds) and cell.fraction == max(bench.fractions or (1.0,)):
                 for metric in CURVE_METRICS:
                     hist = client.get_metric_history(run.info.run_id, metric)
                     if hist:

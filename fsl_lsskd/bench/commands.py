@@ -18,13 +18,15 @@ def _split_list(value: Optional[str]):
 @click.option("--backbones", help="Comma-separated subset of the file's backbones.")
 @click.option("--datasets", help="Comma-separated subset of the file's datasets.")
 @click.option("--seeds", help="Comma-separated subset of the file's seeds.")
+@click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
+              help="Where dataset NAME's archive or folder is on this machine (repeatable); not part of cell ids.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
               show_default=True, help="Checkpoints and exports go to OUT/<benchmark>/<cell id>/.")
 @click.option("--rerun", is_flag=True, help="Run cells again even if complete in the MLflow store.")
 @click.option("--dry-run", is_flag=True, help="Print the grid (and which cells are done) and stop.")
 @click.option("--shard", "shard_spec", help="Run slice I/N of the grid (1-based), e.g. 2/4.")
-def run(benchmark: Path, methods, backbones, datasets, seeds, out_root: Path, rerun: bool, dry_run: bool,
-        shard_spec: Optional[str]) -> None:
+def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_root: Path, rerun: bool,
+        dry_run: bool, shard_spec: Optional[str]) -> None:
     """Run a benchmark grid (methods x backbones x datasets x seeds), resumably.
 
     Cells already complete in the MLflow store (MLFLOW_TRACKING_URI, default ./mlflow.db) are skipped,
@@ -35,11 +37,16 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, out_root: Path, re
     Example:
       fsl-bench run benchmarks/smoke.yaml
       fsl-bench run benchmarks/cpu_tiny_imagenet.yaml --methods ce,lsskd --seeds 0 --shard 1/2
+      fsl-bench run benchmarks/cpu_cifar_fs.yaml --data cifar_fs=~/data/cifar-100-python.tar.gz
     """
     from ..errors import ConfigError
     from .config import load_benchmark
-    from .grid import expand, shard
+    from .grid import expand, shard, with_teachers
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("fsl-bench run under torchrun would run the whole grid on every process; run it "
+                          "without torchrun and use --shard I/N to spread cells over processes (torchrun is for "
+                          "one `fsl-bench train` run on several processes)")
     bench = load_benchmark(benchmark)
     try:
         seed_list = [int(s) for s in _split_list(seeds)] if seeds else None
@@ -47,15 +54,38 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, out_root: Path, re
         raise ConfigError(f"--seeds {seeds!r}: expected integers, e.g. 0,1") from None
     bench = bench.with_filters(methods=_split_list(methods), backbones=_split_list(backbones),
                                datasets=_split_list(datasets), seeds=seed_list)
+    if data_paths:
+        import dataclasses
+
+        paths = dict(bench.data_paths)
+        for item in data_paths:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(f"--data {item!r}: expected NAME=PATH, e.g. --data cifar_fs=cifar-100-python.tar.gz")
+            if name.strip() not in bench.datasets:
+                raise ConfigError(f"--data {item!r}: {name.strip()!r} is not a dataset of {benchmark} "
+                                  f"({', '.join(bench.datasets)})")
+            paths[name.strip()] = path.strip()
+        bench = dataclasses.replace(bench, data_paths=paths)
     click.echo(f"benchmark {bench.name}: {bench.description}")
     click.echo("resolved config: " + _one_line(bench.to_dict()))
+    from .validate import validate_benchmark
+
+    # names, settings, --out and the data against the protocols, before anything is trained or logged
+    validate_benchmark(bench, data=not dry_run, out_root=None if dry_run else out_root)
     cells = expand(bench)
     if shard_spec:
         cells = shard(cells, shard_spec)
+    cells = with_teachers(cells)
     if dry_run:
         done = _done_ids(bench)
         for c in cells:
-            click.echo(f"  {c.id}  {c.label}{'  (complete)' if c.id in done else ''}")
+            notes = ["teacher"] if c.role == "teacher" else []
+            if c.teacher is not None:
+                notes.append(f"taught by {c.teacher.id}")
+            if c.id in done:
+                notes.append("complete")
+            click.echo(f"  {c.id}  {c.label}" + (f"  ({', '.join(notes)})" if notes else ""))
         click.echo(f"{len(cells)} cells, {sum(c.id in done for c in cells)} complete")
         return
     from tqdm import tqdm
@@ -119,7 +149,10 @@ def table(benchmark: Path, out_dir: Path) -> None:
     from .config import load_benchmark
     from .tables import write_tables
 
+    from ..utils import check_writable_dir
+
     bench = load_benchmark(benchmark)
+    check_writable_dir(out_dir, "--out")
     results = collect(bench)
     ev, tr = bench.eval, bench.train
     seeds = sorted({s for row in results.cells.values() for c in row.values() for s in c.per_seed})

@@ -59,6 +59,15 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher of a distillation method's cells: a method (and optionally another backbone) trained on
+    the same dataset, seed and budget first, as a cell of its own."""
+
+    method: str
+    backbone: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Benchmark:
     name: str
     description: str = ""
@@ -66,10 +75,20 @@ class Benchmark:
     backbones: Tuple[str, ...] = ()
     methods: Tuple[str, ...] = ()
     seeds: Tuple[int, ...] = (0,)
+    #: limited-data protocol (HSAKD ``--few-ratio``): a grid dimension over fractions of every base class's
+    #: images, e.g. ``[0.25, 0.5, 0.75, 1.0]``; empty = ``train.fraction`` only
+    fractions: Tuple[float, ...] = ()
     image_size: int = 32
     data: Mapping[str, DataSource] = field(default_factory=dict)
+    #: where a dataset's files are on this machine (``--data NAME=PATH``: an archive file or a folder); it
+    #: replaces ``data``'s location but is not part of the cell ids, so shards on machines with different
+    #: paths share one grid. Point it only at the data the benchmark names.
+    data_paths: Mapping[str, str] = field(default_factory=dict)
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    #: teachers of distillation methods, e.g. ``{kd: {method: ce, backbone: resnet12}}``; a method that needs
+    #: a teacher and is not listed gets its class's ``default_teacher`` (kd: ce, hsakd: hsakd_teacher)
+    teachers: Mapping[str, TeacherSpec] = field(default_factory=dict)
     #: per-method config overrides, e.g. ``{lsskd: {xlayer_kl: true}}``
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: published numbers to show beside ours: ``{method: {"<dataset>/<shot>shot": "72.2±0.7 (source)"}}``
@@ -165,6 +184,9 @@ def load_benchmark(path: Path) -> Benchmark:
     for attr in ("datasets", "backbones", "methods"):
         if not getattr(bench, attr):
             raise ConfigError(f"{path}: `{attr}` must list at least one entry")
+    bad = [f for f in bench.fractions if not 0.0 < f <= 1.0]
+    if bad:
+        raise ConfigError(f"{path}: fractions must be in (0, 1] (e.g. [0.25, 0.5, 0.75, 1.0]), got {bad}")
     return dataclasses.replace(bench, path=str(path))
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from ..errors import ConfigError, UserError
+from ..utils import atomic_path, atomic_write_text, make_dir, output_error
 from .config import Benchmark, DataSource
-from .grid import Cell, expand, shard
+from .grid import Cell, expand, shard, with_teachers
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,22 @@ class CellOutcome:
     error: str = ""
 
 
-def _resolve(path: str, bench: Benchmark) -> Path:
+def _resolve(path: str, bench: Benchmark, relative_to_file: bool = True) -> Path:
+    """A path from the benchmark file (relative to the file) or the command line (relative to the cwd)."""
     p = Path(os.path.expandvars(os.path.expanduser(path)))
-    if not p.is_absolute() and bench.path:
+    if not p.is_absolute() and bench.path and relative_to_file:
         p = (Path(bench.path).resolve().parent / p).resolve()
-    return p
+    return p.resolve()
 
 
 def data_kwargs(dataset: str, source: Optional[DataSource], bench: Benchmark) -> Dict[str, object]:
-    """Arguments for ``fsl_lsskd.data.get_dataset`` from a benchmark's data source."""
+    """Arguments for ``fsl_lsskd.data.get_dataset`` from a benchmark's data source (``data_paths`` first)."""
+    if dataset in bench.data_paths:
+        path = _resolve(bench.data_paths[dataset], bench, relative_to_file=False)
+        if not path.exists():
+            raise ConfigError(f"--data {dataset}={bench.data_paths[dataset]}: {path} does not exist; pass the "
+                              f"dataset's official archive or its extracted folder")
+        return {"root": path} if path.is_dir() else {"archive": path}
     if source is None:
         return {}
     if source.generate:
@@ -73,9 +81,9 @@ def generated_archive(dataset: str, sizes: tuple) -> Path:
     done = out / ".done"
     if done.is_file():
         return Path(done.read_text().strip())
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     path = writers[dataset](out, sizes[0], sizes[1])
-    done.write_text(str(path))
+    atomic_write_text(done, str(path))  # the marker last: a killed generation is redone
     return Path(path)
 
 
@@ -98,8 +106,9 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
     cells = expand(bench)
     if shard_spec:
         cells = shard(cells, shard_spec)
+    cells = with_teachers(cells)  # teachers first; a shard holds every teacher of its students
     tracking.quiet_mlflow()
-    exp = mlflow.set_experiment(experiment_name(bench))
+    exp = tracking.set_experiment(experiment_name(bench))
     exp_id = exp.experiment_id
     client = MlflowClient()
     done = {} if rerun else finished_cells(client, exp_id)
@@ -116,9 +125,20 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
             on_event("start", cell, None)
             t0 = time.perf_counter()
             try:
-                outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id)
+                teacher = None
+                if cell.teacher is not None:
+                    teacher = teacher_checkpoint(client, exp_id, cell.teacher, out_root / bench.name)
+                outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id,
+                                   teacher=teacher)
             except UserError:
                 raise  # bad data/config: every later cell would fail the same way
+            except OSError as exc:  # an output that cannot be written (full disk, read-only) stops the grid too
+                err = output_error(exc)
+                if err is None:
+                    log.exception("cell %s failed", cell.label)
+                    outcome = CellOutcome(cell, "failed", error=f"{type(exc).__name__}: {exc}")
+                else:
+                    raise err from exc
             except Exception as exc:  # a diverged or crashed cell must not cost the rest of the grid
                 log.exception("cell %s failed", cell.label)
                 outcome = CellOutcome(cell, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -141,7 +161,27 @@ def image_evaluator_options(classifiers, checkpoint: Path, max_episodes: Optiona
             for name in classifiers if EVALUATORS.get(name).needs_images}
 
 
-def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, exp_id: str) -> CellOutcome:
+def teacher_checkpoint(client, exp_id: str, teacher: Cell, bench_dir: Path) -> Path:
+    """The training checkpoint of a completed teacher cell: its run directory's ``last.pt`` when this machine
+    trained it, else the ``checkpoint/last.pt`` artifact of its MLflow run, fetched into that directory (so the
+    path, which the student's checkpoint records, is the same either way)."""
+    import mlflow
+
+    local = bench_dir / teacher.id / "last.pt"
+    runs = finished_cells(client, exp_id)
+    if teacher.id not in runs:
+        raise RuntimeError(f"teacher cell {teacher.label} ({teacher.id}) did not complete; its student cannot run")
+    if not local.is_file():
+        log.info("fetching teacher checkpoint of %s from run %s", teacher.label, runs[teacher.id])
+        fetched = Path(mlflow.artifacts.download_artifacts(run_id=runs[teacher.id], artifact_path="checkpoint/last.pt",
+                                                           dst_path=str(local.parent / ".fetch")))
+        make_dir(local.parent)
+        os.replace(fetched, local)
+    return local
+
+
+def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, exp_id: str,
+             teacher: Optional[Path] = None) -> CellOutcome:
     """Train, export and evaluate one cell inside its child run; mark it complete last."""
     import mlflow
     import numpy as np
@@ -154,7 +194,9 @@ def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, ex
     from .tables import eval_artifact_name, eval_metric_name
 
     settings = cell.settings()
-    tags = {"fsl.kind": "cell", "fsl.benchmark": bench.name, "fsl.cell_id": cell.id}
+    tags = {"fsl.kind": "cell", "fsl.benchmark": bench.name, "fsl.cell_id": cell.id, "fsl.role": cell.role}
+    if cell.teacher is not None:
+        tags["fsl.teacher_cell_id"] = cell.teacher.id
     data_kw = data_kwargs(cell.dataset, bench.data.get(cell.dataset), bench)
     dataset = get_dataset(cell.dataset, **data_kw)
     if data_kw.get("download"):
@@ -163,10 +205,11 @@ def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, ex
     cfg = TrainConfig(method=cell.method, backbone=cell.backbone, dataset=cell.dataset,
                       archive=str(data_kw["archive"]) if data_kw.get("archive") else None,
                       data_root=str(data_kw["root"]) if data_kw.get("root") else None,
-                      image_size=bench.image_size, seed=cell.seed, fraction=tr.fraction, epochs=tr.epochs,
+                      image_size=bench.image_size, seed=cell.seed, fraction=cell.fraction, epochs=tr.epochs,
                       batch_size=tr.batch_size, method_overrides=dict(settings["overrides"]), device=tr.device,
                       out_dir=str(out_dir), heldout=tr.heldout, val_episodes=tr.val_episodes,
-                      experiment=experiment_name(bench), run_name=cell.label)
+                      experiment=experiment_name(bench), run_name=cell.label,
+                      teacher=str(teacher) if teacher is not None else None)
     result = train(cfg, parent_run_id=parent_run_id, tags=tags)
     if result.run_id is None or result.backbone is None:
         raise ConfigError(f"cell {cell.label}: training produced no MLflow run or exported backbone")
@@ -179,14 +222,16 @@ def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, ex
                        evaluator_options=image_evaluator_options(classifiers, result.checkpoint, ev.image_episodes))
     client = mlflow.tracking.MlflowClient()
     art_dir = out_dir / "eval"
-    art_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(art_dir)
     metrics: Dict[str, float] = {}
     for r in results:
         name = eval_metric_name(ev.split, ev.n_way, r.n_shot, r.classifier)
         metrics[f"{name}.acc"] = 100 * r.mean
         metrics[f"{name}.ci95"] = 100 * r.ci95
         path = art_dir / eval_artifact_name(ev.split, ev.n_way, r.n_shot, r.classifier)
-        np.save(path, np.asarray(r.accuracies, dtype=np.float32))
+        with atomic_path(path, suffix=".npy") as tmp:
+            with open(tmp, "wb") as fh:  # a file handle: np.save would append .npy to the temp name
+                np.save(fh, np.asarray(r.accuracies, dtype=np.float32))
         client.log_artifact(result.run_id, str(path), "eval")
     for k, v in metrics.items():
         client.log_metric(result.run_id, k, v)

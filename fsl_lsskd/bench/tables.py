@@ -45,6 +45,15 @@ class CellResult:
         m, h = mean_ci(self.episode_means() * 100)
         return m, h
 
+    def seed_means(self) -> Dict[int, float]:
+        """Each seed's mean accuracy (%), for the spread across training seeds."""
+        return {s: float(np.mean(a) * 100) for s, a in sorted(self.per_seed.items())}
+
+    def seed_std(self) -> float:
+        """Standard deviation (ddof 1) of the per-seed means (%); NaN with one seed."""
+        vals = list(self.seed_means().values())
+        return float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+
 
 @dataclass
 class ResultSet:
@@ -82,7 +91,12 @@ def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column
             n = min(a.size, b.size)
             diff = (a[:n] - b[:n]) * 100
             m, h = mean_ci(diff)
-            p = float(stats.ttest_rel(a[:n], b[:n]).pvalue) if n > 1 and np.any(diff) else 1.0
+            if n < 2 or not np.any(diff):
+                p = 1.0
+            elif np.ptp(diff) <= 1e-9 * max(1.0, float(np.abs(diff).max())):  # constant non-zero difference
+                p = 0.0
+            else:
+                p = float(stats.ttest_rel(a[:n], b[:n]).pvalue)
             out.setdefault((method, backbone), {})[col] = (m, h, p)
     return out
 
@@ -111,7 +125,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
     # Markdown
     head = ["method", "backbone", "seeds"] + [_col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
     md = [f"{caption}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv_lines = ["method,backbone,dataset,shot,classifier,seeds,episodes,mean,ci95"]
+    csv_lines = ["method,backbone,dataset,shot,classifier,seeds,episodes,mean,ci95,seed_std,seed_means"]
     tex_cells = []
     for r in rows:
         cells_md, cells_tex = [], []
@@ -126,12 +140,21 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             cells_md.append(f"**{txt}**" if is_best else txt)
             cells_tex.append(f"\\textbf{{{m:.2f} $\\pm$ {h:.2f}}}" if is_best else f"{m:.2f} $\\pm$ {h:.2f}")
             res = results.cells[r][c]
+            seed_means = ";".join(f"{s}:{v:.4f}" for s, v in res.seed_means().items())
             csv_lines.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{len(res.per_seed)},"
-                             f"{res.episode_means().size},{m:.4f},{h:.4f}")
+                             f"{res.episode_means().size},{m:.4f},{h:.4f},{res.seed_std():.4f},{seed_means}")
         pub = [published.get(r[0], {}).get(p, "–") for p in pub_cols]
         md.append("| " + " | ".join([r[0], r[1], seeds_of(r)] + cells_md + pub) + " |")
         tex_cells.append(" & ".join([r[0].replace("_", "\\_"), r[1].replace("_", "\\_")] + cells_tex
                                     + [p.replace("±", "$\\pm$") for p in pub]) + " \\\\")
+    if any(len(res.per_seed) > 1 for row in results.cells.values() for res in row.values()):
+        md += ["", "Spread across training seeds: standard deviation of the per-seed mean accuracies (points); "
+                   "the per-seed means are in the CSV.", "",
+               "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
+               "|" + "---|" * (len(cols) + 2)]
+        for r in rows:
+            vals = [f"{results.cells[r][c].seed_std():.2f}" if c in results.cells[r] else "–" for c in cols]
+            md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
     paired = paired_vs(results)
     if paired:
         md += ["", f"Paired difference to `ce` on identical episodes (points, mean ± 95% CI; paired t-test p):", "",

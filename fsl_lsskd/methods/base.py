@@ -51,6 +51,8 @@ class Method(nn.Module, abc.ABC):
 
     config_cls: ClassVar[Type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = False
+    #: method trained first as the teacher by ``fsl-bench run`` (for ``needs_teacher`` methods)
+    default_teacher: ClassVar[Optional[str]] = None
     #: methods that use the engine's standard shuffled mini-batches; episodic methods override ``batches``.
     episodic: ClassVar[bool] = False
 

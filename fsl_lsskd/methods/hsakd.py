@@ -58,6 +58,8 @@ class HSAKD(Method):
 
     config_cls = HSAKDConfig
     needs_teacher = True
+    #: the teacher ``fsl-bench run`` trains first (HSAKD's joint teacher, option (2))
+    default_teacher = "hsakd_teacher"
     has_aux_heads = True
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:

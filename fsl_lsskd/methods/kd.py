@@ -38,6 +38,8 @@ class KD(Method):
 
     config_cls = KDConfig
     needs_teacher = True
+    #: the teacher ``fsl-bench run`` trains first unless the benchmark names one (RFS-distill: the CE model)
+    default_teacher = "ce"
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
         super().__init__(backbone, num_classes, num_samples, config, teacher)
