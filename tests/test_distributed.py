@@ -296,7 +296,9 @@ def _check_match(name: str, ranks: List[dict], single: dict) -> None:
         # DDP keeps the ranks' weights identical; stores are all-gathered: identical too
         assert torch.equal(s0[k], s1[k]), k
         if s[k].is_floating_point():
-            torch.testing.assert_close(s0[k].float(), s[k].float(), atol=WEIGHT_ATOL, rtol=1e-3, msg=k)
+            # fp16 stores (LSSKD's auxiliary ones) round at ~5e-4: a last-bit flip is not a mismatch
+            atol = 2e-3 if s[k].dtype == torch.float16 else WEIGHT_ATOL
+            torch.testing.assert_close(s0[k].float(), s[k].float(), atol=atol, rtol=1e-3, msg=k)
         else:
             assert torch.equal(s0[k], s[k]), k
 
