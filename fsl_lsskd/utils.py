@@ -10,7 +10,10 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
+
+if TYPE_CHECKING:
+    from .errors import OutputError
 
 PathLike = Union[str, os.PathLike]
 

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from fsl_lsskd.bench.config import load_benchmark
 from fsl_lsskd.bench.grid import expand, shard

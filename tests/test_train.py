@@ -206,6 +206,8 @@ def test_bench_train_smoke():
                           batch_size=8, steps=2, warmup=1, workers=(0,), methods=("no_such_method",))
     assert res["ours_images_per_s"] > 0 and res["reference_images_per_s"]["workers=0"] > 0
     assert res["speedup_vs_best_reference"] > 0 and res["methods"] == {}
+    assert set(res["data_only_ms_per_batch"]) == {"ours", "reference workers=0"}
+    assert res["data_only_speedup_vs_best_reference"] > 0
 
 
 def test_tracking_nested_child_run(tmp_path, monkeypatch):

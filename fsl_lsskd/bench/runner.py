@@ -6,7 +6,6 @@ a killed cell is therefore re-run (and its training resumes from its own checkpo
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time

@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -157,7 +157,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
     paired = paired_vs(results)
     if paired:
-        md += ["", f"Paired difference to `ce` on identical episodes (points, mean ± 95% CI; paired t-test p):", "",
+        md += ["", "Paired difference to `ce` on identical episodes (points, mean ± 95% CI; paired t-test p):", "",
                "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
                "|" + "---|" * (len(cols) + 2)]
         for r in sorted(paired):

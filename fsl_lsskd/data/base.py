@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import numpy as np

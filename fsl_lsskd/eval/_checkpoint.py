@@ -17,12 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def create_backbone(name: str, image_size: int = 32) -> nn.Module:
-    try:
-        from ..backbones import create_backbone as _create
-    except ImportError:  # backbone package absent: plain timm
-        import timm
+    """The feature extractor (``num_classes=0``) of backbone ``name``."""
+    from ..backbones import create_backbone as _create
 
-        return timm.create_model(name, num_classes=0, pretrained=False)
     return _create(name, num_classes=0, image_size=image_size)
 
 

@@ -157,17 +157,9 @@ def read_episode_file(path: Path) -> Tuple[Episodes, Dict[str, object]]:
     return ep, meta
 
 
-def _update_manifest(relpaths):
-    try:
-        from ..data.splits import update_manifest
-    except ImportError:  # pragma: no cover - data helper's module absent
-        raise DataError("fsl_lsskd.data.splits.update_manifest is unavailable") from None
-    return update_manifest(relpaths)
-
-
 def publish_all(n_episodes: int = PUBLISHED_EPISODES, seed: int = EPISODE_SEED) -> list:
     """Maintainer tool: (re)generate every published episode file and record its sha256 in the manifest."""
-    from ..data.splits import splits_dir
+    from ..data.splits import splits_dir, update_manifest
 
     rels = []
     for (dataset, variant), per_split in VARIANTS.items():
@@ -177,7 +169,7 @@ def publish_all(n_episodes: int = PUBLISHED_EPISODES, seed: int = EPISODE_SEED) 
                 rel = episode_relpath(dataset, variant, split, PUBLISHED_WAY, shot, PUBLISHED_QUERY, n_episodes)
                 save_episodes(ep, splits_dir() / rel, dataset, variant, split)
                 rels.append(rel)
-    _update_manifest(rels)
+    update_manifest(rels)
     return rels
 
 

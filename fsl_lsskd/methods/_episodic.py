@@ -199,17 +199,10 @@ class EpisodicMethod(Method):
 
     def _normalise(self, loader, uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``loader.augment`` (with this epoch's ``generator``) when ``config.augment``, else normalisation
-        only (the papers' episodes are not augmented): ``loader.normalize`` when the loader has it, else the
-        loader's ``mean``/``std``."""
+        only (the papers' episodes are not augmented)."""
         if self.config.augment:
             return loader.augment(uint8, generator=generator)
-        for name in ("normalize", "normalise"):
-            fn = getattr(loader, name, None)
-            if callable(fn):
-                return fn(uint8)
-        mean = torch.as_tensor(loader.mean, dtype=torch.float32, device=uint8.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(loader.std, dtype=torch.float32, device=uint8.device).view(1, -1, 1, 1)
-        return (uint8.float() / 255.0 - mean) / std
+        return loader.normalize(uint8)
 
     def sampling_seed(self, loader) -> int:
         """The episode stream's seed: ``config.seed`` mixed with the engine's run seed (``loader.seed``

@@ -5,7 +5,7 @@ optimisation, checkpoints and logging; a method owns its extra modules, its loss
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Dict, Iterator, NamedTuple, Optional, Tuple, Type
 
 import torch

@@ -28,21 +28,10 @@ FORMAT_VERSION = 1
 
 
 def create_backbone(name: str, num_classes: int = 0, image_size: int = 32) -> nn.Module:
-    """``fsl_lsskd.backbones.create_backbone`` (few-shot standards + small-input timm CNNs) when available,
-    else ``timm.create_model(name, pretrained=False)``."""
-    try:
-        from ..backbones import create_backbone as _create  # type: ignore[attr-defined]
-    except ImportError:
-        _create = None
-    if _create is not None:
-        return _create(name, num_classes=num_classes, image_size=image_size)
-    import timm
+    """:func:`fsl_lsskd.backbones.create_backbone` (few-shot standards and small-input timm CNNs)."""
+    from ..backbones import create_backbone as _create
 
-    from ..errors import UnknownNameError
-
-    if not timm.is_model(name):
-        raise UnknownNameError(f"unknown backbone {name!r}; use a timm model name (see `fsl-bench ls`)")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return _create(name, num_classes=num_classes, image_size=image_size)
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:

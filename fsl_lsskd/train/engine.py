@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,32 +48,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted row indices keeping ``round(fraction * n_c)`` (>= 1) rows of every class ``c``, chosen with a
-    ``numpy`` generator seeded by ``seed``."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        k = min(len(rows), max(1, int(round(fraction * len(rows)))))
-        keep.append(np.sort(rng.permutation(rows)[:k]))
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
-
-
 def limited_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Row indices of the limited-data protocol (``fsl_lsskd.data.limited.stratified_fraction`` when the
-    data layer provides it, else :func:`stratified_subset`)."""
-    if fraction >= 1.0:
-        return np.arange(len(labels))
-    try:
-        from ..data.limited import stratified_fraction
-    except ImportError:
-        return stratified_subset(labels, fraction, seed)
-    idx = np.asarray(stratified_fraction(labels, fraction, seed))
-    if idx.dtype == bool:
-        idx = np.flatnonzero(idx)
-    return np.sort(idx.astype(np.int64))
+    """Row indices of the limited-data protocol (:func:`fsl_lsskd.data.limited.stratified_fraction`)."""
+    from ..data.limited import stratified_fraction
+
+    return np.sort(np.asarray(stratified_fraction(labels, fraction, seed), dtype=np.int64))
 
 
 def split_heldout(labels: np.ndarray, heldout: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -160,45 +138,19 @@ def heldout_accuracy(method, loader: TrainLoader, heldout) -> Optional[float]:
 @torch.no_grad()
 def fewshot_val(net, loader: TrainLoader, val, episodes: int, seed: int, n_way: int = 5, n_shot: int = 5,
                 n_query: int = 15) -> Dict[str, float]:
-    """ProtoNet N-way K-shot accuracy on val episodes: the evaluator's ``fsl_lsskd.eval`` API when it is
-    available, else nearest class mean (Euclidean) on pooled features over seeded episodes."""
-    try:
-        from ..eval._core import evaluate
-    except ImportError:
-        evaluate = None
-    if evaluate is not None:
-        res = evaluate(net, val, shots=(n_shot,), n_way=n_way, n_query=n_query, n_episodes=episodes,
-                       classifiers=("protonet",), mean=loader.mean, std=loader.std, image_size=loader.image_size,
-                       device=loader.device, cache=False)[0]  # the standard (published) val episodes
-        return {"val_fewshot_acc": float(res.mean), "val_fewshot_ci95": float(res.ci95)}
-    feats = _batched(net, loader, val.images)
-    labels = np.asarray(val.labels)
-    classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    classes = [r for r in classes if len(r) >= n_shot + n_query]
-    if len(classes) < n_way:
-        return {}
-    rng = np.random.default_rng(epoch_seed(seed, 0, stream=23))
-    accs = []
-    for _ in range(episodes):
-        cls = rng.choice(len(classes), n_way, replace=False)
-        sup, qry = [], []
-        for c in cls:
-            rows = rng.choice(classes[c], n_shot + n_query, replace=False)
-            sup.append(feats[rows[:n_shot]])
-            qry.append(feats[rows[n_shot:]])
-        protos = torch.stack([s.mean(0) for s in sup])
-        q = torch.cat(qry)
-        y = torch.arange(n_way).repeat_interleave(n_query)
-        accs.append(float((torch.cdist(q, protos).argmin(1) == y).float().mean()))
-    a = np.asarray(accs)
-    return {"val_fewshot_acc": float(a.mean()), "val_fewshot_ci95": float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
-            if len(a) > 1 else 0.0}
+    """ProtoNet N-way K-shot accuracy (and its 95% CI) on the standard (published) val episodes, through the
+    evaluator (:func:`fsl_lsskd.eval.evaluate`), so checkpoint selection uses the test-time protocol."""
+    from ..eval._core import evaluate
+
+    res = evaluate(net, val, shots=(n_shot,), n_way=n_way, n_query=n_query, n_episodes=episodes,
+                   classifiers=("protonet",), mean=loader.mean, std=loader.std, image_size=loader.image_size,
+                   device=loader.device, cache=False)[0]
+    return {"val_fewshot_acc": float(res.mean), "val_fewshot_ci95": float(res.ci95)}
 
 
 # ------------------------------------------------------------------------------------------- helpers
 def build_optimizer(method, mcfg) -> torch.optim.Optimizer:
-    params = method.trainable_parameters() if hasattr(method, "trainable_parameters") else \
-        [p for p in method.parameters() if p.requires_grad]
+    params = method.trainable_parameters()
     if getattr(mcfg, "optimizer", "sgd") == "adam":
         return torch.optim.Adam(params, lr=mcfg.lr, weight_decay=mcfg.weight_decay)
     return torch.optim.SGD(params, lr=mcfg.lr, momentum=mcfg.momentum, nesterov=bool(mcfg.nesterov) and
