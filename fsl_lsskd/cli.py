@@ -32,15 +32,26 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-class LazyGroup(click.Group):
+class LazyCommands(click.Group):
+    """A click group whose subcommands (``lazy_commands``: name -> "module:attribute") are imported only
+    when run, so ``--help`` stays fast (torch, timm and mlflow take seconds to import)."""
+
+    lazy_commands: Dict[str, str] = {}
+
     def list_commands(self, ctx: click.Context) -> List[str]:
-        return sorted(COMMANDS)
+        return sorted(self.lazy_commands)
 
     def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name not in COMMANDS:
+        if name not in self.lazy_commands:
             return None
-        module, attr = COMMANDS[name].split(":")
+        module, attr = self.lazy_commands[name].split(":")
         return getattr(importlib.import_module(module), attr)
+
+
+class LazyGroup(LazyCommands):
+    """The top-level group: its subcommands, and every :class:`UserError` as a message with exit code 2."""
+
+    lazy_commands = COMMANDS
 
     def invoke(self, ctx: click.Context):
         from .errors import UserError

@@ -2,10 +2,11 @@
 one line in :data:`BENCH_COMMANDS` ("name": "module:attr" of a click command)."""
 from __future__ import annotations
 
-import importlib
-from typing import Dict, List, Optional
+from typing import Dict
 
 import click
+
+from ..cli import LazyCommands
 
 BENCH_COMMANDS: Dict[str, str] = {
     "eval": "fsl_lsskd.eval.cli:bench_eval",
@@ -13,15 +14,8 @@ BENCH_COMMANDS: Dict[str, str] = {
 }
 
 
-class _LazyBench(click.Group):
-    def list_commands(self, ctx: click.Context) -> List[str]:
-        return sorted(BENCH_COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name not in BENCH_COMMANDS:
-            return None
-        module, attr = BENCH_COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+class _LazyBench(LazyCommands):
+    lazy_commands = BENCH_COMMANDS
 
 
 @click.group("bench", cls=_LazyBench)

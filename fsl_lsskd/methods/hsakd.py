@@ -8,7 +8,7 @@ over the 4 rotated copies (KL batchmean over 4B rows, tau = 3, unit weights). Th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +17,15 @@ from ..errors import ConfigError
 from ..registry import METHODS
 from . import _losses as L
 from ._branches import build_branches, rotate_expand, run_with_branches
-from .base import Batch, Method, MethodConfig
+from .base import Batch, Method
+from .hsakd_teacher import HSAKDTeacherConfig
 
 
 @dataclass(frozen=True)
-class HSAKDConfig(MethodConfig):
-    """winycg/HSAKD train_student_cifar.py: SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4, batch 64,
-    240 epochs, lr x0.1 at 150/180/210, ``kd_T = 3``; all loss weights 1."""
+class HSAKDConfig(HSAKDTeacherConfig):
+    """winycg/HSAKD train_student_cifar.py: the teacher's recipe (SGD lr 0.05, momentum 0.9, Nesterov,
+    wd 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210), ``kd_T = 3``; all loss weights 1."""
 
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.625, 0.75, 0.875)
-    lr_gamma: float = 0.1
     tau: float = 3.0
     weight_aux_kl: float = 1.0
     weight_kl: float = 1.0

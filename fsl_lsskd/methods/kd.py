@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 
@@ -20,14 +20,6 @@ class KDConfig(MethodConfig):
     """RFS optimisation defaults (train_distillation.py: SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
     100 epochs, x0.1 at 60/80); ``tau = 4`` (RFS), ``alpha = 0.9`` (RepDistiller KD)."""
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.6, 0.8)
-    lr_gamma: float = 0.1
     tau: float = 4.0
     alpha: float = 0.9
 

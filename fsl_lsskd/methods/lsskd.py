@@ -24,24 +24,17 @@ from ..registry import METHODS
 from . import _losses as L
 from ._branches import build_branches, rotate_expand, run_with_branches
 from ._stores import PredictionStore
-from .base import Batch, Method, MethodConfig
+from .base import Batch, Method
+from .hsakd_teacher import HSAKDTeacherConfig
 
 
 @dataclass(frozen=True)
-class LSSKDConfig(MethodConfig):
+class LSSKDConfig(HSAKDTeacherConfig):
     """LSSKD's own hyperparameters were not recovered (method.md §1.6): HSAKD's CIFAR-100 recipe
     (winycg/HSAKD train_student_cifar.py: SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs,
     lr x0.1 at 150/180/210, KD temperature 3); ``alpha_T = 0.8`` from PS-KD (lgcnsai/PS-KD-Pytorch);
     ``lambda_kl = 1`` (HSAKD unit weights), ``lambda_feat = 0.03`` (mmrazor BYOT feature weight), method.md §1.5."""
 
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.625, 0.75, 0.875)  # epochs 150, 180, 210 of 240
-    lr_gamma: float = 0.1
     alpha_T: float = 0.8
     ls_final: bool = True
     ls_aux: bool = True
