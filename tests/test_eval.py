@@ -129,20 +129,42 @@ def _synthetic_split(C=8, N=24, size=16, seed=0):
                      tuple(f"class{i}" for i in range(C)), "synthetic", "test", "")
 
 
-def test_feature_cache_hit_does_not_forward():
-    from fsl_lsskd.eval._features import split_features
+def test_feature_cache_hit_does_not_forward(monkeypatch):
+    from fsl_lsskd.eval import _features
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     calls = []
-    net.register_forward_hook(lambda *a: calls.append(1))
+    real = _features.extract_features
+    monkeypatch.setattr(_features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     split = _synthetic_split()
-    f1 = split_features(net, split, (0.5,) * 3, (0.25,) * 3, 16, batch_size=64)
-    n1 = len(calls)
-    f2 = split_features(net, split, (0.5,) * 3, (0.25,) * 3, 16, batch_size=64)
-    assert n1 == 3 and len(calls) == n1 and np.array_equal(f1, f2)
-    split_features(net, split, (0.5,) * 3, (0.25,) * 3, 12, batch_size=64)  # other size: new key
-    assert len(calls) == 2 * n1
+    f1 = _features.split_features(net, split, (0.5,) * 3, (0.25,) * 3, 16, batch_size=64)
+    f2 = _features.split_features(net, split, (0.5,) * 3, (0.25,) * 3, 16, batch_size=64)
+    assert len(calls) == 1 and np.array_equal(f1, f2)
+    _features.split_features(net, split, (0.5,) * 3, (0.25,) * 3, 12, batch_size=64)  # other size: new key
+    assert len(calls) == 2
+
+
+def test_folded_network_matches_and_untraceable_models_fall_back():
+    from fsl_lsskd.backbones import create_backbone
+    from fsl_lsskd.eval._features import inference_network
+
+    torch.manual_seed(0)
+    net = create_backbone("conv4", num_classes=0, image_size=32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        folded = inference_network(net, x)
+        assert folded is not net
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def forward(self, x):
+            return x.mean((2, 3)) if x.sum() > 0 else -x.mean((2, 3))
+
+    b = Branchy()
+    with torch.inference_mode():
+        assert inference_network(b, x) is b
 
 
 def test_evaluate_end_to_end_synthetic():
