@@ -93,7 +93,9 @@ def test_render_bolds_best_and_pairs_against_ce():
     lsskd_line = [l for l in out["md"].splitlines() if l.startswith("| lsskd | conv4 | 2 |")][0]
     assert "**" in lsskd_line
     diff = paired_vs(rs)[("lsskd", "conv4")][("tiny", 5, "protonet")]
-    assert diff[0] == pytest.approx(5.0) and diff[2] < 1e-6
+    assert diff.mean == pytest.approx(5.0) and diff.p < 1e-6
+    assert diff.per_seed == pytest.approx({0: 5.0, 1: 5.0})
+    assert "p<1e-16; seeds +5.00/+5.00" in out["md"]
     assert "published: paper 5-shot" in out["md"] and "72.0±0.6" in out["md"]
     csv = out["csv"].splitlines()
     assert csv[0].startswith("method,backbone") and csv[0].endswith("seed_std,seed_means")
@@ -122,3 +124,17 @@ def test_teacher_follows_the_fraction_and_bad_fractions_are_rejected(tmp_path):
     assert cell.teacher.method == "ce" and cell.teacher.fraction == 0.5 and cell.teacher.role == "teacher"
     with pytest.raises(ConfigError, match="fractions must be in"):
         load_benchmark(_write(tmp_path, GOOD + "fractions: [0.0, 1.5]\n", "bad.yaml"))
+
+
+def test_paired_uses_only_shared_seeds():
+    rs = ResultSet()
+    rng = np.random.default_rng(1)
+    col = ("tiny", 1, "protonet")
+    per_seed = {s: rng.uniform(0.3, 0.7, size=100) for s in (0, 1, 2)}
+    for s, acc in per_seed.items():
+        rs.add(("ce", "conv4"), col, s, acc)
+    rs.add(("byot", "conv4"), col, 1, per_seed[1] + 0.02)  # one seed only: compared with ce's seed 1 alone
+    d = paired_vs(rs)[("byot", "conv4")][col]
+    assert list(d.per_seed) == [1] and d.mean == pytest.approx(2.0)
+    md = render(rs, {}, "c")["md"]
+    assert "| byot | conv4 | – |" in md  # no seed spread from a single seed

@@ -34,8 +34,9 @@ class CellResult:
 
     per_seed: Dict[int, np.ndarray] = field(default_factory=dict)
 
-    def episode_means(self) -> np.ndarray:
-        arrays = list(self.per_seed.values())
+    def episode_means(self, seeds=None) -> np.ndarray:
+        """Per-episode accuracy averaged over ``seeds`` (default: every seed of the cell)."""
+        arrays = [a for s, a in sorted(self.per_seed.items()) if seeds is None or s in seeds]
         n = min(a.size for a in arrays)
         if any(a.size != n for a in arrays):
             log.warning("seeds have different episode counts; using the first %d", n)
@@ -74,12 +75,23 @@ class ResultSet:
         return sorted(self.cells)
 
 
-def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column, Tuple[float, float, float]]]:
-    """Per (method, backbone) and column: mean difference to ``baseline`` (same backbone) in points, its
-    95% CI and the paired t-test p-value, over identical episodes."""
+@dataclass
+class Paired:
+    """A method minus the baseline on identical episodes and the seeds both have (points)."""
+
+    mean: float
+    ci95: float  # t-CI over episodes of the seed-averaged difference
+    p: float  # paired t-test over episodes
+    per_seed: Dict[int, float]  # each shared seed's mean difference: the spread across training runs
+
+
+def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column, Paired]]:
+    """Per (method, backbone) and column: the difference to ``baseline`` (same backbone) over identical
+    episodes, restricted to the training seeds both have, with its 95% CI, paired t-test p-value and the
+    per-seed differences (the episode CI does not include seed-to-seed variation; the per-seed values show it)."""
     from scipy import stats
 
-    out: Dict[Key, Dict[Column, Tuple[float, float, float]]] = {}
+    out: Dict[Key, Dict[Column, Paired]] = {}
     for (method, backbone), row in results.cells.items():
         base = results.cells.get((baseline, backbone))
         if method == baseline or base is None:
@@ -87,7 +99,10 @@ def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column
         for col, res in row.items():
             if col not in base:
                 continue
-            a, b = res.episode_means(), base[col].episode_means()
+            seeds = sorted(set(res.per_seed) & set(base[col].per_seed))
+            if not seeds:
+                continue
+            a, b = res.episode_means(seeds), base[col].episode_means(seeds)
             n = min(a.size, b.size)
             diff = (a[:n] - b[:n]) * 100
             m, h = mean_ci(diff)
@@ -97,8 +112,14 @@ def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column
                 p = 0.0
             else:
                 p = float(stats.ttest_rel(a[:n], b[:n]).pvalue)
-            out.setdefault((method, backbone), {})[col] = (m, h, p)
+            per_seed = {s: float(100 * (res.per_seed[s][:n].mean() - base[col].per_seed[s][:n].mean()))
+                        for s in seeds}
+            out.setdefault((method, backbone), {})[col] = Paired(m, h, p, per_seed)
     return out
+
+
+def _p_text(p: float) -> str:
+    return "p<1e-16" if p < 1e-16 else f"p={p:.2g}"
 
 
 def _col_label(col: Column) -> str:
@@ -153,19 +174,23 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
                "|" + "---|" * (len(cols) + 2)]
         for r in rows:
-            vals = [f"{results.cells[r][c].seed_std():.2f}" if c in results.cells[r] else "–" for c in cols]
+            vals = [f"{results.cells[r][c].seed_std():.2f}"
+                    if c in results.cells[r] and len(results.cells[r][c].per_seed) > 1 else "–" for c in cols]
             md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
     paired = paired_vs(results)
     if paired:
-        md += ["", "Paired difference to `ce` on identical episodes (points, mean ± 95% CI; paired t-test p):", "",
+        md += ["", "Paired difference to `ce` on identical episodes and the seeds both have (points): mean ± 95% CI "
+                   "over episodes, paired t-test p, and the difference of each seed (the episode CI does not include "
+                   "the variation between training runs; the per-seed values show it):", "",
                "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
                "|" + "---|" * (len(cols) + 2)]
         for r in sorted(paired):
             vals = []
             for c in cols:
                 if c in paired[r]:
-                    m, h, p = paired[r][c]
-                    vals.append(f"{m:+.2f} ± {h:.2f} (p={p:.2g})")
+                    d = paired[r][c]
+                    seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
+                    vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} ({_p_text(d.p)}; seeds {seeds})")
                 else:
                     vals.append("–")
             md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
