@@ -217,6 +217,7 @@ def plot(results: ResultSet, out: Path) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     cols, rows = results.columns, results.rows
@@ -250,6 +251,7 @@ def plot(results: ResultSet, out: Path) -> List[Path]:
                     ax.plot(xs, ys, marker=".", label=f"{r[0]}/{r[1]}")
             ax.set_title(metric, fontsize=8)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()
         path = out.with_name(out.name + "_curves.png")

@@ -179,6 +179,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     keys = sorted({k for h in history for k in h})
@@ -192,6 +193,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
             ax.plot(epochs, ys, marker="o", label=k)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ks:
             ax.legend(fontsize=7)
     fig.tight_layout()
