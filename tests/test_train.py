@@ -80,10 +80,15 @@ def test_milestones_fractions():
 def test_kill_and_resume_gives_identical_weights(tmp_path, method):
     data = _split()
     straight = train(_cfg(tmp_path, "a", method=method), train_data=data)
-    part = train(_cfg(tmp_path, "b", method=method), train_data=data, stop_after_epoch=2)  # "killed" after 2
+    calls = []
+    progress = lambda done, total, metrics: calls.append((done, total, "train_loss" in metrics))  # noqa: E731
+    part = train(_cfg(tmp_path, "b", method=method), train_data=data, stop_after_epoch=2,  # "killed" after 2
+                 on_epoch=progress)
     assert len(part.history) == 2
-    resumed = train(_cfg(tmp_path, "b", method=method), train_data=data)
+    resumed = train(_cfg(tmp_path, "b", method=method), train_data=data, on_epoch=progress)
     assert resumed.resumed_from_epoch == 2
+    # progress: a start call with the epochs done (none, then the resumed 2), then one call per epoch
+    assert calls == [(0, 3, False), (1, 3, True), (2, 3, True), (2, 3, True), (3, 3, True)]
     sa = torch.load(straight.checkpoint, weights_only=False)
     sb = torch.load(resumed.checkpoint, weights_only=False)
     assert sa["epoch"] == sb["epoch"] == 3

@@ -90,18 +90,25 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
         return
     from tqdm import tqdm
 
+    from ..utils import EpochBar
     from .runner import run_benchmark
 
-    bar = tqdm(total=len(cells), desc="cells", unit="cell")
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", position=0)
+    epochs = EpochBar(position=1, leave=False)
 
     def on_event(kind, cell, outcome):
+        epochs.close()
         if kind == "start":
             bar.set_postfix_str(cell.label)
         else:
             bar.update(1)
 
-    outcomes = run_benchmark(bench, out_root, rerun=rerun, shard_spec=shard_spec, on_event=on_event)
-    bar.close()
+    try:
+        outcomes = run_benchmark(bench, out_root, rerun=rerun, shard_spec=shard_spec, on_event=on_event,
+                                 on_epoch=epochs)
+    finally:
+        epochs.close()
+        bar.close()
     click.echo(f"\n{'cell':<40} {'status':<8} {'time':>7}  results")
     for o in outcomes:
         res = ", ".join(f"{k.split('.', 2)[-1].replace('.acc', '')}={v:.2f}" for k, v in sorted(o.metrics.items())

@@ -94,9 +94,11 @@ def finished_cells(client, experiment_id: str) -> Dict[str, str]:
 
 
 def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shard_spec: Optional[str] = None,
-                  on_event: Callable[[str, Cell, Optional[CellOutcome]], None] = lambda *a: None
-                  ) -> List[CellOutcome]:
-    """Run every (not yet complete) cell of ``bench``; returns one outcome per cell of this shard."""
+                  on_event: Callable[[str, Cell, Optional[CellOutcome]], None] = lambda *a: None,
+                  on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> List[CellOutcome]:
+    """Run every (not yet complete) cell of ``bench``; returns one outcome per cell of this shard.
+    ``on_event(kind, cell, outcome)`` reports cell start/skip/end and ``on_epoch`` each training epoch
+    (see :func:`fsl_lsskd.train.engine.train`): the CLI's progress bars."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -128,7 +130,7 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                 if cell.teacher is not None:
                     teacher = teacher_checkpoint(client, exp_id, cell.teacher, out_root / bench.name)
                 outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id,
-                                   teacher=teacher)
+                                   teacher=teacher, on_epoch=on_epoch)
             except UserError:
                 raise  # bad data/config: every later cell would fail the same way
             except OSError as exc:  # an output that cannot be written (full disk, read-only) stops the grid too
@@ -180,7 +182,8 @@ def teacher_checkpoint(client, exp_id: str, teacher: Cell, bench_dir: Path) -> P
 
 
 def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, exp_id: str,
-             teacher: Optional[Path] = None) -> CellOutcome:
+             teacher: Optional[Path] = None,
+             on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> CellOutcome:
     """Train, export and evaluate one cell inside its child run; mark it complete last."""
     import mlflow
     import numpy as np
@@ -209,7 +212,7 @@ def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, ex
                       out_dir=str(out_dir), heldout=tr.heldout, val_episodes=tr.val_episodes,
                       experiment=experiment_name(bench), run_name=cell.label,
                       teacher=str(teacher) if teacher is not None else None)
-    result = train(cfg, parent_run_id=parent_run_id, tags=tags)
+    result = train(cfg, parent_run_id=parent_run_id, tags=tags, on_epoch=on_epoch)
     if result.run_id is None or result.backbone is None:
         raise ConfigError(f"cell {cell.label}: training produced no MLflow run or exported backbone")
     model, _ = load_backbone(cell.backbone, result.backbone, bench.image_size)

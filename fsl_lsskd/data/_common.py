@@ -2,6 +2,7 @@
 download with md5 check), the decoded uint8 cache and the verify report."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from .base import SPLITS, FewShotDataset, SplitData
 log = logging.getLogger(__name__)
 
 # Bump when the decoded layout changes: old cache entries are then ignored (the key includes it).
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: content fingerprints
 DEFAULT_MIN_IMAGES = 20  # 5 shot + 15 query, the usual episode protocol
 
 
@@ -105,6 +106,16 @@ def source_identity(path: Path) -> str:
             fst = os.stat(os.path.join(dirpath, fn))
             h.update(f"{os.path.relpath(os.path.join(dirpath, fn), path)}:{fst.st_size}:{fst.st_mtime_ns}\n".encode())
     return f"dir:{path.name}:{h.hexdigest()}"
+
+
+def content_fingerprint(dataset: str, split: str, data: SplitData) -> str:
+    """Identity of a decoded split by its content (pixels, class names, counts), not by where the source lies
+    or its mtime: a moved or re-copied archive decodes again (the cache key is the fast identity) but keeps
+    its fingerprint, so training checkpoints made from it still resume."""
+    h = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
+    h.update("|".join(data.class_names).encode())
+    h.update(data.class_counts().tobytes())
+    return f"{dataset}-{split}-{h.hexdigest()[:20]}"
 
 
 # ------------------------------------------------------------------------------------------------- datasets
@@ -213,14 +224,14 @@ class CachedDataset(FewShotDataset):
         if empty:
             raise DataError(f"{self.name} {split}: classes with no images: {', '.join(empty)}; "
                             "add images for them or remove them from the split file")
-        fingerprint = f"{self.name}-{split}-{npy.stem.split('-', 1)[1]}"
-        data = self._assemble(split, names, arrays, fingerprint)
+        data = self._assemble(split, names, arrays, fingerprint="")
+        data = dataclasses.replace(data, fingerprint=content_fingerprint(self.name, split, data))
         with atomic_path(npy) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, data.images)
         meta = {"format_version": CACHE_FORMAT_VERSION, "dataset": self.name, "split": split,
                 "source": str(self.source), "class_names": names,
-                "counts": data.class_counts().tolist(), "fingerprint": fingerprint,
+                "counts": data.class_counts().tolist(), "fingerprint": data.fingerprint,
                 "shape": list(data.images.shape)}
         atomic_write_text(meta_path, json.dumps(meta, indent=1))  # written last: marks the entry complete
         return data

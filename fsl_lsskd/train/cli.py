@@ -66,7 +66,13 @@ def train_cmd(method, backbone, dataset, archive, data_root, image_size, epochs,
     from ..bench.validate import validate_train
 
     validate_train(cfg)  # names, --out, val split capacity: fail before decoding data or opening a run
-    res = train(cfg)
+    from ..utils import EpochBar
+
+    bar = EpochBar()
+    try:
+        res = train(cfg, on_epoch=bar)
+    finally:
+        bar.close()
     if res.rank != 0:  # one report per run, not per process
         return
     for h in res.history[res.resumed_from_epoch:] if res.resumed_from_epoch else res.history:

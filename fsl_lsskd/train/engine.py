@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -227,13 +227,16 @@ def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
 
 def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=None, teacher=None,
           parent_run_id: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
-          stop_after_epoch: Optional[int] = None) -> TrainResult:
+          stop_after_epoch: Optional[int] = None,
+          on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> TrainResult:
     """Train ``cfg.method`` and return a :class:`TrainResult`.
 
     ``train_data``/``val_data`` (``SplitData``) replace loading ``cfg.dataset`` (tests, benchmarks).
     Resumes from ``cfg.out_dir/last.pt`` when it exists and was written with the same config
     (else :class:`ConfigError` naming the differing keys). Raises :class:`TrainingDiverged` on a NaN/inf loss.
     ``stop_after_epoch=k`` stops after ``k`` completed epochs (like a kill; no export), for time-sliced runs.
+    ``on_epoch(epochs_done, epochs, metrics)`` is called on rank 0 after each checkpoint (progress bars), and
+    once before the first epoch with the epochs already done (0, or those of a resumed checkpoint).
 
     Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) the N processes train one run together
     (:mod:`fsl_lsskd.train.distributed`): ``batch_size`` is the global batch, split into equal contiguous
@@ -247,7 +250,7 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
 
     with distributed.process_group(cfg.device) as dctx:
         return _train(cfg, dctx, train_data=train_data, val_data=val_data, mean=mean, std=std, teacher=teacher,
-                      parent_run_id=parent_run_id, tags=tags, stop_after_epoch=stop_after_epoch)
+                      parent_run_id=parent_run_id, tags=tags, stop_after_epoch=stop_after_epoch, on_epoch=on_epoch)
 
 
 def _setup_distributed(cfg: TrainConfig, method, dctx) -> None:
@@ -269,7 +272,7 @@ def _setup_distributed(cfg: TrainConfig, method, dctx) -> None:
 
 
 def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, parent_run_id, tags,
-           stop_after_epoch) -> TrainResult:
+           stop_after_epoch, on_epoch) -> TrainResult:
     from . import distributed
 
     run_cfg = replace(cfg, device=str(dctx.device)) if dctx.enabled else cfg  # cuda -> cuda:LOCAL_RANK
@@ -348,6 +351,8 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
                 params["num_heldout_images"] = len(data.heldout) if data.heldout is not None else 0
                 params["world_size"] = dctx.world_size
                 tracking.log_params(params)
+        if on_epoch is not None and dctx.is_main:
+            on_epoch(start_epoch, mcfg.epochs, dict(history[-1]) if history else {})
         with torch.random.fork_rng(devices=[]):
             for epoch in range(start_epoch, mcfg.epochs):
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -364,6 +369,8 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
                         tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
                     log.info("epoch %d/%d %s", epoch + 1, mcfg.epochs,
                              " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                    if on_epoch is not None:
+                        on_epoch(epoch + 1, mcfg.epochs, metrics)
                 # rank 0's metrics (with validation) once its checkpoint is written: one history everywhere
                 history.append(dctx.broadcast_object(metrics))
         report, backbone_path = None, None
