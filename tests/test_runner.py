@@ -139,6 +139,8 @@ def test_run_resume_table_and_determinism(tmp_path, store, cifar_archive):
     # a second invocation trains nothing: every cell is skipped and no run is added
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0 and res.output.count("skipped") == 2, res.output
+    first = next(iter(runs.values()))[0][0]  # a skipped cell's summary line shows its stored results
+    assert f"5w1s.protonet={metric(first, 'eval.test.5w1s.protonet.acc'):.2f}" in res.output, res.output
     assert cell_runs("grid") == runs
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output

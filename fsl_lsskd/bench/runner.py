@@ -119,8 +119,10 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                                 "fsl.shard": shard_spec or "1/1", "git_commit": tracking.git_commit()}) as parent:
         mlflow.log_dict(bench.to_dict(), "benchmark.json")
         for cell in cells:
-            if cell.id in done:
-                outcomes.append(CellOutcome(cell, "skipped", done[cell.id]))
+            if cell.id in done:  # finished earlier: its results come from the store, for the summary
+                found = client.get_run(done[cell.id]).data.metrics
+                outcomes.append(CellOutcome(cell, "skipped", done[cell.id],
+                                            metrics={k: v for k, v in found.items() if k.startswith("eval.")}))
                 on_event("skip", cell, outcomes[-1])
                 continue
             on_event("start", cell, None)
