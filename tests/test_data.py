@@ -165,11 +165,11 @@ def test_cache_is_used_and_keyed_by_source(fake_cifar, tmp_path, monkeypatch):
     assert not list((REPO / "fsl_lsskd").rglob("*.npy"))
 
     ds2 = get_dataset("cifar_fs", archive=arch)
-    monkeypatch.setattr(type(ds2), "decode_classes", lambda self, names: pytest.fail("decoded despite cache"))
-    again = ds2.load_split("train", mmap=True)
+    with monkeypatch.context() as m:  # not monkeypatch.undo(): that would also undo the isolated cache dir
+        m.setattr(type(ds2), "decode_classes", lambda self, names: pytest.fail("decoded despite cache"))
+        again = ds2.load_split("train", mmap=True)
     np.testing.assert_array_equal(first.images, again.images)
     assert first.fingerprint == again.fingerprint
-    monkeypatch.undo()
 
     os.utime(arch, ns=(1, 1))  # a changed source invalidates the entry ...
     ds3 = get_dataset("cifar_fs", archive=arch)
