@@ -33,6 +33,15 @@ def l2_normalize(x, eps: float = 1e-12):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
+def episode_tensors(inputs: Any, rows: np.ndarray, device: Any, dtype: Any):
+    """``(features, rows)`` for a vectorised evaluator: the pooled features L2-normalised as ``dtype`` on
+    ``device`` and the ``[E, n_way, K]`` episode rows as an int64 tensor there (index ``features[rows]``)."""
+    import torch
+
+    feats = l2_normalize(torch.as_tensor(np.asarray(inputs)).to(device=device, dtype=dtype))
+    return feats, torch.as_tensor(rows, dtype=torch.int64, device=device)
+
+
 def mean_ci(acc: np.ndarray) -> Tuple[float, float]:
     """Mean and 95% CI half-width with the t-distribution (RFS ``mean_confidence_interval``):
     ``h = sem * t.ppf(0.975, n-1)``, ``sem = std(ddof=1)/sqrt(n)``."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..registry import EVALUATORS
-from .base import Evaluator, l2_normalize
+from .base import Evaluator, episode_tensors
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ class LogRegBatchedEvaluator(Evaluator):
         self.C = C
 
     def evaluate_episodes(self, inputs, rows: np.ndarray, n_shot: int, device="cpu", **ctx) -> np.ndarray:
-        feats = l2_normalize(torch.as_tensor(np.asarray(inputs)).to(device=device, dtype=torch.float64))
-        rows_t = torch.as_tensor(rows, dtype=torch.int64, device=device)
+        feats, rows_t = episode_tensors(inputs, rows, device, torch.float64)
         E, W, K = rows_t.shape
         ys = torch.arange(W, device=device).repeat_interleave(n_shot)
         yq = torch.arange(W, device=device).repeat_interleave(K - n_shot)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..registry import EVALUATORS
-from .base import Evaluator, l2_normalize
+from .base import Evaluator, episode_tensors
 
 
 @EVALUATORS.register("protonet")
@@ -22,8 +22,7 @@ class ProtoNetEvaluator(Evaluator):
         self.dtype = dtype
 
     def evaluate_episodes(self, inputs, rows: np.ndarray, n_shot: int, device="cpu", **ctx) -> np.ndarray:
-        feats = l2_normalize(torch.as_tensor(np.asarray(inputs)).to(device=device, dtype=self.dtype))
-        rows_t = torch.as_tensor(rows, dtype=torch.int64, device=device)
+        feats, rows_t = episode_tensors(inputs, rows, device, self.dtype)
         E, W, K = rows_t.shape
         labels = torch.arange(W, device=device).repeat_interleave(K - n_shot)
         out = []
