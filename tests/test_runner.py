@@ -292,6 +292,24 @@ def test_concurrent_shards_on_one_sqlite_store_run_every_cell_once(tmp_path, sto
     assert "4 cells, 4 complete" in res.output
 
 
+def test_overlapping_invocations_without_shards_run_every_cell_once(tmp_path, store, cifar_archive):
+    """Two users start the same grid on one machine without --shard: the per-cell claim makes the second
+    process pass over a cell the first is training (and vice versa) instead of training it again."""
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), seeds=(0, 1, 2, 3), epochs=1)
+    cli("run", bench, "--dry-run")  # creates the store first: both processes then start training at once
+    procs = [subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "run", str(bench), "--out",
+                               str(tmp_path / "runs")], cwd=tmp_path, env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    runs = cell_runs("grid")
+    assert len(runs) == 4 and all(v == [(v[0][0], "complete")] for v in runs.values()), runs
+    trained = [sum(line.split()[1:2] == ["done"] for line in o.splitlines()) for o in outs]
+    assert sum(trained) == 4, outs  # between them the processes trained every cell once
+    res = cli("run", bench, "--dry-run")
+    assert "4 cells, 4 complete" in res.output
+
+
 @pytest.mark.slow
 def test_shards_through_an_mlflow_server_on_loopback(tmp_path, cifar_archive, monkeypatch):
     """What several machines would use: an MLflow tracking server with a database backend (here sqlite,

@@ -114,6 +114,10 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
         res = ", ".join(f"{k.split('.', 2)[-1].replace('.acc', '')}={v:.2f}" for k, v in sorted(o.metrics.items())
                         if k.endswith(".acc"))
         click.echo(f"{o.cell.label:<40} {o.status:<8} {o.seconds:>6.0f}s  {res or o.error}")
+    busy = [o for o in outcomes if o.status == "busy"]
+    if busy:
+        click.echo(f"{len(busy)} cell(s) were running in another process; run the same command again when it is "
+                   f"done to confirm the grid is complete", err=True)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         click.echo(f"{len(failed)} cell(s) failed (tracebacks above); fix the cause and run the same command "

@@ -3,15 +3,18 @@
 One MLflow parent run per invocation, one child run per cell. A cell counts as done only when its run
 carries ``fsl.cell_status=complete``, the last thing written after training, evaluation and artifacts;
 a killed cell is therefore re-run (and its training resumes from its own checkpoint), never half-read.
+A process claims a cell (a lock in its run directory) before running it, so overlapping invocations on one
+machine never train the same cell twice; across machines, ``--shard`` keeps them apart.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from ..errors import ConfigError, UserError
 from ..utils import atomic_path, atomic_write_text, make_dir, output_error
@@ -30,7 +33,7 @@ def experiment_name(bench: Benchmark) -> str:
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # "done" | "skipped" | "failed"
+    status: str  # "done" | "skipped" | "failed" | "busy" (claimed by another process)
     run_id: Optional[str] = None
     metrics: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -93,6 +96,32 @@ def finished_cells(client, experiment_id: str) -> Dict[str, str]:
     return {r.data.tags["fsl.cell_id"]: r.info.run_id for r in runs if "fsl.cell_id" in r.data.tags}
 
 
+def finished_run(client, experiment_id: str, cell_id: str) -> Optional[str]:
+    """The run id of ``cell_id`` when the store has it complete, else None."""
+    query = f"tags.`fsl.cell_status` = '{COMPLETE}' and tags.`fsl.cell_id` = '{cell_id}'"
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+@contextlib.contextmanager
+def cell_claim(cell_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking lock on ``cell_dir/.claim`` while a cell runs; yields False when another
+    process holds it. The kernel drops the lock with its process, so a killed run leaves no stale claim."""
+    import fcntl
+
+    make_dir(cell_dir)
+    with open(cell_dir / ".claim", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shard_spec: Optional[str] = None,
                   on_event: Callable[[str, Cell, Optional[CellOutcome]], None] = lambda *a: None,
                   on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> List[CellOutcome]:
@@ -114,25 +143,32 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
     client = MlflowClient()
     done = {} if rerun else finished_cells(client, exp_id)
     outcomes: List[CellOutcome] = []
+    busy = set()
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{bench.name} invocation",
                           tags={"fsl.kind": "invocation", "fsl.benchmark": bench.name,
                                 "fsl.shard": shard_spec or "1/1", "git_commit": tracking.git_commit()}) as parent:
         mlflow.log_dict(bench.to_dict(), "benchmark.json")
         for cell in cells:
-            if cell.id in done:  # finished earlier: its results come from the store, for the summary
-                found = client.get_run(done[cell.id]).data.metrics
-                outcomes.append(CellOutcome(cell, "skipped", done[cell.id],
-                                            metrics={k: v for k, v in found.items() if k.startswith("eval.")}))
+            if cell.id in done:
+                outcomes.append(_skipped(client, cell, done[cell.id]))
                 on_event("skip", cell, outcomes[-1])
                 continue
             on_event("start", cell, None)
             t0 = time.perf_counter()
             try:
-                teacher = None
-                if cell.teacher is not None:
-                    teacher = teacher_checkpoint(client, exp_id, cell.teacher, out_root / bench.name)
-                outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id, exp_id,
-                                   teacher=teacher, on_epoch=on_epoch)
+                with cell_claim(out_root / bench.name / cell.id) as claimed:
+                    if not claimed:
+                        outcome = CellOutcome(cell, "busy", error="running in another process on this machine")
+                    elif cell.teacher is not None and cell.teacher.id in busy:
+                        outcome = CellOutcome(cell, "busy", error="its teacher is running in another process")
+                    elif not rerun and (run_id := finished_run(client, exp_id, cell.id)):  # done meanwhile
+                        outcome = _skipped(client, cell, run_id)
+                    else:
+                        teacher = None
+                        if cell.teacher is not None:
+                            teacher = teacher_checkpoint(client, exp_id, cell.teacher, out_root / bench.name)
+                        outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id,
+                                           exp_id, teacher=teacher, on_epoch=on_epoch)
             except UserError:
                 raise  # bad data/config: every later cell would fail the same way
             except OSError as exc:  # an output that cannot be written (full disk, read-only) stops the grid too
@@ -146,11 +182,20 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                 log.exception("cell %s failed", cell.label)
                 outcome = CellOutcome(cell, "failed", error=f"{type(exc).__name__}: {exc}")
             outcome.seconds = time.perf_counter() - t0
+            if outcome.status == "busy":
+                busy.add(cell.id)
+                log.warning("cell %s: %s; skipped by this process", cell.label, outcome.error)
             outcomes.append(outcome)
             on_event("end", cell, outcome)
         mlflow.log_metrics({status: sum(o.status == status for o in outcomes)
-                            for status in ("done", "skipped", "failed")})
+                            for status in ("done", "skipped", "failed", "busy")})
     return outcomes
+
+
+def _skipped(client, cell: Cell, run_id: str) -> CellOutcome:
+    """A cell finished earlier: its results come from the store, for the summary."""
+    found = client.get_run(run_id).data.metrics
+    return CellOutcome(cell, "skipped", run_id, metrics={k: v for k, v in found.items() if k.startswith("eval.")})
 
 
 def image_evaluator_options(classifiers, checkpoint: Path, max_episodes: Optional[int]) -> Dict[str, dict]:
