@@ -155,6 +155,14 @@ def test_run_resume_table_and_determinism(tmp_path, store, cifar_archive):
     first = {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")}
     assert cli("table", bench, "--out", tmp_path / "results").exit_code == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")} == first
+    # other baselines: one paired table each, named in the header's command; a wrong name changes nothing
+    res = cli("table", bench, "--out", tmp_path / "b", "--baseline", "ce", "--baseline", "pskd")
+    md = (tmp_path / "b" / "grid.md").read_text()
+    assert res.exit_code == 0 and "--baseline ce --baseline pskd`" in md.splitlines()[0]
+    pskd_part = md.split("Paired difference to `pskd`")[1]
+    assert "| ce | conv4 | " in pskd_part and "| pskd | conv4 | " not in pskd_part
+    res = cli("table", bench, "--out", tmp_path / "c", "--baseline", "cee")
+    assert res.exit_code == 2 and "Did you mean 'ce'" in res.output and not (tmp_path / "c").exists()
 
 
 def test_kill_between_cells_loses_nothing_and_repeats_nothing(tmp_path, store, cifar_archive):

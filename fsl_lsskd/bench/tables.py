@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -128,8 +128,8 @@ def _col_label(col: Column) -> str:
 
 
 def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
-           n_way: int = 5) -> Dict[str, str]:
-    """Return ``{"md": ..., "csv": ..., "tex": ...}``."""
+           n_way: int = 5, baselines: Sequence[str] = ("ce",)) -> Dict[str, str]:
+    """Return ``{"md": ..., "csv": ..., "tex": ...}``; one paired-difference table per method in ``baselines``."""
     cols, rows = results.columns, results.rows
     summaries = {(r, c): results.cells[r][c].summary() for r in rows for c in cols if c in results.cells[r]}
     best = {}
@@ -177,11 +177,13 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             vals = [f"{results.cells[r][c].seed_std():.2f}"
                     if c in results.cells[r] and len(results.cells[r][c].per_seed) > 1 else "–" for c in cols]
             md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
-    paired = paired_vs(results)
-    if paired:
-        md += ["", "Paired difference to `ce` on identical episodes and the seeds both have (points): mean ± 95% CI "
-                   "over episodes, paired t-test p, and the difference of each seed (the episode CI does not include "
-                   "the variation between training runs; the per-seed values show it):", "",
+    for baseline in baselines:
+        paired = paired_vs(results, baseline)
+        if not paired:
+            continue
+        md += ["", f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): "
+                   "mean ± 95% CI over episodes, paired t-test p, and the difference of each seed (the episode CI "
+                   "does not include the variation between training runs; the per-seed values show it):", "",
                "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
                "|" + "---|" * (len(cols) + 2)]
         for r in sorted(paired):
@@ -269,8 +271,8 @@ def _atomic_png(path: Path):
 
 
 def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
-                 out_stem: Path, header: str = "") -> List[Path]:
-    rendered = render(results, published, caption)
+                 out_stem: Path, header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
+    rendered = render(results, published, caption, baselines=baselines)
     paths = []
     for ext, text in rendered.items():
         path = out_stem.with_suffix(f".{ext}")
