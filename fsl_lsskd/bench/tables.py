@@ -245,17 +245,21 @@ def plot(results: ResultSet, out: Path) -> List[Path]:
         written.append(path)
     if results.curves:
         metrics = sorted({m for d in results.curves.values() for m in d})
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+        keys = sorted(results.curves)
+        colour = {r: f"C{i % 10}" for i, r in enumerate(keys)}  # one colour per method in every panel
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 1.4, 3.0), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
-            for r, d in sorted(results.curves.items()):
+            for r in keys:
+                d = results.curves[r]
                 if metric in d and d[metric]:
                     xs, ys = zip(*sorted(d[metric]))
-                    ax.plot(xs, ys, marker=".", label=f"{r[0]}/{r[1]}")
+                    ax.plot(xs, ys, marker=".", color=colour[r])
             ax.set_title(metric, fontsize=8)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
+        handles = [plt.Line2D([], [], color=colour[r], marker=".", label=f"{r[0]}/{r[1]}") for r in keys]
+        fig.legend(handles=handles, loc="center right", fontsize=7)  # every method, also those absent from a panel
+        fig.tight_layout(rect=(0, 0, 1 - 1.4 / (3.6 * len(metrics) + 1.4), 1))
         path = out.with_name(out.name + "_curves.png")
         with _atomic_png(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
