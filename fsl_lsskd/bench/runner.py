@@ -3,7 +3,7 @@
 One MLflow parent run per invocation, one child run per cell. A cell counts as done only when its run
 carries ``fsl.cell_status=complete``, the last thing written after training, evaluation and artifacts;
 a killed cell is therefore re-run (and its training resumes from its own checkpoint), never half-read.
-A process claims a cell (a lock in its run directory) before running it, so overlapping invocations on one
+A process claims a cell (a lock on its run directory) before running it, so overlapping invocations on one
 machine never train the same cell twice; across machines, ``--shard`` keeps them apart.
 """
 from __future__ import annotations
@@ -105,21 +105,25 @@ def finished_run(client, experiment_id: str, cell_id: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def cell_claim(cell_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on ``cell_dir/.claim`` while a cell runs; yields False when another
-    process holds it. The kernel drops the lock with its process, so a killed run leaves no stale claim."""
+    """Hold an exclusive, non-blocking ``flock`` on the cell's run directory itself while the cell runs; yields
+    False when another process holds it. Locking the directory writes no file (nothing to leave behind on a
+    full disk), and the kernel drops the lock with its process, so a killed run leaves no stale claim."""
     import fcntl
 
     make_dir(cell_dir)
-    with open(cell_dir / ".claim", "a") as fh:
+    fd = os.open(cell_dir, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
         try:
             yield True
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shard_spec: Optional[str] = None,
