@@ -159,19 +159,14 @@ def table(benchmark: Path, out_dir: Path, baselines) -> None:
       fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --out results --baseline ce --baseline pskd
     """
     from .. import tracking
+    from ..utils import check_writable_dir
     from .collect import collect
     from .config import load_benchmark
     from .tables import write_tables
-
-    from ..utils import check_writable_dir
-
-    from .. import plugins
-    from ..registry import METHODS
+    from .validate import check_names
 
     bench = load_benchmark(benchmark)
-    plugins.import_submodules("fsl_lsskd.methods")
-    for b in baselines:
-        METHODS.get(b)  # an unknown name fails with the valid ones (exit 2)
+    check_names(methods=baselines)  # an unknown name fails with the valid ones (exit 2)
     check_writable_dir(out_dir, "--out")
     results = collect(bench)
     ev, tr = bench.eval, bench.train

@@ -220,12 +220,12 @@ def teacher_checkpoint(client, exp_id: str, teacher: Cell, bench_dir: Path) -> P
     import mlflow
 
     local = bench_dir / teacher.id / "last.pt"
-    runs = finished_cells(client, exp_id)
-    if teacher.id not in runs:
+    run_id = finished_run(client, exp_id, teacher.id)
+    if run_id is None:
         raise RuntimeError(f"teacher cell {teacher.label} ({teacher.id}) did not complete; its student cannot run")
     if not local.is_file():
-        log.info("fetching teacher checkpoint of %s from run %s", teacher.label, runs[teacher.id])
-        fetched = Path(mlflow.artifacts.download_artifacts(run_id=runs[teacher.id], artifact_path="checkpoint/last.pt",
+        log.info("fetching teacher checkpoint of %s from run %s", teacher.label, run_id)
+        fetched = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/last.pt",
                                                            dst_path=str(local.parent / ".fetch")))
         make_dir(local.parent)
         os.replace(fetched, local)

@@ -113,16 +113,13 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, root, split, ima
     """
     import time
 
-    from .. import plugins
-    from ..registry import EVALUATORS
+    from ..bench.validate import check_names
     from ..utils import check_writable_dir
     from ._core import evaluate as run_eval
 
     shot_list = _ints(shots, "shots")
     names = _names(classifiers)
-    plugins.import_submodules("fsl_lsskd.eval")
-    for name in names:  # unknown names and an unwritable --out fail before any loading
-        EVALUATORS.get(name)
+    check_names(evaluators=names)  # unknown names and an unwritable --out fail before any loading
     if out is not None:
         check_writable_dir(out, "--out")
     t0 = time.perf_counter()
