@@ -2,6 +2,7 @@
 download with md5 check), the decoded uint8 cache and the verify report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -169,35 +170,42 @@ class CachedDataset(FewShotDataset):
         npy, meta = self.cache_paths(split)
         return npy.is_file() and meta.is_file()
 
+    def _cached_counts(self, names: List[str], npy: Path, meta_path: Path) -> Optional[Tuple[np.ndarray, dict]]:
+        """``(counts, meta)`` of a complete cache entry for exactly ``names``; None when there is none (or it is
+        for other classes). Raises ``OSError``/``ValueError``/``KeyError`` on an unreadable entry."""
+        if not (npy.is_file() and meta_path.is_file()):
+            return None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta["class_names"] != names:
+            return None
+        return np.asarray(meta["counts"], dtype=np.int64), meta
+
     def load_split(self, split: str, mmap: bool = False) -> SplitData:
         """One split, from the cache when present (``mmap=True`` memory-maps it), else decoded and cached."""
         names = self._names(split)
         npy, meta_path = self.cache_paths(split)
-        if npy.is_file() and meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            entry = self._cached_counts(names, npy, meta_path)
+            if entry is not None:
+                counts, meta = entry
                 images = np.load(npy, mmap_mode="r" if mmap else None)
-                counts = np.asarray(meta["counts"], dtype=np.int64)
-                if meta["class_names"] == names and images.shape[0] == counts.sum():
+                if images.shape[0] == counts.sum():
                     labels = np.repeat(np.arange(len(names), dtype=np.int64), counts)
                     return SplitData(images, labels, tuple(names), self.name, split, meta["fingerprint"])
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("ignoring unreadable cache %s (%s); decoding again", npy, exc)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable cache %s (%s); decoding again", npy, exc)
         return self._decode_and_cache(split, names, npy, meta_path)
 
     def split_counts(self, split: str) -> np.ndarray:
         """Images per class of ``split`` (split-file order) without decoding and without writing anything:
-        from the cache entry when there is one, else from the source's inventory. Raises :class:`DataError`
-        when the split names classes the source lacks. Lets callers check an episode protocol up front."""
+        from the cache entry when there is one (an unreadable entry, which ``load_split`` decodes again, is
+        ignored), else from the source's inventory. Raises :class:`DataError` when the split names classes
+        the source lacks. Lets callers check an episode protocol up front."""
         names = self._names(split)
-        npy, meta_path = self.cache_paths(split)
-        if npy.is_file() and meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                if meta["class_names"] == names:
-                    return np.asarray(meta["counts"], dtype=np.int64)
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable entry: load_split decodes again; count from the source
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            entry = self._cached_counts(names, *self.cache_paths(split))
+            if entry is not None:
+                return entry[0]
         self.check_classes_present(names)
         inv = self.inventory()
         return np.array([sum(inv[c].values()) for c in names], dtype=np.int64)
