@@ -61,9 +61,7 @@ def output_error(exc: OSError, path: Optional[PathLike] = None) -> Optional["Out
         return None
     target = Path(path if path is not None else (exc.filename or ""))
     where = str(target) if str(target) not in ("", ".") else "an output file"
-    folder = target if target.is_dir() else target.parent
-    while not folder.exists() and folder != folder.parent:  # the directory that refused, not a missing child
-        folder = folder.parent
+    folder = _existing_ancestor(target if target.is_dir() else target.parent)  # the one that refused
     elsewhere = (f"or choose another directory (--out for outputs, ${CACHE_ENV} for the data and feature "
                  f"cache) and run the command again")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -78,15 +76,32 @@ def output_error(exc: OSError, path: Optional[PathLike] = None) -> Optional["Out
     return OutputError(msg)
 
 
+@contextlib.contextmanager
+def output_errors(path: Optional[PathLike] = None) -> Iterator[None]:
+    """Re-raise an ``OSError`` that means ``path`` cannot be written as :func:`output_error`'s
+    :class:`~fsl_lsskd.errors.OutputError`; any other error passes through unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        err = output_error(exc, path)
+        if err is None:
+            raise
+        raise err from exc
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable_dir(path: PathLike, option: str = "--out") -> None:
     """Fail fast (before any work) when directory ``path`` cannot be created or written by this process:
     raises :class:`~fsl_lsskd.errors.OutputError` naming ``option`` and the fix. Nothing is created."""
     from .errors import OutputError
 
-    target = Path(path).expanduser().absolute()
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _existing_ancestor(Path(path).expanduser().absolute())
     if not probe.is_dir():
         raise OutputError(f"{option} {path}: {probe} is a file, not a directory; choose another {option}")
     # os.access honours read-only mounts even for root (root ignores permission bits, and can indeed write)
@@ -100,13 +115,8 @@ def make_dir(path: PathLike) -> Path:
     """``mkdir -p path``; a directory that cannot be created (read-only, permission denied, disk full) raises
     :class:`~fsl_lsskd.errors.OutputError` naming it and the fix."""
     path = Path(path)
-    try:
+    with output_errors(path):
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        err = output_error(exc, path)
-        if err is None:
-            raise
-        raise err from exc
     return path
 
 
@@ -156,27 +166,20 @@ def atomic_path(dest: PathLike, suffix: str = "") -> Iterator[Path]:
     on failure it is removed, so readers never see a half-written file. A disk-full / read-only /
     permission failure raises :class:`~fsl_lsskd.errors.OutputError` naming the directory and the fix."""
     dest = Path(dest)
-    try:
+    with output_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=suffix + ".tmp", dir=dest.parent)
-    except OSError as exc:
-        err = output_error(exc, dest)
-        if err is None:
-            raise
-        raise err from exc
     os.close(fd)
     tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
-        os.replace(tmp_path, dest)
-    except BaseException as exc:
-        tmp_path.unlink(missing_ok=True)
-        err = output_error(exc, dest) if isinstance(exc, OSError) else None
-        if err is None:
+    with output_errors(dest):
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
+            os.replace(tmp_path, dest)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
             raise
-        raise err from exc
 
 
 def _umask() -> int:
@@ -202,6 +205,12 @@ def atomic_torch_save(obj: object, dest: PathLike) -> None:
 
     with atomic_path(dest) as tmp:
         torch.save(obj, tmp)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's message (torch's unpickler errors run to many paragraphs)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def project_root() -> Path:

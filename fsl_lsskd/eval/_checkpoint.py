@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..utils import first_line
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,6 @@ def _sidecar(path: Path) -> Dict[str, Any]:
     return {}
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    # torch's unpickler errors run to many paragraphs; their first sentence says what failed
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def read_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(backbone state dict, meta) from any supported file; meta has ``backbone``/``image_size`` when known."""
     path = Path(path)
@@ -57,13 +52,13 @@ def read_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         try:
             state = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-            raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}): it is corrupt "
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)}): it is corrupt "
                                   f"or truncated; re-export it (fsl-bench export <run>/last.pt --out DIR)") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}): it is corrupt, "
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({first_line(exc)}): it is corrupt, "
                                   "truncated or not a torch file; re-run the training or the export that wrote it, "
                                   "or pass a state dict saved with torch.save or an exported .safetensors") from None
         if not isinstance(obj, dict):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..utils import PathLike, atomic_torch_save
+from ..utils import PathLike, atomic_torch_save, first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ def read_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated / not a torch file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
-        raise CheckpointError(f"cannot read checkpoint {path} ({first}): it is corrupt or truncated. Delete it to "
+        raise CheckpointError(f"cannot read checkpoint {path} ({first_line(exc)}): it is corrupt or truncated. Delete it to "
                               f"restart that run from scratch (or train into a new --out), or re-run the training "
                               f"that wrote it") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
