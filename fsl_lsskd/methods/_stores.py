@@ -25,7 +25,8 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _distributed() -> bool:
+def multi_process() -> bool:
+    """Whether this process is one of several in an initialised ``torch.distributed`` group."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -72,7 +73,7 @@ class PredictionStore(nn.Module):
         ``gather_across_ranks`` in a multi-process run, every rank's ``(index, probs)`` are all-gathered first
         (in the storage dtype) and written on every rank."""
         probs = probs.detach().to(dtype=self.values.dtype)
-        if self.gather_across_ranks and _distributed():
+        if self.gather_across_ranks and multi_process():
             index, probs = _all_gather_cat(index), _all_gather_cat(probs)
         index = index.to(self.values.device)
         self.values[index] = probs.to(self.values.device)

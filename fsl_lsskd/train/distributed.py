@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..methods._stores import multi_process
 from ..methods.base import Batch
 
 log = logging.getLogger(__name__)
@@ -282,8 +283,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def _syncing(bn: nn.Module) -> bool:
-    dist = _dist()
-    return bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return bn.training and multi_process()
 
 
 def sync_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:

@@ -262,7 +262,7 @@ def _setup_distributed(cfg: TrainConfig, method, dctx) -> None:
         if method.episodic:
             # MAML normalises each task with its own statistics, and a task lives on one rank
             say("episodic method: BatchNorm keeps per-task statistics (tasks are split over processes)")
-        elif getattr(cfg, "sync_bn", True):
+        elif cfg.sync_bn:
             _, n = distributed.convert_sync_batchnorm(method, dctx.device)
             say("%d BatchNorm layers use the statistics of the global batch (sync_bn)", n)
         elif dctx.is_main:

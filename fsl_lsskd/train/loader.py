@@ -156,13 +156,10 @@ class TrainLoader:
         n_batches = len(self)
         for i in range(n_batches):
             idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            if self.world_size == 1:
-                yield Batch(self.augment(self.images[idx]), self.labels[idx], idx)
-                continue
             off, flip = self._draw(len(idx), self.generator)  # the global batch's draws, on every rank
             if len(idx) % self.world_size:
                 self.check_shardable()
-            per = len(idx) // self.world_size
+            per = len(idx) // self.world_size  # one process: the whole batch
             sl = slice(self.rank * per, (self.rank + 1) * per)
             mine = idx[sl]
             yield Batch(self._apply(self.images[mine], None if off is None else off[:, sl],
