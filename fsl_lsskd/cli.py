@@ -13,16 +13,19 @@ from typing import Dict, List, Optional
 
 import click
 
+from .options import LazyCommands
+
 # name -> "module:attribute" of a click command; a subcommand is added by one line here.
 COMMANDS: Dict[str, str] = {
     "ls": "fsl_lsskd.cli:ls_cmd",
     "train": "fsl_lsskd.train.cli:train_cmd",
-    "export": "fsl_lsskd.train.cli:export_cmd",
+    "export": "fsl_lsskd.edge.cli:export_cmd",
     "data": "fsl_lsskd.data.cli:data",
     "run": "fsl_lsskd.bench.commands:run",
     "table": "fsl_lsskd.bench.commands:table",
     "evaluate": "fsl_lsskd.eval.cli:evaluate",
     "bench": "fsl_lsskd.bench.cli:bench",
+    "store": "fsl_lsskd.migrate:store",
 }
 
 
@@ -30,22 +33,6 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class LazyCommands(click.Group):
-    """A click group whose subcommands (``lazy_commands``: name -> "module:attribute") are imported only
-    when run, so ``--help`` stays fast (torch, timm and mlflow take seconds to import)."""
-
-    lazy_commands: Dict[str, str] = {}
-
-    def list_commands(self, ctx: click.Context) -> List[str]:
-        return sorted(self.lazy_commands)
-
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name not in self.lazy_commands:
-            return None
-        module, attr = self.lazy_commands[name].split(":")
-        return getattr(importlib.import_module(module), attr)
 
 
 class LazyGroup(LazyCommands):
@@ -59,6 +46,9 @@ class LazyGroup(LazyCommands):
 
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C is not a crash: no traceback, the shell's code for SIGINT
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(130)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
@@ -86,25 +76,34 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def summary_line(obj) -> str:
+    """The first sentence of an object's docstring, without reStructuredText markup (``fsl-bench ls``)."""
+    import re
+
+    doc = " ".join((getattr(obj, "__doc__", None) or "").strip().split("\n\n")[0].split())
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)          # :class:`~a.b.C` -> a.b.C
+    doc = re.sub(r"``([^`]+)``", r"\1", doc).replace("`", "")
+    for m in re.finditer(r"[.!?](?=\s|$)", doc):  # the first sentence end that is not an abbreviation
+        words = doc[:m.start()].split()
+        if not words or words[-1].lower() not in ("al", "e.g", "i.e", "vs", "cf", "fig", "eq"):
+            return doc[:m.end()]
+    return doc
+
+
 @click.command("ls")
 def ls_cmd() -> None:
-    """List what is registered: datasets, backbones, methods, evaluators.
+    """List what is registered: datasets, backbones, methods, readouts.
 
     \b
     Example:
       fsl-bench ls
     """
-    from . import plugins
-    from .registry import BACKBONES, DATASETS, EVALUATORS, METHODS
+    from .registry import ALL
 
-    plugins.load_all()
-    for title, reg in (("datasets", DATASETS), ("backbones", BACKBONES), ("methods", METHODS),
-                       ("evaluators", EVALUATORS)):
+    for title, reg in ALL.items():
         click.echo(f"{title}:")
         for name in reg.names():
-            obj = reg.get(name)
-            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            click.echo(f"  {name:<16} {doc[0] if doc else ''}")
+            click.echo(f"  {name:<16} {summary_line(reg.get(name))}")
     click.echo("backbones: also any timm CNN by name (e.g. resnet18, efficientnet_b0), adapted to small inputs")
 
 

@@ -213,6 +213,17 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def derived_seed(seed: int, epoch: int, stream: int = 0, rank: int = 0) -> int:
+    """A 63-bit seed derived from ``(seed, epoch, stream)`` with ``numpy.random.SeedSequence`` (independent
+    streams per epoch); ``rank > 0`` gives a process of a multi-process run its own stream (rank 0 keeps the
+    one-process seed)."""
+    import numpy as np
+
+    entropy = [int(seed) & 0xFFFFFFFF, int(epoch), int(stream)] + ([int(rank)] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
 def project_root() -> Path:
     """The repository root (holds ``splits/`` and ``benchmarks/``) when running from a checkout."""
     return Path(__file__).resolve().parent.parent

@@ -1,11 +1,12 @@
-"""Benchmark files, grid expansion, sharding and table rendering (no training involved)."""
+"""Benchmark files, grid expansion, sharding, seed-aware statistics and table rendering (no training)."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fsl_lsskd.bench.config import load_benchmark
-from fsl_lsskd.bench.grid import expand, shard
+from fsl_lsskd.bench.grid import expand, shard, training_config, with_teachers
+from fsl_lsskd.bench.stats import hierarchical_bootstrap
 from fsl_lsskd.bench.tables import ResultSet, mean_ci, paired_vs, render
 from fsl_lsskd.errors import ConfigError
 
@@ -18,7 +19,7 @@ backbones: [conv4]
 methods: [ce, lsskd]
 seeds: [0, 1, 2]
 train: {epochs: 2}
-eval: {shots: [1, 5], episodes: 100}
+eval: {n_shot: [1, 5], n_episodes: 100}
 """
 
 
@@ -43,6 +44,9 @@ def test_unknown_key_names_key_and_file(tmp_path):
     p = _write(tmp_path, GOOD.replace("train: {epochs: 2}", "train: {epochz: 2}"))
     with pytest.raises(ConfigError, match=r"train: unknown key 'epochz'"):
         load_benchmark(p)
+    p = _write(tmp_path, GOOD.replace("eval: {n_shot: [1, 5], n_episodes: 100}", "eval: {shots: [1, 5]}"))
+    with pytest.raises(ConfigError, match=r"renamed: use n_shot"):
+        load_benchmark(p)
 
 
 def test_wrong_type_is_an_error(tmp_path):
@@ -51,19 +55,26 @@ def test_wrong_type_is_an_error(tmp_path):
         load_benchmark(p)
 
 
-def test_grid_ids_are_content_derived_and_shards_partition(tmp_path):
+def test_grid_expansion_and_shards_partition(tmp_path):
     b = load_benchmark(_write(tmp_path, GOOD))
     cells = expand(b)
-    assert len(cells) == 6
-    assert len({c.id for c in cells}) == 6
-    # the same content gives the same ids; a changed budget changes them
-    assert [c.id for c in expand(b)] == [c.id for c in cells]
-    b2 = load_benchmark(_write(tmp_path, GOOD.replace("epochs: 2", "epochs: 3"), "d.yaml"))
-    assert not {c.id for c in expand(b2)} & {c.id for c in cells}
+    assert len(cells) == 6 and len({c.key for c in cells}) == 6
+    assert [c.key for c in expand(b)] == [c.key for c in cells]
     parts = [shard(cells, f"{i}/4") for i in range(1, 5)]
-    assert sorted(c.id for p in parts for c in p) == sorted(c.id for c in cells)
+    assert sorted(map(str, (c.key for p in parts for c in p))) == sorted(map(str, (c.key for c in cells)))
     with pytest.raises(ConfigError):
         shard(cells, "5/4")
+
+
+def test_one_function_from_cell_to_config(tmp_path):
+    """Every training setting of the benchmark reaches the TrainConfig (and so the training identity)."""
+    b = load_benchmark(_write(tmp_path, GOOD.replace("train: {epochs: 2}", "train: {epochs: 2, batch_size: 16, "
+                                                     "heldout: 0.2, precision: bf16}") +
+                              "method_overrides: {lsskd: {alpha_T: 0.5}}\nimage_size: 24\n"))
+    cell = [c for c in expand(b) if c.row == "lsskd"][0]
+    cfg = training_config(b, cell, tmp_path, data={})
+    assert (cfg.epochs, cfg.batch_size, cfg.heldout, cfg.precision, cfg.image_size) == (2, 16, 0.2, "bf16", 24)
+    assert dict(cfg.method_overrides) == {"alpha_T": 0.5} and cfg.seed == cell.seed
 
 
 def test_filters_must_be_subsets(tmp_path):
@@ -71,6 +82,15 @@ def test_filters_must_be_subsets(tmp_path):
     assert b.with_filters(methods=["lsskd"]).methods == ("lsskd",)
     with pytest.raises(ConfigError, match="pskd"):
         b.with_filters(methods=["pskd"])
+
+
+def test_variants_are_rows_with_settings(tmp_path):
+    b = load_benchmark(_write(tmp_path, GOOD.replace("[ce, lsskd]", "[ce, lsskd, lsskd_dense]") +
+                              "variants: {lsskd_dense: {method: lsskd, settings: {store_layout: dense}}}\n"))
+    dense = [c for c in expand(b) if c.row == "lsskd_dense"][0]
+    assert dense.method == "lsskd" and dict(dense.settings) == {"store_layout": "dense"}
+    with pytest.raises(ConfigError, match="name of a registered method"):
+        load_benchmark(_write(tmp_path, GOOD + "variants: {pskd: {method: lsskd}}\n", "v.yaml"))
 
 
 def test_mean_ci_matches_hand_computation():
@@ -81,60 +101,81 @@ def test_mean_ci_matches_hand_computation():
     assert h == pytest.approx(3.182446305 * 0.2581988897 / 2, rel=1e-6)
 
 
-def test_render_bolds_best_and_pairs_against_ce():
+def test_hierarchical_bootstrap_includes_seed_variation():
+    rng = np.random.default_rng(0)
+    episodes = rng.normal(0, 10, size=2000)
+    same = np.stack([episodes, episodes, episodes])           # three identical training runs
+    spread = np.stack([episodes - 3, episodes, episodes + 3])  # training runs disagree by 3 points
+    lo_s, hi_s = hierarchical_bootstrap(same)
+    lo_d, hi_d = hierarchical_bootstrap(spread)
+    assert (hi_d - lo_d) > 3 * (hi_s - lo_s)  # the seed level widens the interval
+    assert lo_s < episodes.mean() < hi_s and hierarchical_bootstrap(same) == (lo_s, hi_s)  # deterministic
+
+
+def _col(shot=5):
+    return ("tiny", "tiny", f"5w{shot}s15q", "protonet")
+
+
+def test_render_bold_only_when_seed_aware_intervals_separate_and_pairs_against_ce():
     rs = ResultSet()
     rng = np.random.default_rng(0)
-    base = rng.uniform(0.3, 0.7, size=200)
+    base = rng.uniform(30, 70, size=200)
     for seed in (0, 1):
-        rs.add(("ce", "conv4"), ("tiny", 5, "protonet"), seed, base)
-        rs.add(("lsskd", "conv4"), ("tiny", 5, "protonet"), seed, base + 0.05)
+        rs.add(("ce", "conv4"), _col(), seed, {"accuracy": base})
+        rs.add(("lsskd", "conv4"), _col(), seed, {"accuracy": base + 5})
     out = render(rs, {"ce": {"paper 5-shot": "72.0±0.6"}}, "caption")
-    assert "**55" in out["md"] or "**5" in out["md"]
-    lsskd_line = [l for l in out["md"].splitlines() if l.startswith("| lsskd | conv4 | 2 |")][0]
-    assert "**" in lsskd_line
-    diff = paired_vs(rs)[("lsskd", "conv4")][("tiny", 5, "protonet")]
-    assert diff.mean == pytest.approx(5.0) and diff.p < 1e-6
-    assert diff.per_seed == pytest.approx({0: 5.0, 1: 5.0})
-    assert "p<1e-16; seeds +5.00/+5.00" in out["md"]
+    lsskd_line = [line for line in out["md"].splitlines() if line.startswith("| lsskd | conv4 | 2 |")][0]
+    assert "**" in lsskd_line  # 5 points better on every seed: intervals separate
+    diff = paired_vs(rs)[("lsskd", "conv4")][_col()]
+    assert diff.mean == pytest.approx(5.0) and diff.verdict == 1 and diff.per_seed == pytest.approx({0: 5.0, 1: 5.0})
+    assert "▲" in out["md"] and "seeds +5.00/+5.00" in out["md"]
     assert "published: paper 5-shot" in out["md"] and "72.0±0.6" in out["md"]
     csv = out["csv"].splitlines()
     assert csv[0].startswith("method,backbone") and csv[0].endswith("seed_std,seed_means")
-    assert csv[1].split(",")[-2] == "0.0000"  # identical seeds: no spread
-    assert "Spread across training seeds" in out["md"]
-    assert "\\textbf" in out["tex"]
+    assert "\\textbf" in out["tex"] and "Paired difference to ce" in out["tex"]  # the .tex has the paired table
 
 
-def test_fractions_are_a_grid_dimension_and_keep_full_data_ids(tmp_path):
-    plain = expand(load_benchmark(_write(tmp_path, GOOD)))
-    limited = expand(load_benchmark(_write(tmp_path, GOOD + "fractions: [0.25, 0.5, 1.0]\n", "l.yaml")))
-    assert len(limited) == 3 * len(plain)
-    assert len({c.id for c in limited}) == len(limited)
-    full = [c for c in limited if c.fraction == 1.0]
-    # the 100% cells are the cells of the plain grid (same payload -> same id), so results are shared
-    assert [c.id for c in full] == [c.id for c in plain]
-    quarter = [c for c in limited if c.fraction == 0.25]
-    assert {c.settings()["train"]["fraction"] for c in quarter} == {0.25}
-    assert quarter[0].data_label == "tiny_imagenet@25%" and full[0].data_label == "tiny_imagenet"
-    assert "@25%" in quarter[0].label
-
-
-def test_teacher_follows_the_fraction_and_bad_fractions_are_rejected(tmp_path):
-    bench = load_benchmark(_write(tmp_path, GOOD.replace("[ce, lsskd]", "[kd]") + "fractions: [0.5]\n"))
-    (cell, *_) = expand(bench)
-    assert cell.teacher.method == "ce" and cell.teacher.fraction == 0.5 and cell.teacher.role == "teacher"
-    with pytest.raises(ConfigError, match="fractions must be in"):
-        load_benchmark(_write(tmp_path, GOOD + "fractions: [0.0, 1.5]\n", "bad.yaml"))
+def test_no_bold_when_seeds_disagree_or_single_entry():
+    rs = ResultSet()
+    rng = np.random.default_rng(2)
+    base = rng.uniform(30, 70, size=500)
+    for seed, shift in ((0, -4.0), (1, 0.0), (2, 4.5)):  # seeds disagree by more than the gap between methods
+        rs.add(("ce", "conv4"), _col(), seed, {"accuracy": base})
+        rs.add(("lsskd", "conv4"), _col(), seed, {"accuracy": base + 1.0 + shift})
+    rs.add(("pskd", "conv4"), _col(1), 0, {"accuracy": base})  # the only entry of its column
+    md = render(rs, {}, "c")["md"]
+    assert "**" not in md.split("Paired difference")[0].split("| method |", 1)[1]
+    d = paired_vs(rs)[("lsskd", "conv4")][_col()]
+    assert d.p < 1e-3 and d.verdict is None  # "significant" over episodes, not over training runs
 
 
 def test_paired_uses_only_shared_seeds():
     rs = ResultSet()
     rng = np.random.default_rng(1)
-    col = ("tiny", 1, "protonet")
-    per_seed = {s: rng.uniform(0.3, 0.7, size=100) for s in (0, 1, 2)}
+    per_seed = {s: rng.uniform(30, 70, size=100) for s in (0, 1, 2)}
     for s, acc in per_seed.items():
-        rs.add(("ce", "conv4"), col, s, acc)
-    rs.add(("byot", "conv4"), col, 1, per_seed[1] + 0.02)  # one seed only: compared with ce's seed 1 alone
-    d = paired_vs(rs)[("byot", "conv4")][col]
+        rs.add(("ce", "conv4"), _col(1), s, {"accuracy": acc})
+    rs.add(("byot", "conv4"), _col(1), 1, {"accuracy": per_seed[1] + 2})  # one seed: compared with ce's seed 1
+    d = paired_vs(rs)[("byot", "conv4")][_col(1)]
     assert list(d.per_seed) == [1] and d.mean == pytest.approx(2.0)
-    md = render(rs, {}, "c")["md"]
-    assert "| byot | conv4 | – |" in md  # no seed spread from a single seed
+
+
+def test_fractions_are_a_grid_dimension_and_teachers_see_the_full_data(tmp_path):
+    plain = expand(load_benchmark(_write(tmp_path, GOOD)))
+    limited = expand(load_benchmark(_write(tmp_path, GOOD + "fractions: [0.25, 0.5, 1.0]\n", "l.yaml")))
+    assert len(limited) == 3 * len(plain)
+    full = [c for c in limited if c.fraction == 1.0]
+    assert [c.key for c in full] == [c.key for c in plain]  # the 100% cells are the plain grid's cells
+    quarter = [c for c in limited if c.fraction == 0.25]
+    assert quarter[0].data_label == "tiny_imagenet@25%" and "@25%" in quarter[0].label
+    bench = load_benchmark(_write(tmp_path, GOOD.replace("[ce, lsskd]", "[kd, hsakd]") + "fractions: [0.5]\n",
+                                  "k.yaml"))
+    cells = expand(bench)
+    assert {c.teacher.method for c in cells} == {"ce", "hsakd_teacher"}
+    assert all(c.fraction == 0.5 and c.teacher.fraction == 1.0 and c.teacher.role == "teacher" for c in cells)
+    same = load_benchmark(_write(tmp_path, GOOD.replace("[ce, lsskd]", "[kd]") + "fractions: [0.5]\n"
+                                 "teachers: {kd: {method: ce, fraction: same}}\n", "s.yaml"))
+    assert expand(same)[0].teacher.fraction == 0.5
+    assert len(with_teachers(cells)) == len(cells) + 6  # one teacher per seed and method (ce, hsakd_teacher)
+    with pytest.raises(ConfigError, match="fractions must be in"):
+        load_benchmark(_write(tmp_path, GOOD + "fractions: [0.0, 1.5]\n", "bad.yaml"))

@@ -268,15 +268,16 @@ def test_resized_is_antialiased_uint8():
 
 def test_stratified_fraction():
     labels = np.repeat(np.arange(4), [8, 4, 20, 2])
-    idx = stratified_fraction(labels, 0.5, seed=0)
+    idx = stratified_fraction(labels, 0.5)
     assert np.bincount(labels[idx]).tolist() == [4, 2, 10, 1]
-    assert (idx == stratified_fraction(labels, 0.5, seed=0)).all()
-    assert not (idx == stratified_fraction(labels, 0.5, seed=1)).all()
-    assert (stratified_fraction(labels, 1.0, seed=0) == np.arange(len(labels))).all()
-    assert np.bincount(labels[stratified_fraction(labels, 0.25, 3)]).tolist() == [2, 1, 5, 1]
+    assert (idx == stratified_fraction(labels, 0.5)).all()  # a fixed random_state, as HSAKD
+    assert not (idx == stratified_fraction(labels, 0.5, random_state=1)).all()
+    assert (stratified_fraction(labels, 1.0) == np.arange(len(labels))).all()
+    with pytest.raises(ConfigError, match="leaves 1 classes without a training image"):
+        stratified_fraction(labels, 0.25)  # 8 of 34 images: the class of 2 gets none
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError):
-            stratified_fraction(labels, bad, 0)
+            stratified_fraction(labels, bad)
 
 
 def test_tiny_from_extracted_folder_matches_zip(fake_tiny, tmp_path):

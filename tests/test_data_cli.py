@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from fsl_lsskd.cli import main
-from fsl_lsskd.data import _common
+from fsl_lsskd.data import sources as _sources
 from fsl_lsskd.data import splits as sp
 from fsl_lsskd.data.fake import write_fake_cifar100, write_fake_tiny_imagenet
 from fsl_lsskd.utils import cache_dir, project_root
@@ -74,7 +74,7 @@ def test_download_with_mocked_fetch(fake_cifar, tmp_path, monkeypatch):
         calls.append(url)
         Path(dest).write_bytes(fake_cifar.read_bytes())
 
-    monkeypatch.setattr(_common, "fetch", fake_fetch)
+    monkeypatch.setattr(_sources, "fetch", fake_fetch)
     monkeypatch.setattr("fsl_lsskd.data.cifar_fs.MD5", hashlib.md5(fake_cifar.read_bytes()).hexdigest())
     root = tmp_path / "dl"
     res = run("prepare", "cifar_fs", "--data-root", root, "--download")
@@ -131,7 +131,7 @@ def test_truncated_tiny_archive(fake_tiny, tmp_path):
 
 
 def test_checksum_mismatch_on_download_leaves_nothing(fake_cifar, tmp_path, monkeypatch):
-    monkeypatch.setattr(_common, "fetch", lambda url, dest: Path(dest).write_bytes(fake_cifar.read_bytes()))
+    monkeypatch.setattr(_sources, "fetch", lambda url, dest: Path(dest).write_bytes(fake_cifar.read_bytes()))
     root = tmp_path / "dl"
     assert_user_error(run("prepare", "cifar_fs", "--data-root", root, "--download"),
                       "checksum mismatch", "eb9058c3a382ffc7106e4002c42a8d85", "download it again")

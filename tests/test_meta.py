@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from fsl_lsskd._l2l import MissingDependencyError, require_learn2learn
-from fsl_lsskd.methods._episodic import EpisodeSampler, EpisodicConfig, split_tasks
+from fsl_lsskd.deps import MissingDependencyError, require_learn2learn
+from fsl_lsskd.methods.episodic import EpisodeSampler, EpisodicConfig, split_tasks
 from fsl_lsskd.methods.base import Batch
 from fsl_lsskd.methods.maml import FOMAML, MAML, MAMLConfig, adapt_and_predict
 from fsl_lsskd.methods.protonet import ProtoNet, ProtoNetConfig, prototype_logits
@@ -297,65 +297,62 @@ def test_episodes_from_engine_trainloader():
     assert torch.isfinite(out["loss"])
 
 
-def test_maml_finetune_evaluator():
+def test_maml_finetune_readout():
     from fsl_lsskd.errors import ConfigError
-    from fsl_lsskd.registry import EVALUATORS
+    from fsl_lsskd.eval.base import EpisodeInputs
+    from fsl_lsskd.registry import READOUTS
 
-    import fsl_lsskd.eval.maml_finetune  # noqa: F401 (registers)
-
-    cls = EVALUATORS.get("maml_finetune")
-    assert cls.needs_images
+    cls = READOUTS.get("maml_finetune")
+    assert cls.needs_images and not cls.needs_features
     method = _maml(inner_lr=0.1, test_inner_steps=3)
     g = np.random.default_rng(0)
     images = g.integers(0, 256, (30, 6, 6, 3), dtype=np.uint8)  # 6 classes x 5 images, class-major
     rows = np.stack([np.stack([c * 5 + g.permutation(5) for c in g.permutation(6)[:3]]) for _ in range(4)])
-    acc = cls(max_episodes=2).evaluate_episodes(images, rows, n_shot=2, method=method, mean=(0.5,) * 3,
-                                                std=(0.25,) * 3, image_size=8)
-    assert acc.shape == (2,) and ((acc >= 0) & (acc <= 1)).all()
-    # a MAML method passed as the evaluation `backbone` works too; a bare backbone is refused
-    acc2 = cls(max_episodes=2).evaluate_episodes(images, rows, n_shot=2, backbone=method, mean=(0.5,) * 3,
-                                                 std=(0.25,) * 3, image_size=8)
-    assert np.array_equal(acc, acc2)
-    with pytest.raises(ConfigError, match="checkpoint="):
-        cls().evaluate_episodes(images, rows, n_shot=2, backbone=TinyBackbone(), mean=(0.5,) * 3, std=(0.25,) * 3)
+    readout = cls(cls.build_config({"max_episodes": 2}))
+    assert readout.episode_limit() == 2
+    kw = dict(rows=rows[:2], n_shot=2, images=images, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=8)
+    out = readout.predict(EpisodeInputs(method=lambda: method, **kw))
+    assert out.correct.shape == (2,) and ((out.correct >= 0) & (out.correct <= 1)).all()
+    assert out.probs.shape == (2, 3 * 3, 3) and np.allclose(out.probs.sum(-1), 1, atol=1e-5)
+    # a MAML method passed as the `backbone` works too; a bare backbone is refused, naming the fix
+    out2 = readout.predict(EpisodeInputs(backbone=method, **kw))
+    assert np.array_equal(out.correct, out2.correct)
+    with pytest.raises(ConfigError, match="maml/fomaml cell"):
+        readout.predict(EpisodeInputs(backbone=TinyBackbone(), **kw))
 
 
 @pytest.mark.parametrize("name", ["protonet", "maml"])
-def test_engine_trains_episodic_method_and_maml_checkpoint_evaluates(tmp_path, name):
-    """One short epoch through the real engine (Adam, episodes from iter_batches), then the checkpoint is
-    rebuilt with load_method; for MAML the maml_finetune evaluator reads that checkpoint."""
-    import fsl_lsskd.backbones.conv4  # noqa: F401 (registers conv4 in timm)
+def test_engine_trains_episodic_method_and_maml_model_scores(tmp_path, name):
+    """One short epoch through the real engine (Adam, episodes from iter_batches), then the finished model is
+    rebuilt with load_method; for MAML the maml_finetune readout fine-tunes it. The base-class accuracy of an
+    episodic method is the nearest class mean of its features (it has no base classifier)."""
+    from fsl_lsskd.checkpoint import load_method
     from fsl_lsskd.data.base import SplitData
-    from fsl_lsskd.train.checkpoint import load_method
+    from fsl_lsskd.eval.base import EpisodeInputs
+    from fsl_lsskd.registry import READOUTS
     from fsl_lsskd.train.config import TrainConfig
     from fsl_lsskd.train.engine import train
 
     g = np.random.default_rng(0)
     labels = np.repeat(np.arange(6), 8)
-    images = g.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    colour = (labels[:, None, None, None] * 40 + 20)
+    images = np.clip(colour + g.integers(-10, 10, (48, 16, 16, 3)), 0, 255).astype(np.uint8)
     split = SplitData(images, labels, tuple(f"c{i}" for i in range(6)), "fake", "train", "fp")
     sets = {"n_way": "3", "n_shot": "1", "n_query": "2", "episodes_per_epoch": "4"}
     if name == "maml":
         sets.update(inner_steps="1", test_inner_steps="2")
-    cfg = TrainConfig(method=name, backbone="conv4", dataset="fake", image_size=16, epochs=1, heldout=0.0,
-                      val_episodes=0, mlflow=False, export=False, out_dir=str(tmp_path / "run"),
+    cfg = TrainConfig(method=name, backbone="conv4", dataset="fake", image_size=16, epochs=1, heldout=0.25,
+                      validation=None, mlflow=False, export=False, out_dir=str(tmp_path / "run"),
                       method_overrides=sets)
     res = train(cfg, train_data=split, mean=(0.5,) * 3, std=(0.25,) * 3)
     assert res.history[0]["steps"] == (4 if name == "protonet" else 2)
     assert np.isfinite(res.history[0]["train_loss"])
-    method = load_method(res.checkpoint)
+    assert res.history[0]["heldout_base_acc"] > 100 / 6  # nearest class mean on colour classes: above chance
+    method = load_method(res.model_dir)
     assert type(method) is METHODS.get(name)
     if name == "maml":
-        from fsl_lsskd.registry import EVALUATORS
-        import fsl_lsskd.eval.maml_finetune  # noqa: F401
-
         rows = np.stack([np.stack([c * 8 + g.permutation(8)[:3] for c in (0, 2, 4)]) for _ in range(3)])
-        acc = EVALUATORS.get("maml_finetune")(checkpoint=res.checkpoint).evaluate_episodes(
-            images, rows, n_shot=1, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=16)
-        assert acc.shape == (3,)
-        # what `fsl-bench evaluate --checkpoint last.pt` hands the evaluator: the in-memory export
-        net = method.export_backbone()
-        assert "maml_method" not in str(list(net.state_dict()))
-        acc2 = EVALUATORS.get("maml_finetune")().evaluate_episodes(
-            images, rows, n_shot=1, backbone=net, mean=(0.5,) * 3, std=(0.25,) * 3, image_size=16)
-        assert np.array_equal(acc, acc2)
+        out = READOUTS.get("maml_finetune")().predict(EpisodeInputs(
+            rows=rows, n_shot=1, images=images, method=lambda: method, mean=(0.5,) * 3, std=(0.25,) * 3,
+            image_size=16))
+        assert out.correct.shape == (3,)

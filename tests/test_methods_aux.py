@@ -1,4 +1,4 @@
-"""Auxiliary-branch and teacher-based methods: byot, lsskd, kd, hsakd (+ hsakd_teacher)."""
+"""Methods with auxiliary classifiers and teachers: byot, lsskd, kd, hsakd (+ hsakd_teacher)."""
 from __future__ import annotations
 
 import math
@@ -8,15 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsl_lsskd import plugins
 from fsl_lsskd.backbones import create_backbone
 from fsl_lsskd.errors import ConfigError
-from fsl_lsskd.methods import _losses as L
-from fsl_lsskd.methods._branches import rotate_expand
+from fsl_lsskd.methods import losses as L
+from fsl_lsskd.methods.auxiliary import rotate_expand
 from fsl_lsskd.methods.base import Batch
 from fsl_lsskd.registry import METHODS
 
-plugins.load_all()
 
 C = 4
 SIZE = 16  # every registered few-shot backbone pools 4x: 16 -> 1x1, fast on 2 cores
@@ -94,7 +92,7 @@ def test_rotate_expand_layout():
 # ---------------------------------------------------------------- LSSKD store semantics
 
 def test_lsskd_store_semantics():
-    m = make("lsskd", epochs=10)
+    m = make("lsskd", epochs=10)  # auto layout on this small set: dense stores, the values are the stored rows
     m.on_epoch_start(0)
     assert m.alpha == pytest.approx(0.08)
     b = batch()
@@ -103,8 +101,8 @@ def test_lsskd_store_semantics():
     out = m.training_step(b, 0)
     x, joint = rotate_expand(b.images, b.labels)
     with torch.no_grad():
-        from fsl_lsskd.methods._branches import run_with_branches
-        logits, aux, _ = run_with_branches(m.backbone, m.branches, x)
+        from fsl_lsskd.methods.auxiliary import run_with_aux_classifiers
+        logits, aux, _ = run_with_aux_classifiers(m.backbone, m.aux_classifiers, x)
     assert out["ls_final"].item() == pytest.approx(F.cross_entropy(logits[0::4], b.labels).item(), rel=1e-5)
     hard_aux = sum(F.cross_entropy(q, joint) for q in aux)
     assert out["ls_aux"].item() == pytest.approx(hard_aux.item(), rel=1e-5)
@@ -172,8 +170,8 @@ def _check_step(m, b):
     bb = [p.grad for p in m.backbone.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in bb)
     assert any(g.abs().sum() > 0 for g in bb)
-    if hasattr(m, "branches"):
-        br = [p.grad for p in m.branches.parameters()]
+    if hasattr(m, "aux_classifiers"):
+        br = [p.grad for p in m.aux_classifiers.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in br)
     return out
 
@@ -192,8 +190,9 @@ def test_training_step_every_method(backbone):
     out = _check_step(make("kd", backbone, teacher=make("ce", backbone)), b)
     assert {"ce", "kl"} <= set(out)
     assert out["loss"].item() == pytest.approx(0.1 * out["ce"].item() + 0.9 * out["kl"].item(), rel=1e-5)
-    out = _check_step(make("byot", backbone), b)
-    assert {"ce", "aux_ce", "kl", "feat"} <= set(out)
+    for head in ("connector", "stages"):
+        out = _check_step(make("byot", backbone, head=head), b)
+        assert {"ce", "aux_ce", "kd_kl", "kd_soft_ce", "feat_hint"} <= set(out)
     out = _check_step(make("lsskd", backbone), b)
     assert {"ls_final", "ls_aux"} <= set(out)
 
@@ -206,7 +205,7 @@ def test_teacher_validation():
     with pytest.raises(ConfigError, match="hsakd_teacher"):
         make("hsakd", teacher=make("ce"))
     t = make("hsakd_teacher")
-    del t.branches[-1]
+    del t.aux_classifiers[-1]
     with pytest.raises(ConfigError, match="stages"):
         make("hsakd", teacher=t)
     other = METHODS.get("ce")(create_backbone("conv4", num_classes=C + 1, image_size=SIZE), C + 1, 8)
@@ -237,3 +236,52 @@ def test_placeholder_teacher_rebuilds_but_cannot_train():
             sum(p.numel() for p in create_backbone("conv4", num_classes=0, image_size=SIZE).parameters())
         with pytest.raises(ConfigError, match="--teacher"):
             m.training_step(batch(), 0)
+
+
+# ---------------------------------------------------------------- fidelity to the reference code (issue values)
+
+def test_byot_feature_hint_is_mmrazor_l2_dist():
+    """mmrazor L2Loss(normalize=False, dist=True), weight 0.03: w * sqrt(sum over batch and dims of (f-t)^2)."""
+    w = 0.03
+    assert w * L.feature_l2_dist(torch.tensor([[3.0]]), torch.tensor([[0.0]])).item() == pytest.approx(0.09)
+    assert w * L.feature_l2_dist(torch.eye(2), torch.zeros(2, 2)).item() == pytest.approx(0.0424, abs=5e-5)
+    # the former form (mean over the batch of ||f - t||^2) gives 0.27 and 0.03 on the same inputs
+    assert w * L.feature_l2(torch.tensor([[3.0]]), torch.tensor([[0.0]])).item() == pytest.approx(0.27)
+    assert w * L.feature_l2(torch.eye(2), torch.zeros(2, 2)).item() == pytest.approx(0.03)
+
+
+def test_byot_connector_head_and_logged_soft_terms():
+    m = make("byot")
+    assert m.config.head == "connector" and m.config.feat_loss == "dist"
+    assert all(hasattr(a, "attention") and hasattr(a, "scala") for a in m.aux_classifiers)
+    stages = make("byot", head="stages")
+    assert not hasattr(stages.aux_classifiers[0], "attention")
+    out = m.training_step(batch(), 0)
+    # the logged KL is a KL; the soft cross-entropy differs from it by tau^2 x the teacher's entropy per head
+    with torch.no_grad():
+        logits = m.backbone(batch().images)
+        p = F.softmax(logits / 3.0, 1)
+        h = -(p * torch.log(p)).sum(1).mean() * 9.0
+    assert (out["kd_soft_ce"] - out["kd_kl"]).item() == pytest.approx(3 * h.item(), rel=1e-4)
+
+
+def test_lsskd_aux_rotation_reduction_factor_is_four():
+    b = batch()
+    mean = make("lsskd").training_step(b, 0)
+    summed = make("lsskd", aux_rotation_reduction="sum_rotations").training_step(b, 0)
+    assert summed["ls_aux"].item() == pytest.approx(4 * mean["ls_aux"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="aux_rotation_reduction"):
+        make("lsskd", aux_rotation_reduction="sum")
+
+
+def test_lsskd_topk_store_rebuilds_targets():
+    m = make("lsskd", store_layout="topk", store_top_k=3)
+    assert m.aux_stores[0].top_k == 3 and m.final_store.top_k == 3  # C=4 classes, 4C=16 joint classes
+    assert make("lsskd").aux_stores[0].top_k == 0  # auto: dense while the stores fit the budget
+    tiny_budget = make("lsskd", store_budget_mb=1e-3, store_top_k=3)
+    assert tiny_budget.aux_stores[0].top_k == 3 and tiny_budget.final_store.top_k == 3  # auto beyond the budget
+    b = batch()
+    m.training_step(b, 0)
+    m.on_step_end(b, 0)
+    rows = m.aux_stores[0].get(b.index)
+    assert rows.shape == (3, 4, 16) and torch.allclose(rows.sum(-1), torch.ones(3, 4), atol=3e-3)

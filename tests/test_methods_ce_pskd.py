@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fsl_lsskd.methods._stores import PredictionStore
+from fsl_lsskd.methods.stores import PredictionStore
 from fsl_lsskd.methods.base import Batch
 from fsl_lsskd.methods.ce import CE, CEConfig, CELoss
 from fsl_lsskd.methods.pskd import PSKD, PSKDConfig, SoftTargetCrossEntropy, pskd_alpha, pskd_targets
@@ -100,3 +100,49 @@ def test_ce_training_step():
     b = Batch(torch.randn(2, 4), torch.tensor([0, 2]), torch.tensor([0, 1]))
     out = m.training_step(b, 0)
     assert set(out) == {"loss", "ce"} and out["loss"].requires_grad
+
+
+def test_topk_store_keeps_the_largest_probabilities_and_their_mass():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(6, 50) * 3, dim=1)
+    s = PredictionStore(6, (50,), top_k=5)
+    s.put(torch.arange(6), probs)
+    got = s.get(torch.arange(6))
+    top = torch.topk(probs, 5, dim=1)
+    # the kept entries (to float16 precision), the rest share the remaining mass evenly: rows sum to 1
+    torch.testing.assert_close(got.gather(1, top.indices), top.values, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got.sum(1), torch.ones(6), atol=2e-3, rtol=0)
+    rest = (1 - top.values.sum(1, keepdim=True)) / 45
+    mask = torch.ones_like(probs, dtype=torch.bool).scatter_(1, top.indices, False)
+    torch.testing.assert_close(got[mask].view(6, 45), rest.expand(6, 45), atol=2e-3, rtol=1e-2)
+    assert s.bytes_per_sample == 5 * 2 + 5 * 2 + 1  # float16 values + int16 indices + seen flag
+    assert PredictionStore(6, (50,)).bytes_per_sample == 50 * 4 + 1
+    aux = PredictionStore(3, (4, 40), top_k=4)  # LSSKD layout: one top-k per rotation row
+    aux.put(torch.arange(3), torch.softmax(torch.randn(3, 4, 40), -1))
+    assert aux.get(torch.arange(3)).shape == (3, 4, 40) and set(aux.state_dict()) == {"values", "indices", "seen"}
+
+
+def test_store_methods_train_and_store_every_sample_every_epoch(tmp_path):
+    """N=10, batch 4: the engine keeps the short last batch for store methods, so row 9 is trained on and stored
+    in epoch 0 and gets a softened target in epoch 1 (dropping it would give it a one-hot target)."""
+    import numpy as np
+
+    from fsl_lsskd.data.base import SplitData
+    from fsl_lsskd.train import TrainConfig
+    from fsl_lsskd.train.engine import build_run, prepare_data
+
+    rng = np.random.default_rng(0)
+    data = SplitData(rng.integers(0, 255, (10, 16, 16, 3)).astype(np.uint8), np.repeat(np.arange(2), 5),
+                     ("a", "b"), "synthetic", "train", "f")
+    cfg = TrainConfig(method="pskd", dataset="synthetic", image_size=16, epochs=2, batch_size=4, heldout=0.0,
+                      validation=None, mlflow=False, out_dir=str(tmp_path))
+    method, mcfg, loader = build_run(cfg, prepare_data(cfg, train_data=data))
+    batches = list(loader.epoch_batches(0))
+    assert [len(b.index) for b in batches] == [4, 4, 2]
+    method.on_epoch_start(0)
+    for b in batches:
+        method.training_step(b, 0)
+        method.on_step_end(b, 0)
+    assert bool(method.store.seen.all())
+    ce_loader = build_run(cfg.__class__(**{**cfg.__dict__, "method": "ce"}), prepare_data(cfg, train_data=data))[2]
+    assert [len(b.index) for b in ce_loader.epoch_batches(0)] == [4, 4]  # RFS drops it

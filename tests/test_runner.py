@@ -1,7 +1,8 @@
-"""`fsl-bench run` / `table` end to end on generated CIFAR-FS-format data: resume, kills between and inside
-cells (real SIGKILL), failures, teachers, shards sharing one store, determinism of the published tables."""
+"""`fsl-bench run` / `table` end to end on generated CIFAR-FS-format data: train once and score many, resume,
+kills between and inside cells (real SIGKILL), failures, teachers, shards sharing one store, published tables."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -19,28 +20,23 @@ from fsl_lsskd.data.fake import write_fake_cifar100
 REPO = Path(__file__).resolve().parent.parent
 
 # A kill switch for a subprocess run: FSLTEST_KILL="<point>:<method>" SIGKILLs the process
-#   between:<m>  right after the cell of method m is marked complete
-#   train:<m>    at the start of m's second epoch (its first epoch is checkpointed)
-#   eval:<m>     after m is trained and exported, before its results are logged and the cell marked complete
+#   between:<m>  right after the cell of method m finished training (before any later cell)
+#   train:<m>    at the start of m's second epoch (its first epoch's resume state is written)
+#   score:<m>    after m is trained, before its first score is recorded
 DRIVER = textwrap.dedent("""
     import os, signal, sys
     point, method = os.environ["FSLTEST_KILL"].split(":")
     from fsl_lsskd.bench import runner
-    from fsl_lsskd.eval import _core
-    from fsl_lsskd.train import engine
+    from fsl_lsskd.registry import METHODS
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    from fsl_lsskd import plugins
-    from fsl_lsskd.registry import METHODS
-
-    plugins.import_submodules("fsl_lsskd.methods")
     cls = METHODS.get(method)
-    real_cell, real_start, real_eval = runner.run_cell, cls.on_epoch_start, _core.evaluate
+    real_train, real_start, real_write = runner.train_cell, cls.on_epoch_start, runner.write_score
 
-    def run_cell(bench, cell, *a, **k):
-        out = real_cell(bench, cell, *a, **k)
+    def train_cell(bench, cell, *a, **k):
+        out = real_train(bench, cell, *a, **k)
         if point == "between" and cell.method == method:
             die()
         return out
@@ -50,18 +46,12 @@ DRIVER = textwrap.dedent("""
             die()
         return real_start(self, epoch)
 
-    def evaluate(*a, **k):
-        if point == "eval" and os.environ.get("FSLTEST_CURRENT") == method:
+    def write_score(store, training, wanted, res, dataset=None):
+        if point == "score" and training.identity.get("method") == method:
             die()
-        return real_eval(*a, **k)
+        return real_write(store, training, wanted, res, dataset)
 
-    real_train = engine.train
-
-    def train(cfg, **k):
-        os.environ["FSLTEST_CURRENT"] = cfg.method
-        return real_train(cfg, **k)
-
-    runner.run_cell, cls.on_epoch_start, _core.evaluate, engine.train = run_cell, on_epoch_start, evaluate, train
+    runner.train_cell, cls.on_epoch_start, runner.write_score = train_cell, on_epoch_start, write_score
     from fsl_lsskd.cli import main
     main(sys.argv[1:])
 """)
@@ -73,7 +63,8 @@ def cifar_archive(tmp_path_factory) -> Path:
     return write_fake_cifar100(tmp_path_factory.mktemp("cifar"), per_class_train=6, per_class_test=2, seed=11)
 
 
-def write_bench(path: Path, archive: Path, methods=("ce", "pskd"), seeds=(0,), epochs=2, extra: str = "") -> Path:
+def write_bench(path: Path, archive: Path, methods=("ce", "pskd"), seeds=(0,), epochs=2, extra: str = "",
+                n_shot="[1]", readouts="[protonet, logreg_batched]", heldout=0.0) -> Path:
     path.write_text(textwrap.dedent(f"""
         name: {path.stem}
         description: "test grid"
@@ -83,8 +74,8 @@ def write_bench(path: Path, archive: Path, methods=("ce", "pskd"), seeds=(0,), e
         methods: [{", ".join(methods)}]
         seeds: [{", ".join(map(str, seeds))}]
         image_size: 32
-        train: {{epochs: {epochs}, batch_size: 32, val_episodes: 0, heldout: 0.0}}
-        eval: {{split: test, shots: [1], n_query: 5, episodes: 40, classifiers: [protonet, logreg_batched]}}
+        train: {{epochs: {epochs}, batch_size: 32, validation: null, heldout: {heldout}}}
+        eval: {{split: test, n_shot: {n_shot}, n_query: 5, n_episodes: 40, readouts: {readouts}}}
     """) + extra)
     return path
 
@@ -98,20 +89,25 @@ def store(tmp_path, monkeypatch):
 
 
 def cli(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def cell_runs(bench_name: str):
-    """cell id -> list of (run id, status tag) of every child run in the store."""
-    from mlflow.tracking import MlflowClient
+def training_runs():
+    """train id -> list of (run id, status tag) of every training run in the store."""
+    from fsl_lsskd.record import open_store
 
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(f"fsl-bench/{bench_name}")
+    st = open_store(create=False)
     out = {}
-    for r in client.search_runs([exp.experiment_id], filter_string="tags.`fsl.kind` = 'cell'", max_results=1000):
-        out.setdefault(r.data.tags["fsl.cell_id"], []).append((r.info.run_id, r.data.tags.get("fsl.cell_status")))
+    runs = st._search("tags.`fsl.kind` = 'train'")
+    for r in runs:
+        out.setdefault(r.data.tags["fsl.train_id"], []).append((r.info.run_id, r.data.tags.get("fsl.status")))
     return out
+
+
+def score_count() -> int:
+    from fsl_lsskd.record import open_store
+
+    return len(open_store(create=False).scores())
 
 
 def killed_run(bench: Path, point: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -124,101 +120,146 @@ def killed_run(bench: Path, point: str, tmp_path: Path) -> subprocess.CompletedP
     return proc
 
 
-def metric(run_id: str, key: str):
-    from mlflow.tracking import MlflowClient
+def artifact_hashes(root: Path):
+    """sha256 of every model/export file under ``root`` (the store's artifacts)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*.safetensors")}
 
-    return MlflowClient().get_run(run_id).data.metrics[key]
+
+def summary_line(output: str) -> str:
+    return [line for line in output.splitlines() if line.startswith("summary:")][-1]
 
 
-def test_run_resume_table_and_determinism(tmp_path, store, cifar_archive):
+def test_train_once_score_many(tmp_path, store, cifar_archive):
+    """Adding a readout and a second shot count trains nothing and writes no checkpoint: the new columns appear
+    in the table; changing one method's epochs retrains that method's cells only; changing `epochs` all."""
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive)
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
-    runs = cell_runs("grid")
+    assert "2 trained, 0 resumed, 0 re-scored, 0 reused" in summary_line(res.output)
+    runs = training_runs()
     assert len(runs) == 2 and all(len(v) == 1 and v[0][1] == "complete" for v in runs.values())
-    # a second invocation trains nothing: every cell is skipped and no run is added
+    assert score_count() == 4 and not any((tmp_path / "runs").rglob("*.pt"))  # nothing stored twice
+    weights = artifact_hashes(tmp_path / "mlruns")
+    # a second invocation changes nothing
     res = cli("run", bench, "--out", tmp_path / "runs")
-    assert res.exit_code == 0 and res.output.count("skipped") == 2, res.output
-    first = next(iter(runs.values()))[0][0]  # a skipped cell's summary line shows its stored results
-    assert f"5w1s.protonet={metric(first, 'eval.test.5w1s.protonet.acc'):.2f}" in res.output, res.output
-    assert cell_runs("grid") == runs
+    assert "0 trained, 0 resumed, 0 re-scored, 2 reused" in summary_line(res.output) and training_runs() == runs
+    # add a readout and a protocol
+    write_bench(tmp_path / "grid.yaml", cifar_archive, n_shot="[1, 2]",
+                readouts="[protonet, logreg_batched, {readout: logreg_batched, C: 0.5}]")
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
+    assert "0 trained, 0 resumed, 2 re-scored, 0 reused" in summary_line(res.output)
+    assert "; 8 new scores" in summary_line(res.output)  # (1 + 1 shot) x 3 readouts - 2 existing, per cell
+    assert training_runs() == runs and artifact_hashes(tmp_path / "mlruns") == weights
+    res = cli("table", bench, "--out", tmp_path / "results")
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "results" / "grid.md").read_text()
+    assert "cifar_fs 5w2s5q logreg_batched(C=0.5)" in md and "| pskd | conv4 |" in md
+    # one method's budget: only its cells retrain
+    write_bench(tmp_path / "grid.yaml", cifar_archive, extra="method_overrides: {pskd: {epochs: 1}}\n")
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert "1 trained, 0 resumed, 0 re-scored, 1 reused" in summary_line(res.output), res.output
+    # the global budget: every cell's identity changes; pskd at 1 epoch is the cell just trained above
+    write_bench(tmp_path / "grid.yaml", cifar_archive, epochs=1)
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert "1 trained, 0 resumed, 0 re-scored, 1 reused" in summary_line(res.output), res.output
+
+
+def test_run_table_and_determinism(tmp_path, store, cifar_archive):
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, readouts="[protonet, logreg_batched], base: true",
+                        heldout=0.25)
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
     md = (tmp_path / "results" / "grid.md").read_text()
     assert "40 episodes" in md and "seeds [0]" in md and "Cells found: 2/2" in md
-    assert "| pskd | conv4 |" in md and "Paired difference to `ce`" in md
+    assert "| pskd | conv4 |" in md and "Paired difference to `ce`" in md and "Calibration" in md
+    assert "Base classes (held-out images" in md
     csv = (tmp_path / "results" / "grid.csv").read_text().splitlines()
-    assert csv[0].startswith("method,backbone,dataset,shot,classifier") and len(csv) == 1 + 2 * 2
-    for ext in ("tex", "png"):
+    assert csv[0].startswith("method,backbone,train_data,target,protocol,readout") and len(csv) >= 1 + 2 * 2
+    for ext in ("tex", "png", "pdf"):
         assert list((tmp_path / "results").glob(f"*.{ext}"))
-    # the same store gives byte-identical tables
     first = {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")}
     assert cli("table", bench, "--out", tmp_path / "results").exit_code == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")} == first
-    # other baselines: one paired table each, named in the header's command; a wrong name changes nothing
     res = cli("table", bench, "--out", tmp_path / "b", "--baseline", "ce", "--baseline", "pskd")
     md = (tmp_path / "b" / "grid.md").read_text()
     assert res.exit_code == 0 and "--baseline ce --baseline pskd`" in md.splitlines()[0]
     pskd_part = md.split("Paired difference to `pskd`")[1]
-    assert "| ce | conv4 | " in pskd_part and "| pskd | conv4 | " not in pskd_part
+    assert "| ce | conv4 | " in pskd_part and "| pskd | conv4 | " not in pskd_part.split("Calibration")[0]
     res = cli("table", bench, "--out", tmp_path / "c", "--baseline", "cee")
     assert res.exit_code == 2 and "Did you mean 'ce'" in res.output and not (tmp_path / "c").exists()
+    res = cli("table", bench, "--out", tmp_path / "d", "--baseline", "byot")  # registered, not in this grid
+    assert res.exit_code == 2 and "methods present: ce, pskd" in res.output
+
+
+def test_reading_commands_never_create_a_store(tmp_path, cifar_archive, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive)
+    res = cli("table", bench, "--out", tmp_path / "results")
+    assert res.exit_code == 2 and "no MLflow store at" in res.output and "MLFLOW_TRACKING_URI" in res.output
+    res = cli("run", bench, "--dry-run")
+    assert res.exit_code == 0 and "store: none yet" in res.output and "2 to train" in res.output
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_kill_between_cells_loses_nothing_and_repeats_nothing(tmp_path, store, cifar_archive):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive)
     killed_run(bench, "between:ce", tmp_path)
-    before = cell_runs("grid")
+    before = training_runs()
     assert len(before) == 1 and list(before.values())[0][0][1] == "complete"
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
-    after = cell_runs("grid")
+    after = training_runs()
     assert len(after) == 2 and all(len(v) == 1 for v in after.values())  # none lost, none twice
     (ce_id,) = before
     assert after[ce_id] == before[ce_id]
+    assert "1 trained, 0 resumed, 1 re-scored, 0 reused" in summary_line(res.output)  # ce: scored now
 
 
 def test_kill_inside_training_resumes_the_same_run_to_the_same_numbers(tmp_path, store, cifar_archive,
                                                                         monkeypatch):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive)
     killed_run(bench, "train:pskd", tmp_path)
-    runs = cell_runs("grid")
+    runs = training_runs()
     (pskd_id,) = [k for k, v in runs.items() if v[0][1] != "complete"]
     killed_run_id = runs[pskd_id][0][0]
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
-    runs = cell_runs("grid")
+    assert "0 trained, 1 resumed" in summary_line(res.output)
+    runs = training_runs()
     assert runs[pskd_id] == [(killed_run_id, "complete")]  # the killed cell's own run, resumed
-    from mlflow.tracking import MlflowClient
+    from fsl_lsskd.record import open_store
 
-    hist = MlflowClient().get_metric_history(killed_run_id, "train_loss")
-    assert sorted(m.step for m in hist) == [0, 1]  # each epoch logged once
-    keys = ("eval.test.5w1s.protonet.acc", "eval.test.5w1s.logreg_batched.acc", "train_loss")
-    resumed = {k: metric(killed_run_id, k) for k in keys}
-    # an uninterrupted run of the same grid (another store) gives the same results to the last digit
-    other = tmp_path / "straight"
+    st = open_store(create=False)
+    hist = st.client.get_metric_history(killed_run_id, "train_loss")
+    assert sorted(m.step for m in hist) == [1, 2]  # each epoch logged once
+    resumed = {r.tags["fsl.label"]: r.metrics["accuracy"] for r in st.scores([pskd_id]).values()}
+    loss = st.client.get_run(killed_run_id).data.metrics["train_loss"]
+    other = tmp_path / "straight"  # an uninterrupted run of the same grid (another store): the same results
     other.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'mlflow.db'}")
     monkeypatch.chdir(other)
     assert cli("run", bench, "--out", other / "runs").exit_code == 0
-    straight = cell_runs("grid")
-    assert {k: metric(straight[pskd_id][0][0], k) for k in keys} == resumed
+    st2 = open_store(create=False)
+    assert {r.tags["fsl.label"]: r.metrics["accuracy"] for r in st2.scores([pskd_id]).values()} == resumed
+    assert st2.client.get_run(st2.training(pskd_id).run_id).data.metrics["train_loss"] == loss
 
 
-def test_kill_before_results_are_logged_never_publishes_half_a_cell(tmp_path, store, cifar_archive):
+def test_kill_before_scores_are_recorded_never_publishes_half_a_cell(tmp_path, store, cifar_archive):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive)
-    killed_run(bench, "eval:pskd", tmp_path)
-    (ckpt,) = [p for p in (tmp_path / "runs" / "grid").glob("*/last.pt")
-               if "pskd" in (p.parent / "config.json").read_text()]
-    mtime = ckpt.stat().st_mtime_ns
+    killed_run(bench, "score:pskd", tmp_path)
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
     md = (tmp_path / "results" / "grid.md").read_text()
-    assert "Cells found: 1/2" in md and "| pskd |" not in md
+    assert "| pskd |" not in md  # trained but not scored: no row
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
-    assert ckpt.stat().st_mtime_ns == mtime  # no epoch re-trained: the checkpoint says training finished
-    assert all(len(v) == 1 and v[0][1] == "complete" for v in cell_runs("grid").values())
+    assert "0 trained, 0 resumed, 1 re-scored, 1 reused" in summary_line(res.output)  # no epoch re-trained
+    assert all(len(v) == 1 and v[0][1] == "complete" for v in training_runs().values())
 
 
 def test_a_crashing_cell_is_reported_and_the_grid_goes_on(tmp_path, store, cifar_archive, monkeypatch):
@@ -232,40 +273,33 @@ def test_a_crashing_cell_is_reported_and_the_grid_goes_on(tmp_path, store, cifar
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 1
     assert "simulated crash" in res.output and "1 cell(s) failed" in res.output
-    statuses = sorted(v[0][1] or "-" for v in cell_runs("grid").values())
-    assert statuses == ["-", "complete"]
+    statuses = sorted(v[0][1] or "-" for v in training_runs().values())
+    assert statuses == ["complete", "running"]
 
 
-def test_teacher_cells_train_first_and_are_fetched_from_the_store(tmp_path, store, cifar_archive):
-    import shutil
-
-    from mlflow.tracking import MlflowClient
-
+def test_teacher_cells_train_first_and_come_from_the_store(tmp_path, store, cifar_archive):
+    from fsl_lsskd.checkpoint import load_method
     from fsl_lsskd.bench.config import load_benchmark
     from fsl_lsskd.bench.grid import expand, with_teachers
-    from fsl_lsskd.bench.runner import experiment_name, teacher_checkpoint
-    from fsl_lsskd.train.checkpoint import load_method
+    from fsl_lsskd.bench.runner import DataCache, Plan, teacher_model_dir
+    from fsl_lsskd.record import open_store
 
     bench_path = write_bench(tmp_path / "kdgrid.yaml", cifar_archive, methods=("kd",), epochs=1)
     res = cli("run", bench_path, "--dry-run")
-    assert res.exit_code == 0 and "(teacher)" in res.output and "taught by" in res.output, res.output
+    assert res.exit_code == 0 and "teacher" in res.output and "taught by" in res.output, res.output
     res = cli("run", bench_path, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
     bench = load_benchmark(bench_path)
-    plan = with_teachers(expand(bench))
-    assert [c.method for c in plan] == ["ce", "kd"] and plan[0].role == "teacher"
-    runs = cell_runs("kdgrid")
+    cells = with_teachers(expand(bench))
+    assert [c.method for c in cells] == ["ce", "kd"] and cells[0].role == "teacher"
+    plan = Plan(bench, cells, DataCache(bench))
+    assert plan.identity[cells[1].key]["teacher"] == plan.tid(cells[0])  # the student's identity holds it
+    runs = training_runs()
     assert all(v[0][1] == "complete" for v in runs.values()) and len(runs) == 2
-    # another machine (no local run directory) fetches the teacher's checkpoint from its MLflow run
-    shutil.rmtree(tmp_path / "runs")
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name(bench))
-    path = teacher_checkpoint(client, exp.experiment_id, plan[0], tmp_path / "runs" / bench.name)
-    assert path == tmp_path / "runs" / bench.name / plan[0].id / "last.pt"
+    path = teacher_model_dir(open_store(create=False), plan.tid(cells[0]), tmp_path / "elsewhere")
     assert load_method(path).num_classes == 64
-    # the teacher row is published beside the student
     res = cli("table", bench_path, "--out", tmp_path / "results")
-    assert res.exit_code == 0 and "| ce | conv4 |" in res.output and "| kd | conv4 |" in res.output
+    assert res.exit_code == 0 and "| ce (teacher) | conv4 |" in res.output and "| kd | conv4 |" in res.output
 
 
 def test_shards_keep_teachers_with_students_and_partition_the_grid(tmp_path, cifar_archive):
@@ -276,77 +310,55 @@ def test_shards_keep_teachers_with_students_and_partition_the_grid(tmp_path, cif
                                        seeds=(0, 1, 2)))
     cells = expand(bench)
     parts = [shard(cells, f"{i}/3") for i in (1, 2, 3)]
-    assert sorted(c.id for p in parts for c in p) == sorted(c.id for c in cells)  # a partition
+    assert sorted(map(str, (c.key for p in parts for c in p))) == sorted(map(str, (c.key for c in cells)))
     for p in parts:
-        ids = {c.id for c in p}
+        keys = {c.key for c in p}
         for c in p:
             if c.method == "kd":
-                assert c.teacher.id in ids  # the ce teacher of the same seed is in the same shard
-        assert {c.id for c in with_teachers(p)} == ids  # no teacher-only cell needed: ce is in the grid
+                assert c.teacher.key in keys  # the ce teacher of the same seed is in the same shard
+        assert {c.key for c in with_teachers(p)} == keys  # no teacher-only cell needed: ce is in the grid
     assert len({_group_key(c) for c in cells}) == 6  # {ce,kd} x 3 seeds + pskd x 3
 
 
 def test_concurrent_shards_on_one_sqlite_store_run_every_cell_once(tmp_path, store, cifar_archive):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), seeds=(0, 1, 2, 3), epochs=1)
-    env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "run", str(bench), "--shard", f"{i}/2",
-                               "--out", str(tmp_path / "runs")], cwd=tmp_path, env=env,
+                               "--out", str(tmp_path / "runs")], cwd=tmp_path, env=dict(os.environ),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    runs = cell_runs("grid")
+    runs = training_runs()
     assert len(runs) == 4 and all(v == [(v[0][0], "complete")] for v in runs.values())
     res = cli("run", bench, "--dry-run")
-    assert "4 cells, 4 complete" in res.output
+    assert "4 cells: 4 trained, 0 to train; 0 scores to compute" in res.output, res.output
 
 
 def test_overlapping_invocations_without_shards_run_every_cell_once(tmp_path, store, cifar_archive):
     """Two users start the same grid on one machine without --shard: the per-cell claim makes the second
     process pass over a cell the first is training (and vice versa) instead of training it again."""
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), seeds=(0, 1, 2, 3), epochs=1)
-    cli("run", bench, "--dry-run")  # creates the store first: both processes then start training at once
+    from fsl_lsskd.record import open_store
+
+    open_store()  # creates the store first: both processes then start training at once
     procs = [subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "run", str(bench), "--out",
                                str(tmp_path / "runs")], cwd=tmp_path, env=dict(os.environ),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    runs = cell_runs("grid")
+    runs = training_runs()
     assert len(runs) == 4 and all(v == [(v[0][0], "complete")] for v in runs.values()), runs
-    trained = [sum(line.split()[1:2] == ["done"] for line in o.splitlines()) for o in outs]
+    trained = [sum(line.split()[1:2] == ["trained"] for line in o.splitlines()) for o in outs]
     assert sum(trained) == 4, outs  # between them the processes trained every cell once
-    res = cli("run", bench, "--dry-run")
-    assert "4 cells, 4 complete" in res.output
 
 
 @pytest.mark.slow
 def test_shards_through_an_mlflow_server_on_loopback(tmp_path, cifar_archive, monkeypatch):
     """What several machines would use: an MLflow tracking server with a database backend (here sqlite,
     served on 127.0.0.1) and proxied artifacts; two shards and the table talk to it over HTTP."""
-    import socket
-    import time
-    import urllib.request
+    from servers import mlflow_server
 
     monkeypatch.chdir(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'srv.db'}", "--artifacts-destination", str(tmp_path / "art"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+    with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'srv.db'}") as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), seeds=(0, 1), epochs=1)
         procs = [subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "run", str(bench), "--shard",
@@ -358,20 +370,17 @@ def test_shards_through_an_mlflow_server_on_loopback(tmp_path, cifar_archive, mo
         res = cli("table", bench, "--out", tmp_path / "results")
         assert res.exit_code == 0 and "Cells found: 2/2" in res.output, res.output
         assert not (tmp_path / "mlruns").exists()  # artifacts went through the server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
-def test_eval_metrics_match_the_logged_episode_files(tmp_path, store, cifar_archive):
-    """What the table reads (per-episode .npy artifacts) agrees with the run's logged summary metrics."""
-    import mlflow
+def test_recorded_metrics_match_the_episode_arrays(tmp_path, store, cifar_archive):
+    """What the table reads (per-episode arrays of a score run) agrees with the run's summary metrics, in %."""
+    from fsl_lsskd.record import open_store
 
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), epochs=1)
     assert cli("run", bench, "--out", tmp_path / "runs").exit_code == 0
-    (run_id,) = [v[0][0] for v in cell_runs("grid").values()]
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/test_5w1s_protonet.npy",
-                                                dst_path=str(tmp_path / "dl"))
-    acc = np.load(local)
-    assert acc.shape == (40,)
-    assert metric(run_id, "eval.test.5w1s.protonet.acc") == pytest.approx(100 * acc.mean(), abs=1e-4)
+    st = open_store(create=False)
+    for rec in st.scores().values():
+        arrays = st.score_arrays(rec, {})
+        assert arrays["accuracy"].shape == (40,)
+        assert rec.metrics["accuracy"] == pytest.approx(arrays["accuracy"].mean(), abs=1e-6)
+        assert 0 <= rec.metrics["ece"] <= 100 and arrays["reliability"].shape == (40, 16, 3)

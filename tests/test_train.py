@@ -1,28 +1,24 @@
-"""Training engine: data path, resume exactness, divergence, limited data, MLflow, export, config mismatch."""
+"""Training engine: data path, resume exactness, divergence, limited data, precision, MLflow record, export."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from fsl_lsskd.backbones import create_backbone
+from fsl_lsskd.checkpoint import load_backbone, load_method, read_training_state
 from fsl_lsskd.data.base import SplitData
+from fsl_lsskd.data.limited import stratified_fraction
 from fsl_lsskd.errors import ConfigError, TrainingDiverged
+from fsl_lsskd.protocol import EpisodeProtocol
 from fsl_lsskd.train import TrainConfig, TrainLoader, train
-from fsl_lsskd.train.checkpoint import create_backbone, load_backbone, load_method
-from fsl_lsskd.train.engine import limited_fraction, milestones, prepare_data
+from fsl_lsskd.train.engine import milestones, prepare_data
 
-
-def _backbone() -> str:
-    try:
-        create_backbone("conv4", num_classes=0, image_size=16)
-        return "conv4"
-    except Exception:  # backbone registry not there yet
-        return "test_resnet"
-
-
-BACKBONE = _backbone()
+BACKBONE = "conv4"
 
 
 def _split(n_classes=4, per_class=10, size=16, split="train", seed=0) -> SplitData:
@@ -36,9 +32,15 @@ def _split(n_classes=4, per_class=10, size=16, split="train", seed=0) -> SplitDa
 
 def _cfg(tmp_path, name="run", **kw) -> TrainConfig:
     base = dict(method="ce", backbone=BACKBONE, dataset="synthetic", image_size=16, epochs=3, batch_size=8,
-                out_dir=str(tmp_path / name), val_episodes=0, mlflow=False, export=False, heldout=0.1)
+                out_dir=str(tmp_path / name), validation=None, mlflow=False, export=False, heldout=0.1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------- loader
@@ -84,20 +86,22 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, method):
     progress = lambda done, total, metrics: calls.append((done, total, "train_loss" in metrics))  # noqa: E731
     part = train(_cfg(tmp_path, "b", method=method), train_data=data, stop_after_epoch=2,  # "killed" after 2
                  on_epoch=progress)
-    assert len(part.history) == 2
+    assert len(part.history) == 2 and not part.finished and (tmp_path / "b" / "last.pt").is_file()
+    if method == "pskd":  # every sample is trained on and stored every epoch (the short last batch is kept)
+        state = read_training_state(tmp_path / "b" / "last.pt")
+        assert bool(state["model"]["store.seen"].all())
     resumed = train(_cfg(tmp_path, "b", method=method), train_data=data, on_epoch=progress)
-    assert resumed.resumed_from_epoch == 2
+    assert resumed.resumed_from_epoch == 2 and resumed.train_id == straight.train_id
     # progress: a start call with the epochs done (none, then the resumed 2), then one call per epoch
     assert calls == [(0, 3, False), (1, 3, True), (2, 3, True), (2, 3, True), (3, 3, True)]
-    sa = torch.load(straight.checkpoint, weights_only=False)
-    sb = torch.load(resumed.checkpoint, weights_only=False)
-    assert sa["epoch"] == sb["epoch"] == 3
-    assert sa["model"].keys() == sb["model"].keys()
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
-    assert sa["scheduler"] == sb["scheduler"]
-    if method == "pskd":
-        assert bool(sb["model"]["store.seen"].all())
+    wa, wb = _weights(straight.model_dir), _weights(resumed.model_dir)
+    assert wa.keys() == wb.keys() and not any(k.startswith("store.") for k in wa)  # stores are training state
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # a finished run keeps weights and export only: the resume state is gone
+    assert not (tmp_path / "b" / "last.pt").exists()
+    again = train(_cfg(tmp_path, "b", method=method), train_data=data)
+    assert again.already_finished and again.train_id == straight.train_id
 
 
 def test_resume_with_different_config_names_keys(tmp_path):
@@ -106,7 +110,24 @@ def test_resume_with_different_config_names_keys(tmp_path):
     with pytest.raises(ConfigError) as exc:
         train(_cfg(tmp_path, "r", epochs=2, seed=5, method_overrides={"lr": "0.1"}), train_data=data)
     msg = str(exc.value)
-    assert "seed" in msg and "method.lr" in msg and "last.pt" in msg
+    assert "seed" in msg and "method_config.lr" in msg and "last.pt" in msg
+
+
+def test_training_identity_holds_what_determines_the_weights(tmp_path):
+    from fsl_lsskd.train.config import train_id, training_identity
+
+    base = _cfg(tmp_path)
+    tid = train_id(training_identity(base, "fp"))
+    same = [dict(device="cpu:0"), dict(out_dir="elsewhere"), dict(archive="/x/y.zip"), dict(num_threads=1),
+            dict(validation=EpisodeProtocol(5, 1, 15, 10)), dict(mlflow=True), dict(run_name="r")]
+    for change in same:
+        assert train_id(training_identity(_cfg(tmp_path, **change), "fp")) == tid, change
+    differ = [dict(seed=1), dict(epochs=4), dict(batch_size=4), dict(image_size=24), dict(fraction=0.5),
+              dict(heldout=0.2), dict(method="pskd"), dict(precision="bf16"), dict(method_overrides={"lr": 0.1}),
+              dict(backbone="resnet12_narrow")]
+    ids = {train_id(training_identity(_cfg(tmp_path, **change), "fp")) for change in differ}
+    assert len(ids | {tid}) == len(differ) + 1
+    assert train_id(training_identity(base, "other data")) != tid
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
@@ -122,68 +143,86 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(CE, "training_step", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"epoch 1 step 2"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 step 2"):
         train(_cfg(tmp_path, "nan", batch_size=9), train_data=_split())
 
 
-def test_limited_fraction_counts_are_stratified_and_seeded():
-    labels = np.repeat(np.arange(5), 12)
-    for frac, k in ((0.25, 3), (0.5, 6), (0.75, 9), (1.0, 12)):
-        idx = limited_fraction(labels, frac, seed=0)
-        assert np.bincount(labels[idx], minlength=5).tolist() == [k] * 5
-    assert np.array_equal(limited_fraction(labels, 0.5, 0), limited_fraction(labels, 0.5, 0))
-    assert not np.array_equal(limited_fraction(labels, 0.5, 0), limited_fraction(labels, 0.5, 1))
+def test_limited_fraction_is_hsakds_stratified_shuffle_split():
+    """HSAKD: StratifiedShuffleSplit(test_size=1-r, random_state=0): 10 classes x 10 images at r=0.25 keep 25
+    images (2 or 3 per class), not 20; the subset does not depend on the training seed."""
+    labels = np.repeat(np.arange(10), 10)
+    idx = stratified_fraction(labels, 0.25)
+    assert len(idx) == 25 and set(np.bincount(labels[idx], minlength=10)) <= {2, 3}
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    ref, _ = next(StratifiedShuffleSplit(n_splits=1, test_size=0.75, random_state=0).split(np.zeros(100), labels))
+    assert np.array_equal(idx, np.sort(ref))
+    assert np.array_equal(stratified_fraction(labels, 1.0), np.arange(100))
     # heldout rows are excluded before the fraction: 20 per class, 10 % held out -> 18, half -> 9
     data = _split(per_class=20)
-    prep = prepare_data(_cfg(None or __import__("pathlib").Path("/tmp"), fraction=0.5), train_data=data)
+    prep = prepare_data(_cfg(__import__("pathlib").Path("/tmp"), fraction=0.5), train_data=data)
     assert prep.train.class_counts().tolist() == [9] * 4
     assert prep.heldout.class_counts().tolist() == [2] * 4
 
 
+def test_bf16_precision_trains_on_cpu(tmp_path):
+    res = train(_cfg(tmp_path, "bf16", precision="bf16", epochs=2), train_data=_split())
+    assert res.finished and np.isfinite(res.history[-1]["train_loss"])
+    assert res.identity["precision"] == "bf16"
+    fp32 = train(_cfg(tmp_path, "fp32", epochs=2), train_data=_split())
+    assert fp32.train_id != res.train_id
+
+
 # ------------------------------------------------------------------------------------------- mlflow + export
-def test_mlflow_run_contents_and_export(tmp_path, monkeypatch):
+def test_mlflow_record_and_export(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     data = _split(per_class=25)
     val = _split(n_classes=5, per_class=20, split="val", seed=1)
-    cfg = _cfg(tmp_path, "ml", method="pskd", epochs=2, mlflow=True, export=True, val_episodes=10,
-               experiment="t-exp", method_overrides={"alpha_T": "0.5"})
+    cfg = _cfg(tmp_path, "ml", method="pskd", epochs=2, mlflow=True, export=True,
+               validation=EpisodeProtocol(5, 5, 15, 10), experiment="fsl-bench/t-exp",
+               method_overrides={"alpha_T": "0.5"})
     res = train(cfg, train_data=data, val_data=val)
-    import mlflow
+    from fsl_lsskd.record import open_store
 
-    run = mlflow.get_run(res.run_id)
-    p = run.data.params
-    assert p["method"] == "pskd" and p["seed"] == "0" and p["method_config.alpha_T"] == "0.5"
-    assert p["method_config.epochs"] == "2" and p["backbone"] == BACKBONE
-    tags = run.data.tags
-    for k in ("method", "backbone", "dataset", "seed", "git_commit"):
-        assert k in tags
-    client = mlflow.tracking.MlflowClient()
+    store = open_store(create=False)
+    rec = store.training(res.train_id)
+    assert rec is not None and rec.run_id == res.run_id and rec.identity == res.identity
+    p = rec.params
+    assert p["identity.method"] == "pskd" and p["identity.seed"] == "0"
+    assert p["identity.method_config.alpha_T"] == "0.5" and p["identity.method_config.epochs"] == "2"
+    for k in ("fsl.method", "fsl.backbone", "fsl.dataset", "fsl.seed", "fsl.git_commit", "fsl.train_id"):
+        assert k in rec.tags
     for key in ("train_loss", "train_pskd_ce", "lr", "images_per_s", "heldout_base_acc", "val_fewshot_acc"):
-        hist = client.get_metric_history(res.run_id, key)
-        assert sorted(m.step for m in hist) == [0, 1], key
-    arts = {a.path for a in client.list_artifacts(res.run_id)}
-    assert {"config.json", "checkpoint", "export", "training_curves.png"} <= arts
-    assert {a.path for a in client.list_artifacts(res.run_id, "export")} == {"export/backbone.safetensors",
-                                                                            "export/backbone.json"}
-    assert (tmp_path / "mlflow.db").exists()
-
-    # export round trip: timm loads it; parameter count equals create_backbone(name, num_classes=0)'s
-    import timm
-
-    report = json.loads(res.backbone.with_suffix(".json").read_text())
+        hist = store.client.get_metric_history(res.run_id, key)
+        assert sorted(m.step for m in hist) == [1, 2], key  # epochs count from 1
+    acc = [m.value for m in store.client.get_metric_history(res.run_id, "val_fewshot_acc")]
+    assert all(1.0 < a <= 100.0 for a in acc)  # percent
+    arts = {a.path for a in store.client.list_artifacts(res.run_id)}
+    assert {"config.json", "model", "export", "training_curves.png"} <= arts and "checkpoint" not in arts
+    assert {a.path for a in store.client.list_artifacts(res.run_id, "export")} == {"export/backbone.safetensors",
+                                                                                  "export/backbone.json"}
+    report = json.loads((res.export_dir / "backbone.json").read_text())
     ref = create_backbone(BACKBONE, num_classes=0, image_size=16)
-    n_ref = sum(p.numel() for p in ref.parameters())
-    assert report["params"] == n_ref and report["flops"] > 0 and report["latency_ms_cpu_b1"] > 0
-    net = timm.create_model(BACKBONE, pretrained=False, num_classes=0, checkpoint_path=str(res.backbone))
-    assert sum(p.numel() for p in net.parameters()) == n_ref
-    exported, meta = load_backbone(res.backbone)
-    trained = load_method(res.checkpoint).export_backbone()
+    assert report["params"] == sum(p.numel() for p in ref.parameters()) and report["flops"] > 0
+    assert report["train_id"] == res.train_id and report["mean"] == [0.5, 0.5, 0.5]
+    exported, meta = load_backbone(res.export_dir)
+    trained = load_method(res.model_dir).export_backbone()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), trained(x))
-        torch.testing.assert_close(net.eval()(x), trained(x))
     assert meta["method"] == "pskd"
+
+
+def test_export_load_with_runs_verbatim_in_a_fresh_interpreter(tmp_path):
+    """The export's ``load_with`` snippet, run from the export directory in a fresh interpreter, yields the model
+    (nothing imported beforehand: the few-shot backbones register when fsl_lsskd.backbones is imported)."""
+    res = train(_cfg(tmp_path, "e", epochs=1, export=True), train_data=_split())
+    report = json.loads((res.export_dir / "backbone.json").read_text())
+    code = report["load_with"] + "; import torch; print(model(torch.zeros(1, 3, 16, 16)).shape[-1])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=res.export_dir, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "64"
 
 
 def test_export_cli_and_train_help(tmp_path):
@@ -191,10 +230,8 @@ def test_export_cli_and_train_help(tmp_path):
 
     from fsl_lsskd.cli import main
 
-    data = _split()
-    res = train(_cfg(tmp_path, "e", epochs=1), train_data=data)
-    r = CliRunner().invoke(main, ["export", str(res.checkpoint), "--out", str(tmp_path / "exp"),
-                                  "--latency-runs", "3"])
+    res = train(_cfg(tmp_path, "e", epochs=1), train_data=_split())
+    r = CliRunner().invoke(main, ["export", str(res.model_dir), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "exp" / "backbone.safetensors").is_file()
     assert json.loads((tmp_path / "exp" / "backbone.json").read_text())["name"] == BACKBONE
@@ -213,22 +250,3 @@ def test_bench_train_smoke():
     assert res["speedup_vs_best_reference"] > 0 and res["methods"] == {}
     assert set(res["data_only_ms_per_batch"]) == {"ours", "reference workers=0"}
     assert res["data_only_speedup_vs_best_reference"] > 0
-
-
-def test_tracking_nested_child_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    import mlflow
-
-    from fsl_lsskd import tracking
-
-    mlflow.set_experiment("grid")
-    with mlflow.start_run(run_name="parent") as parent:
-        with tracking.start_run("grid", run_name="child", tags={"method": "ce"}) as child:
-            tracking.log_metrics({"a/b": 1.0}, step=0)
-    got = mlflow.get_run(child.info.run_id)
-    assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert got.data.tags["method"] == "ce" and got.data.metrics["a_b"] == 1.0
-    with tracking.start_run("grid", run_name="c2", parent_run_id=parent.info.run_id) as c2:
-        pass
-    assert mlflow.get_run(c2.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -12,9 +12,9 @@ Stages (what :func:`forward_stages` returns, in order):
 A model may override the choice with a ``fsl_stage_indices`` attribute (indices into ``feature_info``);
 :func:`create_backbone` sets it on adapted timm models.
 
-Performance: all models work with ``channels_last`` (1.15-2x faster on CPU for these CNNs, measured in
-``/work/shared/reference/install.md`` §4.3); ``create_backbone(..., channels_last=True)`` converts the model, the
-training engine decides and must convert its input batches too.
+Performance: all models work with ``channels_last`` (1.15-2x faster on CPU for these CNNs, measured on the
+project's 2-core machine); ``create_backbone(..., channels_last=True)`` converts the model, the training engine
+decides and must convert its input batches too.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnknownNameError
 from ..registry import BACKBONES
-from ._common import init_weights
+from .base import init_weights
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,58 @@ def _measure_reductions(model: nn.Module, size: int = 64, in_chans: int = 3) -> 
 
 def _is_transformer(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") or hasattr(model, "blocks") and hasattr(model, "cls_token")
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise :class:`UnknownNameError` unless ``name`` is a registered few-shot backbone or a timm model name
+    (whether a timm model is a usable CNN is decided by :func:`create_backbone`)."""
+    from ..registry import check_names
+
+    check_names(backbones=[name])
+
+
+PROBE_SIZES = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+@torch.no_grad()
+def probe(name: str, image_size: int) -> None:
+    """Build backbone ``name`` for ``image_size`` and run one forward pass and one stage pass on zeros (eval
+    mode); raises whatever the model raises."""
+    model = create_backbone(name, num_classes=2, image_size=image_size).eval()
+    x = torch.zeros(2, 3, image_size, image_size)
+    model(x)
+    forward_stages(model, x)
+
+
+def smallest_image_size(name: str) -> Optional[int]:
+    """The smallest of :data:`PROBE_SIZES` at which :func:`probe` passes (None: none does)."""
+    for size in PROBE_SIZES:
+        try:
+            probe(name, size)
+            return size
+        except Exception:  # noqa: BLE001 - a size the model cannot take
+            continue
+    return None
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """Raise :class:`ConfigError` (exit 2) naming the smallest size that works when backbone ``name`` cannot take
+    ``image_size`` x ``image_size`` inputs (e.g. ``conv4`` at 8: its four 2x2 poolings leave nothing)."""
+    from ..errors import UserError
+    from ..utils import first_line
+
+    try:
+        probe(name, int(image_size))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported with the fix
+        smallest = smallest_image_size(name)
+        fix = (f"the smallest input it takes is {smallest}x{smallest}: pass --image-size {smallest} or larger "
+               f"(`image_size:` in a benchmark file)" if smallest else
+               f"it takes none of the sizes {PROBE_SIZES[0]}..{PROBE_SIZES[-1]}; use another backbone (e.g. "
+               f"{', '.join(BACKBONES.names())})")
+        raise ConfigError(f"backbone {name!r} cannot take {image_size}x{image_size} inputs ({first_line(exc)}); "
+                          f"{fix}") from None
 
 
 def create_backbone(name: str, num_classes: int = 0, image_size: int = 32, *, channels_last: bool = False,
@@ -214,8 +266,8 @@ def _extra_last_stage(model: nn.Module, last: nn.Module, chs: int) -> nn.Module:
 
 def branch_tail(model: nn.Module, stage_index: int, seed: Optional[int] = None) -> nn.Sequential:
     """Freshly initialised copy of the stages after ``stage_index`` (0-based into ``forward_stages``'s list), as
-    an ``nn.Sequential``: the feature extractor of an LSSKD/HSAKD auxiliary branch (winycg/HSAKD
-    ``models/resnet.py``; /work/shared/reference/method.md §1.2). For the last stage it is one extra last-stage
+    an ``nn.Sequential``: the feature extractor of an LSSKD/HSAKD auxiliary classifier (winycg/HSAKD
+    ``models/resnet.py``; docs/methods.md, "Auxiliary classifiers"). For the last stage it is one extra last-stage
     block at stride 1. ``branch_tail(model, l)(stage_maps[l])`` has the last stage's channel count
     (``stage_info(model)[stage_indices(model)[-1]]['num_chs']``) and spatial size. ``seed`` seeds the init."""
     idx = stage_indices(model)

@@ -1,4 +1,5 @@
-"""Shared pieces of the few-shot backbones: weight init, the pooled head and the timm model contract."""
+"""The few-shot backbones' shared pieces: weight init and :class:`StagedNet`, the timm model contract that
+a staged few-shot backbone subclasses (registered with ``@register_model`` and ``BACKBONES.register``)."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple, Union

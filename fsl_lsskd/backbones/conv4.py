@@ -11,7 +11,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..registry import BACKBONES
-from ._common import StagedNet, init_weights
+from .base import StagedNet, init_weights
 
 
 def conv_block(in_chs: int, out_chs: int, pool: bool = True) -> nn.Sequential:

@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..registry import BACKBONES
-from ._common import StagedNet, init_weights
+from .base import StagedNet, init_weights
 
 
 class ResNet12Block(nn.Module):

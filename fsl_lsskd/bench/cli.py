@@ -6,7 +6,7 @@ from typing import Dict
 
 import click
 
-from ..cli import LazyCommands
+from ..options import LazyCommands
 
 BENCH_COMMANDS: Dict[str, str] = {
     "eval": "fsl_lsskd.eval.cli:bench_eval",

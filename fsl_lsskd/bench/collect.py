@@ -1,62 +1,154 @@
-"""Read a benchmark's completed cells from MLflow into a :class:`~fsl_lsskd.bench.tables.ResultSet`."""
+"""Read a benchmark's finished cells and scores from the store into a :class:`~fsl_lsskd.bench.tables.ResultSet`.
+
+Reading needs no data: a cell's training run is found by its training identity with the data fingerprint (and
+the teacher's id) left out, among the finished training runs of the store; when the store holds the same cell
+for several versions of the data, the version the benchmark's latest invocation used wins. Scores are matched
+by what they measure (target dataset and split, protocol, readout and settings).
+"""
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..protocol import EpisodeProtocol
 from .config import Benchmark
-from .grid import expand, with_teachers
-from .runner import COMPLETE, experiment_name
-from .tables import ResultSet, eval_artifact_name
+from .grid import Cell, expand, experiment_name, training_config, with_teachers
+from .tables import ResultSet, Series
 
 log = logging.getLogger(__name__)
 
 CURVE_METRICS = ("train_loss", "val_fewshot_acc", "heldout_base_acc")
+_MASKED = ("split_fingerprint", "teacher")
 
 
-def collect(bench: Benchmark) -> ResultSet:
-    """Only runs tagged complete and belonging to the benchmark's current grid are read."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+def _masked(identity: Dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in identity.items() if k not in _MASKED}, sort_keys=True, default=str)
 
-    from .. import tracking
 
-    tracking.quiet_mlflow()
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name(bench))
-    if exp is None:
-        raise ConfigError(f"no runs for benchmark {bench.name!r} in {mlflow.get_tracking_uri()}; "
-                          f"run `fsl-bench run {bench.path or bench.name}` first")
-    wanted = {c.id: c for c in with_teachers(expand(bench))}  # teacher rows are results too
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`fsl.cell_status` = '{COMPLETE}'",
-                              max_results=50000)
+def cell_identity_key(bench: Benchmark, cell: Cell) -> str:
+    """A cell's training identity with the data fingerprint and teacher id masked (data-free matching)."""
+    from ..train.config import training_identity
+
+    cfg = training_config(bench, cell, Path("."), data={})
+    teacher = "?" if cell.teacher is not None else None
+    return _masked(training_identity(cfg, "?", teacher))
+
+
+def match_cells(bench: Benchmark, store) -> Dict[tuple, Any]:
+    """cell key -> its finished :class:`~fsl_lsskd.record.TrainingRecord` (cells of the grid and teachers)."""
+    cells = with_teachers(expand(bench))
+    runs = list(store.trainings().values())
+    by_key: Dict[str, List[Any]] = {}
+    for rec in runs:
+        by_key.setdefault(_masked(rec.identity), []).append(rec)
+    preferred = _latest_fingerprints(bench, store)
+    out = {}
+    for cell in cells:
+        cands = by_key.get(cell_identity_key(bench, cell), [])
+        if cell.teacher is not None and cell.teacher.key in out:
+            cands = [r for r in cands if r.identity.get("teacher") == out[cell.teacher.key].train_id]
+        if len(cands) > 1 and cell.dataset in preferred:
+            cands = [r for r in cands if r.identity.get("split_fingerprint") == preferred[cell.dataset]] or cands
+        if cands:
+            out[cell.key] = max(cands, key=lambda r: r.start_time)
+    return out
+
+
+def _latest_fingerprints(bench: Benchmark, store) -> Dict[str, str]:
+    eid = store.experiment_id(experiment_name(bench), create=False)
+    if eid is None:
+        return {}
+    runs = store.client.search_runs([eid], filter_string="tags.`fsl.kind` = 'invocation'",
+                                    order_by=["attributes.start_time DESC"], max_results=20)
+    for r in runs:
+        raw = r.data.tags.get("fsl.fingerprints")
+        if raw:
+            return json.loads(raw)
+    return {}
+
+
+def collect(bench: Benchmark, store=None) -> ResultSet:
+    """The benchmark's results: per row (method or variant, backbone), per column (training data, target,
+    protocol, readout), per seed the per-episode arrays; base-class scores; training curves of the first seed.
+    Raises :class:`ConfigError` when nothing of the benchmark is in the store."""
+    from ..eval.scoring import ReadoutSpec
+    from ..record import check_no_legacy, open_store
+
+    store = store or open_store(create=False)
+    check_no_legacy(store)
+    matched = match_cells(bench, store)
+    if not matched:
+        raise ConfigError(f"benchmark {bench.name!r} has no finished cells in the store; run "
+                          f"`fsl-bench run {bench.where}` first")
+    cells = with_teachers(expand(bench))
+    scores = store.scores([rec.train_id for rec in matched.values()])
+    by_train: Dict[str, List[Any]] = {}
+    for rec in scores.values():
+        by_train.setdefault(rec.train_id, []).append(rec)
     results = ResultSet()
-    ev = bench.eval
-    n_cells = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in runs:
-            cell = wanted.get(run.data.tags.get("fsl.cell_id", ""))
-            if cell is None:
-                continue
-            n_cells += 1
-            key = (cell.method, cell.backbone)
-            results.meta.setdefault("episodes_source", set()).add(run.data.tags.get("fsl.episodes_source", "?"))
-            for shot in ev.shots:
-                for clf in ev.classifiers_for(cell.method):
-                    name = eval_artifact_name(ev.split, ev.n_way, shot, clf)
-                    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"eval/{name}",
-                                                                dst_path=str(Path(tmp) / run.info.run_id))
-                    results.add(key, (cell.data_label, shot, clf), cell.seed, np.load(local))
-            if cell.seed == min(bench.seeds) and cell.fraction == max(bench.fractions or (1.0,)):
-                for metric in CURVE_METRICS:
-                    hist = client.get_metric_history(run.info.run_id, metric)
-                    if hist:
-                        results.curves.setdefault(key, {})[metric] = [(m.step, m.value) for m in hist]
-    results.meta.update(cells_found=n_cells, cells_expected=len(wanted))
-    if n_cells == 0:
-        raise ConfigError(f"benchmark {bench.name!r} has no completed cells yet; run `fsl-bench run` first")
+    defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
+    main = bench.eval.protocols()
+    curve = bench.eval.curves.protocols() if bench.eval.curves else []
+    cache: Dict[str, Any] = {}
+    sources = set()
+    for cell in cells:
+        rec = matched.get(cell.key)
+        if rec is None:
+            continue
+        row = (cell.row, cell.backbone)
+        if cell.role == "teacher":
+            results.teacher_rows.add(row)
+        extra = bench.eval.extra_readouts.get(cell.row) or bench.eval.extra_readouts.get(cell.method) or ()
+        specs = [ReadoutSpec.parse(r, defaults) for r in tuple(bench.eval.readouts) + tuple(extra)]
+        curve_specs = [ReadoutSpec.parse(r, defaults) for r in (bench.eval.curves.readouts if bench.eval.curves
+                                                                else ())]
+        for target in bench.eval_datasets(cell.dataset):
+            for s in _newest_per_measure(by_train.get(rec.train_id, [])):
+                ident = s.identity
+                if s.tags.get("fsl.readout") == "heldout_base":
+                    if target == cell.dataset:
+                        results.add_base(row, cell.data_label, cell.seed, store.score_arrays(s, cache))
+                    continue
+                t = ident.get("target", {})
+                if t.get("dataset") != target or t.get("split") != bench.eval.split:
+                    continue
+                proto = EpisodeProtocol.parse(ident["protocol"])
+                spec = next((sp for sp in specs if sp.identity() == {"readout": ident["readout"],
+                                                                       "settings": ident["settings"]}), None)
+                cspec = next((sp for sp in curve_specs if sp.identity() == {"readout": ident["readout"],
+                                                                              "settings": ident["settings"]}), None)
+                arrays = None
+                if spec is not None and proto in main:
+                    arrays = store.score_arrays(s, cache)
+                    results.add(row, (cell.data_label, target, proto.key, spec.label), cell.seed, arrays)
+                    sources.add(s.tags.get("fsl.episodes_source", "?"))
+                if cspec is not None and (proto in curve or proto.replace(n_episodes=bench.eval.n_episodes) in main):
+                    arrays = arrays if arrays is not None else store.score_arrays(s, cache)
+                    results.add_curve(row, (cell.data_label, target, proto.n_way, proto.n_shot, cspec.label),
+                                      cell.seed, arrays)
+        if cell.seed == min(bench.seeds) and cell.fraction == max(bench.fractions or (bench.train.fraction,)):
+            for metric in CURVE_METRICS:
+                hist = store.client.get_metric_history(rec.run_id, metric)
+                if hist:
+                    results.curves.setdefault(row, {})[metric] = [(m.step, m.value) for m in hist]
+    results.meta.update(cells_found=len(matched), cells_expected=len(cells), episodes_source=sources)
     return results
+
+
+def _newest_per_measure(records: List[Any]) -> List[Any]:
+    """One score per (target dataset/split, protocol, readout, settings): the newest (a re-scored cell keeps
+    older score runs of other data versions)."""
+    best: Dict[str, Any] = {}
+    for r in records:
+        ident = r.identity
+        key = json.dumps({"t": {k: ident.get("target", {}).get(k) for k in ("dataset", "split")},
+                          "p": ident.get("protocol"), "r": ident.get("readout"), "s": ident.get("settings")},
+                         sort_keys=True, default=str)
+        if key not in best or r.start_time > best[key].start_time:
+            best[key] = r
+    return list(best.values())

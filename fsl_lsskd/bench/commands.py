@@ -1,52 +1,28 @@
 """``fsl-bench run`` and ``fsl-bench table``."""
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
+import logging
+import shlex
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import click
+
+log = logging.getLogger(__name__)
 
 
 def _split_list(value: Optional[str]):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-@click.command("run")
-@click.argument("benchmark", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--methods", help="Comma-separated subset of the file's methods.")
-@click.option("--backbones", help="Comma-separated subset of the file's backbones.")
-@click.option("--datasets", help="Comma-separated subset of the file's datasets.")
-@click.option("--seeds", help="Comma-separated subset of the file's seeds.")
-@click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
-              help="Where dataset NAME's archive or folder is on this machine (repeatable); not part of cell ids.")
-@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True, help="Checkpoints and exports go to OUT/<benchmark>/<cell id>/.")
-@click.option("--rerun", is_flag=True, help="Run cells again even if complete in the MLflow store.")
-@click.option("--dry-run", is_flag=True, help="Print the grid (and which cells are done) and stop.")
-@click.option("--shard", "shard_spec", help="Run slice I/N of the grid (1-based), e.g. 2/4.")
-def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_root: Path, rerun: bool,
-        dry_run: bool, shard_spec: Optional[str]) -> None:
-    """Run a benchmark grid (methods x backbones x datasets x seeds), resumably.
-
-    Cells already complete in the MLflow store (MLFLOW_TRACKING_URI, default ./mlflow.db) are skipped,
-    so a killed run resumes where it stopped. A cell that crashes or diverges is reported and the grid
-    goes on (exit code 1 at the end); bad data or config stops at once (exit code 2).
-
-    \b
-    Example:
-      fsl-bench run benchmarks/smoke.yaml
-      fsl-bench run benchmarks/cpu_tiny_imagenet.yaml --methods ce,lsskd --seeds 0 --shard 1/2
-      fsl-bench run benchmarks/cpu_cifar_fs.yaml --data cifar_fs=~/data/cifar-100-python.tar.gz
-    """
+def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, seeds=None, data_paths=()):
+    """A benchmark file with the CLI's filters and ``--data NAME=PATH`` applied."""
     from ..errors import ConfigError
     from .config import load_benchmark
-    from .grid import expand, shard, with_teachers
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("fsl-bench run under torchrun would run the whole grid on every process; run it "
-                          "without torchrun and use --shard I/N to spread cells over processes (torchrun is for "
-                          "one `fsl-bench train` run on several processes)")
     bench = load_benchmark(benchmark)
     try:
         seed_list = [int(s) for s in _split_list(seeds)] if seeds else None
@@ -55,133 +31,238 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
     bench = bench.with_filters(methods=_split_list(methods), backbones=_split_list(backbones),
                                datasets=_split_list(datasets), seeds=seed_list)
     if data_paths:
-        import dataclasses
-
         paths = dict(bench.data_paths)
+        names = set(bench.datasets) | set(bench.eval.datasets)
         for item in data_paths:
             name, sep, path = item.partition("=")
             if not sep or not name.strip() or not path.strip():
                 raise ConfigError(f"--data {item!r}: expected NAME=PATH, e.g. --data cifar_fs=cifar-100-python.tar.gz")
-            if name.strip() not in bench.datasets:
+            if name.strip() not in names:
                 raise ConfigError(f"--data {item!r}: {name.strip()!r} is not a dataset of {benchmark} "
-                                  f"({', '.join(bench.datasets)})")
+                                  f"({', '.join(sorted(names))})")
             paths[name.strip()] = path.strip()
         bench = dataclasses.replace(bench, data_paths=paths)
-    click.echo(f"benchmark {bench.name}: {bench.description}")
-    click.echo("resolved config: " + _one_line(bench.to_dict()))
+    return bench
+
+
+@click.command("run")
+@click.argument("benchmark", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--methods", help="Comma-separated subset of the file's methods (or variants).")
+@click.option("--backbones", help="Comma-separated subset of the file's backbones.")
+@click.option("--datasets", help="Comma-separated subset of the file's datasets.")
+@click.option("--seeds", help="Comma-separated subset of the file's seeds.")
+@click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
+              help="Where dataset NAME's archive or folder is on this machine (repeatable); not part of any id.")
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True, help="Run directories of cells being trained: OUT/cells/<train id>/ (deleted when "
+              "a cell finishes: its files go to the MLflow store).")
+@click.option("--rerun", is_flag=True, help="Train and score every cell again, even if finished in the store.")
+@click.option("--dry-run", is_flag=True, help="Check the benchmark and its data, print the grid (which cells are "
+              "trained, which scores are missing) and stop.")
+@click.option("--shard", "shard_spec", help="Run slice I/N of the grid (1-based), e.g. 2/4.")
+@click.option("--launcher", type=click.Choice(["inline", "local", "slurm"]), default="inline", show_default=True,
+              help="Train missing cells in this process (inline), as local jobs or as SLURM jobs (submitit); "
+                   "scoring runs here once they finish.")
+def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_root: Path, rerun: bool,
+        dry_run: bool, shard_spec: Optional[str], launcher: str) -> None:
+    """Run a benchmark grid resumably: train only the cells that are not finished in the MLflow store, then
+    score only the (cell, split, protocol, readout) pairs the store lacks.
+
+    Store: MLFLOW_TRACKING_URI, default ./mlflow.db of the current directory. Adding a readout or a protocol
+    to the benchmark file re-scores finished cells in seconds and trains nothing. A cell that crashes or
+    diverges is reported and the grid goes on (exit code 1 at the end); bad data or config stops at once
+    (exit code 2); Ctrl-C stops (exit code 130) and the same command resumes.
+
+    \b
+    Example:
+      fsl-bench run benchmarks/smoke.yaml
+      fsl-bench run benchmarks/cpu_tiny_imagenet.yaml --methods ce,lsskd --seeds 0 --shard 1/2
+      fsl-bench run benchmarks/cpu_cifar_fs.yaml --data cifar_fs=~/data/cifar-100-python.tar.gz
+      fsl-bench run benchmarks/paper_tiny_imagenet.yaml --launcher slurm
+    """
+    import os
+
+    from ..errors import ConfigError
     from .validate import validate_benchmark
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("fsl-bench run under torchrun would run the whole grid on every process; run it "
+                          "without torchrun and use --shard I/N or --launcher to spread cells (torchrun is for "
+                          "one `fsl-bench train` run on several processes)")
+    bench = load_filtered(benchmark, methods, backbones, datasets, seeds, data_paths)
+    click.echo(f"benchmark {bench.name}: {bench.description}")
+    log.info("resolved config: %s", json.dumps(bench.to_dict(), sort_keys=True, default=str))
     # names, settings, --out and the data against the protocols, before anything is trained or logged
-    validate_benchmark(bench, data=not dry_run, out_root=None if dry_run else out_root)
-    cells = expand(bench)
-    if shard_spec:
-        cells = shard(cells, shard_spec)
-    cells = with_teachers(cells)
+    notes = validate_benchmark(bench, data=True, out_root=None if dry_run else out_root)
+    for n in notes:
+        click.echo(f"note: {n}")
     if dry_run:
-        done = _done_ids(bench)
-        for c in cells:
-            notes = ["teacher"] if c.role == "teacher" else []
-            if c.teacher is not None:
-                notes.append(f"taught by {c.teacher.id}")
-            if c.id in done:
-                notes.append("complete")
-            click.echo(f"  {c.id}  {c.label}" + (f"  ({', '.join(notes)})" if notes else ""))
-        click.echo(f"{len(cells)} cells, {sum(c.id in done for c in cells)} complete")
+        _dry_run(bench, shard_spec)
         return
+    _run(bench, out_root, rerun, shard_spec, launcher, command=" ".join(shlex.quote(a) for a in sys.argv))
+
+
+def _launcher(kind: str, bench):
+    if kind == "inline":
+        return None
+    from .launch import make_launcher
+
+    return make_launcher(kind, bench)
+
+
+def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher_kind: str, command: str) -> None:
     from tqdm import tqdm
 
     from ..utils import EpochBar
-    from .runner import run_benchmark
+    from .runner import plan_cells, run_benchmark
 
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", position=0)
-    epochs = EpochBar(position=1, leave=False)
+    n_cells = len(plan_cells(bench, shard_spec))
+    bar = tqdm(total=n_cells, desc="cells", unit="cell", position=0, disable=None)
+    epochs = EpochBar(position=1, leave=False, disable=None)
+    state: List = []
 
     def on_event(kind, cell, outcome):
         epochs.close()
-        if kind == "start":
-            bar.set_postfix_str(cell.label)
-        else:
+        if kind in ("train", "score"):
+            bar.set_postfix_str(f"{'training' if kind == 'train' else 'scoring'} {cell.label}")
+        elif kind == "end":
+            state.append(outcome)
             bar.update(1)
 
     try:
         outcomes = run_benchmark(bench, out_root, rerun=rerun, shard_spec=shard_spec, on_event=on_event,
-                                 on_epoch=epochs)
+                                 on_epoch=epochs, launcher=_launcher(launcher_kind, bench))
+    except KeyboardInterrupt:
+        epochs.close()
+        bar.close()
+        done = [o for o in state if o.status not in ("failed", "busy")]
+        click.echo(f"\ninterrupted: {len(done)} of {n_cells} cells finished in this run (trained or scored); the "
+                   f"interrupted cell keeps its last epoch in {out_root}/cells/ and resumes from it.\nresume with: "
+                   f"{command}", err=True)
+        sys.exit(130)
     finally:
         epochs.close()
         bar.close()
-    click.echo(f"\n{'cell':<40} {'status':<8} {'time':>7}  results")
-    for o in outcomes:
-        res = ", ".join(f"{k.split('.', 2)[-1].replace('.acc', '')}={v:.2f}" for k, v in sorted(o.metrics.items())
-                        if k.endswith(".acc"))
-        click.echo(f"{o.cell.label:<40} {o.status:<8} {o.seconds:>6.0f}s  {res or o.error}")
-    busy = [o for o in outcomes if o.status == "busy"]
-    if busy:
-        click.echo(f"{len(busy)} cell(s) were running in another process; run the same command again when it is "
-                   f"done to confirm the grid is complete", err=True)
+    _summary(outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
-        click.echo(f"{len(failed)} cell(s) failed (tracebacks above); fix the cause and run the same command "
-                   f"again: finished cells are skipped", err=True)
-        raise SystemExit(1)
+        click.echo(f"{len(failed)} cell(s) failed (tracebacks above); fix the cause and run the same command again: "
+                   f"finished cells and scores are kept", err=True)
+        sys.exit(1)
 
 
-def _done_ids(bench):
-    from .. import tracking
-    from .runner import experiment_name, finished_cells
+def _summary(outcomes) -> None:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("trained", "resumed", "rescored", "reused", "failed",
+                                                                "busy")}
+    scores = sum(o.new_scores for o in outcomes)
+    click.echo(f"\n{'cell':<44} {'status':<9} {'time':>7}  results (accuracy %)")
+    for o in outcomes:
+        res = ", ".join(f"{k}={v:.2f}" for k, v in sorted(o.metrics.items()) if v is not None)
+        click.echo(f"{o.cell.label:<44} {o.status:<9} {o.seconds:>6.0f}s  {res or o.error}")
+    notes = sorted({n for o in outcomes for n in o.notes})
+    for n in notes:
+        click.echo(f"note: {n}")
+    click.echo(f"summary: {counts['trained']} trained, {counts['resumed']} resumed, {counts['rescored']} re-scored, "
+               f"{counts['reused']} reused, {counts['failed']} failed, {counts['busy']} busy; {scores} new scores")
+    if counts["busy"]:
+        click.echo(f"{counts['busy']} cell(s) were running in another process; run the same command again when it "
+                   f"is done to confirm the grid is complete", err=True)
 
-    tracking.quiet_mlflow()
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name(bench))
-    return finished_cells(client, exp.experiment_id) if exp else {}
+def _dry_run(bench, shard_spec) -> None:
+    from ..errors import UserError
+    from ..record import StoreNotFound, check_no_legacy, describe_store, open_store
+    from .runner import DataCache, Plan, plan_cells, wanted_scores
 
-
-def _one_line(d) -> str:
-    import json
-
-    return json.dumps(d, sort_keys=True, default=str)
+    cells = plan_cells(bench, shard_spec)
+    plan = Plan(bench, cells, DataCache(bench))
+    try:
+        store = open_store(create=False)
+        check_no_legacy(store)
+        done = store.trainings([plan.tid(c) for c in cells])
+        have = store.scores([plan.tid(c) for c in cells])
+    except StoreNotFound:
+        click.echo(f"store: none yet at {describe_store()} (created by the first run)")
+        done, have = {}, {}
+    to_train = to_score = 0
+    for c in cells:
+        tid = plan.tid(c)
+        notes = ["teacher"] if c.role == "teacher" else []
+        if c.teacher is not None:
+            notes.append(f"taught by {plan.tid(c.teacher)}")
+        try:
+            wanted, _ = wanted_scores(bench, c, plan)
+        except UserError as exc:
+            wanted, _ = [], None
+            notes.append(f"cannot score: {exc}")
+        missing = [w for w in wanted if w.score_id not in have]
+        if tid in done:
+            notes.append("trained" + (f", {len(missing)} of {len(wanted)} scores missing" if missing else ", scored"))
+        else:
+            to_train += 1
+            notes.append(f"to train, then {len(wanted)} scores")
+        to_score += len(missing)
+        click.echo(f"  {tid}  {c.label}  ({', '.join(notes)})")
+    click.echo(f"{len(cells)} cells: {len(cells) - to_train} trained, {to_train} to train; {to_score} scores to compute")
 
 
 @click.command("table")
 @click.argument("benchmark", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
-              show_default=True, help="Directory for <benchmark>.md/.csv/.tex and the PNG plots.")
+              show_default=True, help="Directory for <benchmark>.md/.csv/.tex and the figures (PNG and PDF).")
 @click.option("--baseline", "baselines", multiple=True, default=("ce",), show_default=True,
               help="Method every other method is compared with on identical episodes (paired table); repeat the "
                    "option for several.")
-def table(benchmark: Path, out_dir: Path, baselines) -> None:
-    """Publish result tables (Markdown, CSV, LaTeX) and plots for a benchmark from the MLflow store.
+@click.option("--from-results", "from_results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Rebuild the tables from a published results directory (results/weights/<benchmark>/) instead "
+                   "of the MLflow store.")
+def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path]) -> None:
+    """Publish result tables (Markdown, CSV, LaTeX) and figures for a benchmark from the MLflow store (read only:
+    a missing store is an error naming where it looked, never created).
 
     \b
     Example:
       fsl-bench table benchmarks/smoke.yaml
       fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --out results --baseline ce --baseline pskd
+      fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --from-results results/weights/cpu_tiny_imagenet
     """
-    from .. import tracking
+    from ..errors import ConfigError
+    from ..record import git_commit
     from ..utils import check_writable_dir
     from .collect import collect
     from .config import load_benchmark
     from .tables import write_tables
-    from .validate import check_names
 
     bench = load_benchmark(benchmark)
-    check_names(methods=baselines)  # an unknown name fails with the valid ones (exit 2)
+    from ..registry import check_names
+
+    check_names(methods=[b for b in baselines if b not in bench.variants])  # a typo: the valid names, exit 2
     check_writable_dir(out_dir, "--out")
-    results = collect(bench)
+    if from_results is not None:
+        from .publish import collect_published
+
+        results = collect_published(bench, from_results)
+        source = f"published files in {from_results.as_posix()}"
+    else:
+        results = collect(bench)
+        source = "the MLflow store"
+    present = sorted({r[0] for r in results.cells})
+    missing = [b for b in baselines if b not in present]
+    if missing:
+        raise ConfigError(f"--baseline {', '.join(missing)}: not a method of the results of {bench.name} (methods "
+                          f"present: {', '.join(present)})")
     ev, tr = bench.eval, bench.train
     seeds = sorted({s for row in results.cells.values() for c in row.values() for s in c.per_seed})
-    caption = (f"{bench.name}: {bench.description} 5-way accuracy (%) on the {ev.split} split, mean ± 95% CI "
-               f"(t) over {ev.episodes} episodes ({ev.n_query} queries/class; episodes: {', '.join(sorted(results.meta['episodes_source']))}) of the per-episode "
-               f"accuracy averaged over seeds {seeds}; {tr.epochs} epochs, image size {bench.image_size}. "
-               + (f"Image-level evaluators ({', '.join(sorted({c for v in ev.extra_classifiers.values() for c in v}))}) "
-                  f"score the first {ev.image_episodes} of the same episodes. " if ev.image_episodes else "")
-               + f"Cells found: {results.meta['cells_found']}/{results.meta['cells_expected']}.")
+    caption = (f"{bench.name}: {bench.description} Accuracy (%) on the {ev.split} split, {ev.n_episodes} episodes "
+               f"({ev.n_query} queries per class; episodes: {', '.join(sorted(results.meta.get('episodes_source', [])))}); "
+               f"training seeds {seeds}; {tr.epochs} epochs, image size {bench.image_size}. "
+               + (f"Image-level readouts score the first {ev.image_episodes} of the same episodes. "
+                  if ev.image_episodes else "")
+               + f"Cells found: {results.meta.get('cells_found')}/{results.meta.get('cells_expected')}.")
     options = "".join(f" --baseline {b}" for b in baselines) if tuple(baselines) != ("ce",) else ""
-    header = (f"<!-- generated by `fsl-bench table {benchmark}{options}` at commit {tracking.git_commit()}; "
-              f"MLflow store {os.environ.get('MLFLOW_TRACKING_URI', 'sqlite:///mlflow.db (cwd)')} -->\n")
-    paths = write_tables(results, bench.published, caption, out_dir / bench.name, header=header,
-                         baselines=baselines)
+    header = (f"<!-- generated by `fsl-bench table {Path(benchmark).as_posix()}{options}` from {source} at commit "
+              f"{git_commit()} -->\n")
+    paths = write_tables(results, bench.published, caption, out_dir / bench.name, header=header, baselines=baselines)
     click.echo((out_dir / f"{bench.name}.md").read_text())
     for p in paths:
         click.echo(f"wrote {p}")

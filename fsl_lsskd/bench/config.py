@@ -1,70 +1,168 @@
 """Benchmark files (``benchmarks/*.yaml``) parsed into typed, frozen config objects.
 
-An unknown key or a wrong type is a :class:`~fsl_lsskd.errors.ConfigError` naming the key and the file.
+An unknown key or a wrong type is a :class:`~fsl_lsskd.errors.ConfigError` naming the key and the file. The
+keys, with an example::
+
+    name: cpu_tiny_imagenet            # default: the file name
+    description: "..."
+    datasets: [tiny_imagenet]          # training datasets (their base classes)
+    data:                              # where each dataset's files are (paths relative to this file)
+      tiny_imagenet: {archive: ../data/tiny-imagenet-200.zip, train_per_class: 100}
+    backbones: [conv4]
+    methods: [ce, pskd, lsskd, lsskd_dense]   # registered methods or variants
+    variants: {lsskd_dense: {method: lsskd, settings: {store_top_k: 0}}}
+    seeds: [0, 1, 2]
+    method_seeds: {hsakd: [0]}         # fewer seeds for a row (optional)
+    fractions: [0.25, 0.5, 0.75, 1.0]  # limited-data protocol (optional)
+    image_size: 32
+    train: {epochs: 15, batch_size: 64, heldout: 0.1, precision: fp32, device: cpu,
+            validation: {n_way: 5, n_shot: 5, n_query: 15, n_episodes: 200}}
+    method_overrides: {lsskd: {xlayer_kl: true}}
+    teachers: {kd: {method: ce}}       # default: each method's default teacher, trained on the full data
+    eval:
+      split: test
+      n_way: 5
+      n_shot: [1, 5]
+      n_query: 15
+      n_episodes: 2000
+      readouts: [protonet, logreg_batched, {readout: logreg_batched, n_aug_support: 5}]
+      extra_readouts: {maml: [maml_finetune]}
+      image_episodes: 500              # image-level readouts score the first N episodes
+      datasets: [tiny_imagenet, omniglot_runs]   # scored targets (default: the training dataset)
+      curves: {n_way: [5, 10, 20], n_shot: [1, 2, 5, 10, 20], n_episodes: 600, readouts: [protonet]}
+      base: true                       # base-class accuracy and calibration on the held-out images
+    published: {protonet: {"tiny_imagenet 5w1s15q protonet": "..."}}
+    launcher: {slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 240, mem_gb: 32, cpus_per_task: 8}}
 """
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import hashlib
 import json
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
 from ..errors import ConfigError
+from ..protocol import EpisodeProtocol, protocol_grid, unique
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where a dataset's files come from: an archive, a data root, or generated in official format."""
+    """Where a dataset's files come from: an archive, a data root, or generated in official format; plus the
+    options that select content (``split_file`` of an image folder, ``train_per_class`` images of every
+    class in the official order, ``image_size`` a folder's images are decoded at)."""
 
     archive: Optional[str] = None
     data_root: Optional[str] = None
     #: generate a small dataset in the official format (``fsl_lsskd.data.fake``): images per class per part
     generate: Optional[Tuple[int, int]] = None
     download: bool = False
+    split_file: Optional[str] = None
+    train_per_class: Optional[int] = None
+    image_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """The training budget and how it runs. ``validation``: the episodes scored on the val split every epoch
+    (``null`` disables); ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast (part of the training
+    identity)."""
+
     epochs: int = 100
     batch_size: Optional[int] = None
     fraction: float = 1.0
-    val_episodes: int = 200
     heldout: float = 0.1
+    precision: str = "fp32"
     device: str = "cpu"
+    validation: Optional[Mapping[str, int]] = field(
+        default_factory=lambda: {"n_way": 5, "n_shot": 5, "n_query": 15, "n_episodes": 200})
+
+    def validation_protocol(self) -> Optional[EpisodeProtocol]:
+        return None if not self.validation else EpisodeProtocol.parse(dict(self.validation))
+
+
+@dataclass(frozen=True)
+class CurveSpec:
+    """Way/shot curves: the protocols ``n_way x n_shot`` (those a split can host) scored with ``readouts``."""
+
+    n_way: Tuple[int, ...] = (5, 10, 20)
+    n_shot: Tuple[int, ...] = (1, 2, 5, 10, 20)
+    n_query: int = 15
+    n_episodes: int = 600
+    readouts: Tuple[Any, ...] = ("protonet",)
+
+    def protocols(self) -> List[EpisodeProtocol]:
+        return protocol_grid(self.n_way, self.n_shot, self.n_query, self.n_episodes)
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    split: str = "test"
-    n_way: int = 5
-    shots: Tuple[int, ...] = (1, 5)
-    n_query: int = 15
-    episodes: int = 2000
-    classifiers: Tuple[str, ...] = ("protonet", "logreg_batched")
-    #: evaluators run only for some methods' cells, e.g. ``{maml: [maml_finetune]}``
-    extra_classifiers: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
-    #: cap on the episodes of image-level evaluators (``maml_finetune`` fine-tunes per episode): the first N
-    #: of the same published episodes; ``None`` = all
-    image_episodes: Optional[int] = None
+    """What every trained cell is scored with (module docstring)."""
 
-    def classifiers_for(self, method: str) -> Tuple[str, ...]:
-        return tuple(self.classifiers) + tuple(c for c in self.extra_classifiers.get(method, ())
-                                               if c not in self.classifiers)
+    split: str = "test"
+    n_way: Tuple[int, ...] = (5,)
+    n_shot: Tuple[int, ...] = (1, 5)
+    n_query: int = 15
+    n_episodes: int = 2000
+    readouts: Tuple[Any, ...] = ("protonet", "logreg_batched")
+    #: readouts only some methods' cells get, e.g. ``{maml: [maml_finetune]}``
+    extra_readouts: Mapping[str, Tuple[Any, ...]] = field(default_factory=dict)
+    #: image-level readouts (fine-tuning) score the first N of the same published episodes; None = all
+    image_episodes: Optional[int] = None
+    #: scored datasets (test classes); empty = the training dataset only
+    datasets: Tuple[str, ...] = ()
+    curves: Optional[CurveSpec] = None
+    #: base-class top-1 and calibration of the method's classifier on the held-out base images
+    base: bool = False
+
+    def protocols(self) -> List[EpisodeProtocol]:
+        return protocol_grid(self.n_way, self.n_shot, self.n_query, self.n_episodes)
+
+    def readouts_for(self, method: str) -> Tuple[Any, ...]:
+        extra = tuple(r for r in self.extra_readouts.get(method, ()) if r not in self.readouts)
+        return tuple(self.readouts) + extra
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """The teacher of a distillation method's cells: a method (and optionally another backbone) trained on
-    the same dataset, seed and budget first, as a cell of its own."""
+    """The teacher of a distillation method's cells: a method (and optionally another backbone) trained first
+    as a cell of its own. ``fraction``: ``full`` (default: the teacher sees all the data, as HSAKD's few-shot
+    script loads the full-data teacher checkpoint) or ``same`` (the student's fraction)."""
 
     method: str
     backbone: Optional[str] = None
+    fraction: str = "full"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A named variant of a registered method (an ablation row): ``method`` with ``settings``."""
+
+    method: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """SLURM resources of one training job (``fsl-bench run --launcher slurm``; submitit's executor
+    parameters)."""
+
+    partition: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 4
+    mem_gb: int = 16
+    timeout_min: int = 240
+    array_parallelism: int = 64
+    additional: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LauncherSpec:
+    slurm: SlurmSpec = SlurmSpec()
 
 
 @dataclass(frozen=True)
@@ -75,28 +173,56 @@ class Benchmark:
     backbones: Tuple[str, ...] = ()
     methods: Tuple[str, ...] = ()
     seeds: Tuple[int, ...] = (0,)
+    #: fewer seeds for some rows, e.g. ``{hsakd: [0]}`` when CPU time forbids more (tables show each row's seeds)
+    method_seeds: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
     #: limited-data protocol (HSAKD ``--few-ratio``): a grid dimension over fractions of every base class's
     #: images, e.g. ``[0.25, 0.5, 0.75, 1.0]``; empty = ``train.fraction`` only
     fractions: Tuple[float, ...] = ()
     image_size: int = 32
     data: Mapping[str, DataSource] = field(default_factory=dict)
     #: where a dataset's files are on this machine (``--data NAME=PATH``: an archive file or a folder); it
-    #: replaces ``data``'s location but is not part of the cell ids, so shards on machines with different
-    #: paths share one grid. Point it only at the data the benchmark names.
+    #: replaces ``data``'s location and is not part of any identity
     data_paths: Mapping[str, str] = field(default_factory=dict)
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
-    #: teachers of distillation methods, e.g. ``{kd: {method: ce, backbone: resnet12}}``; a method that needs
-    #: a teacher and is not listed gets its class's ``default_teacher`` (kd: ce, hsakd: hsakd_teacher)
     teachers: Mapping[str, TeacherSpec] = field(default_factory=dict)
+    variants: Mapping[str, VariantSpec] = field(default_factory=dict)
     #: per-method config overrides, e.g. ``{lsskd: {xlayer_kl: true}}``
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    #: published numbers to show beside ours: ``{method: {"<dataset>/<shot>shot": "72.2±0.7 (source)"}}``
+    #: published numbers to show beside ours: ``{method: {"<column label>": "72.2±0.7 (source)"}}``
     published: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    launcher: LauncherSpec = LauncherSpec()
     path: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @property
+    def where(self) -> str:
+        return self.path or self.name
+
+    def seeds_of(self, row: str) -> Tuple[int, ...]:
+        """The training seeds of a row (``method_seeds`` when it names the row, else ``seeds``)."""
+        return tuple(s for s in self.method_seeds.get(row, self.seeds) if s in self.seeds) \
+            if row in self.method_seeds else tuple(self.seeds)
+
+    def method_of(self, row: str) -> str:
+        """The registered method of a row name (a method or a variant)."""
+        return self.variants[row].method if row in self.variants else row
+
+    def settings_of(self, row: str) -> Dict[str, Any]:
+        """The method settings of a row: ``method_overrides`` of its method, then the variant's settings."""
+        out = dict(self.method_overrides.get(self.method_of(row), {}))
+        if row in self.variants:
+            out.update(self.variants[row].settings)
+        return out
+
+    def eval_datasets(self, training_dataset: str) -> Tuple[str, ...]:
+        return tuple(self.eval.datasets) or (training_dataset,)
+
+    def all_protocols(self) -> Tuple[EpisodeProtocol, ...]:
+        curves = self.eval.curves.protocols() if self.eval.curves else []
+        return unique(self.eval.protocols() + curves)
 
     def with_filters(self, **kw: Any) -> "Benchmark":
         """Restrict the grid (CLI ``--methods`` etc.); values must be a subset of the file's."""
@@ -107,10 +233,15 @@ class Benchmark:
             have = getattr(self, key)
             bad = [v for v in values if v not in have]
             if bad:
-                raise ConfigError(f"--{key} {','.join(map(str, bad))} not in {self.path or self.name} "
+                raise ConfigError(f"--{key} {','.join(map(str, bad))} not in {self.where} "
                                   f"(it has {', '.join(map(str, have))})")
             changes[key] = tuple(values)
         return dataclasses.replace(self, **changes)
+
+
+_RENAMED = {"val_episodes": "train.validation: {n_way: 5, n_shot: 5, n_query: 15, n_episodes: N} (or null)",
+            "shots": "n_shot", "episodes": "n_episodes", "classifiers": "readouts",
+            "extra_classifiers": "extra_readouts"}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -128,17 +259,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return _build(tp, value, where)
     if origin is tuple:
-        if isinstance(value, (str, int, float)):
-            value = [value]
+        elem = args[0] if args else Any
+        if isinstance(value, (str, int, float)) or (isinstance(value, Mapping) and elem is Any):
+            value = [value]  # a single item for a list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        elem = args[0] if args else Any
         return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (dict, collections.abc.Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, vt, _join(where, str(k))) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -163,17 +294,24 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     names = {f.name for f in fields(cls) if f.name != "path"}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()})
+        hint = f"; renamed: use {_RENAMED[unknown[0]]}" if unknown[0] in _RENAMED else ""
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(names))}){hint}")
+    return cls(**{k: _coerce(v, hints[k], _join(where, k)) for k, v in raw.items()})
 
 
-def load_benchmark(path: Path) -> Benchmark:
-    """Parse and validate a benchmark YAML file."""
+def _join(where: str, key: str) -> str:
+    """``file.yaml: train.epochs``: the file, then the dotted key."""
+    return f"{where}: {key}" if where.endswith((".yaml", ".yml")) else f"{where}.{key}"
+
+
+def load_benchmark(path: Union[str, Path]) -> Benchmark:
+    """Parse and check a benchmark YAML file (structure and types; names and data are checked by
+    :func:`fsl_lsskd.bench.validate.validate_benchmark`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"benchmark file {path} not found (see benchmarks/*.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(raw, Mapping):
@@ -187,10 +325,16 @@ def load_benchmark(path: Path) -> Benchmark:
     bad = [f for f in bench.fractions if not 0.0 < f <= 1.0]
     if bad:
         raise ConfigError(f"{path}: fractions must be in (0, 1] (e.g. [0.25, 0.5, 0.75, 1.0]), got {bad}")
+    for name, t in bench.teachers.items():
+        if t.fraction not in ("full", "same"):
+            raise ConfigError(f"{path}: teachers.{name}.fraction must be 'full' or 'same', got {t.fraction!r}")
+    clash = sorted(set(bench.variants) & _registered_methods())
+    if clash:
+        raise ConfigError(f"{path}: variant {clash[0]!r} has the name of a registered method; rename the variant")
     return dataclasses.replace(bench, path=str(path))
 
 
-def content_id(payload: Mapping[str, Any]) -> str:
-    """A short, stable id of a JSON-able mapping (run ids derived from content)."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _registered_methods() -> set:
+    from ..registry import METHODS
+
+    return set(METHODS.names())

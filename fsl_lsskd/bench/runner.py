@@ -1,106 +1,101 @@
-"""``fsl-bench run``: execute a benchmark grid resumably against the MLflow store.
+"""``fsl-bench run``: train only the missing training cells of a benchmark, then score only the missing
+(trained cell, scored split, protocol, readout) pairs, against the MLflow store (:mod:`fsl_lsskd.record`).
 
-One MLflow parent run per invocation, one child run per cell. A cell counts as done only when its run
-carries ``fsl.cell_status=complete``, the last thing written after training, evaluation and artifacts;
-a killed cell is therefore re-run (and its training resumes from its own checkpoint), never half-read.
-A process claims a cell (a lock on its run directory) before running it, so overlapping invocations on one
-machine never train the same cell twice; across machines, ``--shard`` keeps them apart.
+1. **Identities.** Every cell's training identity is computed from its :class:`TrainConfig`
+   (:func:`fsl_lsskd.bench.grid.training_config`) and the content fingerprint of its training split; teachers
+   come before their students (a student's identity holds its teacher's id).
+2. **Training.** A cell whose id has no finished run in the store is trained (resumed from its run directory
+   ``OUT/cells/<train id>/last.pt`` when a killed run left one). A process claims the cell (a lock on its run
+   directory) first, so overlapping invocations on one machine never train a cell twice. The finished model
+   and export go to the store; the run directory is deleted (nothing is stored twice).
+3. **Scoring.** Every finished cell is scored with every (target split, protocol, readout) of the benchmark
+   whose scoring id has no finished score run: adding a readout, a protocol or a target to a benchmark scores
+   the existing checkpoints in seconds and trains nothing.
+
+A cell that crashes (or diverges) is reported and the grid goes on; bad input or an unwritable output stops it.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import ConfigError, UserError
-from ..utils import atomic_path, atomic_write_text, make_dir, output_error
-from .config import Benchmark, DataSource
-from .grid import Cell, expand, shard, with_teachers
+from ..protocol import EpisodeProtocol, can_host
+from ..utils import make_dir, output_error
+from .config import Benchmark
+from .grid import Cell, data_kwargs, expand, experiment_name, shard, training_config, with_teachers
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "complete"
-
-
-def experiment_name(bench: Benchmark) -> str:
-    return f"fsl-bench/{bench.name}"
+CELLS_DIR = "cells"
 
 
 @dataclass
 class CellOutcome:
+    """What happened to one cell in this invocation. ``status``: ``trained`` (from scratch), ``resumed`` (from
+    a killed run's state), ``rescored`` (trained earlier; new scores now), ``reused`` (nothing to do),
+    ``failed``, ``busy`` (another process holds it)."""
+
     cell: Cell
-    status: str  # "done" | "skipped" | "failed" | "busy" (claimed by another process)
+    status: str
+    train_id: str = ""
     run_id: Optional[str] = None
+    new_scores: int = 0
     metrics: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
+    notes: List[str] = field(default_factory=list)
 
 
-def _resolve(path: str, bench: Benchmark, relative_to_file: bool = True) -> Path:
-    """A path from the benchmark file (relative to the file) or the command line (relative to the cwd)."""
-    p = Path(os.path.expandvars(os.path.expanduser(path)))
-    if not p.is_absolute() and bench.path and relative_to_file:
-        p = (Path(bench.path).resolve().parent / p).resolve()
-    return p.resolve()
+@dataclass
+class WantedScore:
+    """A score the benchmark asks of a cell: target split, protocol (or ``None`` for the base-class readout),
+    readout spec, and its scoring identity/id once the episodes are known."""
+
+    target: str
+    protocol: Optional[EpisodeProtocol]
+    readout: Any
+    identity: Dict[str, Any] = field(default_factory=dict)
+    score_id: str = ""
 
 
-def data_kwargs(dataset: str, source: Optional[DataSource], bench: Benchmark) -> Dict[str, object]:
-    """Arguments for ``fsl_lsskd.data.get_dataset`` from a benchmark's data source (``data_paths`` first)."""
-    if dataset in bench.data_paths:
-        path = _resolve(bench.data_paths[dataset], bench, relative_to_file=False)
-        if not path.exists():
-            raise ConfigError(f"--data {dataset}={bench.data_paths[dataset]}: {path} does not exist; pass the "
-                              f"dataset's official archive or its extracted folder")
-        return {"root": path} if path.is_dir() else {"archive": path}
-    if source is None:
-        return {}
-    if source.generate:
-        return {"archive": generated_archive(dataset, tuple(source.generate))}
-    kw: Dict[str, object] = {"download": source.download}
-    if source.archive:
-        kw["archive"] = _resolve(source.archive, bench)
-    if source.data_root:
-        kw["root"] = _resolve(source.data_root, bench)
-    return kw
+class DataCache:
+    """Datasets and decoded splits of one invocation, loaded once (memory-mapped from the uint8 cache)."""
 
+    def __init__(self, bench: Benchmark) -> None:
+        self.bench = bench
+        self._ds: Dict[str, Any] = {}
+        self._splits: Dict[Tuple[str, str], Any] = {}
 
-def generated_archive(dataset: str, sizes: tuple) -> Path:
-    """Generate (once, into the cache) a small dataset in the official archive format."""
-    from ..data import fake
-    from ..utils import cache_dir
+    def kwargs(self, name: str) -> Dict[str, Any]:
+        return data_kwargs(name, self.bench)
 
-    out = cache_dir() / "generated" / f"{dataset}-{'x'.join(map(str, sizes))}"
-    writers = {
-        "tiny_imagenet": lambda d, a, b: fake.write_fake_tiny_imagenet(d, per_class_train=a, per_class_val=b, seed=0),
-        "cifar_fs": lambda d, a, b: fake.write_fake_cifar100(d, per_class_train=a, per_class_test=b, seed=0),
-    }
-    if dataset not in writers:
-        raise ConfigError(f"`generate` is supported for {', '.join(writers)}, not {dataset!r}")
-    done = out / ".done"
-    if done.is_file():
-        return Path(done.read_text().strip())
-    make_dir(out)
-    path = writers[dataset](out, sizes[0], sizes[1])
-    atomic_write_text(done, str(path))  # the marker last: a killed generation is redone
-    return Path(path)
+    def dataset(self, name: str):
+        if name not in self._ds:
+            from ..data import get_dataset
 
+            kw = self.kwargs(name)
+            ds = get_dataset(name, **kw)
+            if kw.get("download") and hasattr(ds, "prepare"):
+                ds.prepare()  # fetch (checksummed) and decode into the cache
+            self._ds[name] = ds
+        return self._ds[name]
 
-def finished_cells(client, experiment_id: str) -> Dict[str, str]:
-    """cell id -> run id of every cell marked complete in the store."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`fsl.cell_status` = '{COMPLETE}'",
-                              max_results=50000)
-    return {r.data.tags["fsl.cell_id"]: r.info.run_id for r in runs if "fsl.cell_id" in r.data.tags}
+    def split(self, name: str, split: str):
+        if (name, split) not in self._splits:
+            self._splits[(name, split)] = self.dataset(name).load_split(split, mmap=True)
+        return self._splits[(name, split)]
 
-
-def finished_run(client, experiment_id: str, cell_id: str) -> Optional[str]:
-    """The run id of ``cell_id`` when the store has it complete, else None."""
-    query = f"tags.`fsl.cell_status` = '{COMPLETE}' and tags.`fsl.cell_id` = '{cell_id}'"
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    return runs[0].info.run_id if runs else None
+    def fingerprint(self, name: str) -> str:
+        return self.split(name, "train").fingerprint
 
 
 @contextlib.contextmanager
@@ -126,169 +121,331 @@ def cell_claim(cell_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shard_spec: Optional[str] = None,
-                  on_event: Callable[[str, Cell, Optional[CellOutcome]], None] = lambda *a: None,
-                  on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> List[CellOutcome]:
-    """Run every (not yet complete) cell of ``bench``; returns one outcome per cell of this shard.
-    ``on_event(kind, cell, outcome)`` reports cell start/skip/end and ``on_epoch`` each training epoch
-    (see :func:`fsl_lsskd.train.engine.train`): the CLI's progress bars."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+class Plan:
+    """The cells of one invocation with their training identities (teachers first)."""
 
-    from .. import tracking
+    def __init__(self, bench: Benchmark, cells: List[Cell], data: DataCache) -> None:
+        from ..train.config import train_id, training_identity
 
+        self.bench, self.cells, self.data = bench, cells, data
+        self.identity: Dict[tuple, Dict[str, Any]] = {}
+        self.train_id: Dict[tuple, str] = {}
+        for cell in cells:  # teachers come first (with_teachers), so their ids are known
+            teacher_tid = self.train_id[cell.teacher.key] if cell.teacher is not None else None
+            cfg = training_config(bench, cell, Path("."), data=data.kwargs(cell.dataset))
+            identity = training_identity(cfg, data.fingerprint(cell.dataset), teacher_tid)
+            self.identity[cell.key] = identity
+            self.train_id[cell.key] = train_id(identity)
+
+    def tid(self, cell: Cell) -> str:
+        return self.train_id[cell.key]
+
+
+def plan_cells(bench: Benchmark, shard_spec: Optional[str] = None) -> List[Cell]:
+    """The cells one invocation handles (its shard), teachers included and first."""
     cells = expand(bench)
     if shard_spec:
         cells = shard(cells, shard_spec)
-    cells = with_teachers(cells)  # teachers first; a shard holds every teacher of its students
-    tracking.quiet_mlflow()
-    exp = tracking.set_experiment(experiment_name(bench))
-    exp_id = exp.experiment_id
-    client = MlflowClient()
-    done = {} if rerun else finished_cells(client, exp_id)
-    outcomes: List[CellOutcome] = []
-    busy = set()
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{bench.name} invocation",
-                          tags={"fsl.kind": "invocation", "fsl.benchmark": bench.name,
-                                "fsl.shard": shard_spec or "1/1", "git_commit": tracking.git_commit()}) as parent:
-        mlflow.log_dict(bench.to_dict(), "benchmark.json")
+    return with_teachers(cells)
+
+
+def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shard_spec: Optional[str] = None,
+                  on_event: Callable[[str, Cell, Optional[CellOutcome]], None] = lambda *a: None,
+                  on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
+                  launcher=None) -> List[CellOutcome]:
+    """Train the missing cells of ``bench`` (this shard), then score what is missing; one outcome per cell.
+
+    ``on_event(kind, cell, outcome)`` reports ``train``/``score`` starts and ``end`` (the CLI's progress bars),
+    ``on_epoch`` each training epoch. ``rerun`` retrains and re-scores every cell. ``launcher`` (e.g.
+    :class:`fsl_lsskd.bench.launch.SubmititLauncher`) trains the missing cells as jobs instead of in this
+    process; scoring then runs here."""
+    from ..record import check_no_legacy, open_store
+
+    store = open_store()
+    check_no_legacy(store)
+    data = DataCache(bench)
+    cells = plan_cells(bench, shard_spec)
+    plan = Plan(bench, cells, data)
+    done = {} if rerun else store.trainings([plan.tid(c) for c in cells])
+    outcomes: Dict[tuple, CellOutcome] = {}
+    fingerprints = {d: data.fingerprint(d) for d in sorted({c.dataset for c in cells})}
+    parent = store.start_invocation(experiment_name(bench), f"{bench.name} invocation",
+                                    {"fsl.benchmark": bench.name, "fsl.shard": shard_spec or "1/1",
+                                     "fsl.fingerprints": json.dumps(fingerprints, sort_keys=True)})
+    status = "FINISHED"
+    try:
+        store.log_params(parent, {"benchmark": bench.to_dict()})
+        missing = [c for c in cells if plan.tid(c) not in done]
+        if launcher is not None and missing:
+            for o in launcher.train(bench, missing, plan, out_root, rerun=rerun):
+                outcomes[o.cell.key] = o
+                on_event("end", o.cell, o)
+        else:
+            busy: set = set()
+            for cell in missing:
+                on_event("train", cell, None)
+                o = train_cell(bench, cell, plan, out_root, store, parent, rerun=rerun, busy=busy, on_epoch=on_epoch)
+                outcomes[cell.key] = o
+                if o.status == "busy":
+                    busy.add(cell.key)
+                if o.status in ("failed", "busy"):
+                    on_event("end", cell, o)
+        finished = store.trainings([plan.tid(c) for c in cells])
         for cell in cells:
-            if cell.id in done:
-                outcomes.append(_skipped(client, cell, done[cell.id]))
-                on_event("skip", cell, outcomes[-1])
+            o = outcomes.get(cell.key) or CellOutcome(cell, "reused", plan.tid(cell))
+            outcomes[cell.key] = o
+            if o.status in ("failed", "busy") or plan.tid(cell) not in finished:
                 continue
-            on_event("start", cell, None)
+            on_event("score", cell, o)
             t0 = time.perf_counter()
             try:
-                with cell_claim(out_root / bench.name / cell.id) as claimed:
-                    if not claimed:
-                        outcome = CellOutcome(cell, "busy", error="running in another process on this machine")
-                    elif cell.teacher is not None and cell.teacher.id in busy:
-                        outcome = CellOutcome(cell, "busy", error="its teacher is running in another process")
-                    elif not rerun and (run_id := finished_run(client, exp_id, cell.id)):  # done meanwhile
-                        outcome = _skipped(client, cell, run_id)
-                    else:
-                        teacher = None
-                        if cell.teacher is not None:
-                            teacher = teacher_checkpoint(client, exp_id, cell.teacher, out_root / bench.name)
-                        outcome = run_cell(bench, cell, out_root / bench.name / cell.id, parent.info.run_id,
-                                           exp_id, teacher=teacher, on_epoch=on_epoch)
+                n, notes = score_cell(bench, cell, plan, finished[plan.tid(cell)], store, data, rerun=rerun)
             except UserError:
-                raise  # bad data/config: every later cell would fail the same way
-            except OSError as exc:  # an output that cannot be written (full disk, read-only) stops the grid too
+                raise
+            except OSError as exc:
                 err = output_error(exc)
-                if err is None:
-                    log.exception("cell %s failed", cell.label)
-                    outcome = CellOutcome(cell, "failed", error=f"{type(exc).__name__}: {exc}")
-                else:
+                if err is not None:
                     raise err from exc
-            except Exception as exc:  # a diverged or crashed cell must not cost the rest of the grid
-                log.exception("cell %s failed", cell.label)
-                outcome = CellOutcome(cell, "failed", error=f"{type(exc).__name__}: {exc}")
-            outcome.seconds = time.perf_counter() - t0
-            if outcome.status == "busy":
-                busy.add(cell.id)
-                log.warning("cell %s: %s; skipped by this process", cell.label, outcome.error)
-            outcomes.append(outcome)
-            on_event("end", cell, outcome)
-        mlflow.log_metrics({status: sum(o.status == status for o in outcomes)
-                            for status in ("done", "skipped", "failed", "busy")})
-    return outcomes
+                log.exception("scoring %s failed", cell.label)
+                o.status, o.error = "failed", f"scoring: {type(exc).__name__}: {exc}"
+                n, notes = 0, []
+            except Exception as exc:  # noqa: BLE001 - a crashed readout must not cost the rest of the grid
+                log.exception("scoring %s failed", cell.label)
+                o.status, o.error = "failed", f"scoring: {type(exc).__name__}: {exc}"
+                n, notes = 0, []
+            o.new_scores += n
+            o.notes += notes
+            o.seconds += time.perf_counter() - t0
+            if o.status == "reused" and n:
+                o.status = "rescored"
+            o.run_id = finished[plan.tid(cell)].run_id
+            o.metrics = main_metrics(store, bench, cell, plan.tid(cell))
+            on_event("end", cell, o)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        result = list(outcomes.values())
+        with contextlib.suppress(Exception):
+            store.log_metrics(parent, {s: sum(o.status == s for o in result) for s in
+                                       ("trained", "resumed", "rescored", "reused", "failed", "busy")})
+        store.end_run(parent, status)
+    return [outcomes[c.key] for c in cells if c.key in outcomes]
 
 
-def _skipped(client, cell: Cell, run_id: str) -> CellOutcome:
-    """A cell finished earlier: its results come from the store, for the summary."""
-    found = client.get_run(run_id).data.metrics
-    return CellOutcome(cell, "skipped", run_id, metrics={k: v for k, v in found.items() if k.startswith("eval.")})
+def teacher_model_dir(store, teacher_tid: str, out_root: Path) -> Path:
+    """The finished model directory of a teacher cell (the store's own copy, or downloaded next to the student)."""
+    rec = store.training(teacher_tid)
+    if rec is None:
+        raise RuntimeError(f"teacher cell {teacher_tid} did not finish; its student cannot train")
+    return store.fetch_dir(rec.run_id, "model", Path(out_root) / CELLS_DIR / teacher_tid / "fetched")
 
 
-def image_evaluator_options(classifiers, checkpoint: Path, max_episodes: Optional[int]) -> Dict[str, dict]:
-    """Constructor arguments of the image-level evaluators among ``classifiers``: they fine-tune the trained
-    method itself (its training checkpoint) on each episode, on at most ``max_episodes`` episodes."""
-    from .. import plugins
-    from ..registry import EVALUATORS
-
-    plugins.import_submodules("fsl_lsskd.eval")
-    return {name: {"checkpoint": Path(checkpoint), "max_episodes": max_episodes}
-            for name in classifiers if EVALUATORS.get(name).needs_images}
-
-
-def teacher_checkpoint(client, exp_id: str, teacher: Cell, bench_dir: Path) -> Path:
-    """The training checkpoint of a completed teacher cell: its run directory's ``last.pt`` when this machine
-    trained it, else the ``checkpoint/last.pt`` artifact of its MLflow run, fetched into that directory (so the
-    path, which the student's checkpoint records, is the same either way)."""
-    import mlflow
-
-    local = bench_dir / teacher.id / "last.pt"
-    run_id = finished_run(client, exp_id, teacher.id)
-    if run_id is None:
-        raise RuntimeError(f"teacher cell {teacher.label} ({teacher.id}) did not complete; its student cannot run")
-    if not local.is_file():
-        log.info("fetching teacher checkpoint of %s from run %s", teacher.label, run_id)
-        fetched = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/last.pt",
-                                                           dst_path=str(local.parent / ".fetch")))
-        make_dir(local.parent)
-        os.replace(fetched, local)
-    return local
-
-
-def run_cell(bench: Benchmark, cell: Cell, out_dir: Path, parent_run_id: str, exp_id: str,
-             teacher: Optional[Path] = None,
-             on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> CellOutcome:
-    """Train, export and evaluate one cell inside its child run; mark it complete last."""
-    import mlflow
-    import numpy as np
-
-    from ..data import get_dataset
-    from ..eval import evaluate
-    from ..eval._checkpoint import load_backbone
-    from ..train.config import TrainConfig
+def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, parent_run_id: Optional[str],
+               rerun: bool = False, busy: Optional[set] = None,
+               on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> CellOutcome:
+    """Train one cell (claimed, re-checked against the store, resumed when its run directory has a state)."""
     from ..train.engine import train
-    from .tables import eval_artifact_name, eval_metric_name
 
-    settings = cell.settings()
-    tags = {"fsl.kind": "cell", "fsl.benchmark": bench.name, "fsl.cell_id": cell.id, "fsl.role": cell.role}
-    if cell.teacher is not None:
-        tags["fsl.teacher_cell_id"] = cell.teacher.id
-    data_kw = data_kwargs(cell.dataset, bench.data.get(cell.dataset), bench)
-    dataset = get_dataset(cell.dataset, **data_kw)
-    if data_kw.get("download"):
-        dataset.prepare()  # fetch (checksummed) into the cache's downloads/ where training finds it
-    tr, ev = bench.train, bench.eval
-    cfg = TrainConfig(method=cell.method, backbone=cell.backbone, dataset=cell.dataset,
-                      archive=str(data_kw["archive"]) if data_kw.get("archive") else None,
-                      data_root=str(data_kw["root"]) if data_kw.get("root") else None,
-                      image_size=bench.image_size, seed=cell.seed, fraction=cell.fraction, epochs=tr.epochs,
-                      batch_size=tr.batch_size, method_overrides=dict(settings["overrides"]), device=tr.device,
-                      out_dir=str(out_dir), heldout=tr.heldout, val_episodes=tr.val_episodes,
-                      experiment=experiment_name(bench), run_name=cell.label,
-                      teacher=str(teacher) if teacher is not None else None)
-    result = train(cfg, parent_run_id=parent_run_id, tags=tags, on_epoch=on_epoch)
-    if result.run_id is None or result.backbone is None:
-        raise ConfigError(f"cell {cell.label}: training produced no MLflow run or exported backbone")
-    model, _ = load_backbone(cell.backbone, result.backbone, bench.image_size)
-    split = dataset.load_split(ev.split)
-    classifiers = ev.classifiers_for(cell.method)
-    results = evaluate(model, split, shots=ev.shots, n_way=ev.n_way, n_query=ev.n_query, n_episodes=ev.episodes,
-                       classifiers=classifiers, mean=dataset.mean, std=dataset.std,
-                       image_size=bench.image_size, device=tr.device,
-                       evaluator_options=image_evaluator_options(classifiers, result.checkpoint, ev.image_episodes))
-    client = mlflow.tracking.MlflowClient()
-    art_dir = out_dir / "eval"
-    make_dir(art_dir)
-    metrics: Dict[str, float] = {}
-    for r in results:
-        name = eval_metric_name(ev.split, ev.n_way, r.n_shot, r.classifier)
-        metrics[f"{name}.acc"] = 100 * r.mean
-        metrics[f"{name}.ci95"] = 100 * r.ci95
-        path = art_dir / eval_artifact_name(ev.split, ev.n_way, r.n_shot, r.classifier)
-        with atomic_path(path, suffix=".npy") as tmp:
-            with open(tmp, "wb") as fh:  # a file handle: np.save would append .npy to the temp name
-                np.save(fh, np.asarray(r.accuracies, dtype=np.float32))
-        client.log_artifact(result.run_id, str(path), "eval")
-    for k, v in metrics.items():
-        client.log_metric(result.run_id, k, v)
-    client.set_tag(result.run_id, "fsl.episodes_source", ",".join(sorted({r.episodes_source for r in results})))
-    # written last: only now does the cell count as done (tables and resume read this tag)
-    client.set_tag(result.run_id, "fsl.cell_status", COMPLETE)
-    return CellOutcome(cell, "done", result.run_id, metrics)
+    tid = plan.tid(cell)
+    cell_dir = Path(out_root) / CELLS_DIR / tid
+    t0 = time.perf_counter()
+    try:
+        with cell_claim(cell_dir) as claimed:
+            if not claimed:
+                return CellOutcome(cell, "busy", tid, error="running in another process on this machine")
+            if cell.teacher is not None and busy and cell.teacher.key in busy:
+                return CellOutcome(cell, "busy", tid, error="its teacher is running in another process")
+            if not rerun and store.training(tid) is not None:  # finished meanwhile by another process
+                return CellOutcome(cell, "reused", tid)
+            teacher_dir = None
+            if cell.teacher is not None:
+                teacher_dir = teacher_model_dir(store, plan.tid(cell.teacher), out_root)
+            cfg = training_config(bench, cell, cell_dir / "run", teacher_dir, data=plan.data.kwargs(cell.dataset))
+            if rerun and (cell_dir / "run").exists():
+                shutil.rmtree(cell_dir / "run")
+            unfinished = store.unfinished_training(tid)
+            tags = {"fsl.benchmark": bench.name, "fsl.row": cell.row, "fsl.role": cell.role}
+            res = train(cfg, store=store, parent_run_id=parent_run_id, tags=tags, on_epoch=on_epoch,
+                        train_data=plan.data.split(cell.dataset, "train"),
+                        val_data=plan.data.split(cell.dataset, "val") if cfg.validation is not None else None,
+                        mean=plan.data.dataset(cell.dataset).mean, std=plan.data.dataset(cell.dataset).std)
+            if res.train_id != tid:  # the plan and the engine computed the identity by the same function
+                raise RuntimeError(f"{cell.label}: trained {res.train_id}, planned {tid}")
+            resumed = res.resumed_from_epoch > 0 or (unfinished is not None and res.run_id == unfinished.run_id)
+        shutil.rmtree(cell_dir, ignore_errors=True)  # the finished files are in the store
+        return CellOutcome(cell, "resumed" if resumed else "trained", tid, res.run_id,
+                           seconds=time.perf_counter() - t0)
+    except UserError:
+        raise  # bad data/config: every later cell would fail the same way
+    except OSError as exc:  # an output that cannot be written (full disk, read-only) stops the grid too
+        err = output_error(exc)
+        if err is not None:
+            raise err from exc
+        log.exception("cell %s failed", cell.label)
+        return CellOutcome(cell, "failed", tid, error=f"{type(exc).__name__}: {exc}",
+                           seconds=time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - a diverged or crashed cell must not cost the rest of the grid
+        log.exception("cell %s failed", cell.label)
+        return CellOutcome(cell, "failed", tid, error=f"{type(exc).__name__}: {exc}",
+                           seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def target_protocols(bench: Benchmark, target: str, counts) -> Tuple[List[Tuple[EpisodeProtocol, Any]], List[str]]:
+    """``[(protocol, readout spec)]`` to score on ``target`` (its fixed protocols when the dataset has them,
+    e.g. ``omniglot_runs``), and notes on the protocols it cannot host (skipped)."""
+    from ..eval.scoring import ReadoutSpec
+
+    ds_cls = _dataset_class(target)
+    fixed = getattr(ds_cls, "fixed_protocols", None)
+    defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
+    pairs, notes = [], []
+    main = [EpisodeProtocol.parse(p) for p in fixed()] if fixed else bench.eval.protocols()
+    curve_protocols = [] if fixed or bench.eval.curves is None else bench.eval.curves.protocols()
+    for p in main:
+        if can_host(counts, p):
+            pairs.append((p, None))
+        else:
+            notes.append(f"{target}: cannot host {p.key} (fewest images per class: {min(counts)}); skipped")
+    for p in curve_protocols:
+        if can_host(counts, p):
+            pairs.append((p, "curves"))
+    out = []
+    for p, kind in pairs:
+        readouts = bench.eval.curves.readouts if kind == "curves" else None
+        out.append((p, [ReadoutSpec.parse(r, defaults) for r in readouts] if readouts is not None else None))
+    return out, notes
+
+
+def _dataset_class(name: str):
+    from ..registry import DATASETS
+
+    return DATASETS.get(name)
+
+
+def wanted_scores(bench: Benchmark, cell: Cell, plan: Plan) -> Tuple[List[WantedScore], List[str]]:
+    """Every score the benchmark asks of ``cell``, with scoring identities (episodes resolved)."""
+    from ..eval.episodes import class_offsets, load_episodes
+    from ..eval.scoring import ReadoutSpec, score_id, scoring_identity
+
+    tid = plan.tid(cell)
+    defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
+    row_readouts = bench.eval.extra_readouts.get(cell.row) or bench.eval.extra_readouts.get(cell.method) or ()
+    main_readouts = [ReadoutSpec.parse(r, defaults) for r in tuple(bench.eval.readouts) + tuple(row_readouts)]
+    out: List[WantedScore] = []
+    notes: List[str] = []
+    for target in bench.eval_datasets(cell.dataset):
+        split = plan.data.split(target, bench.eval.split)
+        _, counts = class_offsets(split.labels, split.num_classes)
+        pairs, n = target_protocols(bench, target, counts)
+        notes += n
+        tinfo = {"dataset": target, "split": bench.eval.split, "fingerprint": split.fingerprint,
+                 "image_size": bench.image_size}
+        seen = set()
+        for protocol, readouts in pairs:
+            ep = load_episodes(target, bench.eval.split, counts, protocol, split.class_names)
+            for spec in (readouts if readouts is not None else main_readouts):
+                if (protocol, spec) in seen:
+                    continue
+                seen.add((protocol, spec))
+                ident = scoring_identity(tid, tinfo, protocol, ep.sha256, spec)
+                out.append(WantedScore(target, protocol, spec, ident, score_id(ident)))
+    if bench.eval.base:
+        from ..eval.base_classes import base_identity
+
+        ident = base_identity(tid)
+        from ..eval.scoring import score_id as sid
+
+        out.append(WantedScore(cell.dataset, None, "heldout_base", ident, sid(ident)))
+    return out, notes
+
+
+def score_cell(bench: Benchmark, cell: Cell, plan: Plan, training, store, data: DataCache,
+               rerun: bool = False) -> Tuple[int, List[str]]:
+    """Score ``cell`` with everything the benchmark asks that the store does not hold; returns (scores written,
+    notes)."""
+    from ..checkpoint import load_backbone, load_method
+    from ..eval.scoring import evaluate
+
+    wanted, notes = wanted_scores(bench, cell, plan)
+    have = {} if rerun else store.scores([training.train_id])
+    todo = [w for w in wanted if w.score_id not in have]
+    if not todo:
+        return 0, notes
+    written = 0
+    with tempfile.TemporaryDirectory(prefix="fsl-score-") as tmp:
+        export_dir = store.fetch_dir(training.run_id, "export", Path(tmp) / "export")
+        model_cache: Dict[str, Any] = {}
+
+        def method():
+            if "m" not in model_cache:
+                model_dir = store.fetch_dir(training.run_id, "model", Path(tmp) / "model")
+                model_cache["m"] = load_method(model_dir, bench.train.device)
+            return model_cache["m"]
+
+        backbone, meta = load_backbone(export_dir, device=bench.train.device)
+        ds_train = data.dataset(cell.dataset)
+        groups: Dict[str, List[WantedScore]] = {}
+        for w in todo:
+            groups.setdefault(w.target, []).append(w)
+        for target, items in groups.items():
+            base_items = [w for w in items if w.protocol is None]
+            ep_items = [w for w in items if w.protocol is not None]
+            if ep_items:
+                split = data.split(target, bench.eval.split)
+                target_ds = data.dataset(target)
+                # a cross-domain target is normalised like the training data (the backbone's input statistics)
+                by_protocol: Dict[EpisodeProtocol, List[WantedScore]] = {}
+                for w in ep_items:
+                    by_protocol.setdefault(w.protocol, []).append(w)
+                for protocol, ws in by_protocol.items():
+                    results = evaluate(backbone, split, protocols=[protocol], readouts=[w.readout for w in ws],
+                                       mean=ds_train.mean, std=ds_train.std, image_size=bench.image_size,
+                                       device=bench.train.device, method=method)
+                    for w, res in zip(ws, results):
+                        write_score(store, training, w, res, target_ds)
+                        written += 1
+            for w in base_items:
+                from ..eval.base_classes import score_heldout
+
+                res = score_heldout(method(), data.split(cell.dataset, "train"), training.identity, ds_train.mean,
+                                    ds_train.std, bench.train.device)
+                write_score(store, training, w, res, ds_train)
+                written += 1
+    return written, notes
+
+
+def write_score(store, training, wanted: WantedScore, res, dataset=None) -> None:
+    """Record a :class:`ScoreResult` for ``wanted`` (metrics in %, arrays, summary)."""
+    metrics = {"accuracy": res.mean, "accuracy_ci95": res.ci95, "n_episodes": float(res.n_episodes)}
+    arrays: Dict[str, Any] = {"accuracy": res.accuracy}
+    if res.nll is not None:
+        from ..eval.base import mean_ci
+
+        metrics.update(ece=res.ece, nll=float(res.nll.mean()), nll_ci95=mean_ci(res.nll)[1],
+                       brier=float(res.brier.mean()), brier_ci95=mean_ci(res.brier)[1])
+        arrays.update(nll=res.nll, brier=res.brier, reliability=res.reliability)
+    tags = {"fsl.readout": res.readout, "fsl.label": res.label, "fsl.target": wanted.target,
+            "fsl.protocol": res.protocol.key if wanted.protocol is not None else "base",
+            "fsl.episodes_source": res.episodes_source}
+    store.write_score(training, wanted.score_id, wanted.identity, arrays, metrics, res.summary(), tags)
+
+
+def main_metrics(store, bench: Benchmark, cell: Cell, tid: str) -> Dict[str, float]:
+    """The cell's accuracy (%) per main (target, protocol, readout) for the run summary."""
+    out = {}
+    for rec in store.scores([tid]).values():
+        t = rec.tags
+        if t.get("fsl.protocol") == "base":
+            out[f"base top-1 {t.get('fsl.target')}"] = rec.metrics.get("accuracy", float("nan"))
+            continue
+        ident = rec.identity
+        proto = ident.get("protocol", {})
+        if proto.get("n_episodes") != bench.eval.n_episodes and t.get("fsl.readout") != "maml_finetune":
+            continue  # curves: shown in the figures, not the summary
+        out[f"{t.get('fsl.target')} {t.get('fsl.protocol')} {t.get('fsl.label')}"] = rec.metrics.get("accuracy")
+    return out

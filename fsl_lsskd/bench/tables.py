@@ -1,97 +1,140 @@
-"""Result tables from the MLflow store: Markdown, CSV and LaTeX, a paired comparison against ``ce`` on
-identical episodes, and plots. Cells are mean ± 95% CI (t-distribution over episodes) of the per-episode
-accuracy averaged over seeds (all seeds and methods share the published episodes)."""
+"""Result tables: Markdown, CSV and LaTeX (booktabs) of a :class:`ResultSet`.
+
+Every accuracy is in percent. A cell shows the mean over seeds and episodes with two 95% intervals:
+
+- ``± e``: the t-interval over episodes of the seed-averaged per-episode accuracy (RFS; the spread of the
+  *episodes* only);
+- ``(seeds ± s)``: half the width of the hierarchical bootstrap interval over training seeds and episodes
+  (:func:`fsl_lsskd.bench.stats.hierarchical_bootstrap`), which includes the variation between training runs.
+
+Every "better than" mark is based on the seed-aware interval: a column's best value is bold only when its
+seed-aware interval does not overlap the next best's (never in a single-entry column), and a paired
+difference is marked (▲ better, ▼ worse) only when its seed-aware interval excludes 0.
+"""
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from ..eval.base import mean_ci
 from ..utils import atomic_write_text
+from .stats import excludes_zero, hierarchical_bootstrap, hierarchical_bootstrap_stat
 
 log = logging.getLogger(__name__)
 
-Key = Tuple[str, str]        # (method, backbone)
-Column = Tuple[str, int, str]  # (dataset, shot, classifier)
-
-
-def eval_metric_name(split: str, n_way: int, shot: int, classifier: str) -> str:
-    return f"eval.{split}.{n_way}w{shot}s.{classifier}"
-
-
-def eval_artifact_name(split: str, n_way: int, shot: int, classifier: str) -> str:
-    return f"{split}_{n_way}w{shot}s_{classifier}.npy"
+Row = Tuple[str, str]                # (method or variant, backbone)
+Column = Tuple[str, str, str, str]   # (training data label, target dataset, protocol key, readout label)
 
 
 @dataclass
-class CellResult:
-    """Per-seed per-episode accuracies (fractions) of one (method, backbone) x column."""
+class Series:
+    """Per-seed arrays of one (row, column): ``accuracy`` (% per episode, or per image for base scores) and,
+    for probabilistic readouts, ``nll``, ``brier``, ``reliability``."""
 
-    per_seed: Dict[int, np.ndarray] = field(default_factory=dict)
+    per_seed: Dict[int, Dict[str, np.ndarray]] = field(default_factory=dict)
 
-    def episode_means(self, seeds=None) -> np.ndarray:
-        """Per-episode accuracy averaged over ``seeds`` (default: every seed of the cell)."""
-        arrays = [a for s, a in sorted(self.per_seed.items()) if seeds is None or s in seeds]
-        n = min(a.size for a in arrays)
-        if any(a.size != n for a in arrays):
+    @property
+    def seeds(self) -> List[int]:
+        return sorted(self.per_seed)
+
+    def stacked(self, key: str = "accuracy", seeds: Optional[Sequence[int]] = None) -> np.ndarray:
+        """``[n_seeds, n_episodes]`` of ``key`` (shortest length when seeds differ)."""
+        seeds = self.seeds if seeds is None else [s for s in self.seeds if s in seeds]
+        arrays = [np.asarray(self.per_seed[s][key]) for s in seeds]
+        n = min(a.shape[0] for a in arrays)
+        if any(a.shape[0] != n for a in arrays):
             log.warning("seeds have different episode counts; using the first %d", n)
-        return np.mean([a[:n] for a in arrays], axis=0)
+        return np.stack([a[:n] for a in arrays])
 
-    def summary(self) -> Tuple[float, float]:
-        m, h = mean_ci(self.episode_means() * 100)
-        return m, h
+    def has(self, key: str) -> bool:
+        return all(key in d for d in self.per_seed.values())
 
-    def seed_means(self) -> Dict[int, float]:
-        """Each seed's mean accuracy (%), for the spread across training seeds."""
-        return {s: float(np.mean(a) * 100) for s, a in sorted(self.per_seed.items())}
+    def summary(self, key: str = "accuracy") -> Tuple[float, float, float, float]:
+        """``(mean, episode CI half-width, seed-aware lo, seed-aware hi)`` of ``key``."""
+        x = self.stacked(key)
+        m, h = mean_ci(x.mean(0))
+        lo, hi = hierarchical_bootstrap(x)
+        return m, h, lo, hi
+
+    def seed_means(self, key: str = "accuracy") -> Dict[int, float]:
+        return {s: float(np.mean(self.per_seed[s][key])) for s in self.seeds}
 
     def seed_std(self) -> float:
-        """Standard deviation (ddof 1) of the per-seed means (%); NaN with one seed."""
         vals = list(self.seed_means().values())
         return float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+
+    def ece(self) -> Tuple[float, float, float]:
+        """Pooled ECE (%) over seeds and episodes and its seed-aware 95% interval."""
+        from ..eval.calibration import ece_from_bins
+
+        rel = self.stacked("reliability")  # [S, E, bins, 3]
+        value = 100.0 * ece_from_bins(rel.sum(axis=(0, 1)))
+        lo, hi = hierarchical_bootstrap_stat(rel, lambda r: 100.0 * ece_from_bins(r.sum(0)), n_boot=500)
+        return value, lo, hi
 
 
 @dataclass
 class ResultSet:
-    cells: Dict[Key, Dict[Column, CellResult]] = field(default_factory=dict)
-    curves: Dict[Key, Dict[str, List[Tuple[int, float]]]] = field(default_factory=dict)
+    cells: Dict[Row, Dict[Column, Series]] = field(default_factory=dict)
+    base: Dict[Row, Dict[str, Series]] = field(default_factory=dict)
+    curve_points: Dict[Row, Dict[tuple, Series]] = field(default_factory=dict)
+    curves: Dict[Row, Dict[str, List[Tuple[int, float]]]] = field(default_factory=dict)
+    teacher_rows: Set[Row] = field(default_factory=set)
     meta: Dict[str, object] = field(default_factory=dict)
 
-    def add(self, key: Key, col: Column, seed: int, accs: np.ndarray) -> None:
-        self.cells.setdefault(key, {}).setdefault(col, CellResult()).per_seed[seed] = np.asarray(accs)
+    def add(self, row: Row, col: Column, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
+        self.cells.setdefault(row, {}).setdefault(col, Series()).per_seed[seed] = dict(arrays)
+
+    def add_base(self, row: Row, data_label: str, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
+        self.base.setdefault(row, {}).setdefault(data_label, Series()).per_seed[seed] = dict(arrays)
+
+    def add_curve(self, row: Row, point: tuple, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
+        self.curve_points.setdefault(row, {}).setdefault(point, Series()).per_seed[seed] = dict(arrays)
 
     @property
     def columns(self) -> List[Column]:
-        cols = {c for row in self.cells.values() for c in row}
-        return sorted(cols)
+        return sorted({c for row in self.cells.values() for c in row}, key=_column_order)
 
     @property
-    def rows(self) -> List[Key]:
-        return sorted(self.cells)
+    def rows(self) -> List[Row]:
+        return sorted(set(self.cells) | set(self.base))
+
+
+def _column_order(c: Column):
+    import re
+
+    m = re.match(r"(\d+)w(\d+)s(\d+)q", c[2])
+    shape = tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+    return (c[0], c[1], shape, c[3])
 
 
 @dataclass
 class Paired:
-    """A method minus the baseline on identical episodes and the seeds both have (points)."""
+    """A method minus a baseline on identical episodes and the seeds both have (points)."""
 
     mean: float
-    ci95: float  # t-CI over episodes of the seed-averaged difference
-    p: float  # paired t-test over episodes
-    per_seed: Dict[int, float]  # each shared seed's mean difference: the spread across training runs
+    ci95: float          # t-interval over episodes of the seed-averaged difference
+    lo: float            # seed-aware (hierarchical bootstrap) interval
+    hi: float
+    p: float             # paired t-test over episodes
+    per_seed: Dict[int, float]
+
+    @property
+    def verdict(self) -> Optional[int]:
+        return excludes_zero(self.lo, self.hi)
 
 
-def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column, Paired]]:
-    """Per (method, backbone) and column: the difference to ``baseline`` (same backbone) over identical
-    episodes, restricted to the training seeds both have, with its 95% CI, paired t-test p-value and the
-    per-seed differences (the episode CI does not include seed-to-seed variation; the per-seed values show it)."""
+def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Row, Dict[Column, Paired]]:
+    """Per row and column, the difference to ``baseline`` (same backbone) over identical episodes, restricted to
+    the training seeds both have."""
     from scipy import stats
 
-    out: Dict[Key, Dict[Column, Paired]] = {}
+    out: Dict[Row, Dict[Column, Paired]] = {}
     for (method, backbone), row in results.cells.items():
         base = results.cells.get((baseline, backbone))
         if method == baseline or base is None:
@@ -102,19 +145,20 @@ def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Key, Dict[Column
             seeds = sorted(set(res.per_seed) & set(base[col].per_seed))
             if not seeds:
                 continue
-            a, b = res.episode_means(seeds), base[col].episode_means(seeds)
-            n = min(a.size, b.size)
-            diff = (a[:n] - b[:n]) * 100
-            m, h = mean_ci(diff)
-            if n < 2 or not np.any(diff):
+            a, b = res.stacked(seeds=seeds), base[col].stacked(seeds=seeds)
+            n = min(a.shape[1], b.shape[1])
+            diff = a[:, :n] - b[:, :n]
+            m, h = mean_ci(diff.mean(0))
+            lo, hi = hierarchical_bootstrap(diff)
+            d = diff.mean(0)
+            if n < 2 or not np.any(d):
                 p = 1.0
-            elif np.ptp(diff) <= 1e-9 * max(1.0, float(np.abs(diff).max())):  # constant non-zero difference
+            elif np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
                 p = 0.0
             else:
-                p = float(stats.ttest_rel(a[:n], b[:n]).pvalue)
-            per_seed = {s: float(100 * (res.per_seed[s][:n].mean() - base[col].per_seed[s][:n].mean()))
-                        for s in seeds}
-            out.setdefault((method, backbone), {})[col] = Paired(m, h, p, per_seed)
+                p = float(stats.ttest_1samp(d, 0.0).pvalue)
+            out.setdefault((method, backbone), {})[col] = Paired(m, h, lo, hi, p,
+                                                                 {s: float(diff[i].mean()) for i, s in enumerate(seeds)})
     return out
 
 
@@ -122,164 +166,203 @@ def _p_text(p: float) -> str:
     return "p<1e-16" if p < 1e-16 else f"p={p:.2g}"
 
 
-def _col_label(col: Column) -> str:
-    dataset, shot, clf = col
-    return f"{dataset} {shot}-shot {clf}"
+def col_label(col: Column, fractions: bool = True) -> str:
+    data, target, proto, readout = col
+    where = data if data.split("@")[0] == target else f"{data}→{target}"
+    return f"{where} {proto} {readout}"
+
+
+def _tex(s: str) -> str:
+    return (s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+            .replace("±", "$\\pm$").replace("→", "$\\to$").replace("▲", "$\\blacktriangle$")
+            .replace("▼", "$\\blacktriangledown$").replace("–", "--"))
+
+
+def _bold_best(values: Dict[Row, Tuple[float, float, float]]) -> Optional[Row]:
+    """The row whose mean is best and whose seed-aware interval does not overlap the next best's."""
+    if len(values) < 2:
+        return None
+    ranked = sorted(values.items(), key=lambda kv: -kv[1][0])
+    (best, (_, lo, _)), (_, (_, _, hi_next)) = ranked[0], ranked[1]
+    return best if lo > hi_next else None
+
+
+def _row_name(results: ResultSet, r: Row) -> str:
+    return r[0] + (" (teacher)" if r in results.teacher_rows else "")
 
 
 def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
-           n_way: int = 5, baselines: Sequence[str] = ("ce",)) -> Dict[str, str]:
-    """Return ``{"md": ..., "csv": ..., "tex": ...}``; one paired-difference table per method in ``baselines``."""
+           baselines: Sequence[str] = ("ce",)) -> Dict[str, str]:
+    """``{"md", "csv", "tex"}``: the accuracy table, paired differences against each baseline, calibration and
+    base-class tables (when the results have them)."""
     cols, rows = results.columns, results.rows
-    summaries = {(r, c): results.cells[r][c].summary() for r in rows for c in cols if c in results.cells[r]}
-    best = {}
-    for c in cols:
-        vals = [(summaries[(r, c)][0], r) for r in rows if (r, c) in summaries]
-        if vals:
-            best[c] = max(vals)[0]
-    pub_cols = sorted({k for m in published.values() for k in m})
-
-    def seeds_of(r: Key) -> str:
-        ns = {len(results.cells[r][c].per_seed) for c in cols if c in results.cells[r]}
-        return "/".join(str(n) for n in sorted(ns))
-
-    # Markdown
-    head = ["method", "backbone", "seeds"] + [_col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
-    md = [f"{caption}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv_lines = ["method,backbone,dataset,shot,classifier,seeds,episodes,mean,ci95,seed_std,seed_means"]
-    tex_cells = []
+    summ: Dict[Tuple[Row, Column], Tuple[float, float, float, float]] = {}
     for r in rows:
+        for c in cols:
+            if c in results.cells.get(r, {}):
+                summ[(r, c)] = results.cells[r][c].summary()
+    bold = {c: _bold_best({r: (summ[(r, c)][0], summ[(r, c)][2], summ[(r, c)][3]) for r in rows if (r, c) in summ})
+            for c in cols}
+    pub_cols = sorted({k for m in published.values() for k in m})
+    seed_counts = {r: "/".join(str(n) for n in sorted({len(results.cells[r][c].per_seed) for c in cols
+                                                        if c in results.cells.get(r, {})})) for r in rows}
+    md = [caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
+                       "hierarchical-bootstrap interval over training seeds and episodes. **Bold**: best, with a "
+                       "seed-aware interval that does not overlap the next best.", ""]
+    head = ["method", "backbone", "seeds"] + [col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    csv = ["method,backbone,train_data,target,protocol,readout,seeds,episodes,mean,ci95_episodes,seed_ci_lo,"
+           "seed_ci_hi,seed_std,seed_means"]
+    tex_rows = []
+    for r in [r for r in rows if r in results.cells]:
         cells_md, cells_tex = [], []
         for c in cols:
-            if (r, c) not in summaries:
+            if (r, c) not in summ:
                 cells_md.append("–")
                 cells_tex.append("--")
                 continue
-            m, h = summaries[(r, c)]
-            txt = f"{m:.2f} ± {h:.2f}"
-            is_best = abs(m - best[c]) < 1e-9
-            cells_md.append(f"**{txt}**" if is_best else txt)
-            cells_tex.append(f"\\textbf{{{m:.2f} $\\pm$ {h:.2f}}}" if is_best else f"{m:.2f} $\\pm$ {h:.2f}")
+            m, h, lo, hi = summ[(r, c)]
             res = results.cells[r][c]
-            seed_means = ";".join(f"{s}:{v:.4f}" for s, v in res.seed_means().items())
-            csv_lines.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{len(res.per_seed)},"
-                             f"{res.episode_means().size},{m:.4f},{h:.4f},{res.seed_std():.4f},{seed_means}")
+            seeds_part = f" (seeds ±{(hi - lo) / 2:.2f})" if len(res.per_seed) > 1 else ""
+            txt = f"{m:.2f} ± {h:.2f}{seeds_part}"
+            cells_md.append(f"**{txt}**" if bold[c] == r else txt)
+            cells_tex.append(f"\\textbf{{{_tex(txt)}}}" if bold[c] == r else _tex(txt))
+            means = ";".join(f"{s}:{v:.4f}" for s, v in res.seed_means().items())
+            csv.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{c[3]},{len(res.per_seed)},{res.stacked().shape[1]},"
+                       f"{m:.4f},{h:.4f},{lo:.4f},{hi:.4f},{res.seed_std():.4f},{means}")
         pub = [published.get(r[0], {}).get(p, "–") for p in pub_cols]
-        md.append("| " + " | ".join([r[0], r[1], seeds_of(r)] + cells_md + pub) + " |")
-        tex_cells.append(" & ".join([r[0].replace("_", "\\_"), r[1].replace("_", "\\_")] + cells_tex
-                                    + [p.replace("±", "$\\pm$") for p in pub]) + " \\\\")
-    if any(len(res.per_seed) > 1 for row in results.cells.values() for res in row.values()):
-        md += ["", "Spread across training seeds: standard deviation of the per-seed mean accuracies (points); "
-                   "the per-seed means are in the CSV.", "",
-               "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
-               "|" + "---|" * (len(cols) + 2)]
-        for r in rows:
-            vals = [f"{results.cells[r][c].seed_std():.2f}"
-                    if c in results.cells[r] and len(results.cells[r][c].per_seed) > 1 else "–" for c in cols]
-            md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
+        md.append("| " + " | ".join([_row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
+        tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
+                        + " \\\\")
+    tex = _tex_table(caption, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
+                     tex_rows)
     for baseline in baselines:
         paired = paired_vs(results, baseline)
         if not paired:
             continue
-        md += ["", f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): "
-                   "mean ± 95% CI over episodes, paired t-test p, and the difference of each seed (the episode CI "
-                   "does not include the variation between training runs; the per-seed values show it):", "",
-               "| method | backbone | " + " | ".join(_col_label(c) for c in cols) + " |",
-               "|" + "---|" * (len(cols) + 2)]
+        pcols = [c for c in cols if any(c in paired[r] for r in paired)]
+        title = (f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): mean ± "
+                 f"95% CI over episodes; [seed-aware 95% interval]; paired t-test p over episodes; each seed's "
+                 f"difference. ▲/▼: the seed-aware interval excludes 0.")
+        md += ["", title, "", "| method | backbone | " + " | ".join(col_label(c) for c in pcols) + " |",
+               "|" + "---|" * (len(pcols) + 2)]
+        prow_tex = []
         for r in sorted(paired):
-            vals = []
-            for c in cols:
-                if c in paired[r]:
-                    d = paired[r][c]
-                    seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
-                    vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} ({_p_text(d.p)}; seeds {seeds})")
-                else:
+            vals, vals_tex = [], []
+            for c in pcols:
+                if c not in paired[r]:
                     vals.append("–")
-            md.append(f"| {r[0]} | {r[1]} | " + " | ".join(vals) + " |")
+                    vals_tex.append("--")
+                    continue
+                d = paired[r][c]
+                mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
+                seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
+                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} ({_p_text(d.p)}; "
+                            f"seeds {seeds})")
+                vals_tex.append(_tex(f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark}"))
+            md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+            prow_tex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
+        tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [seed-aware 95% interval]; "
+                                 f"triangles: the interval excludes 0.",
+                                 ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
+    cal_md, cal_tex = _calibration(results, cols)
+    md += cal_md
+    tex += cal_tex
+    base_md, base_tex, base_csv = _base_table(results)
+    md += base_md
+    tex += base_tex
     if pub_cols:
-        md += ["", "Published columns are numbers reported in the cited papers under their own full "
-                   "protocol (data, resolution, epochs); they are context, not a like-for-like comparison."]
-    colspec = "ll" + "c" * (len(cols) + len(pub_cols))
-    tex = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex_escape(caption)}}}",
-           f"\\begin{{tabular}}{{{colspec}}}", "\\toprule",
-           " & ".join(["Method", "Backbone"] + [_tex_escape(_col_label(c)) for c in cols]
-                      + [_tex_escape(f"published {p}") for p in pub_cols]) + " \\\\",
-           "\\midrule", *tex_cells, "\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv_lines) + "\n", "tex": "\n".join(tex) + "\n"}
+        md += ["", "Published columns are numbers reported in the cited papers under their own full protocol "
+                   "(data, resolution, epochs); they are context, not a like-for-like comparison."]
+    return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv + base_csv) + "\n", "tex": tex}
 
 
-def _tex_escape(s: str) -> str:
-    return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&") \
-        .replace("±", "$\\pm$")
+def _tex_table(caption: str, header: List[str], rows: List[str]) -> str:
+    colspec = "ll" + "c" * (len(header) - 2)
+    return "\n".join(["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(caption)}}}",
+                      f"\\begin{{tabular}}{{{colspec}}}", "\\toprule", " & ".join(_tex(h) for h in header) + " \\\\",
+                      "\\midrule", *rows, "\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
 
 
-def plot(results: ResultSet, out: Path) -> List[Path]:
-    """Accuracy with CIs per method (one panel per column) and training curves; returns written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    written = []
-    cols, rows = results.columns, results.rows
-    if cols:
-        fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
-        for ax, c in zip(axes[0], cols):
-            names, ms, hs = [], [], []
-            for r in rows:
-                if c in results.cells[r]:
-                    m, h = results.cells[r][c].summary()
-                    names.append(f"{r[0]}\n{r[1]}")
-                    ms.append(m)
-                    hs.append(0 if math.isnan(h) else h)
-            ax.errorbar(range(len(ms)), ms, yerr=hs, fmt="o", capsize=3)
-            ax.set_xticks(range(len(ms)), names, rotation=60, fontsize=7)
-            ax.set_title(_col_label(c), fontsize=8)
-            ax.set_ylabel("accuracy (%)")
-        fig.tight_layout()
-        path = out.with_name(out.name + "_accuracy.png")
-        with _atomic_png(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        written.append(path)
-    if results.curves:
-        metrics = sorted({m for d in results.curves.values() for m in d})
-        keys = sorted(results.curves)
-        colour = {r: f"C{i % 10}" for i, r in enumerate(keys)}  # one colour per method in every panel
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 1.4, 3.0), squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
-            for r in keys:
-                d = results.curves[r]
-                if metric in d and d[metric]:
-                    xs, ys = zip(*sorted(d[metric]))
-                    ax.plot(xs, ys, marker=".", color=colour[r])
-            ax.set_title(metric, fontsize=8)
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        handles = [plt.Line2D([], [], color=colour[r], marker=".", label=f"{r[0]}/{r[1]}") for r in keys]
-        fig.legend(handles=handles, loc="center right", fontsize=7)  # every method, also those absent from a panel
-        fig.tight_layout(rect=(0, 0, 1 - 1.4 / (3.6 * len(metrics) + 1.4), 1))
-        path = out.with_name(out.name + "_curves.png")
-        with _atomic_png(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        written.append(path)
-    return written
+def _calibration(results: ResultSet, cols: List[Column]) -> Tuple[List[str], str]:
+    ccols = [c for c in cols if any(c in results.cells[r] and results.cells[r][c].has("reliability")
+                                    for r in results.cells)]
+    if not ccols:
+        return [], ""
+    md = ["", "Calibration of the few-shot readouts' query probabilities (pooled over seeds and episodes): ECE (%, "
+              "15 equal-width bins, top label) [seed-aware 95% interval]; NLL (nats) and Brier score (0..2), mean ± "
+              "95% CI over episodes. Lower is better.", "",
+          "| method | backbone | " + " | ".join(col_label(c) for c in ccols) + " |", "|" + "---|" * (len(ccols) + 2)]
+    tex_rows = []
+    for r in [r for r in results.rows if r in results.cells]:
+        vals = []
+        for c in ccols:
+            res = results.cells[r].get(c)
+            if res is None or not res.has("reliability"):
+                vals.append("–")
+                continue
+            ece, lo, hi = res.ece()
+            nll_m, nll_h = mean_ci(res.stacked("nll").mean(0))
+            br_m, br_h = mean_ci(res.stacked("brier").mean(0))
+            vals.append(f"ECE {ece:.2f} [{lo:.2f}, {hi:.2f}]; NLL {nll_m:.3f} ± {nll_h:.3f}; Brier {br_m:.3f} ± "
+                        f"{br_h:.3f}")
+        md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+        tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
+    return md, _tex_table("Calibration of the few-shot readouts (ECE %, NLL, Brier).",
+                          ["Method", "Backbone"] + [col_label(c) for c in ccols], tex_rows)
 
 
-def _atomic_png(path: Path):
-    from ..utils import atomic_path
+def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
+    if not results.base:
+        return [], "", []
+    labels = sorted({d for r in results.base.values() for d in r})
+    md = ["", "Base classes (held-out images of the training classes): top-1 accuracy (%) ± 95% CI over images "
+              "(seeds averaged) (seeds ± half the seed-aware interval); classifier calibration: ECE (%, 15 bins) "
+              "[seed-aware interval], NLL, Brier. Methods without a base classifier (episodic) are scored by the "
+              "nearest class mean (accuracy only).", "",
+          "| method | backbone | " + " | ".join(f"{d} top-1 | {d} ECE | {d} NLL | {d} Brier" for d in labels) + " |",
+          "|" + "---|" * (2 + 4 * len(labels))]
+    csv = ["", "method,backbone,train_data,base_top1,base_top1_ci95,seed_ci_lo,seed_ci_hi,ece,ece_lo,ece_hi,nll,brier,"
+               "seeds"]
+    tex_rows = []
+    acc_by_label = {d: {r: results.base[r][d].summary() for r in results.base if d in results.base[r]} for d in labels}
+    bold = {d: _bold_best({r: (v[0], v[2], v[3]) for r, v in acc_by_label[d].items()}) for d in labels}
+    for r in sorted(results.base):
+        vals = []
+        for d in labels:
+            res = results.base[r].get(d)
+            if res is None:
+                vals += ["–"] * 4
+                continue
+            m, h, lo, hi = acc_by_label[d][r]
+            seeds_part = f" (seeds ±{(hi - lo) / 2:.2f})" if len(res.per_seed) > 1 else ""
+            acc = f"{m:.2f} ± {h:.2f}{seeds_part}"
+            vals.append(f"**{acc}**" if bold[d] == r else acc)
+            if res.has("reliability"):
+                ece, elo, ehi = res.ece()
+                nll_v, br_v = float(res.stacked("nll").mean()), float(res.stacked("brier").mean())
+                vals += [f"{ece:.2f} [{elo:.2f}, {ehi:.2f}]", f"{nll_v:.3f}", f"{br_v:.3f}"]
+                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{lo:.4f},{hi:.4f},{ece:.4f},{elo:.4f},{ehi:.4f},"
+                           f"{nll_v:.4f},{br_v:.4f},{len(res.per_seed)}")
+            else:
+                vals += ["–", "–", "–"]
+                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{lo:.4f},{hi:.4f},,,,,,{len(res.per_seed)}")
+        md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+        tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v.strip('*')) for v in vals])
+                        + " \\\\")
+    header = ["Method", "Backbone"] + [h for d in labels for h in (f"{d} top-1", "ECE", "NLL", "Brier")]
+    return md, _tex_table("Base-class held-out accuracy and calibration.", header, tex_rows), csv
 
-    return atomic_path(path, suffix=".png")
 
+def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
+                 header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
+    """Write ``<stem>.md/.csv/.tex`` and the figures (:mod:`fsl_lsskd.bench.figures`); returns the paths."""
+    from .figures import write_figures
 
-def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
-                 out_stem: Path, header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
     rendered = render(results, published, caption, baselines=baselines)
     paths = []
     for ext, text in rendered.items():
         path = out_stem.with_suffix(f".{ext}")
         atomic_write_text(path, (header + "\n" + text) if ext == "md" and header else text)
         paths.append(path)
-    return paths + plot(results, out_stem)
+    return paths + write_figures(results, out_stem)

@@ -1,235 +1,158 @@
-"""Up-front checks of a benchmark (``fsl-bench run``) and of a training command (``fsl-bench train``), so bad
-input fails in seconds, before anything is trained, decoded, cached or logged to MLflow:
-
-* every method, backbone, dataset and evaluator name is registered (the message lists the valid ones);
-* per-method settings are valid fields of the method's config;
-* every dataset can supply the evaluation protocol (``eval.n_way`` classes, ``shot + n_query`` images in every
-  class of ``eval.split``) and the per-epoch validation episodes (``train.val_episodes``), counted from the
-  split files and the source's inventory (the cache entry's counts when there is one), never by decoding;
-* the output directory can be written.
-
-Messages name the benchmark file and the key to change.
+"""Up-front checks of a benchmark (``fsl-bench run``), so bad input fails in seconds, before anything is trained,
+decoded, cached or logged: every name is registered (the message lists the valid ones), every method's settings
+build its config, every readout's settings are valid, the data exists and every training dataset can host the
+evaluation protocols and the validation episodes (counted from the split files and the source's inventory, never
+by decoding), and the output directory can be written. The checks themselves live beside what they check
+(:func:`fsl_lsskd.registry.check_names`, :func:`fsl_lsskd.protocol.check_capacity`, ...); this module applies
+them to a benchmark and names the file and key to change.
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence
+from typing import List, Optional
 
-import numpy as np
-
-from ..errors import ConfigError, DataError, ProtocolError, UnknownNameError, UserError
+from ..errors import ConfigError, DataError, UserError
+from ..protocol import check_capacity
+from ..registry import check_names
 from .config import Benchmark
 
 log = logging.getLogger(__name__)
 
 
-def _registry(kind: str):
-    from .. import plugins
-    from ..registry import DATASETS, EVALUATORS, METHODS
+def check_method_settings(bench: Benchmark) -> None:
+    """Each row's settings (``method_overrides``, variant settings, the ``train`` budget) build a valid method
+    config (:func:`fsl_lsskd.train.config.resolved_method_config`)."""
+    from ..train.config import resolved_method_config
+    from .grid import training_config, make_cell
 
-    package, reg = {"method": ("fsl_lsskd.methods", METHODS), "dataset": ("fsl_lsskd.data", DATASETS),
-                    "evaluator": ("fsl_lsskd.eval", EVALUATORS)}[kind]
-    plugins.import_submodules(package)
-    return reg
-
-
-def check_backbone_name(name: str) -> None:
-    """A registered few-shot backbone or any timm model name (``create_backbone`` rejects non-CNNs)."""
-    import timm
-
-    from ..registry import BACKBONES
-    from .. import backbones  # noqa: F401  (registers the few-shot standards)
-
-    if name in BACKBONES or timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, BACKBONES.names(), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownNameError(f"unknown backbone {name!r}.{hint} Valid backbones: {', '.join(BACKBONES.names())}, "
-                           f"or any timm CNN name (e.g. resnet18, efficientnet_b0; list them with "
-                           f"`python -c \"import timm; print(timm.list_models())\"`)")
+    for row in sorted(set(bench.methods) | set(bench.variants)):
+        try:
+            cell = make_cell(bench, bench.datasets[0], bench.backbones[0], row, bench.seeds[0])
+            resolved_method_config(training_config(bench, cell, Path("."), data={}))
+        except UserError as exc:
+            raise ConfigError(f"{bench.where}: settings of {row!r}: {exc}") from None
 
 
-def check_names(*, methods: Iterable[str] = (), backbones: Iterable[str] = (), datasets: Iterable[str] = (),
-                evaluators: Iterable[str] = (), where: str = "") -> None:
-    """Raise :class:`UnknownNameError` (valid names listed) for the first unregistered name; ``where``
-    prefixes the message (e.g. ``"bench.yaml: `methods`"``)."""
-    prefix = f"{where}: " if where else ""
-    try:
-        for kind, names in (("method", methods), ("dataset", datasets), ("evaluator", evaluators)):
-            for name in names:
-                _registry(kind).get(name)
-        for name in backbones:
-            check_backbone_name(name)
-    except UnknownNameError as exc:
-        raise UnknownNameError(f"{prefix}{exc}") from None
+def check_readouts(bench: Benchmark) -> None:
+    """Every readout (and its settings) of ``eval`` is registered and valid."""
+    from ..eval.scoring import ReadoutSpec
+
+    ev = bench.eval
+    groups = [("eval.readouts", ev.readouts)] + [(f"eval.extra_readouts.{m}", r) for m, r in ev.extra_readouts.items()]
+    if ev.curves is not None:
+        groups.append(("eval.curves.readouts", ev.curves.readouts))
+    for where, readouts in groups:
+        for r in readouts:
+            try:
+                ReadoutSpec.parse(r)
+            except UserError as exc:
+                raise type(exc)(f"{bench.where}: `{where}`: {exc}") from None
 
 
-def split_counts(dataset, split: str) -> np.ndarray:
-    """Images per class of ``split`` without decoding (``CachedDataset.split_counts``); other datasets are
-    loaded (memory-mapped from their cache)."""
-    if hasattr(dataset, "split_counts"):
-        return np.asarray(dataset.split_counts(split), dtype=np.int64)
-    return dataset.load_split(split, mmap=True).class_counts()
+def check_data(bench: Benchmark, data=None) -> List[str]:
+    """Every dataset of ``bench`` exists; every training dataset can host the evaluation protocols (on
+    ``eval.split``) and the validation episodes (val split). Returns notes for cross-domain targets that
+    cannot host a protocol (those are skipped, not errors)."""
+    from ..data.base import split_counts
+    from .grid import GENERATORS, data_kwargs
+
+    notes: List[str] = []
+    ev, tr = bench.eval, bench.train
+    targets = {t for d in bench.datasets for t in bench.eval_datasets(d)}
+    for name in sorted(set(bench.datasets) | targets):
+        source = bench.data.get(name)
+        if source is not None and source.generate and name not in GENERATORS:
+            raise ConfigError(f"{bench.where}: data.{name}.generate is supported for {', '.join(GENERATORS)} only; "
+                              f"give data.{name}.archive or data_root instead")
+        try:
+            if source is not None and source.generate:  # counted from the writer's spec, nothing generated
+                ds = None
+                classes = {s: generated_counts(name, source.generate, s)[0] for s in ("val", ev.split)}
+                counts = {s: generated_counts(name, source.generate, s)[1] for s in ("val", ev.split)}
+            else:
+                ds = data.dataset(name) if data is not None else _dataset(name, data_kwargs(name, bench))
+                counts = {s: split_counts(ds, s) for s in ("val", ev.split)}
+                classes = ds.class_split()
+        except DataError as exc:
+            raise type(exc)(f"{bench.where}: dataset {name}: {exc} (in the benchmark file: `data: {{{name}: "
+                            f"{{archive: PATH}}}}` or `data_root: DIR`, or `fsl-bench run --data {name}=PATH`)") from None
+        fixed = getattr(_dataset_class(name), "fixed_protocols", None)
+        if name in bench.datasets and not fixed:
+            for p in ev.protocols():
+                check_capacity(counts[ev.split], p, classes[ev.split], where=f"{bench.where}: {name} {ev.split} split",
+                               fix=f"lower eval.n_way/n_shot/n_query in the benchmark file (at most "
+                                   f"{int(min(counts[ev.split]))} images per class in all), or supply more images")
+            val = tr.validation_protocol()
+            if val is not None:
+                check_capacity(counts["val"], val, classes["val"],
+                               where=f"{bench.where}: {name} val split (train.validation)",
+                               fix="set `train: {validation: null}` in the benchmark file (no per-epoch validation), "
+                                   "or lower its n_way/n_shot/n_query")
+        elif not fixed:
+            from ..protocol import can_host
+
+            for p in ev.protocols():
+                if not can_host(counts[ev.split], p):
+                    notes.append(f"{name} {ev.split}: cannot host {p.key} (fewest images per class: "
+                                 f"{int(min(counts[ev.split]))}); that column is skipped for {name}")
+    return notes
 
 
-def _val_protocol() -> tuple:
-    """(n_way, n_query) of the engine's per-epoch validation episodes (``train.engine.fewshot_val``)."""
-    from ..train.engine import fewshot_val
+def _dataset_class(name: str):
+    from ..registry import DATASETS
 
-    params = inspect.signature(fewshot_val).parameters
-    return int(params["n_way"].default), int(params["n_query"].default)
+    return DATASETS.get(name)
 
 
-def _check_counts(counts: np.ndarray, class_names: Sequence[str], n_way: int, n_shot: int, n_query: int,
-                  what: str, fix_way: str, fix_images: str) -> None:
-    """ProtocolError when ``counts`` cannot supply ``n_way``-way ``n_shot+n_query`` episodes; the fixes are
-    templates filled with ``{classes}`` (classes in the split) and ``{most}`` (fewest images of a class)."""
-    fill = {"classes": len(counts), "most": int(min(counts)) if len(counts) else 0}
-    if n_way > len(counts):
-        raise ProtocolError(f"{what}: {n_way}-way episodes need {n_way} classes but the split has {len(counts)}; "
-                            + fix_way.format(**fill))
-    need = n_shot + n_query
-    short = [(class_names[i], int(c)) for i, c in enumerate(counts) if c < need]
-    if short:
-        listing = ", ".join(f"{n} ({c} images)" for n, c in short[:10]) + (
-            f" and {len(short) - 10} more" if len(short) > 10 else "")
-        raise ProtocolError(f"{what}: shot+query = {n_shot}+{n_query} = {need} images per class, but "
-                            f"{len(short)} classes have fewer: {listing}; " + fix_images.format(**fill))
-
-
-def _generated_counts(dataset: str, sizes: Sequence[int], split: str) -> tuple:
+def generated_counts(dataset: str, sizes, split: str):
     """(class names, counts) of a ``generate: [a, b]`` source without generating it: the fake writers
-    (``fsl_lsskd.data.fake``) put ``a`` + ``b`` images in every class of the standard split."""
+    (:mod:`fsl_lsskd.data.fake`) put ``a + b`` images in every class of the standard split."""
+    import numpy as np
+
     from ..data.splits import standard_split
 
     names = standard_split(dataset)[split]
     return names, np.full(len(names), int(sum(sizes)), dtype=np.int64)
 
 
-def check_data(bench: Benchmark) -> None:
-    """Every dataset of ``bench`` exists and can supply the evaluation episodes and the per-epoch validation
-    episodes; reads split files and source inventories only (nothing decoded or written)."""
+def _dataset(name: str, kwargs):
     from ..data import get_dataset
-    from .runner import data_kwargs
 
-    where = bench.path or bench.name
-    ev, tr = bench.eval, bench.train
-    val_way, val_query = _val_protocol()
-    val_shot = _default_val_shot()
-    for dataset in bench.datasets:
-        source = bench.data.get(dataset)
-        needs = [(ev.split, ev.n_way, k, ev.n_query, f"{where}: {dataset} {ev.split} split (eval)",
-                  "set eval.n_way to {classes} or fewer in the benchmark file, or use a split with more classes",
-                  "lower eval.shots / eval.n_query in the benchmark file (at most {most} images per class in "
-                  "all), or supply more images") for k in ev.shots]
-        if tr.val_episodes > 0:
-            needs.append(("val", val_way, val_shot, val_query,
-                          f"{where}: {dataset} val split (train.val_episodes = {tr.val_episodes} runs {val_way}-way "
-                          f"{val_shot}-shot {val_query}-query validation episodes every epoch)",
-                          "set train.val_episodes: 0 in the benchmark file (no per-epoch validation)",
-                          "set train.val_episodes: 0 in the benchmark file (no per-epoch validation), or supply "
-                          "more images"))
-        if source is not None and source.generate:
-            if dataset not in ("tiny_imagenet", "cifar_fs"):
-                raise ConfigError(f"{where}: data.{dataset}.generate is supported for tiny_imagenet and cifar_fs "
-                                  f"only; give data.{dataset}.archive or data_root instead")
-            counts_of = {s: _generated_counts(dataset, source.generate, s) for s in {n[0] for n in needs}}
-        else:
-            try:
-                ds = get_dataset(dataset, **data_kwargs(dataset, source, bench))
-                counts_of = {s: (ds.class_split()[s], split_counts(ds, s)) for s in {n[0] for n in needs}}
-            except DataError as exc:
-                raise type(exc)(f"{where}: dataset {dataset}: {exc} (in the benchmark file: `data: {{{dataset}: "
-                                f"{{archive: PATH}}}}` or `data_root: DIR`)") from None
-        for split, n_way, n_shot, n_query, what, fix_way, fix_images in needs:
-            names, counts = counts_of[split]
-            _check_counts(counts, names, n_way, n_shot, n_query, what, fix_way, fix_images)
+    kw = dict(kwargs)
+    kw.pop("download", None)  # up-front checks never download: counts come from a present source
+    return get_dataset(name, **kw)
 
 
-def _default_val_shot() -> int:
-    from ..train.config import TrainConfig
-
-    return int(TrainConfig.__dataclass_fields__["val_shot"].default)
-
-
-def check_method_settings(bench: Benchmark) -> None:
-    """Each method's settings (``method_overrides`` plus the ``train`` budget) build a valid method config."""
-    from ..train.config import TrainConfig, build_method_config
-
-    where = bench.path or bench.name
-    methods = _registry("method")
-    tr = bench.train
-    for method in sorted(set(bench.methods) | set(bench.method_overrides)):
-        try:
-            cfg = TrainConfig(method=method, fraction=tr.fraction, epochs=tr.epochs, batch_size=tr.batch_size,
-                              heldout=tr.heldout, val_episodes=tr.val_episodes,
-                              method_overrides=dict(bench.method_overrides.get(method, {})))
-            build_method_config(methods.get(method).config_cls, cfg)
-        except UserError as exc:
-            raise ConfigError(f"{where}: settings of method {method!r}: {exc}") from None
-
-
-def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optional[Path] = None) -> None:
-    """Everything ``fsl-bench run`` can check before training: names, method settings, ``out_root``
-    writability and (``data=True``) the data against the protocols. Raises a :class:`UserError` subclass."""
+def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optional[Path] = None) -> List[str]:
+    """Everything ``fsl-bench run`` can check before training (module docstring); raises a :class:`UserError`
+    subclass, returns notes (skipped cross-domain protocols)."""
     from ..utils import check_writable_dir
 
-    where = bench.path or bench.name
-    teachers: Dict[str, object] = dict(getattr(bench, "teachers", {}) or {})
-    check_names(methods=bench.methods, where=f"{where}: `methods`")
+    where = bench.where
+    rows = set(bench.methods)
+    check_names(methods=[bench.method_of(r) for r in rows], where=f"{where}: `methods`")
+    check_names(methods=[v.method for v in bench.variants.values()], where=f"{where}: `variants`")
     check_names(backbones=bench.backbones, where=f"{where}: `backbones`")
+    for row, seeds in bench.method_seeds.items():
+        if row not in rows:
+            raise ConfigError(f"{where}: `method_seeds` names {row!r}, which is not in `methods` ({', '.join(bench.methods)})")
+        extra = sorted(set(seeds) - set(bench.seeds))
+        if extra:
+            raise ConfigError(f"{where}: `method_seeds.{row}` has seeds {extra} that are not in `seeds`")
     check_names(datasets=bench.datasets, where=f"{where}: `datasets`")
-    check_names(evaluators=bench.eval.classifiers, where=f"{where}: `eval.classifiers`")
-    check_names(methods=bench.eval.extra_classifiers, where=f"{where}: `eval.extra_classifiers`")
-    check_names(evaluators=[c for v in bench.eval.extra_classifiers.values() for c in v],
-                where=f"{where}: `eval.extra_classifiers`")
-    check_names(methods=bench.method_overrides, where=f"{where}: `method_overrides`")
-    check_names(methods=list(teachers) + [getattr(t, "method", "") for t in teachers.values()],
-                where=f"{where}: `teachers`")
-    check_names(backbones=[t.backbone for t in teachers.values() if getattr(t, "backbone", None)],
-                where=f"{where}: `teachers`")
+    check_names(datasets=bench.eval.datasets, where=f"{where}: `eval.datasets`")
+    check_names(methods=[k for k in bench.eval.extra_readouts if k not in bench.variants],
+                where=f"{where}: `eval.extra_readouts`")
+    check_names(methods=[k for k in bench.method_overrides], where=f"{where}: `method_overrides`")
+    check_names(methods=[k for k in bench.teachers if k not in bench.variants] +
+                [bench.method_of(t.method) for t in bench.teachers.values()], where=f"{where}: `teachers`")
+    check_names(backbones=[t.backbone for t in bench.teachers.values() if t.backbone], where=f"{where}: `teachers`")
+    check_readouts(bench)
     check_method_settings(bench)
+    if bench.eval.base and bench.train.heldout <= 0:
+        raise ConfigError(f"{where}: `eval.base` scores the held-out base images, but `train.heldout` is 0: set "
+                          f"train.heldout (e.g. 0.1) or drop eval.base")
     if out_root is not None:
         check_writable_dir(out_root, "--out")
-    if data:
-        check_data(bench)
-
-
-def validate_train(cfg) -> None:
-    """``fsl-bench train``: names, the output directory and (when per-epoch validation is on) the val split's
-    capacity for the validation episodes, before any data is decoded or MLflow run opened."""
-    from ..data import get_dataset
-    from ..utils import check_writable_dir
-
-    check_names(methods=[cfg.method], datasets=[cfg.dataset], backbones=[cfg.backbone])
-    check_writable_dir(cfg.out_dir, "--out")
-    check_resume_checkpoint(Path(cfg.out_dir))
-    if cfg.val_episodes > 0:
-        ds = get_dataset(cfg.dataset, root=cfg.data_root, archive=cfg.archive)
-        n_way, n_query = _val_protocol()
-        _check_counts(split_counts(ds, "val"), ds.class_split()["val"], n_way, cfg.val_shot, n_query,
-                      f"{cfg.dataset} val split (--val-episodes {cfg.val_episodes} runs {n_way}-way {cfg.val_shot}-"
-                      f"shot {n_query}-query validation episodes every epoch)",
-                      "pass --val-episodes 0 (no per-epoch validation)",
-                      "pass --val-episodes 0 (no per-epoch validation), or supply more images")
-
-
-def check_resume_checkpoint(out_dir: Path) -> None:
-    """A run directory's ``last.pt`` (resumed by the engine) must be readable: a truncated file fails here,
-    before the data is decoded. Cheap: opens the zip directory only (torch checkpoints are zip files)."""
-    import zipfile
-
-    from ..train.checkpoint import read_checkpoint
-    from ..train.engine import CHECKPOINT_NAME
-
-    path = Path(out_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        return
-    try:
-        with zipfile.ZipFile(path):
-            return
-    except (zipfile.BadZipFile, OSError):
-        read_checkpoint(path)  # raises CheckpointError naming the fix (or loads a legacy non-zip file)
+    return check_data(bench) if data else []

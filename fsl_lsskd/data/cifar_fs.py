@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import DATASETS
-from ._common import CachedDataset, check_md5, resolve_source
+from .base import CachedDataset
+from .sources import check_md5, resolve_source
 from .splits import standard_split
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -43,11 +44,17 @@ class CifarFS(CachedDataset):
     image_size = 32
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
+    #: dataset-specific options of get_dataset (CLI --train-per-class, --split-file, --folder-image-size)
+    options = ("train_per_class",)
     parts = ("train", "test")
 
     def __init__(self, root: Optional[os.PathLike] = None, archive: Optional[os.PathLike] = None,
-                 download: bool = False, cache_dir: Optional[os.PathLike] = None, check_checksum: bool = False):
+                 download: bool = False, cache_dir: Optional[os.PathLike] = None, check_checksum: bool = False,
+                 train_per_class: Optional[int] = None):
         super().__init__(cache_dir)
+        if train_per_class is not None and int(train_per_class) < 1:
+            raise DataError(f"train_per_class must be >= 1, got {train_per_class}")
+        self.train_per_class = None if train_per_class is None else int(train_per_class)
         self.source = resolve_source("CIFAR-100", root, archive, download, ARCHIVE_NAME, "cifar-100-python*.tar.gz",
                                      FOLDER_NAME, _is_folder, URL, MD5)
         if check_checksum and self.source.is_file():
@@ -56,6 +63,9 @@ class CifarFS(CachedDataset):
 
     def class_split(self) -> Dict[str, List[str]]:
         return standard_split("cifar_fs")
+
+    def cache_extra(self) -> str:
+        return f"train_per_class={self.train_per_class}" if self.train_per_class is not None else ""
 
     def _read_pickles(self) -> Dict[str, bytes]:
         want = ("train", "test", "meta")
@@ -95,6 +105,12 @@ class CifarFS(CachedDataset):
                         raise ValueError(f"{part}: data {data.shape}, {len(labels)} labels")
                     if len(labels) and (labels.min() < 0 or labels.max() >= len(fine)):
                         raise ValueError(f"{part}: fine label out of range")
+                    if part == "train" and self.train_per_class is not None:  # first N rows of each class
+                        rank = np.zeros(len(labels), dtype=np.int64)
+                        for c in np.unique(labels):
+                            rank[labels == c] = np.arange(int((labels == c).sum()))
+                        keep = rank < self.train_per_class
+                        data, labels = data[keep], labels[keep]
                     parts[part] = (data, labels)
             except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise DataError(f"{self.source}: a CIFAR-100 pickle is corrupt or truncated ({exc}); "

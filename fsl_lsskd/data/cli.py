@@ -7,32 +7,22 @@ from typing import Any, Dict
 
 import click
 
-_DATASETS = ["cifar_fs", "tiny_imagenet", "image_folder"]
-
+from ..options import dataset_kwargs, dataset_options
 
 def _source_options(f):
-    f = click.option("--image-size", type=int, default=64, show_default=True,
-                     help="image_folder only: output size (square).")(f)
-    f = click.option("--split-file", type=click.Path(path_type=Path), default=None,
-                     help="image_folder only: JSON {train,val,test} or a directory with train/val/test.txt.")(f)
     f = click.option("--check-md5", is_flag=True, help="Check a local archive against the official md5.")(f)
     f = click.option("--download", is_flag=True, help="Download the official archive into --data-root "
                      "(default <cache>/downloads) when not found; checks the official md5.")(f)
-    f = click.option("--data-root", type=click.Path(path_type=Path), default=None,
-                     help="Directory holding the official archive or its extracted folder.")(f)
-    f = click.option("--archive", type=click.Path(path_type=Path), default=None,
-                     help="Path to the official archive (.tar.gz/.zip) or its extracted folder.")(f)
-    return click.argument("dataset", type=click.Choice(_DATASETS))(f)
+    return dataset_options(argument=True)(f)
 
 
-def _open(dataset: str, archive, data_root, download, check_md5, split_file, image_size, cache_dir=None):
+def _open(dataset: str, archive, data_root, download, check_md5, split_file, train_per_class, folder_image_size,
+          cache_dir=None):
     from . import get_dataset
 
-    kw: Dict[str, Any] = {}
-    if dataset == "image_folder":
-        kw = {"split_file": split_file, "image_size": image_size}
-    elif check_md5:
-        kw = {"check_checksum": True}
+    kw: Dict[str, Any] = dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)
+    if check_md5:
+        kw["check_checksum"] = True
     return get_dataset(dataset, root=data_root, archive=archive, download=download, cache_dir=cache_dir, **kw)
 
 
@@ -49,16 +39,17 @@ def data() -> None:
 
 @data.command("prepare")
 @_source_options
-def prepare_cmd(dataset, archive, data_root, download, check_md5, split_file, image_size) -> None:
+def prepare_cmd(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download,
+                check_md5) -> None:
     """Decode DATASET once into the uint8 cache ($FSL_BENCH_CACHE or ~/.cache/fsl-bench).
 
     \b
     Example:
       fsl-bench data prepare cifar_fs --archive cifar-100-python.tar.gz
       fsl-bench data prepare tiny_imagenet --data-root ~/datasets --download
-      fsl-bench data prepare image_folder --data-root my_images --split-file split.json --image-size 64
+      fsl-bench data prepare image_folder --data-root my_images --split-file split.json --folder-image-size 64
     """
-    ds = _open(dataset, archive, data_root, download, check_md5, split_file, image_size)
+    ds = _open(dataset, archive, data_root, download, check_md5, split_file, train_per_class, folder_image_size)
     click.echo(f"{dataset}: source {ds.source}")
     ds.check_classes_present([c for names in ds.class_split().values() for c in names])
     for split in ("train", "val", "test"):
@@ -97,7 +88,8 @@ def _print_report(r: Dict[str, Any]) -> None:
 @click.option("--min-images", type=int, default=20, show_default=True,
               help="Report classes with fewer images than this (shot + query).")
 @click.option("--strict", is_flag=True, help="Exit 2 (instead of a warning) when classes have too few images.")
-def verify_cmd(dataset, archive, data_root, download, check_md5, split_file, image_size, min_images, strict) -> None:
+def verify_cmd(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download, check_md5,
+               min_images, strict) -> None:
     """Report DATASET: classes, images per class per source part, split class counts, classes with too few
     images. Exit 0 (with a warning listing) when some classes are small; 2 when data or split is broken.
 
@@ -108,7 +100,7 @@ def verify_cmd(dataset, archive, data_root, download, check_md5, split_file, ima
     """
     from ..errors import DataError
 
-    ds = _open(dataset, archive, data_root, download, check_md5, split_file, image_size)
+    ds = _open(dataset, archive, data_root, download, check_md5, split_file, train_per_class, folder_image_size)
     r = ds.verify(min_images=min_images)
     _print_report(r)
     if r["missing_classes"]:
@@ -138,7 +130,7 @@ def make_split_cmd(dataset, archive, data_root, seed, out) -> None:
     """
     from . import splits as sp
     from .tiny_imagenet import _Source, _is_folder, ARCHIVE_NAME, FOLDER_NAME, MD5, URL
-    from ._common import resolve_source
+    from .sources import resolve_source
 
     src = resolve_source("Tiny ImageNet", data_root, archive, False, ARCHIVE_NAME, "tiny-imagenet-200*.zip",
                          FOLDER_NAME, _is_folder, URL, MD5)
@@ -160,7 +152,8 @@ def make_split_cmd(dataset, archive, data_root, seed, out) -> None:
 @_source_options
 @click.option("--split", "split_name", default="train", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--repeats", type=int, default=3, show_default=True)
-def bench_cmd(dataset, archive, data_root, download, check_md5, split_file, image_size, split_name, repeats) -> None:
+def bench_cmd(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download, check_md5,
+              split_name, repeats) -> None:
     """Time loading a split by decoding the archive vs from the uint8 cache (a temporary cache dir).
 
     \b
@@ -172,7 +165,8 @@ def bench_cmd(dataset, archive, data_root, download, check_md5, split_file, imag
 
     with tempfile.TemporaryDirectory(prefix="fsl-bench-cache-") as tmp:
         def fresh():
-            return _open(dataset, archive, data_root, download, check_md5, split_file, image_size, cache_dir=tmp)
+            return _open(dataset, archive, data_root, download, check_md5, split_file, train_per_class,
+                         folder_image_size, cache_dir=tmp)
 
         dec = []
         for _ in range(repeats):

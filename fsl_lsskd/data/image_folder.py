@@ -1,7 +1,7 @@
 """A user's own image folder as a few-shot dataset: ``root/<class>/*.jpg|jpeg|png`` plus a class split file
 (JSON ``{"train": [...], "val": [...], "test": [...]}`` or a directory with ``train.txt``/``val.txt``/
 ``test.txt``). Images are resized (shorter side) and centre-cropped to ``image_size`` (default 64).
-Answers the "use my own dataset" request (sicara/easy-few-shot-learning#158, anchors.md §e)."""
+Answers the "use my own dataset" request (sicara/easy-few-shot-learning#158)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import DATASETS
-from ._common import CachedDataset
+from .base import CachedDataset
 from .splits import load_split_file
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -44,6 +44,8 @@ class ImageFolder(CachedDataset):
     image_size = 64
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
+    #: dataset-specific options of get_dataset (CLI --train-per-class, --split-file, --folder-image-size)
+    options = ("split_file", "image_size")
     parts = ("all",)
 
     def __init__(self, root: Optional[os.PathLike] = None, archive: Optional[os.PathLike] = None,

@@ -140,7 +140,7 @@ def make_tiny_imagenet_split(wnids: Sequence[str], seed: int = TINY_SPLIT_SEED,
                              counts: Tuple[int, int, int] = TINY_SPLIT_COUNTS) -> Dict[str, List[str]]:
     """Our seeded (NON-standard) Tiny ImageNet class split: sort the wnids, permute them with
     ``numpy.random.default_rng(seed).permutation``, take the first 120/40/40 for train/val/test; each
-    list is written sorted. No published few-shot split of Tiny ImageNet exists (anchors.md §d)."""
+    list is written sorted. No published few-shot split of Tiny ImageNet exists (splits/tiny_imagenet/README.md)."""
     names = sorted(set(wnids))
     if len(names) != sum(counts):
         raise DataError(f"expected {sum(counts)} distinct wnids, got {len(names)}; pass the official wnids.txt")

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import DATASETS
-from ._common import CachedDataset, check_md5, resolve_source
+from .base import CachedDataset
+from .sources import check_md5, resolve_source
 from .splits import standard_split
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -115,12 +116,17 @@ class TinyImageNet(CachedDataset):
     image_size = 64
     mean = (0.4802, 0.4481, 0.3975)
     std = (0.2770, 0.2691, 0.2821)
+    #: dataset-specific options of get_dataset (CLI --train-per-class, --split-file, --folder-image-size)
+    options = ("train_per_class",)
     parts = ("train", "val")
 
     def __init__(self, root: Optional[os.PathLike] = None, archive: Optional[os.PathLike] = None,
                  download: bool = False, cache_dir: Optional[os.PathLike] = None, check_checksum: bool = False,
-                 workers: int = 0):
+                 workers: int = 0, train_per_class: Optional[int] = None):
         super().__init__(cache_dir)
+        if train_per_class is not None and int(train_per_class) < 1:
+            raise DataError(f"train_per_class must be >= 1, got {train_per_class}")
+        self.train_per_class = None if train_per_class is None else int(train_per_class)
         self.source = resolve_source("Tiny ImageNet", root, archive, download, ARCHIVE_NAME, "tiny-imagenet-200*.zip",
                                      FOLDER_NAME, _is_folder, URL, MD5)
         if check_checksum and self.source.is_file():
@@ -131,6 +137,9 @@ class TinyImageNet(CachedDataset):
 
     def class_split(self) -> Dict[str, List[str]]:
         return standard_split("tiny_imagenet")
+
+    def cache_extra(self) -> str:
+        return f"train_per_class={self.train_per_class}" if self.train_per_class is not None else ""
 
     @property
     def src(self) -> _Source:
@@ -168,6 +177,14 @@ class TinyImageNet(CachedDataset):
             for d in files.values():
                 d["train"].sort(key=_num)
                 d["val"].sort(key=_num)
+            if self.train_per_class is not None:
+                short = [(w, len(d["train"])) for w, d in files.items() if len(d["train"]) < self.train_per_class]
+                if short:
+                    listing = ", ".join(f"{w} ({n})" for w, n in short[:10])
+                    raise DataError(f"train_per_class {self.train_per_class}: {len(short)} classes of {self.source} have "
+                                    f"fewer train images: {listing}; lower it or use the full archive")
+                for d in files.values():
+                    d["train"] = d["train"][:self.train_per_class]
             self._files = files
         return self._files
 

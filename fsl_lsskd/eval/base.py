@@ -1,93 +1,259 @@
-"""Evaluator contract: a classifier scored on a batch of episodes.
+"""The readout contract and its result.
 
-An evaluator registered in :data:`fsl_lsskd.registry.EVALUATORS` implements
-``evaluate_episodes(inputs, rows, n_shot, **ctx) -> np.ndarray`` of per-episode accuracies (fractions),
-where ``rows`` is int64 ``[E, n_way, n_shot + n_query]`` (split rows, class-major, support first; the
-label of ``rows[:, w]`` is ``w``). ``inputs`` are the split's pooled features ``[N, D]`` (float32) when
-``needs_images`` is False; otherwise the split's uint8 images ``[N, H, W, 3]`` and ``ctx`` carries
-``backbone``, ``mean``, ``std``, ``image_size`` and ``device`` (e.g. a MAML fine-tuning evaluator).
+A *readout* turns a frozen (or, for image-level readouts, fine-tuned) backbone into a few-shot classifier on
+the published episodes: ProtoNet, logistic regression, fine-tuning, ... A readout is one file in
+``fsl_lsskd/eval/`` with a :class:`Readout` subclass decorated ``@READOUTS.register("name")``; its settings
+are a frozen dataclass (:attr:`Readout.config_cls`) and are part of the scoring identity, so changing one
+re-scores and adding one never retrains.
+
+Episode layout (every readout): ``rows`` int64 ``[E, n_way, n_shot + n_query]`` indexes the split's rows,
+class-major, support first; the label of ``rows[:, w]`` is ``w``. A readout returns, per episode, the
+fraction of queries classified correctly and, when it is probabilistic, the class probabilities of every
+query ``[E, n_way * n_query, n_way]`` (queries class-major: query ``j`` has label ``j // n_query``), from
+which :mod:`fsl_lsskd.eval.calibration` computes NLL, Brier score and reliability statistics.
+
+Units: readouts work in fractions; :class:`ScoreResult` (the public result) reports accuracy in percent.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ..errors import ConfigError
+from ..protocol import EpisodeProtocol
 
-class Evaluator:
-    """Base class of registered few-shot classifiers."""
 
+@dataclass(frozen=True)
+class ReadoutConfig:
+    """Settings of a readout (none by default). Subclasses add fields; every field is part of the scoring
+    identity. ``max_episodes`` (image-level readouts) scores only the first N of the published episodes."""
+
+
+@dataclass
+class EpisodeInputs:
+    """What a readout may use to score a batch of episodes.
+
+    Attributes:
+        rows: int64 ``[E, n_way, n_shot + n_query]`` split rows (layout in the module docstring).
+        n_shot: support images per class.
+        features: float32 ``[N, D]`` pooled features of every row of the split (frozen backbone), or None
+            when no readout of the run needs them.
+        images: uint8 ``[N, H, W, 3]`` images of the split.
+        embed: ``embed(uint8 [n, H, W, 3], augment: bool, generator) -> float32 [n, D]`` features of images
+            through the frozen backbone; ``augment=True`` applies the training transform (RFS support
+            augmentation: random crop with padding 4, colour jitter, horizontal flip).
+        backbone: the frozen backbone (``model(x)`` = pooled features), on ``device``.
+        method: ``method()`` returns the trained method (backbone with its heads), loaded on first call;
+            None when the scorer has no training checkpoint (e.g. an exported backbone).
+        mean, std: per-channel normalisation; image_size: the backbone's input size.
+        device: where to compute.
+    """
+
+    rows: np.ndarray
+    n_shot: int
+    features: Optional[np.ndarray] = None
+    images: Optional[np.ndarray] = None
+    embed: Optional[Callable[..., np.ndarray]] = None
+    backbone: Any = None
+    method: Optional[Callable[[], Any]] = None
+    mean: Tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: Tuple[float, ...] = (0.25, 0.25, 0.25)
+    image_size: int = 32
+    device: Any = "cpu"
+
+    @property
+    def n_way(self) -> int:
+        return int(self.rows.shape[1])
+
+    @property
+    def n_query(self) -> int:
+        return int(self.rows.shape[2]) - int(self.n_shot)
+
+
+@dataclass
+class ReadoutOutput:
+    """Per-episode fraction of correct queries ``[E]`` and, for probabilistic readouts, query probabilities
+    ``[E, n_way * n_query, n_way]`` (float32)."""
+
+    correct: np.ndarray
+    probs: Optional[np.ndarray] = None
+
+
+class Readout:
+    """Base class of registered readouts.
+
+    Class attributes: ``config_cls`` (the settings dataclass), ``needs_features`` (uses the cached frozen
+    features), ``needs_images`` (uses images: fine-tuning, augmentation), ``probabilistic`` (returns query
+    probabilities). Subclasses implement :meth:`predict`. ``options`` are run-time arguments that are not
+    part of the identity (chunk sizes, a checkpoint to load)."""
+
+    config_cls: ClassVar[type] = ReadoutConfig
+    needs_features: ClassVar[bool] = True
     needs_images: ClassVar[bool] = False
+    probabilistic: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
 
-    def evaluate_episodes(self, inputs: Any, rows: np.ndarray, n_shot: int, **ctx: Any) -> np.ndarray:
+    def __init__(self, config: Optional[ReadoutConfig] = None, **options: Any) -> None:
+        self.config = config if config is not None else self.config_cls()
+        self.options = options
+
+    @classmethod
+    def build_config(cls, settings: Optional[Mapping[str, Any]] = None) -> ReadoutConfig:
+        """The settings dataclass from a mapping; unknown keys or bad values raise :class:`ConfigError` naming
+        the valid ones."""
+        settings = dict(settings or {})
+        valid = {f.name for f in dataclasses.fields(cls.config_cls)}
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise ConfigError(f"readout {cls.registry_name!r} has no setting {unknown[0]!r}; valid settings: "
+                              f"{', '.join(sorted(valid)) or 'none'}")
+        try:
+            return cls.config_cls(**settings)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"readout {cls.registry_name!r}: {exc}") from None
+
+    def uses_features(self) -> bool:
+        return self.needs_features
+
+    def uses_images(self) -> bool:
+        return self.needs_images
+
+    def episode_limit(self) -> Optional[int]:
+        """Score only the first N episodes (image-level readouts' ``max_episodes``); None = all."""
+        n = getattr(self.config, "max_episodes", None)
+        return None if n is None else int(n)
+
+    def predict(self, inputs: EpisodeInputs) -> ReadoutOutput:
         raise NotImplementedError
 
 
 def l2_normalize(x, eps: float = 1e-12):
-    """Row-wise L2 normalisation (RFS ``is_norm``); works on numpy arrays and torch tensors."""
+    """Row-wise L2 normalisation (RFS ``is_norm``); numpy arrays and torch tensors, any leading shape."""
     if isinstance(x, np.ndarray):
         return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def episode_tensors(inputs: Any, rows: np.ndarray, device: Any, dtype: Any):
-    """``(features, rows)`` for a vectorised evaluator: the pooled features L2-normalised as ``dtype`` on
-    ``device`` and the ``[E, n_way, K]`` episode rows as an int64 tensor there (index ``features[rows]``)."""
-    import torch
-
-    feats = l2_normalize(torch.as_tensor(np.asarray(inputs)).to(device=device, dtype=dtype))
-    return feats, torch.as_tensor(rows, dtype=torch.int64, device=device)
+def query_labels(n_way: int, n_query: int) -> np.ndarray:
+    """Labels of the queries of an episode, class-major: ``[n_way * n_query]``."""
+    return np.repeat(np.arange(n_way), n_query)
 
 
-def mean_ci(acc: np.ndarray) -> Tuple[float, float]:
+def mean_ci(values: np.ndarray) -> Tuple[float, float]:
     """Mean and 95% CI half-width with the t-distribution (RFS ``mean_confidence_interval``):
-    ``h = sem * t.ppf(0.975, n-1)``, ``sem = std(ddof=1)/sqrt(n)``."""
+    ``h = sem * t.ppf(0.975, n-1)``, ``sem = std(ddof=1)/sqrt(n)`` (``scipy.stats``). NaN for no values; the
+    half-width is NaN for one value."""
     from scipy import stats
 
-    acc = np.asarray(acc, dtype=np.float64)
-    n = len(acc)
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
     if n == 0:
         return float("nan"), float("nan")
     if n == 1:
-        return float(acc[0]), float("nan")
-    sem = acc.std(ddof=1) / math.sqrt(n)
-    return float(acc.mean()), float(sem * stats.t.ppf(0.975, n - 1))
+        return float(values[0]), float("nan")
+    sem = values.std(ddof=1) / math.sqrt(n)
+    return float(values.mean()), float(sem * stats.t.ppf(0.975, n - 1))
 
 
 @dataclass
-class EvalResult:
-    """One (classifier, protocol) score: per-episode accuracies (fractions) and their mean ± 95% CI (t)."""
+class ScoreResult:
+    """One (readout, protocol) score of one backbone on one split.
 
-    classifier: str
-    n_way: int
-    n_shot: int
-    n_query: int
-    accuracies: np.ndarray
+    Attributes:
+        readout: the registered readout name; ``label``: its column label (name plus non-default settings).
+        settings: the readout's resolved settings.
+        protocol: the protocol; ``n_episodes`` there is the number of episodes actually scored (None for
+            non-episodic scores, e.g. base-class images, whose arrays are per image).
+        accuracy: per-episode accuracy in percent ``[E]``.
+        nll, brier: per-episode mean negative log-likelihood (nats) and multiclass Brier score (0..2) of the
+            queries ``[E]``, for probabilistic readouts, else None.
+        reliability: per-episode reliability statistics ``[E, n_bins, 3]`` (count, sum of confidences, sum of
+            correct) over 15 equal-width confidence bins, for probabilistic readouts.
+        episodes_source: the published episode file (``splits/...``) or ``generated``; episodes_sha256: the
+            sha256 of the published file, or of the generated episode arrays.
+        seconds: readout time; info: dataset, split, image size, split fingerprint.
+    """
+
+    readout: str
+    label: str
+    settings: Dict[str, Any]
+    protocol: Optional[EpisodeProtocol]
+    accuracy: np.ndarray
+    nll: Optional[np.ndarray] = None
+    brier: Optional[np.ndarray] = None
+    reliability: Optional[np.ndarray] = None
     episodes_source: str = "generated"
+    episodes_sha256: str = ""
     seconds: float = 0.0
     info: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_episodes(self) -> int:
-        return int(len(self.accuracies))
+        return int(len(self.accuracy))
 
     @property
     def mean(self) -> float:
-        return mean_ci(self.accuracies)[0]
+        """Mean accuracy (%)."""
+        return mean_ci(self.accuracy)[0]
 
     @property
     def ci95(self) -> float:
-        return mean_ci(self.accuracies)[1]
+        """95% CI half-width of the mean accuracy over episodes (points, t-distribution)."""
+        return mean_ci(self.accuracy)[1]
+
+    @property
+    def ece(self) -> Optional[float]:
+        """Top-label expected calibration error (%) of the pooled queries; None for non-probabilistic readouts."""
+        if self.reliability is None:
+            return None
+        from .calibration import ece_from_bins
+
+        return 100.0 * ece_from_bins(self.reliability.sum(0))
 
     @property
     def key(self) -> str:
-        return f"{self.n_way}w{self.n_shot}s_{self.classifier}"
+        return f"{self.protocol.key if self.protocol else 'base'}_{self.label}"
 
     def summary(self) -> Dict[str, Any]:
-        return {"classifier": self.classifier, "n_way": self.n_way, "n_shot": self.n_shot,
-                "n_query": self.n_query, "n_episodes": self.n_episodes, "mean": self.mean, "ci95": self.ci95,
-                "mean_pct": 100 * self.mean, "ci95_pct": 100 * self.ci95, "episodes": self.episodes_source,
-                "seconds": self.seconds, **self.info}
+        out = {"readout": self.readout, "label": self.label, "settings": dict(self.settings),
+               **(self.protocol.to_dict() if self.protocol else {}), "n_episodes": self.n_episodes,
+               "accuracy": self.mean,
+               "accuracy_ci95": self.ci95, "episodes": self.episodes_source, "episodes_sha256": self.episodes_sha256,
+               "seconds": self.seconds, **self.info}
+        if self.nll is not None:
+            out.update(nll=float(np.mean(self.nll)), nll_ci95=mean_ci(self.nll)[1], brier=float(np.mean(self.brier)),
+                       brier_ci95=mean_ci(self.brier)[1], ece=self.ece)
+        return out
+
+
+AUG_SEED = 0
+
+
+def support_query_features(inputs: EpisodeInputs, n_aug_support: int, start: int, stop: int):
+    """Support and query features of episodes ``start:stop``: ``(support [e, n_way, S, D], query
+    [e, n_way, n_query, D])`` float32. Without augmentation ``S = n_shot`` and both come from the cached
+    features; with ``n_aug_support = m > 0`` every support image is embedded ``m`` times through RFS's
+    training transform (``S = m * n_shot``; RFS ``n_aug_support_samples``), seeded per episode from
+    (:data:`AUG_SEED`, episode index), so every method sees the same augmented copies."""
+    import torch
+
+    rows = inputs.rows[start:stop]
+    e, w, k = rows.shape
+    feats = inputs.features
+    query = feats[rows[:, :, inputs.n_shot:]]
+    if n_aug_support <= 0:
+        return feats[rows[:, :, :inputs.n_shot]], query
+    if inputs.embed is None or inputs.images is None:
+        raise ConfigError("support augmentation needs the split's images and the backbone (n_aug_support > 0)")
+    sup_rows = rows[:, :, :inputs.n_shot]
+    out = np.empty((e, w, n_aug_support * inputs.n_shot, feats.shape[1]), dtype=np.float32)
+    for i in range(e):
+        g = torch.Generator().manual_seed(AUG_SEED * 1_000_003 + start + i)
+        imgs = inputs.images[np.tile(sup_rows[i].reshape(-1), n_aug_support)]  # copy-major
+        f = inputs.embed(imgs, augment=True, generator=g).reshape(n_aug_support, w, inputs.n_shot, -1)
+        out[i] = f.transpose(1, 0, 2, 3).reshape(w, n_aug_support * inputs.n_shot, -1)
+    return out, query

@@ -16,12 +16,13 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from ._episodes import class_offsets, load_episodes
-from ._features import extract_features
-from .base import l2_normalize
-from .logreg import LogRegEvaluator, fit_predict_sklearn
-from .logreg_batched import LogRegBatchedEvaluator
-from .protonet import ProtoNetEvaluator, sq_dist
+from ..protocol import EpisodeProtocol
+from .base import EpisodeInputs, l2_normalize
+from .episodes import class_offsets, load_episodes
+from .features import extract_features
+from .logreg import LogRegReadout, fit_predict_sklearn
+from .logreg_batched import LogRegBatchedReadout
+from .protonet import ProtoNetReadout, sq_dist
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
                   shots: Sequence[int] = (1, 5), n_episodes: int = 2000, n_way: int = 5, n_query: int = 15,
                   device="cpu", batch_size: int = 256) -> Dict[str, Dict[str, float]]:
     """Run ours and the baseline on the same episodes; check equal accuracies; return timings per shot."""
-    from .._l2l import require_learn2learn
+    from ..deps import require_learn2learn
     from torch.utils.data import TensorDataset
 
     l2l = require_learn2learn()
@@ -59,21 +60,23 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
     feats = extract_features(model, split.images, mean, std, image_size, batch_size, device)
     t_extract = time.perf_counter() - t0
     report["extract"] = {"seconds": t_extract, "images": float(len(split))}
-    images_t = torch.from_numpy(np.ascontiguousarray(split.images))
+    images_t = torch.from_numpy(np.array(split.images))
     labels_t = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
     m = torch.tensor(mean).view(1, 3, 1, 1) * 255
     s = torch.tensor(std).view(1, 3, 1, 1) * 255
     for k in shots:
-        ep = load_episodes(split.dataset, split.split, counts, n_way, k, n_query, n_episodes, 0, split.class_names)
+        ep = load_episodes(split.dataset, split.split, counts, EpisodeProtocol(n_way, k, n_query, n_episodes),
+                           split.class_names)
         rows = ep.rows(offsets)
+        inputs = EpisodeInputs(rows=rows, n_shot=k, features=feats, device=device)
         t0 = time.perf_counter()
-        ours_proto = ProtoNetEvaluator().evaluate_episodes(feats, rows, k, device=device)
+        ours_proto = ProtoNetReadout().predict(inputs).correct
         t_proto = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ours_lrb = LogRegBatchedEvaluator().evaluate_episodes(feats, rows, k, device=device)
+        ours_lrb = LogRegBatchedReadout().predict(inputs).correct
         t_lrb = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ours_lr = LogRegEvaluator().evaluate_episodes(feats, rows, k)
+        ours_lr = LogRegReadout().predict(inputs).correct
         t_lr_ours = time.perf_counter() - t0
         # ---- baseline: learn2learn Taskset driven by the same episodes, per-episode forward + fit
         meta = l2l.data.MetaDataset(TensorDataset(images_t, labels_t))
@@ -107,7 +110,7 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
             t0 = time.perf_counter()
             fn = f64.numpy()
             pred = fit_predict_sklearn(fn[:, :k].reshape(-1, fn.shape[-1]), np.repeat(np.arange(W), k),
-                                       fn[:, k:].reshape(-1, fn.shape[-1]))
+                                       fn[:, k:].reshape(-1, fn.shape[-1])).argmax(1)
             base_lr[e] = float(np.mean(pred == np.repeat(np.arange(W), K - k)))
             t_bl += time.perf_counter() - t0
         report[f"{k}shot"] = {

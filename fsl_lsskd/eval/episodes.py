@@ -1,30 +1,34 @@
 """Standardised few-shot episodes, defined over (class position in split, image position within class).
 
-An episode file holds, for E episodes of an n_way (n_shot + n_query) protocol:
+An episode file holds, for E episodes of an ``n_way``-way (``n_shot + n_query``) protocol:
 ``classes`` int16 ``[E, n_way]`` (class positions within the split, distinct) and ``images`` uint16
 ``[E, n_way, n_shot + n_query]`` (image positions within each class, distinct, support first). They are a
-pure function of ``(seed, n_way, n_shot, n_query, n_episodes, per-class image counts)`` using
+pure function of the :class:`~fsl_lsskd.protocol.EpisodeProtocol` and the per-class image counts, using
 ``numpy.random.default_rng(seed)``, independent of the image bytes, so every method is scored on the same
 episodes. Sampling follows RFS (WangYueFt/rfs ``MetaCIFAR100``): classes without replacement, then per
 class ``n_shot`` support and ``n_query`` query images without replacement.
 
 Published files (``splits/episodes/<dataset>-<variant>/<split>_<n>w<k>s<q>q_<E>.npz``) are sha256-checked
 against ``splits/MANIFEST.json``. Episodes are generated sequentially, so the first N episodes of a
-published file equal a generation with ``n_episodes = N``.
+published file equal a generation with ``n_episodes = N``. Published: 5-way 1- and 5-shot with 15 queries
+(2,000 episodes) for every split, and the way/shot curve protocols (:data:`CURVE_WAYS` x :data:`CURVE_SHOTS`,
+15 queries, :data:`CURVE_EPISODES` episodes) on the test splits that can host them.
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import os
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import DataError, ProtocolError
+from ..protocol import EpisodeProtocol, can_host, check_capacity
 from ..utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,9 @@ PUBLISHED_EPISODES = 2000
 PUBLISHED_SHOTS = (1, 5)
 PUBLISHED_WAY = 5
 PUBLISHED_QUERY = 15
+CURVE_WAYS = (5, 10, 20)
+CURVE_SHOTS = (1, 2, 5, 10, 20)
+CURVE_EPISODES = 600  # RFS's n_test_runs; the curves' CIs are tight enough at this count
 
 # Per-class image counts of the official data (and of the Tiny ImageNet subset in shared/data).
 VARIANTS: Dict[Tuple[str, str], Dict[str, Tuple[int, ...]]] = {
@@ -49,7 +56,9 @@ VARIANTS: Dict[Tuple[str, str], Dict[str, Tuple[int, ...]]] = {
 class Episodes:
     """E episodes: ``classes [E, n_way]``, ``images [E, n_way, n_shot+n_query]`` (support first).
 
-    ``source`` is the relative path of the published file, or ``"generated"``."""
+    ``source`` is the relative path of the published file, or ``"generated"``; ``sha256`` identifies the
+    episodes: the published file's sha256 (with the episode count of the protocol), or the sha256 of the
+    generated arrays."""
 
     classes: np.ndarray
     images: np.ndarray
@@ -58,17 +67,30 @@ class Episodes:
     seed: int
     counts: Tuple[int, ...]
     source: str = "generated"
+    file_sha256: str = ""
 
     @property
     def n_way(self) -> int:
         return int(self.classes.shape[1])
+
+    @property
+    def protocol(self) -> EpisodeProtocol:
+        return EpisodeProtocol(self.n_way, self.n_shot, self.n_query, len(self), self.seed)
+
+    @property
+    def sha256(self) -> str:
+        if self.file_sha256:
+            return self.file_sha256
+        h = hashlib.sha256(np.ascontiguousarray(self.classes.astype(np.int16)).tobytes())
+        h.update(np.ascontiguousarray(self.images.astype(np.uint16)).tobytes())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
 
     def head(self, n: int) -> "Episodes":
         return Episodes(self.classes[:n], self.images[:n], self.n_shot, self.n_query, self.seed, self.counts,
-                        self.source)
+                        self.source, self.file_sha256)
 
     def rows(self, class_offsets: np.ndarray) -> np.ndarray:
         """Map to split rows: ``offsets[class] + image position`` -> int64 ``[E, n_way, n_shot+n_query]``."""
@@ -76,49 +98,29 @@ class Episodes:
             + self.images.astype(np.int64)
 
 
-def check_protocol(counts: Sequence[int], n_way: int, n_shot: int, n_query: int,
-                   class_names: Optional[Sequence[str]] = None, where: str = "split") -> None:
-    """Raise :class:`ProtocolError` if the split cannot supply the protocol (naming the short classes)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    if n_way < 1 or n_shot < 1 or n_query < 1:
-        raise ProtocolError(f"n_way, n_shot and n_query must be >= 1 (got {n_way}, {n_shot}, {n_query})")
-    if n_way > len(counts):
-        raise ProtocolError(f"{n_way}-way episodes need {n_way} classes but {where} has {len(counts)}; "
-                            f"use --way {len(counts)} or fewer, or a split with more classes")
-    need = n_shot + n_query
-    short = np.nonzero(counts < need)[0]
-    if len(short):
-        names = class_names if class_names is not None else [str(i) for i in range(len(counts))]
-        listing = ", ".join(f"{names[i]} ({int(counts[i])} images)" for i in short[:20])
-        more = f" and {len(short) - 20} more" if len(short) > 20 else ""
-        raise ProtocolError(f"{where}: shot+query = {n_shot}+{n_query} = {need} images per class, but "
-                            f"{len(short)} classes have fewer: {listing}{more}. Lower --shots/--queries "
-                            f"(at most {int(counts.min())} per class in total)")
-
-
-def generate_episodes(seed: int, n_way: int, n_shot: int, n_query: int, n_episodes: int,
-                      counts: Sequence[int]) -> Episodes:
-    """Episodes as a pure function of the arguments (``numpy.random.default_rng(seed)``)."""
+def generate_episodes(protocol: EpisodeProtocol, counts: Sequence[int]) -> Episodes:
+    """Episodes as a pure function of ``protocol`` and the per-class ``counts``
+    (``numpy.random.default_rng(protocol.seed)``). Raises :class:`ProtocolError` when the counts cannot host it."""
     counts = tuple(int(c) for c in counts)
-    check_protocol(counts, n_way, n_shot, n_query)
+    check_capacity(counts, protocol)
     if max(counts) > np.iinfo(np.uint16).max or len(counts) > np.iinfo(np.int16).max:
         raise ProtocolError("episode files store uint16 image / int16 class positions; split too large")
-    rng = np.random.default_rng(seed)
-    k = n_shot + n_query
-    classes = np.empty((n_episodes, n_way), dtype=np.int16)
-    images = np.empty((n_episodes, n_way, k), dtype=np.uint16)
+    rng = np.random.default_rng(protocol.seed)
+    k = protocol.images_per_class
+    classes = np.empty((protocol.n_episodes, protocol.n_way), dtype=np.int16)
+    images = np.empty((protocol.n_episodes, protocol.n_way, k), dtype=np.uint16)
     num_classes = len(counts)
-    for e in range(n_episodes):
-        cls = rng.choice(num_classes, size=n_way, replace=False)
+    for e in range(protocol.n_episodes):
+        cls = rng.choice(num_classes, size=protocol.n_way, replace=False)
         classes[e] = cls
         for w, c in enumerate(cls):
             images[e, w] = rng.choice(counts[c], size=k, replace=False)
-    return Episodes(classes, images, n_shot, n_query, int(seed), counts)
+    return Episodes(classes, images, protocol.n_shot, protocol.n_query, protocol.seed, counts)
 
 
-def episode_relpath(dataset: str, variant: str, split: str, n_way: int, n_shot: int, n_query: int,
-                    n_episodes: int) -> str:
-    return f"episodes/{dataset}-{variant}/{split}_{n_way}w{n_shot}s{n_query}q_{n_episodes}.npz"
+def episode_relpath(dataset: str, variant: str, split: str, protocol: EpisodeProtocol) -> str:
+    """``episodes/<dataset>-<variant>/<split>_<n>w<k>s<q>q_<E>.npz``."""
+    return f"episodes/{dataset}-{variant}/{split}_{protocol.key}_{protocol.n_episodes}.npz"
 
 
 def _meta(ep: Episodes, dataset: str, variant: str, split: str) -> Dict[str, object]:
@@ -157,16 +159,28 @@ def read_episode_file(path: Path) -> Tuple[Episodes, Dict[str, object]]:
     return ep, meta
 
 
-def publish_all(n_episodes: int = PUBLISHED_EPISODES, seed: int = EPISODE_SEED) -> list:
+def published_protocols(split: str, counts: Sequence[int]) -> List[EpisodeProtocol]:
+    """The protocols published for a split with per-class ``counts``: 5-way 1/5-shot (2,000 episodes) on every
+    split, and the way/shot curves (600 episodes) on test splits, where the counts can host them."""
+    out = [EpisodeProtocol(PUBLISHED_WAY, k, PUBLISHED_QUERY, PUBLISHED_EPISODES, EPISODE_SEED)
+           for k in PUBLISHED_SHOTS]
+    if split == "test":
+        out += [EpisodeProtocol(w, k, PUBLISHED_QUERY, CURVE_EPISODES, EPISODE_SEED)
+                for w in CURVE_WAYS for k in CURVE_SHOTS
+                if (w, k) not in [(PUBLISHED_WAY, s) for s in PUBLISHED_SHOTS]]
+    return [p for p in out if can_host(counts, p)]
+
+
+def publish_all() -> list:
     """Maintainer tool: (re)generate every published episode file and record its sha256 in the manifest."""
     from ..data.splits import splits_dir, update_manifest
 
     rels = []
     for (dataset, variant), per_split in VARIANTS.items():
         for split, counts in per_split.items():
-            for shot in PUBLISHED_SHOTS:
-                ep = generate_episodes(seed, PUBLISHED_WAY, shot, PUBLISHED_QUERY, n_episodes, counts)
-                rel = episode_relpath(dataset, variant, split, PUBLISHED_WAY, shot, PUBLISHED_QUERY, n_episodes)
+            for protocol in published_protocols(split, counts):
+                ep = generate_episodes(protocol, counts)
+                rel = episode_relpath(dataset, variant, split, protocol)
                 save_episodes(ep, splits_dir() / rel, dataset, variant, split)
                 rels.append(rel)
     update_manifest(rels)
@@ -181,31 +195,41 @@ def find_variant(dataset: str, split: str, counts: Sequence[int]) -> Optional[st
     return None
 
 
-def load_episodes(dataset: str, split: str, counts: Sequence[int], n_way: int = 5, n_shot: int = 1,
-                  n_query: int = 15, n_episodes: int = PUBLISHED_EPISODES, seed: int = EPISODE_SEED,
-                  class_names: Optional[Sequence[str]] = None) -> Episodes:
-    """The standard episodes for a split: the published file (sha256-verified) when the per-class counts
-    match a published variant and the protocol is published, else generated from ``seed`` (with a warning)."""
-    counts = tuple(int(c) for c in counts)
-    check_protocol(counts, n_way, n_shot, n_query, class_names, where=f"{dataset} {split}")
+def published_file(dataset: str, split: str, counts: Sequence[int], protocol: EpisodeProtocol) -> Optional[str]:
+    """The published file (relative to ``splits/``) holding ``protocol``'s episodes for this split, or None."""
     variant = find_variant(dataset, split, counts)
-    published = (variant is not None and seed == EPISODE_SEED and n_way == PUBLISHED_WAY
-                 and n_query == PUBLISHED_QUERY and n_shot in PUBLISHED_SHOTS and n_episodes <= PUBLISHED_EPISODES)
-    if published:
-        from ..data.splits import verified_path
+    if variant is None or protocol.seed != EPISODE_SEED:
+        return None
+    for pub in published_protocols(split, counts):
+        if (pub.n_way, pub.n_shot, pub.n_query) == (protocol.n_way, protocol.n_shot, protocol.n_query) \
+                and protocol.n_episodes <= pub.n_episodes:
+            return episode_relpath(dataset, variant, split, pub)
+    return None
 
-        rel = episode_relpath(dataset, variant, split, n_way, n_shot, n_query, PUBLISHED_EPISODES)
+
+def load_episodes(dataset: str, split: str, counts: Sequence[int], protocol: EpisodeProtocol,
+                  class_names: Optional[Sequence[str]] = None) -> Episodes:
+    """The standard episodes of ``protocol`` for a split: the published file (sha256-verified; its first
+    ``n_episodes``) when the per-class counts match a published variant, else generated from the protocol's
+    seed (logged; results are then comparable only with runs on the same data). Raises
+    :class:`ProtocolError` (short classes named) when the split cannot host the protocol."""
+    counts = tuple(int(c) for c in counts)
+    check_capacity(counts, protocol, class_names or (), where=f"{dataset} {split}")
+    rel = published_file(dataset, split, counts, protocol)
+    if rel is not None:
+        from ..data.splits import read_manifest, verified_path
+
         ep, meta = read_episode_file(verified_path(rel))
-        if tuple(meta["counts"]) != counts or meta["seed"] != seed or meta["n_way"] != n_way:
+        if tuple(meta["counts"]) != counts or meta["seed"] != protocol.seed or meta["n_way"] != protocol.n_way:
             raise DataError(f"episode file splits/{rel} does not describe {dataset} {split} (counts/seed differ); "
                             "restore it with `git checkout -- splits/`")
-        ep = Episodes(ep.classes, ep.images, ep.n_shot, ep.n_query, ep.seed, ep.counts, f"splits/{rel}")
-        return ep.head(n_episodes)
-    log.warning("no published episodes for %s %s (%d classes, per-class counts %s) with %d-way %d-shot "
-                "%d-query x%d seed %d: generating them from the seed; results are comparable only with runs "
-                "on the same data", dataset, split, len(counts), _summarise(counts), n_way, n_shot, n_query,
-                n_episodes, seed)
-    return generate_episodes(seed, n_way, n_shot, n_query, n_episodes, counts)
+        ep = Episodes(ep.classes, ep.images, ep.n_shot, ep.n_query, ep.seed, ep.counts, f"splits/{rel}",
+                      read_manifest()[rel])
+        return ep.head(protocol.n_episodes)
+    log.info("no published episodes for %s %s (%d classes, per-class counts %s) with %s x%d seed %d: generated "
+             "from the seed", dataset, split, len(counts), _summarise(counts), protocol.key, protocol.n_episodes,
+             protocol.seed)
+    return generate_episodes(protocol, counts)
 
 
 def _summarise(counts: Sequence[int]) -> str:

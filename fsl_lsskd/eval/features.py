@@ -72,29 +72,78 @@ def inference_network(model: nn.Module, sample: torch.Tensor) -> nn.Module:
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
-                     image_size: Optional[int] = None, batch_size: int = 256, device="cpu") -> np.ndarray:
+                     image_size: Optional[int] = None, batch_size: int = 256, device="cpu",
+                     fuse: bool = True) -> np.ndarray:
     """Pooled features ``[N, D]`` float32 of uint8 ``[N,H,W,3]`` images (resized to ``image_size`` with
-    antialiasing when it differs, normalised with ``mean``/``std``)."""
+    antialiasing when it differs, normalised with ``mean``/``std``). ``fuse`` folds Conv+BatchNorm first
+    (:func:`inference_network`); pass False for a model that is already folded."""
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
     out = []
     net = None
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float()
         if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
             x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
                                                 antialias=True, align_corners=False).round_().clamp_(0, 255)
         x = ((x - m) / s).contiguous(memory_format=torch.channels_last)
         if net is None:
-            net = inference_network(model, x[:8])
+            net = inference_network(model, x[:8]) if fuse else model
         f = net(x)
         if f.ndim != 2:
             raise ValueError(f"backbone returned {tuple(f.shape)}; expected pooled [B, D] features "
                              "(create it with num_classes=0)")
         out.append(f.float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "num_features", 0)), np.float32)
+
+
+def support_augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """RFS's training transform on support images (WangYueFt/rfs ``dataset/transform_cfg.py``, transform 'A'
+    used by ``eval_fewshot.py`` with ``n_aug_support_samples``): RandomCrop(size, padding=4),
+    ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), RandomHorizontalFlip, per image with
+    torchvision's transforms (v2). ``images`` uint8 ``[n, 3, S, S]``; returns uint8 ``[n, 3, S, S]``. Every
+    random draw comes from ``generator`` (torchvision draws from torch's global RNG, so it runs under
+    ``fork_rng`` seeded from ``generator``)."""
+    from torchvision.transforms import v2
+
+    size = int(images.shape[-1])
+    tf = v2.Compose([v2.RandomCrop(size, padding=padding), v2.ColorJitter(brightness=0.4, contrast=0.4,
+                                                                           saturation=0.4),
+                     v2.RandomHorizontalFlip()])
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([tf(img) for img in images])
+
+
+def make_embedder(model: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int,
+                  device="cpu", batch_size: int = 256):
+    """``embed(uint8 [n, H, W, 3], augment=False, generator=None) -> float32 [n, D]``: features of images
+    through the frozen ``model`` (resized to ``image_size`` first; ``augment=True`` applies
+    :func:`support_augment` with ``generator``)."""
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    folded = []
+
+    def embed(images: np.ndarray, augment: bool = False, generator: Optional[torch.Generator] = None) -> np.ndarray:
+        x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
+        if tuple(x.shape[-2:]) != (image_size, image_size):
+            x = torch.nn.functional.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
+                                                antialias=True, align_corners=False).round_().clamp_(0, 255)
+            x = x.to(torch.uint8)
+        if augment:
+            x = support_augment(x, generator if generator is not None else torch.Generator().manual_seed(0))
+        if not folded:  # fold Conv+BN once, not per call
+            m = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+            s = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+            with torch.inference_mode():
+                folded.append(inference_network(model, ((x[:8].float() - m) / s).to(device)
+                                                .contiguous(memory_format=torch.channels_last)))
+        return extract_features(folded[0], x.permute(0, 2, 3, 1).numpy(), mean, std, None, batch_size, device,
+                                fuse=False)
+
+    return embed
 
 
 def split_features(model: nn.Module, split, mean: Sequence[float], std: Sequence[float],

@@ -2,7 +2,8 @@
 
 RFS (Tian et al., ECCV 2020; WangYueFt/rfs ``eval/meta_eval.py``): L2-normalised pooled features,
 ``LogisticRegression(penalty='l2', C=1.0, solver='lbfgs', max_iter=1000, random_state=0)`` fitted on the
-support set (the deprecated ``multi_class='multinomial'`` is the lbfgs default and is dropped).
+support set (the deprecated ``multi_class='multinomial'`` is the lbfgs default and is dropped);
+probabilities from ``predict_proba``. ``logreg_batched`` solves the same objective for all episodes at once.
 """
 from __future__ import annotations
 
@@ -10,35 +11,46 @@ import warnings
 
 import numpy as np
 
-from ..registry import EVALUATORS
-from .base import Evaluator, l2_normalize
+from ..registry import READOUTS
+from .base import EpisodeInputs, Readout, ReadoutOutput, l2_normalize, support_query_features
+from .logreg_batched import LogRegConfig
 
 
-def fit_predict_sklearn(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray) -> np.ndarray:
-    """One RFS linear probe: fit on (normalised) support, predict queries."""
+def fit_predict_sklearn(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, C: float = 1.0) -> np.ndarray:
+    """One RFS linear probe: fit on (normalised) support features, return the query probabilities
+    ``[n_query_total, n_classes]``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     # penalty='l2' is the default (passing it is deprecated since scikit-learn 1.8); same objective.
-    clf = LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000, random_state=0)
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=1000, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(xs, ys)
-    return clf.predict(xq)
+    return clf.predict_proba(xq)
 
 
-@EVALUATORS.register("logreg")
-class LogRegEvaluator(Evaluator):
-    """RFS linear probe: scikit-learn LogisticRegression per episode (reference)."""
+@READOUTS.register("logreg")
+class LogRegReadout(Readout):
+    """RFS linear probe: scikit-learn LogisticRegression per episode (the reference; slow)."""
 
-    def evaluate_episodes(self, inputs, rows: np.ndarray, n_shot: int, **ctx) -> np.ndarray:
-        feats = l2_normalize(np.asarray(inputs, dtype=np.float64))
-        E, W, K = rows.shape
-        ys = np.repeat(np.arange(W), n_shot)
-        yq = np.repeat(np.arange(W), K - n_shot)
-        acc = np.empty(E, dtype=np.float64)
+    config_cls = LogRegConfig
+    probabilistic = True
+
+    def uses_images(self) -> bool:
+        return self.config.n_aug_support > 0
+
+    def predict(self, inputs: EpisodeInputs) -> ReadoutOutput:
+        E, W, Q = inputs.rows.shape[0], inputs.n_way, inputs.n_query
+        yq = np.repeat(np.arange(W), Q)
+        correct = np.empty(E, dtype=np.float64)
+        probs = np.empty((E, W * Q, W), dtype=np.float32)
         for e in range(E):
-            xs = feats[rows[e, :, :n_shot].reshape(-1)]
-            xq = feats[rows[e, :, n_shot:].reshape(-1)]
-            acc[e] = float(np.mean(fit_predict_sklearn(xs, ys, xq) == yq))
-        return acc
+            sup, qry = support_query_features(inputs, self.config.n_aug_support, e, e + 1)
+            S = sup.shape[2]
+            xs = l2_normalize(sup[0].reshape(W * S, -1).astype(np.float64))
+            xq = l2_normalize(qry[0].reshape(W * Q, -1).astype(np.float64))
+            p = fit_predict_sklearn(xs, np.repeat(np.arange(W), S), xq, float(self.config.C))
+            probs[e] = p
+            correct[e] = float(np.mean(p.argmax(1) == yq))
+        return ReadoutOutput(correct, probs)

@@ -12,12 +12,13 @@ batched Armijo backtracking line search, to a gradient tolerance far below sciki
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ..registry import EVALUATORS
-from .base import Evaluator, episode_tensors
+from ..errors import ConfigError
+from ..registry import READOUTS
+from .base import EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize, support_query_features
 
 log = logging.getLogger(__name__)
 
@@ -118,26 +119,45 @@ def fit_logreg_batched(xs: torch.Tensor, ys: torch.Tensor, n_classes: int, C: fl
     return T[..., :k] @ Q.transpose(1, 2), T[..., k]
 
 
-@EVALUATORS.register("logreg_batched")
-class LogRegBatchedEvaluator(Evaluator):
-    """RFS linear probe, sklearn's objective solved for all episodes at once (batched L-BFGS, float64)."""
+@dataclass(frozen=True)
+class LogRegConfig(ReadoutConfig):
+    """``C``: inverse L2 strength (scikit-learn's ``C``; RFS uses 1.0). ``n_aug_support``: augmented copies of
+    every support image (RFS ``n_aug_support_samples``; 0 = each support image once, as is)."""
 
-    def __init__(self, chunk: int = 2000, C: float = 1.0) -> None:
-        self.chunk = chunk
-        self.C = C
+    C: float = 1.0
+    n_aug_support: int = 0
 
-    def evaluate_episodes(self, inputs, rows: np.ndarray, n_shot: int, device="cpu", **ctx) -> np.ndarray:
-        feats, rows_t = episode_tensors(inputs, rows, device, torch.float64)
-        E, W, K = rows_t.shape
-        ys = torch.arange(W, device=device).repeat_interleave(n_shot)
-        yq = torch.arange(W, device=device).repeat_interleave(K - n_shot)
-        out = []
-        for s in range(0, E, self.chunk):
-            r = rows_t[s:s + self.chunk]
-            e = r.shape[0]
-            xs = feats[r[:, :, :n_shot].reshape(e, -1)]
-            xq = feats[r[:, :, n_shot:].reshape(e, -1)]
-            Wt, b = fit_logreg_batched(xs, ys.expand(e, -1), W, C=self.C)
+    def __post_init__(self) -> None:
+        if not float(self.C) > 0:
+            raise ConfigError(f"C must be > 0, got {self.C}")
+        if int(self.n_aug_support) < 0:
+            raise ConfigError(f"n_aug_support must be >= 0, got {self.n_aug_support}")
+
+
+@READOUTS.register("logreg_batched")
+class LogRegBatchedReadout(Readout):
+    """RFS linear probe: scikit-learn's objective solved for all episodes at once (batched L-BFGS, float64)."""
+
+    config_cls = LogRegConfig
+    probabilistic = True
+
+    def uses_images(self) -> bool:
+        return self.config.n_aug_support > 0
+
+    def predict(self, inputs: EpisodeInputs) -> ReadoutOutput:
+        chunk = int(self.options.get("chunk", 2000 if self.config.n_aug_support == 0 else 200))
+        E, W = inputs.rows.shape[0], inputs.n_way
+        device = inputs.device
+        correct, probs = [], []
+        for s in range(0, E, chunk):
+            sup, qry = support_query_features(inputs, self.config.n_aug_support, s, min(E, s + chunk))
+            e, _, S, D = sup.shape
+            xs = l2_normalize(torch.as_tensor(sup, dtype=torch.float64, device=device)).reshape(e, W * S, D)
+            xq = l2_normalize(torch.as_tensor(qry, dtype=torch.float64, device=device)).reshape(e, -1, D)
+            ys = torch.arange(W, device=device).repeat_interleave(S).expand(e, -1)
+            yq = torch.arange(W, device=device).repeat_interleave(inputs.n_query)
+            Wt, b = fit_logreg_batched(xs, ys, W, C=float(self.config.C))
             logits = xq @ Wt.transpose(1, 2) + b[:, None]
-            out.append((logits.argmax(-1) == yq).to(torch.float64).mean(-1))
-        return torch.cat(out).cpu().numpy()
+            correct.append((logits.argmax(-1) == yq).to(torch.float64).mean(-1).cpu())
+            probs.append(torch.softmax(logits, -1).to(torch.float32).cpu())
+        return ReadoutOutput(torch.cat(correct).numpy(), torch.cat(probs).numpy())

@@ -1,41 +1,73 @@
-"""ProtoNet (nearest centroid) classifier on frozen features, vectorised over all episodes.
+"""ProtoNet (nearest prototype) readout on frozen features, vectorised over all episodes.
 
 Snell et al., "Prototypical Networks for Few-shot Learning", NeurIPS 2017; evaluation as in RFS
 (Tian et al. 2020, WangYueFt/rfs ``eval/meta_eval.py``): L2-normalised features, prototype = mean of a
-class's support features, logits = -squared Euclidean distance, prediction = argmax.
+class's (normalised) support features, logits = -squared Euclidean distance / ``temperature``, prediction =
+argmax, probabilities = softmax of the logits (Snell et al. eq. 2; ``temperature`` 1 is their form).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..registry import EVALUATORS
-from .base import Evaluator, episode_tensors
+from ..errors import ConfigError
+from ..registry import READOUTS
+from .base import EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize, support_query_features
 
 
-@EVALUATORS.register("protonet")
-class ProtoNetEvaluator(Evaluator):
-    """Nearest prototype (RFS / Snell et al. 2017), all episodes at once."""
+@dataclass(frozen=True)
+class ProtoNetConfig(ReadoutConfig):
+    """``temperature`` divides the negative squared distances before the softmax (probabilities only; the
+    prediction does not depend on it). ``n_aug_support``: augmented copies of every support image (RFS
+    ``n_aug_support_samples``; 0 = each support image embedded once, as is)."""
 
-    def __init__(self, chunk: int = 500, dtype: torch.dtype = torch.float64) -> None:
-        self.chunk = chunk
-        self.dtype = dtype
+    temperature: float = 1.0
+    n_aug_support: int = 0
 
-    def evaluate_episodes(self, inputs, rows: np.ndarray, n_shot: int, device="cpu", **ctx) -> np.ndarray:
-        feats, rows_t = episode_tensors(inputs, rows, device, self.dtype)
-        E, W, K = rows_t.shape
-        labels = torch.arange(W, device=device).repeat_interleave(K - n_shot)
-        out = []
-        for s in range(0, E, self.chunk):
-            x = feats[rows_t[s:s + self.chunk]]                       # [e, W, K, D]
-            protos = x[:, :, :n_shot].mean(2)                          # [e, W, D]
-            q = x[:, :, n_shot:].reshape(x.shape[0], -1, x.shape[-1])  # [e, W*Q, D]
-            logits = -sq_dist(q, protos)
-            out.append((logits.argmax(-1) == labels).to(torch.float64).mean(-1))
-        return torch.cat(out).cpu().numpy()
+    def __post_init__(self) -> None:
+        if not float(self.temperature) > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if int(self.n_aug_support) < 0:
+            raise ConfigError(f"n_aug_support must be >= 0, got {self.n_aug_support}")
+
+
+@READOUTS.register("protonet")
+class ProtoNetReadout(Readout):
+    """Nearest prototype on L2-normalised frozen features (Snell et al. 2017; RFS), all episodes at once."""
+
+    config_cls = ProtoNetConfig
+    probabilistic = True
+
+    def uses_images(self) -> bool:
+        return self.config.n_aug_support > 0
+
+    def predict(self, inputs: EpisodeInputs) -> ReadoutOutput:
+        chunk = int(self.options.get("chunk", 500))
+        E = inputs.rows.shape[0]
+        correct, probs = [], []
+        for s in range(0, E, chunk):
+            sup, qry = support_query_features(inputs, self.config.n_aug_support, s, min(E, s + chunk))
+            sup = l2_normalize(torch.as_tensor(sup, dtype=torch.float64, device=inputs.device))
+            qry = l2_normalize(torch.as_tensor(qry, dtype=torch.float64, device=inputs.device))
+            protos = sup.mean(2)                                           # [e, W, D]
+            q = qry.reshape(qry.shape[0], -1, qry.shape[-1])               # [e, W*Q, D]
+            logits = -sq_dist(q, protos) / float(self.config.temperature)
+            labels = torch.arange(inputs.n_way, device=q.device).repeat_interleave(inputs.n_query)
+            correct.append((logits.argmax(-1) == labels).to(torch.float64).mean(-1).cpu())
+            probs.append(torch.softmax(logits, -1).to(torch.float32).cpu())
+        return ReadoutOutput(torch.cat(correct).numpy(), torch.cat(probs).numpy())
 
 
 def sq_dist(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``[..., Nq, Np]`` = |q|^2 - 2 q.p + |p|^2 (float64: no harmful cancellation
     for unit-norm features)."""
     return (q * q).sum(-1, keepdim=True) - 2 * q @ p.transpose(-1, -2) + (p * p).sum(-1).unsqueeze(-2)
+
+
+def prototype_accuracy(features: np.ndarray, rows: np.ndarray, n_shot: int) -> np.ndarray:
+    """Per-episode ProtoNet accuracy (fractions) of ``rows`` on ``features`` (no probabilities): a shortcut for
+    training-time validation."""
+    out = ProtoNetReadout().predict(EpisodeInputs(rows=rows, n_shot=n_shot, features=features))
+    return out.correct

@@ -1,64 +1,167 @@
-"""The episodic evaluation pipeline: features once, then every classifier on the standard episodes."""
+"""Scoring a backbone: features once, then every readout on the published episodes of every protocol.
+
+``evaluate(backbone, split, protocols=[EpisodeProtocol(...)], readouts=["protonet", ...])`` returns one
+:class:`~fsl_lsskd.eval.base.ScoreResult` per (protocol, readout). Readouts are named by a
+:class:`ReadoutSpec`: a registered name and its settings (``"logreg_batched"`` or
+``{"readout": "logreg_batched", "n_aug_support": 5}``); the resolved settings are part of the scoring
+identity (:func:`scoring_identity`).
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
-from typing import Any, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch import nn
 
-from ..registry import EVALUATORS
-from ._episodes import EPISODE_SEED, class_offsets, load_episodes
-from ._features import split_features, state_hash
-from .base import EvalResult
+from ..errors import ConfigError
+from ..protocol import EpisodeProtocol, unique
+from ..registry import READOUTS
+from .base import EpisodeInputs, Readout, ScoreResult, query_labels
+from .calibration import bin_stats, brier, nll
+from .episodes import class_offsets, load_episodes
+from .features import make_embedder, split_features, state_hash
 
 log = logging.getLogger(__name__)
 
+SCORE_FORMAT = 1
 
-def evaluate(backbone: nn.Module, split, *, shots: Sequence[int] = (1, 5), n_way: int = 5, n_query: int = 15,
-             n_episodes: int = 2000, classifiers: Sequence[str] = ("protonet", "logreg_batched"),
+
+@dataclass(frozen=True)
+class ReadoutSpec:
+    """A readout and its resolved settings (every field of its config, defaults included), with the label
+    used for table columns (the name, plus the settings that differ from the defaults)."""
+
+    name: str
+    settings: Tuple[Tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @classmethod
+    def parse(cls, value: Union[str, Mapping[str, Any], "ReadoutSpec"],
+              defaults: Optional[Mapping[str, Any]] = None) -> "ReadoutSpec":
+        """From a name, a mapping ``{readout: NAME, label: ..., <setting>: value, ...}`` or a spec.
+        ``defaults`` are settings applied when the readout has them and the value does not set them (e.g.
+        ``max_episodes`` of image-level readouts from a benchmark's ``eval.image_episodes``). Unknown names or
+        settings raise :class:`ConfigError`/:class:`UnknownNameError` listing the valid ones."""
+        if isinstance(value, ReadoutSpec):
+            return value
+        if isinstance(value, str):
+            name, settings, label = value, {}, ""
+        elif isinstance(value, Mapping):
+            raw = dict(value)
+            name = raw.pop("readout", None)
+            if not name:
+                raise ConfigError(f"readout {dict(value)}: name it with `readout: NAME` (e.g. readout: protonet)")
+            label = str(raw.pop("label", "") or "")
+            settings = raw
+        else:
+            raise ConfigError(f"a readout is a name or a mapping {{readout: NAME, ...settings}}, got {value!r}")
+        cls_ = READOUTS.get(str(name))
+        fields = {f.name: f for f in dataclasses.fields(cls_.config_cls)}
+        merged = {k: v for k, v in (defaults or {}).items() if k in fields}
+        merged.update(settings)
+        config = cls_.build_config(merged)
+        resolved = dataclasses.asdict(config)
+        if not label:
+            changed = [(k, v) for k, v in resolved.items() if k != "max_episodes"  # stated in captions instead
+                       and fields[k].default is not dataclasses.MISSING and v != fields[k].default]
+            label = str(name) + (f"({','.join(f'{k}={v}' for k, v in changed)})" if changed else "")
+        return cls(str(name), tuple(sorted(resolved.items())), label)
+
+    def build(self, **options: Any) -> Readout:
+        cls_ = READOUTS.get(self.name)
+        return cls_(cls_.build_config(dict(self.settings)), **options)
+
+    def identity(self) -> Dict[str, Any]:
+        return {"readout": self.name, "settings": json.loads(json.dumps(dict(self.settings), default=str))}
+
+
+def scoring_identity(train_id: str, target: Mapping[str, Any], protocol: EpisodeProtocol, episodes_sha256: str,
+                     readout: ReadoutSpec) -> Dict[str, Any]:
+    """What a score is a function of: the trained weights (``train_id``), the scored split (``target``:
+    dataset, split, content fingerprint, image size), the protocol with the sha256 of its episodes, and the
+    readout with its settings."""
+    return {"format": SCORE_FORMAT, "train_id": train_id, "target": dict(target), "protocol": protocol.to_dict(),
+            "episodes_sha256": episodes_sha256, **readout.identity()}
+
+
+def score_id(identity: Mapping[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def evaluate(backbone: nn.Module, split, *, protocols: Sequence[Union[EpisodeProtocol, str, Mapping]] = (),
+             readouts: Sequence[Union[str, Mapping[str, Any], ReadoutSpec]] = ("protonet", "logreg_batched"),
              mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25),
-             image_size: Optional[int] = None, seed: int = EPISODE_SEED, batch_size: int = 256,
-             device="cpu", cache: bool = True, model_hash: Optional[str] = None,
-             evaluator_options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[EvalResult]:
-    """Score a frozen ``backbone`` on ``split`` (a :class:`~fsl_lsskd.data.base.SplitData`) with the
-    standard episodes (published when available) for every shot and classifier.
+             image_size: Optional[int] = None, batch_size: int = 256, device="cpu", cache: bool = True,
+             model_hash: Optional[str] = None, method: Optional[Callable[[], Any]] = None,
+             options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[ScoreResult]:
+    """Score a frozen ``backbone`` (``model(x)`` = pooled features ``[B, D]``) on ``split``
+    (:class:`~fsl_lsskd.data.base.SplitData`) with the standard episodes of every protocol and every readout.
 
-    RFS protocol (Tian et al. 2020): pooled features, L2-normalised inside each classifier; mean ± 95% CI
-    (t-distribution). Returns one :class:`EvalResult` per (shot, classifier), per-episode accuracies kept.
-    ``evaluator_options`` maps an evaluator name to its constructor arguments (e.g.
-    ``{"maml_finetune": {"checkpoint": path, "max_episodes": 500}}``)."""
-    from .. import plugins
+    Args:
+        protocols: :class:`EpisodeProtocol` values (or keys like ``5w1s15q_2000``); default 5-way 1- and
+            5-shot, 15 queries, 2,000 episodes.
+        readouts: readout names or specs (:class:`ReadoutSpec`).
+        mean, std: the dataset's normalisation; image_size: the backbone's input size (images are resized
+            with antialiasing when the split differs).
+        cache: read/write the frozen features under ``$FSL_BENCH_CACHE/features`` (key: weights hash, split
+            fingerprint, size, normalisation).
+        method: ``method()`` returns the trained method (for readouts that need its heads, e.g.
+            ``maml_finetune``).
+        options: run-time readout options by readout name (not part of the identity).
 
-    plugins.import_submodules("fsl_lsskd.eval")
-    options = evaluator_options or {}
-    # unknown names fail before any work
-    evaluators = {name: EVALUATORS.get(name)(**dict(options.get(name, {}))) for name in classifiers}
+    Returns one :class:`ScoreResult` per (protocol, readout), accuracy in percent. Raises
+    :class:`~fsl_lsskd.errors.ProtocolError` when the split cannot host a protocol, and
+    :class:`~fsl_lsskd.errors.UnknownNameError` for an unknown readout, before any work.
+    """
+    protocols = unique(EpisodeProtocol.parse(p) for p in (protocols or ("5w1s15q_2000", "5w5s15q_2000")))
+    specs = [ReadoutSpec.parse(r) for r in readouts]
+    built = [(spec, spec.build(**dict((options or {}).get(spec.name, {})))) for spec in specs]
     offsets, counts = class_offsets(split.labels, split.num_classes)
-    episodes = {k: load_episodes(split.dataset, split.split, counts, n_way, k, n_query, n_episodes, seed,
-                                 split.class_names) for k in shots}
+    episodes = {p: load_episodes(split.dataset, split.split, counts, p, split.class_names) for p in protocols}
     size = int(image_size or split.image_size)
     feats = None
-    if any(not ev.needs_images for ev in evaluators.values()):
+    if any(r.uses_features() for _, r in built):
         t0 = time.perf_counter()
         feats = split_features(backbone, split, mean, std, size, batch_size, device, cache,
                                model_hash or (state_hash(backbone) if cache else None))
         log.info("features %s in %.1fs", feats.shape, time.perf_counter() - t0)
+    embed = make_embedder(backbone, mean, std, size, device) if any(r.uses_images() for _, r in built) else None
+    info = {"dataset": split.dataset, "split": split.split, "image_size": size, "fingerprint": split.fingerprint}
     results = []
-    for k in shots:
-        ep = episodes[k]
-        rows = ep.rows(offsets)
-        for name, ev in evaluators.items():
+    for protocol in protocols:
+        ep = episodes[protocol]
+        rows_all = ep.rows(offsets)
+        for spec, readout in built:
+            limit = readout.episode_limit()
+            rows = rows_all[:limit] if limit else rows_all
             t0 = time.perf_counter()
-            if ev.needs_images:
-                acc = ev.evaluate_episodes(split.images, rows, k, backbone=backbone, mean=mean, std=std,
-                                           image_size=size, device=device)
-            else:
-                acc = ev.evaluate_episodes(feats, rows, k, device=device)
-            res = EvalResult(name, n_way, k, n_query, np.asarray(acc, dtype=np.float64), ep.source,
-                             time.perf_counter() - t0, {"dataset": split.dataset, "split": split.split,
-                                                        "image_size": size, "seed": ep.seed})
-            log.info("%d-way %d-shot %s: %.2f +- %.2f", n_way, k, name, 100 * res.mean, 100 * res.ci95)
+            out = readout.predict(EpisodeInputs(rows=rows, n_shot=protocol.n_shot, features=feats,
+                                                images=split.images, embed=embed, backbone=backbone, method=method,
+                                                mean=tuple(mean), std=tuple(std), image_size=size, device=device))
+            res = _result(spec, protocol, rows, out, ep, time.perf_counter() - t0, info)
+            log.info("%s %s: %.2f +- %.2f %%", protocol.key, spec.label, res.mean, res.ci95)
             results.append(res)
     return results
+
+
+def _result(spec: ReadoutSpec, protocol: EpisodeProtocol, rows: np.ndarray, out, ep, seconds: float,
+            info: Dict[str, Any]) -> ScoreResult:
+    correct = np.asarray(out.correct, dtype=np.float64)
+    if correct.shape != (rows.shape[0],):
+        raise RuntimeError(f"readout {spec.name} returned {correct.shape} accuracies for {rows.shape[0]} episodes")
+    scored = protocol.replace(n_episodes=int(rows.shape[0]))
+    res = ScoreResult(spec.name, spec.label, dict(spec.settings), scored, 100.0 * correct,
+                      episodes_source=ep.source, episodes_sha256=ep.sha256, seconds=seconds, info=dict(info))
+    if out.probs is not None:
+        probs = np.asarray(out.probs, dtype=np.float64)
+        labels = np.broadcast_to(query_labels(protocol.n_way, protocol.n_query), probs.shape[:-1])
+        res.nll, res.brier = nll(probs, labels), brier(probs, labels)
+        res.reliability = bin_stats(probs, labels).astype(np.float32)
+    return res

@@ -1,8 +1,11 @@
-"""Auxiliary branches and rotation expansion shared by LSSKD, HSAKD and BYOT.
+"""Auxiliary classifiers and the rotation expansion shared by LSSKD, HSAKD and BYOT.
 
-Branch ``l`` = ``branch_tail(backbone, l)`` (fresh copy of the stages after ``l``; an extra last-width
-stride-1 stage for the last one) + GAP + ``Linear(C_final, out)`` (winycg/HSAKD models/resnet.py;
-/work/shared/reference/method.md §1.2). Rotation expansion: HSAKD train_student_cifar.py."""
+An auxiliary classifier ``l`` reads the output map of backbone stage ``l`` and classifies it: a feature
+extractor (``branch_tail``: a freshly initialised copy of the stages after ``l``; one extra last-width,
+stride-1 stage for the last one), global average pooling and a linear layer (winycg/HSAKD
+``models/resnet.py``; docs/methods.md, "Auxiliary classifiers"). They exist during training only: every
+method's :meth:`~fsl_lsskd.methods.base.Method.export_backbone` drops them. Rotation expansion: HSAKD
+``train_student_cifar.py``."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -21,10 +24,11 @@ def final_width(backbone: nn.Module) -> int:
     return int(stage_info(backbone)[stage_indices(backbone)[-1]]["num_chs"])
 
 
-class AuxBranch(nn.Module):
-    """Feature extractor (``branch_tail``) + global average pooling + linear classifier.
+class AuxiliaryClassifier(nn.Module):
+    """Feature extractor (``branch_tail`` of the backbone) + global average pooling + linear classifier.
 
-    ``forward(x) -> (logits, pooled)``; ``pooled`` is the pre-FC feature (BYOT/LSSKD feature-L2 terms)."""
+    ``forward(stage_map [B, C_l, H_l, W_l]) -> (logits [B, out_features], pooled [B, C_final])``; ``pooled``
+    is the pre-FC feature (BYOT/LSSKD feature-L2 terms)."""
 
     def __init__(self, backbone: nn.Module, stage: int, out_features: int, seed: Optional[int] = None) -> None:
         super().__init__()
@@ -37,17 +41,20 @@ class AuxBranch(nn.Module):
         return self.fc(pooled), pooled
 
 
-def build_branches(backbone: nn.Module, out_features: int, stages: Optional[List[int]] = None,
-                   seed: Optional[int] = None) -> nn.ModuleList:
-    """One :class:`AuxBranch` per stage (all stages by default)."""
+def build_aux_classifiers(backbone: nn.Module, out_features: int, stages: Optional[List[int]] = None,
+                          seed: Optional[int] = None) -> nn.ModuleList:
+    """One :class:`AuxiliaryClassifier` per stage (every stage by default), each with ``out_features``
+    outputs."""
     stages = list(range(num_stages(backbone))) if stages is None else list(stages)
-    return nn.ModuleList(AuxBranch(backbone, l, out_features, None if seed is None else seed + l) for l in stages)
+    return nn.ModuleList(AuxiliaryClassifier(backbone, l, out_features, None if seed is None else seed + l)
+                         for l in stages)
 
 
 def rotate_expand(images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Expand ``B`` images to ``4B``: row ``4i+k`` is ``rot90(images[i], k)`` over (H, W), joint label
-    ``4*y_i + k`` (winycg/HSAKD train_student_cifar.py: ``torch.stack([torch.rot90(x, k, (2, 3)) for k in
-    range(4)], 1).view(-1, C, H, W)``; ``targets*4 + k``). Needs square images."""
+    """Expand ``B`` images ``[B, C, H, W]`` to ``4B``: row ``4i+k`` is ``rot90(images[i], k)`` over (H, W),
+    joint label ``4*y_i + k`` (winycg/HSAKD train_student_cifar.py: ``torch.stack([torch.rot90(x, k, (2, 3))
+    for k in range(4)], 1).view(-1, C, H, W)``; ``targets*4 + k``). Raises ``ValueError`` for non-square
+    images."""
     b, c, h, w = images.shape
     if h != w:
         raise ValueError(f"rotation expansion needs square images, got {h}x{w}")
@@ -56,8 +63,9 @@ def rotate_expand(images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Ten
     return x, y
 
 
-def run_with_branches(backbone: nn.Module, branches: nn.ModuleList, x: torch.Tensor):
-    """One backbone pass + every branch: ``(final_logits, [aux_logits], [aux_pooled])``."""
+def run_with_aux_classifiers(backbone: nn.Module, aux_classifiers: nn.ModuleList, x: torch.Tensor):
+    """One backbone pass and every auxiliary classifier on its stage's map:
+    ``(final_logits, [aux_logits], [aux_pooled])``."""
     maps, logits = forward_stages(backbone, x)
-    outs = [br(maps[br.stage]) for br in branches]
+    outs = [aux(maps[aux.stage]) for aux in aux_classifiers]
     return logits, [o[0] for o in outs], [o[1] for o in outs]

@@ -1,7 +1,8 @@
 """The method contract: a pretraining method is one ``nn.Module`` subclass registered in
-``fsl_lsskd.registry.METHODS``. The engine (``fsl_lsskd.train.engine``) owns data, augmentation,
-optimisation, checkpoints and logging; a method owns its extra modules, its loss and its state
-(e.g. prediction stores kept as buffers so checkpoints carry them)."""
+``fsl_lsskd.registry.METHODS`` (one file in ``fsl_lsskd/methods/``). The engine (``fsl_lsskd.train.engine``)
+owns data, augmentation, optimisation, checkpoints and logging; a method owns its extra modules (auxiliary
+classifiers, heads), its loss and its state (e.g. prediction stores kept as buffers so resume checkpoints
+carry them). docs/methods.md gives every registered method's loss, sources and defaults."""
 from __future__ import annotations
 
 import abc
@@ -37,6 +38,23 @@ class MethodConfig:
     lr_milestones: Tuple[float, ...] = (0.6, 0.8)
     lr_gamma: float = 0.1
 
+    #: fields added after cells were trained, with the default that reproduces the earlier training: left out
+    #: of the training identity while at that default, so adding a setting does not retrain finished cells
+    identity_omit_if_default: ClassVar[Tuple[str, ...]] = ()
+
+    def identity_dict(self) -> Dict[str, object]:
+        """The fields that enter the training identity (every field, but those of
+        ``identity_omit_if_default`` that hold their default)."""
+        import dataclasses
+
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.identity_omit_if_default and value == f.default:
+                continue
+            out[f.name] = value
+        return out
+
 
 class Method(nn.Module, abc.ABC):
     """Base class of every pretraining method.
@@ -53,8 +71,14 @@ class Method(nn.Module, abc.ABC):
     needs_teacher: ClassVar[bool] = False
     #: method trained first as the teacher by ``fsl-bench run`` (for ``needs_teacher`` methods)
     default_teacher: ClassVar[Optional[str]] = None
-    #: methods that use the engine's standard shuffled mini-batches; episodic methods override ``batches``.
+    #: methods that use the engine's standard shuffled mini-batches; episodic methods override ``iter_batches``.
     episodic: ClassVar[bool] = False
+    #: train on the short last batch of an epoch too (methods with per-sample prediction stores: every sample
+    #: is trained on and stored every epoch); the others drop it, as RFS does
+    keeps_last_batch: ClassVar[bool] = False
+    #: bumped when the method's training maths change, so finished cells of the old maths are retrained
+    #: (part of the training identity)
+    training_version: ClassVar[int] = 1
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_samples: int,
                  config: Optional[MethodConfig] = None, teacher: Optional["Method"] = None) -> None:

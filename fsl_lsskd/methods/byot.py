@@ -1,35 +1,50 @@
-"""BYOT, "Be Your Own Teacher": Zhang et al., ICCV 2019 (official code not released; unofficial
-luanyunteng/pytorch-be-your-own-teacher; weights from open-mmlab/mmrazor
-configs/distill/mmcls/byot/byot_logits_resnet18_cifar100_8xb16_in1k.py), method.md §3.3.
+"""BYOT, "Be Your Own Teacher": Zhang et al., ICCV 2019 (no official code); as reproduced by open-mmlab/mmrazor
+(``configs/distill/mmcls/byot/byot_resnet18_8xb16_cifar100.py``, ``models/architectures/connectors/
+byot_connector.py``, ``models/losses/{l2_loss,kl_divergence}.py``); docs/methods.md "BYOT".
 
-A shallow classifier after every stage but the last (feature adaptation = ``branch_tail`` of the backbone,
-so it sees a final-width feature, + GAP + FC over C classes); the deepest classifier (the backbone's own
-head) teaches them. Per shallow classifier ``i``::
+A shallow auxiliary classifier after every stage but the last; the deepest classifier (the backbone's own head)
+teaches them. Per shallow classifier ``i`` (``F`` = pooled final-width features, ``sg`` = stop-gradient)::
 
-    w_ce * CE(q_i, y) + w_kd * tau^2 KL(sg[q_C^tau] || q_i^tau) + w_feat_i * ||F_i - sg(F_C)||^2
+    ce_weight * CE(q_i, y) + kd_weight * tau^2 KL(sg[q_C^tau] || q_i^tau) + feat_weight_i * hint(F_i, sg(F_C))
 
-and the deepest classifier gets ``CE(q_C, y)``. ``F`` = globally pooled final-width features."""
+and the deepest classifier gets ``CE(q_C, y)``. ``hint`` is mmrazor's ``L2Loss(normalize=False, dist=True)``:
+``sqrt(sum over batch and dimensions of (F_i - F_C)^2)`` (``feat_loss="dist"``, default) or the mean over the
+batch of the squared L2 distance (``"mean_sq"``, this suite's earlier form).
+
+The soft term is a KL divergence (``F.kl_div``, batchmean, as mmrazor's ``KLDivergence``) and is logged as
+``kd_kl``; a soft cross-entropy has the same gradients and differs by the teacher's entropy, logged as
+``kd_soft_ce`` (= ``kd_kl`` + tau^2 H(q_C^tau)) for comparison with implementations that report that value.
+
+Shallow classifier (``head="connector"``, default): mmrazor's ``BYOTConnector``: an attention gate (a DARTS
+separable convolution with stride 2, BN, ReLU, bilinear x2 upsampling, sigmoid) multiplying the stage map,
+then one stride-2 separable convolution per halving between the stage and the final map (channels growing
+geometrically to the final width), global average pooling and a linear layer. ``head="stages"`` uses a
+fresh copy of the remaining backbone stages instead (LSSKD/HSAKD's auxiliary classifiers).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..backbones import stage_indices
+from ..backbones import stage_indices, stage_info
 from ..errors import ConfigError
 from ..registry import METHODS
-from . import _losses as L
-from ._branches import build_branches, num_stages
+from . import losses as L
+from .auxiliary import build_aux_classifiers, final_width, num_stages
 from .base import Batch, Method, MethodConfig
 
 
 @dataclass(frozen=True)
 class BYOTConfig(MethodConfig):
     """mmrazor BYOT ResNet-18/CIFAR-100 config: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128 (8x16),
-    250 epochs, lr x0.1 at 80/160/240; CE weight 0.7, soft-CE (KL) weight 0.3 at tau = 3, feature-L2
-    weight 0.03 for the first two shallow classifiers and 0 for the third."""
+    250 epochs, lr x0.1 at 80/160/240; CE weight 0.7, KL weight 0.3 at tau = 3, feature hint weight 0.03 for
+    the first two shallow classifiers and 0 for the third; ``BYOTConnector`` heads (expansion 1, kernel 3,
+    stride 2)."""
 
     epochs: int = 250
     batch_size: int = 128
@@ -44,13 +59,81 @@ class BYOTConfig(MethodConfig):
     tau: float = 3.0
     feat_weights: Tuple[float, ...] = (0.03, 0.03, 0.0)  # one per shallow classifier
     deepest_ce_weight: float = 1.0
+    head: str = "connector"  # "connector" (mmrazor BYOTConnector) | "stages" (copies of the remaining stages)
+    feat_loss: str = "dist"  # "dist" (mmrazor L2Loss dist=True) | "mean_sq"
+
+    def __post_init__(self) -> None:
+        if self.head not in ("connector", "stages"):
+            raise ValueError(f"head must be 'connector' or 'stages', got {self.head!r}")
+        if self.feat_loss not in ("dist", "mean_sq"):
+            raise ValueError(f"feat_loss must be 'dist' or 'mean_sq', got {self.feat_loss!r}")
+
+
+class SepConv(nn.Sequential):
+    """DARTS separable convolution (mmrazor ``DartsSepConv``): twice ReLU, depthwise conv (the first with
+    ``stride``), pointwise conv, BN; the second maps to ``out_chs``."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1) -> None:
+        pad = kernel_size // 2
+        super().__init__(
+            nn.ReLU(), nn.Conv2d(in_chs, in_chs, kernel_size, stride, pad, groups=in_chs, bias=False),
+            nn.Conv2d(in_chs, in_chs, 1, bias=False), nn.BatchNorm2d(in_chs),
+            nn.ReLU(), nn.Conv2d(in_chs, in_chs, kernel_size, 1, pad, groups=in_chs, bias=False),
+            nn.Conv2d(in_chs, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs))
+
+
+class BYOTConnector(nn.Module):
+    """mmrazor's ``BYOTConnector`` (expansion 1) generalised to any stage widths: ``forward(stage map
+    [B, C_l, H, W]) -> (logits [B, num_classes], pooled [B, C_final])``.
+
+    ``halvings`` stride-2 separable convolutions take the map to the final map's size, the channels growing
+    geometrically from ``in_chs`` to ``out_chs`` (mmrazor: doubling per convolution, ``log2(out/in)`` of
+    them); then global average pooling (mmrazor: ``AvgPool2d(4)`` on the 4x4 map) and a linear layer."""
+
+    def __init__(self, in_chs: int, out_chs: int, halvings: int, num_classes: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.attention = nn.Sequential(SepConv(in_chs, in_chs, kernel_size, stride=2), nn.BatchNorm2d(in_chs),
+                                       nn.ReLU(), nn.Upsample(scale_factor=2, mode="bilinear"), nn.Sigmoid())
+        chans = [int(round(in_chs * (out_chs / in_chs) ** ((i + 1) / halvings))) for i in range(halvings)]
+        layers, prev = [], in_chs
+        for c in chans:
+            layers.append(SepConv(prev, c, kernel_size, stride=2))
+            prev = c
+        if prev != out_chs:  # no halvings: match the width with a stride-1 separable convolution
+            layers.append(SepConv(prev, out_chs, kernel_size, stride=1))
+        self.scala = nn.Sequential(*layers)
+        self.fc = nn.Linear(out_chs, num_classes)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        gate = self.attention(x)
+        if gate.shape[-2:] != x.shape[-2:]:  # odd sizes: the x2 upsampling misses by one
+            gate = F.interpolate(gate, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pooled = self.scala(gate * x).mean(dim=(2, 3))
+        return self.fc(pooled), pooled
+
+
+def build_connectors(backbone: nn.Module, num_classes: int, n: int) -> nn.ModuleList:
+    """One :class:`BYOTConnector` for each of the first ``n`` stages of ``backbone``."""
+    infos = stage_info(backbone)
+    idx = stage_indices(backbone)
+    last = infos[idx[-1]]
+    out = []
+    for l in range(n):
+        info = infos[idx[l]]
+        halvings = max(0, int(round(math.log2(last["reduction"] / info["reduction"]))))
+        conn = BYOTConnector(int(info["num_chs"]), int(last["num_chs"]), halvings, num_classes)
+        conn.stage = l
+        out.append(conn)
+    return nn.ModuleList(out)
 
 
 @METHODS.register("byot")
 class BYOT(Method):
-    """Be Your Own Teacher (Zhang et al. ICCV 2019; mmrazor weights)."""
+    """Be Your Own Teacher (Zhang et al. ICCV 2019), mmrazor's reproduction."""
 
     config_cls = BYOTConfig
+    #: 2: mmrazor's connector heads and dist feature hint (were: stage copies and the mean squared distance)
+    training_version = 2
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
         super().__init__(backbone, num_classes, num_samples, config, teacher)
@@ -58,7 +141,11 @@ class BYOT(Method):
         if len(self.config.feat_weights) != n - 1:
             raise ConfigError(f"byot feat_weights has {len(self.config.feat_weights)} entries but the backbone has "
                               f"{n - 1} shallow classifiers; set feat_weights to {n - 1} values")
-        self.branches = build_branches(backbone, num_classes, stages=list(range(n - 1)))
+        if self.config.head == "connector":
+            self.aux_classifiers = build_connectors(backbone, num_classes, n - 1)
+        else:
+            self.aux_classifiers = build_aux_classifiers(backbone, num_classes, stages=list(range(n - 1)))
+        self._final_width = final_width(backbone)
 
     def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
         cfg = self.config
@@ -68,12 +155,17 @@ class BYOT(Method):
         t_logits = logits.detach()
         ce_deep = F.cross_entropy(logits, batch.labels)
         ce = kd = feat = logits.new_zeros(())
-        for br, w_feat in zip(self.branches, cfg.feat_weights):
-            q, f = br(maps[br.stage])
+        for aux, w_feat in zip(self.aux_classifiers, cfg.feat_weights):
+            q, f = aux(maps[aux.stage])
             ce = ce + F.cross_entropy(q, batch.labels)
             kd = kd + L.kd_kl(q, t_logits, cfg.tau)
             if w_feat:
-                feat = feat + w_feat * L.feature_l2(f, f_deep)
+                hint = L.feature_l2_dist(f, f_deep) if cfg.feat_loss == "dist" else L.feature_l2(f, f_deep)
+                feat = feat + w_feat * hint
         loss = cfg.deepest_ce_weight * ce_deep + cfg.ce_weight * ce + cfg.kd_weight * kd + feat
-        return {"loss": loss, "ce": ce_deep.detach(), "aux_ce": ce.detach(), "kl": kd.detach(),
-                "feat": feat.detach()}
+        with torch.no_grad():
+            p_t = F.softmax(t_logits.float() / cfg.tau, dim=1)
+            teacher_entropy = -(p_t * torch.log(p_t.clamp_min(1e-12))).sum(1).mean() * cfg.tau ** 2
+        return {"loss": loss, "ce": ce_deep.detach(), "aux_ce": ce.detach(), "kd_kl": kd.detach(),
+                "kd_soft_ce": (kd.detach() + len(self.aux_classifiers) * teacher_entropy),
+                "feat_hint": feat.detach()}

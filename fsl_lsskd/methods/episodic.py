@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .._l2l import require_learn2learn
+from ..deps import require_learn2learn
 from ..errors import ConfigError, ProtocolError
 from .base import Batch, Method, MethodConfig
 

@@ -1,6 +1,6 @@
 """HSAKD teacher stage: Yang et al., "Hierarchical Self-supervised Augmented Knowledge Distillation",
 IJCAI 2021; winycg/HSAKD train_teacher_cifar.py, joint training from scratch (option (2), "Teacher*",
-method.md §3.1): ``CE(final(x^(0)), y) + sum_l CE(q_l(x^(k)), 4y+k)``."""
+docs/methods.md, "HSAKD"): ``CE(final(x^(0)), y) + sum_l CE(q_l(x^(k)), 4y+k)``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import METHODS
-from ._branches import build_branches, rotate_expand, run_with_branches
+from .auxiliary import build_aux_classifiers, rotate_expand, run_with_aux_classifiers
 from .base import Batch, Method, MethodConfig
 
 
 @dataclass(frozen=True)
 class HSAKDTeacherConfig(MethodConfig):
-    """winycg/HSAKD train_teacher_cifar.py (joint, from scratch): SGD lr 0.05 (effective, see method.md §1.6),
+    """winycg/HSAKD train_teacher_cifar.py (joint, from scratch): SGD lr 0.05 (effective, see docs/methods.md, "LSSKD"),
     momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210."""
 
     epochs: int = 240
@@ -31,19 +31,19 @@ class HSAKDTeacherConfig(MethodConfig):
 
 @METHODS.register("hsakd_teacher")
 class HSAKDTeacher(Method):
-    """Teacher with auxiliary rotation branches (``self.branches``, 4C outputs each), used by ``hsakd``."""
+    """Teacher with auxiliary rotation classifiers (``self.aux_classifiers``, 4C outputs each), used by ``hsakd``."""
 
     config_cls = HSAKDTeacherConfig
-    has_aux_heads = True
+    has_rotation_classifiers = True
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
         super().__init__(backbone, num_classes, num_samples, config, teacher)
-        self.branches = build_branches(backbone, 4 * num_classes)
+        self.aux_classifiers = build_aux_classifiers(backbone, 4 * num_classes)
 
     def forward_all(self, images: torch.Tensor, labels: torch.Tensor):
         """Rotation-expanded pass: ``(final_logits [4B,C], [aux_logits [4B,4C]], joint_labels [4B])``."""
         x, joint = rotate_expand(images, labels)
-        logits, aux, _ = run_with_branches(self.backbone, self.branches, x)
+        logits, aux, _ = run_with_aux_classifiers(self.backbone, self.aux_classifiers, x)
         return logits, aux, joint
 
     def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import METHODS
-from . import _losses as L
+from . import losses as L
 from .base import Batch, Method, MethodConfig
 
 

@@ -30,8 +30,16 @@ def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
 
 def feature_l2(feat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean_b ||feat_b - target_b||^2`` (squared L2 per sample, averaged over the batch; BYOT hint loss)."""
+    """``mean_b ||feat_b - target_b||^2``: squared L2 distance per sample, averaged over the batch (LSSKD's
+    feature term; BYOT ``feat_loss="mean_sq"``)."""
     return (feat - target).pow(2).flatten(1).sum(dim=1).mean()
+
+
+def feature_l2_dist(feat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``sqrt(sum over batch and dimensions of (feat - target)^2)``: the Frobenius distance of the batch
+    (mmrazor ``L2Loss(normalize=False, dist=True)``, BYOT's feature hint). With weight 0.03: ``B=1, f=[[3]],
+    t=[[0]]`` gives 0.09; ``B=2, f=I, t=0`` gives 0.0424."""
+    return (feat - target).pow(2).sum().sqrt()
 
 
 def alpha_schedule(alpha_T: float, epoch: int, epochs: int) -> float:

@@ -1,16 +1,19 @@
 """LSSKD: Dahri et al. 2025, "Layered Self-Supervised Knowledge Distillation" (arXiv 2506.07055), in the
-implementable reading of /work/shared/reference/method.md §1.5: HSAKD's auxiliary branches + rotation
-self-supervised augmented labels (Yang et al. IJCAI 2021, winycg/HSAKD) made teacher-free with PS-KD targets
-from the previous epoch (Kim et al. ICCV 2021, lgcnsai/PS-KD-Pytorch).
+reading documented in docs/methods.md ("LSSKD"): HSAKD's auxiliary classifiers + rotation self-supervised
+augmented labels (Yang et al. IJCAI 2021, winycg/HSAKD) made teacher-free with PS-KD targets from the previous
+epoch (Kim et al. ICCV 2021, lgcnsai/PS-KD-Pytorch).
 
-Loss (``e`` = 0-based epoch, ``alpha_e = alpha_T * (e + 1) / E``)::
+Loss (``e`` = 0-based epoch, ``alpha_e = alpha_T * (e + 1) / E``, ``B`` images, ``L`` auxiliary classifiers)::
 
-    ls_final = CE(p(x^(0)), (1-a_e) onehot(y) + a_e P_fin[i])
-    ls_aux   = sum_l mean_{i,k} CE(q_l(x^(k)), (1-a_e) onehot(4y+k) + a_e P_aux[l][i,k])
+    ls_final = mean_i CE(p(x_i^(0)), (1-a_e) onehot(y_i) + a_e P_fin[i])
+    ls_aux   = r * sum_l mean_{i,k} CE(q_l(x_i^(k)), (1-a_e) onehot(4 y_i + k) + a_e P_aux[l][i,k])
+               (r = 1 for aux_rotation_reduction "mean", HSAKD's code; r = 4 for "sum_rotations", the
+               written sum over the 4 rotations of the batch mean)
     xlayer_kl (flag, off) = lambda_kl * tau^2 * sum_{l<L} KL(sg[q_L^tau] || q_l^tau)
-    feat      (flag, off) = lambda_feat * sum_{l<L} ||a_l - sg(a_L)||^2
+    feat      (flag, off) = lambda_feat * sum_{l<L} mean_i ||a_l - sg(a_L)||^2
 
-The auxiliary branches are training-only: :meth:`export_backbone` returns the plain backbone."""
+The auxiliary classifiers are training-only: :meth:`export_backbone` returns the plain backbone.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,19 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import METHODS
-from . import _losses as L
-from ._branches import build_branches, rotate_expand, run_with_branches
-from ._stores import PredictionStore
+from . import losses as L
+from .auxiliary import build_aux_classifiers, rotate_expand, run_with_aux_classifiers
+from .stores import PredictionStore, choose_top_k
 from .base import Batch, Method
 from .hsakd_teacher import HSAKDTeacherConfig
 
 
 @dataclass(frozen=True)
 class LSSKDConfig(HSAKDTeacherConfig):
-    """LSSKD's own hyperparameters were not recovered (method.md §1.6): HSAKD's CIFAR-100 recipe
+    """LSSKD's own hyperparameters were not recovered (docs/methods.md, "LSSKD"): HSAKD's CIFAR-100 recipe
     (winycg/HSAKD train_student_cifar.py: SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs,
     lr x0.1 at 150/180/210, KD temperature 3); ``alpha_T = 0.8`` from PS-KD (lgcnsai/PS-KD-Pytorch);
-    ``lambda_kl = 1`` (HSAKD unit weights), ``lambda_feat = 0.03`` (mmrazor BYOT feature weight), method.md §1.5."""
+    ``lambda_kl = 1`` (HSAKD unit weights), ``lambda_feat = 0.03`` (mmrazor BYOT feature weight), docs/methods.md, "LSSKD"."""
 
     alpha_T: float = 0.8
     ls_final: bool = True
@@ -43,24 +46,48 @@ class LSSKDConfig(HSAKDTeacherConfig):
     tau: float = 3.0
     feat_l2: bool = False
     lambda_feat: float = 0.03
-    final_store_dtype: str = "float32"
-    aux_store_dtype: str = "float16"  # N x 4 x 4C per layer (method.md §1.5 memory note)
+    #: the auxiliary cross-entropy of a layer over its 4B rotated rows: ``mean`` (HSAKD's code: the mean over
+    #: the 4B rows) or ``sum_rotations`` (the written formula: sum over the 4 rotations of the mean over the
+    #: batch, 4x ``mean``)
+    aux_rotation_reduction: str = "mean"
+    #: prediction stores: ``auto`` (dense rows while all of them fit ``store_budget_mb``, else the ``store_top_k``
+    #: largest probabilities per row), ``dense`` or ``topk``; docs/methods.md "Prediction stores"
+    store_layout: str = "auto"
+    store_top_k: int = 20
+    store_budget_mb: float = 2048.0
+    final_store_dtype: str = "float32"  # dense stores' dtypes
+    aux_store_dtype: str = "float16"  # N x 4 x 4C per layer
+
+    def __post_init__(self) -> None:
+        if self.store_layout not in ("auto", "dense", "topk"):
+            raise ValueError(f"store_layout must be auto, dense or topk, got {self.store_layout!r}")
+        if self.aux_rotation_reduction not in ("mean", "sum_rotations"):
+            raise ValueError(f"aux_rotation_reduction must be 'mean' or 'sum_rotations', got "
+                             f"{self.aux_rotation_reduction!r}")
 
 
 @METHODS.register("lsskd")
 class LSSKD(Method):
-    """Teacher-free layered self-supervised KD (Dahri et al. 2025; method.md §1.5 reading)."""
+    """Teacher-free layered self-supervised KD (Dahri et al. 2025; the reading of docs/methods.md, "LSSKD")."""
 
     config_cls = LSSKDConfig
+    #: every sample is trained on and stored every epoch (PS-KD's reference keeps the short last batch)
+    keeps_last_batch = True
+    #: 2: the short last batch is kept; top-k stores beyond a memory budget; aux_rotation_reduction
+    training_version = 2
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
         super().__init__(backbone, num_classes, num_samples, config, teacher)
-        self.branches = build_branches(backbone, 4 * num_classes)
-        n_aux = len(self.branches)
-        self.final_store = PredictionStore(num_samples, (num_classes,), getattr(torch, self.config.final_store_dtype))
-        self.aux_stores = nn.ModuleList(
-            PredictionStore(num_samples, (4, 4 * num_classes), getattr(torch, self.config.aux_store_dtype))
-            for _ in range(n_aux))
+        cfg = self.config
+        self.aux_classifiers = build_aux_classifiers(backbone, 4 * num_classes)
+        n_aux = len(self.aux_classifiers)
+        fin_dtype, aux_dtype = getattr(torch, cfg.final_store_dtype), getattr(torch, cfg.aux_store_dtype)
+        top_k = choose_top_k(cfg.store_layout, cfg.store_top_k, cfg.store_budget_mb,
+                             [(num_samples, (num_classes,), fin_dtype)] +
+                             [(num_samples, (4, 4 * num_classes), aux_dtype)] * n_aux)
+        self.final_store = PredictionStore(num_samples, (num_classes,), fin_dtype, top_k=top_k)
+        self.aux_stores = nn.ModuleList(PredictionStore(num_samples, (4, 4 * num_classes), aux_dtype, top_k=top_k)
+                                        for _ in range(n_aux))
         self.alpha = 0.0
         self._pending: Optional[Tuple[torch.Tensor, torch.Tensor, list]] = None
 
@@ -71,7 +98,7 @@ class LSSKD(Method):
         cfg, C = self.config, self.num_classes
         b = batch.labels.shape[0]
         x, joint = rotate_expand(batch.images, batch.labels)
-        logits, aux_logits, aux_feats = run_with_branches(self.backbone, self.branches, x)
+        logits, aux_logits, aux_feats = run_with_aux_classifiers(self.backbone, self.aux_classifiers, x)
         fin = logits[0::4]
         out: Dict[str, torch.Tensor] = {}
         total = fin.new_zeros(())
@@ -89,6 +116,8 @@ class LSSKD(Method):
             prev_l = self.aux_stores[l].get(batch.index, default=joint_onehot).to(q.device)
             tgt = L.softened_targets(joint_onehot, prev_l, self.alpha).view(4 * b, 4 * C)
             ls_aux = ls_aux + L.soft_cross_entropy(q, tgt)
+        if cfg.aux_rotation_reduction == "sum_rotations":
+            ls_aux = 4.0 * ls_aux
         if cfg.ls_aux:
             total = total + ls_aux
         out["ls_aux"] = ls_aux.detach()

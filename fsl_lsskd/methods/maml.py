@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._l2l import require_learn2learn
+from ..deps import require_learn2learn
 from ..errors import ConfigError
 from ..registry import METHODS
-from ._episodic import EpisodicConfig, EpisodicMethod, split_tasks
+from .episodic import EpisodicConfig, EpisodicMethod, split_tasks
 from .base import Batch, Method
 
 
@@ -96,7 +96,7 @@ def adapt_and_predict(maml, support_x: torch.Tensor, support_y: torch.Tensor, qu
 @METHODS.register("maml")
 class MAML(EpisodicMethod):
     """Second-order MAML. Each yielded Batch holds ``meta_batch_size`` tasks (layout in
-    :mod:`fsl_lsskd.methods._episodic`). ``training_step`` returns ``loss`` (mean query CE after
+    :mod:`fsl_lsskd.methods.episodic`). ``training_step`` returns ``loss`` (mean query CE after
     adaptation), ``query_acc``, ``support_loss_before`` and ``support_loss_after``."""
 
     config_cls = MAMLConfig

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import METHODS
-from ._episodic import EpisodicConfig, EpisodicMethod, split_tasks
+from .episodic import EpisodicConfig, EpisodicMethod, split_tasks
 from .base import Batch
 
 
@@ -60,7 +60,7 @@ def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query:
 @METHODS.register("protonet")
 class ProtoNet(EpisodicMethod):
     """Episodic ProtoNet training of the backbone. ``training_step`` takes one episode in the layout of
-    :mod:`fsl_lsskd.methods._episodic` and returns ``loss`` (query cross-entropy) and ``query_acc``."""
+    :mod:`fsl_lsskd.methods.episodic` and returns ``loss`` (query cross-entropy) and ``query_acc``."""
 
     config_cls = ProtoNetConfig
     tasks_per_batch = 1

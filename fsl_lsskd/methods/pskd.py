@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import METHODS
-from ._stores import PredictionStore
+from .stores import PredictionStore, choose_top_k
 from .base import Batch, Method, MethodConfig
 
 
@@ -32,7 +32,16 @@ class PSKDConfig(MethodConfig):
     lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # epochs 150, 225 of 300
     lr_gamma: float = 0.1
     alpha_T: float = 0.8
-    store_dtype: str = "float32"  # PS-KD keeps float32 on the CPU
+    #: prediction store: ``auto`` (dense rows, the reference, while they fit ``store_budget_mb``; else the
+    #: ``store_top_k`` largest probabilities per sample), ``dense`` or ``topk``; docs/methods.md "Prediction stores"
+    store_layout: str = "auto"
+    store_top_k: int = 20
+    store_budget_mb: float = 2048.0
+    store_dtype: str = "float32"  # a dense store's dtype (PS-KD keeps float32 on the CPU)
+
+    def __post_init__(self) -> None:
+        if self.store_layout not in ("auto", "dense", "topk"):
+            raise ValueError(f"store_layout must be auto, dense or topk, got {self.store_layout!r}")
 
 
 def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:
@@ -58,11 +67,18 @@ class PSKD(Method):
     """PS-KD: progressive self-distillation from the previous epoch's predictions (Kim et al. ICCV 2021)."""
 
     config_cls = PSKDConfig
+    #: every sample is trained on and stored every epoch (the reference keeps the short last batch)
+    keeps_last_batch = True
+    #: 2: the short last batch is kept; top-k stores beyond a memory budget
+    training_version = 2
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:
         super().__init__(backbone, num_classes, num_samples, config, teacher)
-        dtype = getattr(torch, self.config.store_dtype)
-        self.store = PredictionStore(num_samples, (num_classes,), dtype=dtype)
+        cfg = self.config
+        dtype = getattr(torch, cfg.store_dtype)
+        top_k = choose_top_k(cfg.store_layout, cfg.store_top_k, cfg.store_budget_mb,
+                             [(num_samples, (num_classes,), dtype)])
+        self.store = PredictionStore(num_samples, (num_classes,), dtype=dtype, top_k=top_k)
         self.criterion = SoftTargetCrossEntropy()
         self.alpha = 0.0
         self._pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None

@@ -36,6 +36,13 @@ def _time_steps(method, batches: Iterable, steps: int, warmup: int, lr: float = 
     return n / (time.perf_counter() - t0)
 
 
+def store_bytes_per_sample(method) -> int:
+    """Bytes per training image of all the method's prediction stores (0 without stores)."""
+    from ..methods.stores import PredictionStore
+
+    return sum(m.bytes_per_sample for m in method.modules() if isinstance(m, PredictionStore))
+
+
 def _time_data(batches: Iterable, n: int, warmup: int = 2) -> float:
     """Milliseconds per batch of a data pipeline alone (no model)."""
     it = iter(batches)
@@ -79,15 +86,13 @@ def _reference_batches(images, labels, mean, std, batch_size, workers, seed):
 
 
 def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size: int = 32, batch_size: int = 64,
-                    steps: int = 50, warmup: int = 5, workers=(0, 2), methods=("lsskd", "byot"),
+                    steps: int = 50, warmup: int = 5, workers=(0, 2), methods=("pskd", "byot", "lsskd"),
                     seed: int = 0) -> Dict[str, object]:
     """The benchmark as a dict (see module docstring)."""
-    from .. import plugins
+    from ..backbones import create_backbone
     from ..registry import METHODS
-    from .checkpoint import create_backbone
     from .loader import TrainLoader
 
-    plugins.import_submodules("fsl_lsskd.methods")
     split = train_split.resized(image_size)
     C, N = split.num_classes, len(split)
 
@@ -127,8 +132,10 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
     for m in methods:
         if m in METHODS:
             try:
-                ips = _time_steps(make(m), ours_batches(), steps, warmup)
-                rel[m] = {"images_per_s": ips, "epoch_cost_vs_ce": ours / ips}
+                method = make(m)
+                ips = _time_steps(method, ours_batches(), steps, warmup)
+                rel[m] = {"images_per_s": ips, "epoch_cost_vs_ce": ours / ips,
+                          "store_bytes_per_sample": store_bytes_per_sample(method)}
             except Exception as exc:  # a method that needs a teacher etc.
                 rel[m] = {"error": f"{type(exc).__name__}: {exc}"}
     res["methods"] = rel
@@ -145,7 +152,7 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
 @click.option("--steps", default=50, show_default=True, type=int, help="Timed steps per pipeline.")
 @click.option("--warmup", default=5, show_default=True, type=int)
 @click.option("--workers", default="0,2", show_default=True, help="DataLoader workers tried for the reference.")
-@click.option("--methods", default="lsskd,byot", show_default=True, help="Methods timed relative to CE.")
+@click.option("--methods", default="pskd,byot,lsskd", show_default=True, help="Methods timed relative to CE.")
 @click.option("--threads", type=int, help="torch.set_num_threads (default: torch's).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 def bench_train(dataset, archive, data_root, backbone, image_size, batch_size, steps, warmup, workers, methods,
@@ -175,7 +182,8 @@ def bench_train(dataset, archive, data_root, backbone, image_size, batch_size, s
     click.echo("data path alone: " + ", ".join(f"{k} {v:.2f} ms/batch" for k, v in res["data_only_ms_per_batch"].items())
                + f" -> {res['data_only_speedup_vs_best_reference']:.1f}x")
     for m, r in res["methods"].items():
-        click.echo(f"{m}: " + (f"{r['images_per_s']:.1f} img/s, epoch cost {r['epoch_cost_vs_ce']:.2f}x CE"
+        click.echo(f"{m}: " + (f"{r['images_per_s']:.1f} img/s, epoch cost {r['epoch_cost_vs_ce']:.2f}x CE, "
+                               f"prediction stores {r['store_bytes_per_sample']:,} bytes per training image"
                                if "images_per_s" in r else r["error"]))
     if json_out:
         atomic_write_text(json_out, json.dumps(res, indent=2) + "\n")

@@ -1,104 +1,94 @@
-"""``fsl-bench train`` and ``fsl-bench export``."""
+"""``fsl-bench train``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_options
 
 
 @click.command("train")
 @click.option("--method", default="ce", show_default=True, help="Registered method (see `fsl-bench ls`).")
 @click.option("--backbone", default="conv4", show_default=True, help="Backbone (few-shot standard or timm name).")
-@click.option("--dataset", default="tiny_imagenet", show_default=True, help="Registered dataset.")
-@click.option("--archive", type=click.Path(dir_okay=False, path_type=Path), help="Official dataset archive.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Extracted dataset folder.")
+@dataset_options(default_dataset="tiny_imagenet")
 @click.option("--image-size", default=32, show_default=True, type=int, help="Training resolution.")
 @click.option("--epochs", type=int, help="Override the method's epochs.")
 @click.option("--batch-size", type=int, help="Override the method's batch size.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--fraction", default=1.0, show_default=True, type=float,
-              help="Limited-data protocol: fraction of each base class (0.25/0.5/0.75/1.0).")
+              help="Limited-data protocol: share of every base class (0.25/0.5/0.75/1.0).")
 @click.option("--heldout", default=0.1, show_default=True, type=float,
-              help="Stratified fraction of train images held out for base-class accuracy.")
-@click.option("--val-episodes", default=200, show_default=True, type=int,
-              help="ProtoNet 5-way val episodes per epoch (0 disables).")
-@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), help="Teacher checkpoint (KD methods).")
+              help="Stratified share of the train images held out for base-class accuracy.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast precision (fp16 uses a gradient scaler).")
+@protocol_options(prefix="val", default_shot="5", default_episodes=200,
+                  help_episodes="Validation episodes (ProtoNet on the val split) per epoch; 0 disables.")
+@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher model directory (KD methods): "
+              "<teacher out>/model.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, help="torch.set_num_threads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory (resumes from OUT/last.pt when present).")
-@click.option("--experiment", default="fsl-bench", show_default=True, help="MLflow experiment.")
+              help="Run directory: resume state while training (resumes from OUT/last.pt), then OUT/model and "
+                   "OUT/export.")
+@click.option("--experiment", default="fsl-bench/train", show_default=True, help="MLflow experiment.")
 @click.option("--run-name", help="MLflow run name (default: OUT's name).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method config override (repeatable).")
 @click.option("--no-export", is_flag=True, help="Skip exporting the backbone at the end.")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @click.option("--no-sync-bn", is_flag=True,
               help="Under torchrun: BatchNorm statistics per process instead of over the global batch.")
-def train_cmd(method, backbone, dataset, archive, data_root, image_size, epochs, batch_size, seed, fraction, heldout,
-              val_episodes, teacher, device, threads, out_dir, experiment, run_name, settings, no_export,
+def train_cmd(method, backbone, dataset, archive, data_root, split_file, train_per_class, folder_image_size,
+              image_size, epochs, batch_size, seed, fraction, heldout, precision, val_n_way, val_n_shot, val_n_query,
+              val_n_episodes, teacher, device, threads, out_dir, experiment, run_name, settings, no_export,
               no_mlflow, no_sync_bn) -> None:
-    """Train a method on the base classes of a dataset; checkpoints each epoch, logs to MLflow
-    (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db) and exports the backbone to OUT/export.
+    """Train a method on the base classes of a dataset; writes the resume state each epoch, logs to MLflow
+    (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db) and, when finished, OUT/model (the trained method) and
+    OUT/export (the inference backbone).
 
     Several processes (torchrun, DistributedDataParallel) train one run: --batch-size is the global batch
-    (a multiple of the number of processes), rank 0 writes the checkpoint, logs and exports.
+    (a multiple of the number of processes), rank 0 writes the files, logs and exports.
 
     \b
     Example:
       fsl-bench train --method ce --backbone conv4 --dataset tiny_imagenet \\
-        --archive ../shared/data/tiny-imagenet-200-sub100.zip --image-size 32 --epochs 3 --seed 0 \\
-        --out runs/x --set lr=0.1
+        --archive tiny-imagenet-200.zip --image-size 32 --epochs 3 --seed 0 --out runs/x --set lr=0.1
+      fsl-bench train --method ce --dataset image_folder --data-root my_images --split-file split.json \\
+        --out runs/mine
       torchrun --standalone --nproc_per_node 2 $(which fsl-bench) train --method pskd \\
-        --dataset tiny_imagenet --archive ../shared/data/tiny-imagenet-200-sub100.zip --batch-size 128 \\
-        --out runs/pskd-2proc
+        --dataset tiny_imagenet --archive tiny-imagenet-200.zip --batch-size 128 --out runs/pskd-2proc
     """
+    from ..utils import EpochBar
+    from .checks import check_train_config
     from .config import TrainConfig, parse_set_options
     from .engine import train
 
-    cfg = TrainConfig(method=method, backbone=backbone, dataset=dataset, archive=str(archive) if archive else None,
-                      data_root=str(data_root) if data_root else None, image_size=image_size, seed=seed,
-                      fraction=fraction, epochs=epochs, batch_size=batch_size,
-                      method_overrides=parse_set_options(settings), device=device, out_dir=str(out_dir),
-                      heldout=heldout, val_episodes=val_episodes, experiment=experiment, run_name=run_name,
-                      teacher=str(teacher) if teacher else None, export=not no_export, num_threads=threads,
+    validation = parse_protocol(val_n_way, val_n_shot, val_n_query, val_n_episodes, "val", allow_zero=True)
+    options = dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)
+    cfg = TrainConfig(method=method, backbone=backbone, dataset=dataset, image_size=image_size, seed=seed,
+                      fraction=fraction, heldout=heldout, epochs=epochs, batch_size=batch_size,
+                      method_overrides=parse_set_options(settings), precision=precision,
+                      teacher=str(teacher) if teacher else None, dataset_options=options,
+                      archive=str(archive) if archive else None, data_root=str(data_root) if data_root else None,
+                      device=device, out_dir=str(out_dir), validation=validation[0] if validation else None,
+                      experiment=experiment, run_name=run_name, export=not no_export, num_threads=threads,
                       mlflow=not no_mlflow, sync_bn=not no_sync_bn)
-    from ..bench.validate import validate_train
-
-    validate_train(cfg)  # names, --out, val split capacity: fail before decoding data or opening a run
-    from ..utils import EpochBar
-
-    bar = EpochBar()
+    check_train_config(cfg)  # names, sizes, --out, val split capacity: before decoding data or opening a run
+    bar = EpochBar(disable=None)
     try:
         res = train(cfg, on_epoch=bar)
     finally:
         bar.close()
     if res.rank != 0:  # one report per run, not per process
         return
-    for h in res.history[res.resumed_from_epoch:] if res.resumed_from_epoch else res.history:
-        click.echo(" ".join([f"epoch {int(h['epoch']) + 1}"] +
-                            [f"{k}={v:.4g}" for k, v in h.items() if k != "epoch"]))
-    click.echo(f"checkpoint: {res.checkpoint}")
-    if res.backbone:
-        click.echo(f"backbone:   {res.backbone}")
+    if res.already_finished:
+        click.echo(f"{out_dir} already holds this finished run (training id {res.train_id}); nothing to train")
+    for h in res.history[res.resumed_from_epoch:] if not res.already_finished else []:
+        click.echo(" ".join([f"epoch {int(h['epoch'])}"] + [f"{k}={v:.4g}" for k, v in h.items() if k != "epoch"]))
+    click.echo(f"training id: {res.train_id}")
+    if res.model_dir:
+        click.echo(f"model:       {res.model_dir}")
+    if res.export_dir:
+        click.echo(f"backbone:    {res.export_dir / 'backbone.safetensors'}")
     if res.run_id:
-        click.echo(f"mlflow run: {res.run_id}")
-
-
-@click.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--latency-runs", default=30, show_default=True, type=int, help="Runs for the median latency.")
-def export_cmd(checkpoint: Path, out_dir: Path, latency_runs: int) -> None:
-    """Export a checkpoint's backbone (no auxiliary heads, no classifier) in timm's format with a report
-    (parameters, FLOPs at batch 1, median CPU latency at batch 1): OUT/backbone.safetensors + backbone.json.
-
-    \b
-    Example:
-      fsl-bench export runs/x/last.pt --out runs/x/export
-      python -c "import timm; timm.create_model('conv4', num_classes=0, checkpoint_path='runs/x/export/backbone.safetensors')"
-    """
-    from .export import export_checkpoint
-
-    report = export_checkpoint(checkpoint, out_dir, latency_runs=latency_runs)
-    click.echo(json.dumps(report, indent=2))
+        click.echo(f"mlflow run:  {res.run_id}")

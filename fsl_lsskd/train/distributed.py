@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..methods._stores import multi_process
+from ..methods.stores import multi_process
 from ..methods.base import Batch
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def check_method(method, mcfg, loader, ctx: DistContext) -> None:
 
 def shard_tasks(batch: Batch, task_size: int, ctx: DistContext) -> Batch:
     """This rank's contiguous share of the tasks of an episodic ``batch`` (layout of
-    :mod:`fsl_lsskd.methods._episodic`: ``task_size`` rows per task, tasks back to back)."""
+    :mod:`fsl_lsskd.methods.episodic`: ``task_size`` rows per task, tasks back to back)."""
     if not ctx.enabled:
         return batch
     n = int(batch.images.shape[0])
@@ -230,7 +230,7 @@ class _TrainingStep(nn.Module):
 
 def store_buffer_names(module: nn.Module, prefix: str = "") -> List[str]:
     """Fully qualified names of the buffers of every :class:`PredictionStore` under ``module``."""
-    from ..methods._stores import PredictionStore
+    from ..methods.stores import PredictionStore
 
     names = []
     for mname, m in module.named_modules(prefix=prefix.rstrip(".")):
@@ -241,7 +241,7 @@ def store_buffer_names(module: nn.Module, prefix: str = "") -> List[str]:
 
 def enable_store_gather(method: nn.Module, enabled: bool = True) -> int:
     """Make every :class:`PredictionStore` of ``method`` all-gather what ``put`` writes; returns their count."""
-    from ..methods._stores import PredictionStore
+    from ..methods.stores import PredictionStore
 
     stores = [m for m in method.modules() if isinstance(m, PredictionStore)]
     for s in stores:

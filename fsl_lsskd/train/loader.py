@@ -19,12 +19,7 @@ from ..errors import ConfigError
 from ..methods.base import Batch
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0, rank: int = 0) -> int:
-    """A 63-bit seed derived from ``(seed, epoch, stream)`` (independent streams per epoch); ``rank > 0``
-    gives a process of a multi-process run its own stream (rank 0 keeps the one-process seed)."""
-    entropy = [int(seed) & 0xFFFFFFFF, int(epoch), int(stream)] + ([int(rank)] if rank else [])
-    state = np.random.SeedSequence(entropy).generate_state(2)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+from ..utils import derived_seed as epoch_seed  # noqa: E402  (re-exported: the engine's seeding)
 
 
 class TrainLoader:

@@ -1,0 +1,315 @@
+"""Figures of a :class:`~fsl_lsskd.bench.tables.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
+
+One colour per method in every figure of every benchmark (:func:`method_colour`); accuracy in percent;
+error bars and bands are the seed-aware 95% intervals (:mod:`fsl_lsskd.bench.stats`); epochs count from 1.
+
+- ``<stem>_accuracy``: accuracy per method, one panel per readout, one row of panels per (training data,
+  target, protocol); panels of a row share the y axis.
+- ``<stem>_shots`` / ``<stem>_ways``: accuracy against shots (per way) and against ways (per shot), a line
+  per method with its interval as a band.
+- ``<stem>_reliability``: reliability diagrams (accuracy against confidence per bin, bar area = share of
+  predictions) of the base-class classifiers and the main probabilistic readout.
+- ``<stem>_fractions``: base-class top-1 and few-shot accuracy against the share of training data.
+- ``<stem>_curves``: training loss relative to epoch 1, validation and held-out accuracy per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ..utils import atomic_path
+
+# stable colours: the registered methods in a fixed order (tab10), variants a lighter shade of their method
+METHOD_ORDER = ("ce", "pskd", "byot", "lsskd", "protonet", "maml", "kd", "hsakd", "hsakd_teacher", "fomaml")
+
+
+def method_colour(row: str, base_method: Optional[str] = None):
+    """The colour of a method (or of a variant: a lighter shade of its ``base_method``'s colour)."""
+    import matplotlib.colors as mcolors
+    from matplotlib import colormaps
+
+    tab = colormaps["tab10"].colors
+    name = row if row in METHOD_ORDER else (base_method or row)
+    if name in METHOD_ORDER:
+        colour = tab[METHOD_ORDER.index(name) % 10]
+    else:
+        colour = tab[sum(map(ord, name)) % 10]
+    if row != name:
+        rgb = np.array(mcolors.to_rgb(colour))
+        colour = tuple(rgb + (1 - rgb) * 0.45)
+    return colour
+
+
+def _base_of(row: str) -> Optional[str]:
+    for m in METHOD_ORDER:
+        if row.startswith(m + "_") or row.startswith(m + "@"):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def _figure(stem: Path, suffix: str, written: List[Path], *args, **kwargs) -> Iterator:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(*args, **kwargs)
+    try:
+        yield fig
+        for ext in ("png", "pdf"):
+            path = stem.with_name(f"{stem.name}_{suffix}.{ext}")
+            with atomic_path(path, suffix=f".{ext}") as tmp:
+                fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            written.append(path)
+    finally:
+        plt.close(fig)
+
+
+def _interval(series) -> Tuple[float, float, float]:
+    m, _, lo, hi = series.summary()
+    return m, lo, hi
+
+
+def write_figures(results, stem: Path) -> List[Path]:
+    """Every figure the results allow; returns the written paths (PNG and PDF)."""
+    written: List[Path] = []
+    _accuracy(results, stem, written)
+    _shot_way_curves(results, stem, written)
+    _reliability(results, stem, written)
+    _fractions(results, stem, written)
+    _training_curves(results, stem, written)
+    return written
+
+
+def _accuracy(results, stem: Path, written: List[Path]) -> None:
+    cols = results.columns
+    if not cols:
+        return
+    groups: Dict[Tuple[str, str, str], List[str]] = {}
+    for data, target, proto, readout in cols:
+        groups.setdefault((data, target, proto), [])
+        if readout not in groups[(data, target, proto)]:
+            groups[(data, target, proto)].append(readout)
+    n_rows = len(groups)
+    n_cols = max(len(v) for v in groups.values())
+    rows = [r for r in results.rows if r in results.cells]
+    with _figure(stem, "accuracy", written, figsize=(2.6 + 2.4 * n_cols, 2.4 * n_rows + 0.6)) as fig:
+        axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey="row")
+        for i, ((data, target, proto), readouts) in enumerate(groups.items()):
+            for j in range(n_cols):
+                ax = axes[i][j]
+                if j >= len(readouts):
+                    ax.axis("off")
+                    continue
+                col = (data, target, proto, readouts[j])
+                xs = []
+                for k, r in enumerate(rows):
+                    s = results.cells[r].get(col)
+                    if s is None:
+                        continue
+                    m, lo, hi = _interval(s)
+                    ax.errorbar([k], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=4, elinewidth=1.6,
+                                color=method_colour(r[0], _base_of(r[0])), markersize=6)
+                    xs.append(k)
+                ax.set_xticks(range(len(rows)), [f"{r[0]}" for r in rows], rotation=45, ha="right", fontsize=8)
+                ax.set_title(f"{_target_text(data, target)}, {_proto_text(proto)}\n{readouts[j]}", fontsize=8)
+                ax.grid(axis="y", alpha=0.3)
+                if j == 0:
+                    ax.set_ylabel("accuracy (%)")
+        fig.suptitle("Few-shot accuracy (mean; bars: 95% interval over training seeds and episodes)", fontsize=9)
+        fig.tight_layout()
+
+
+def _proto_text(key: str) -> str:
+    m = re.match(r"(\d+)w(\d+)s(\d+)q", key)
+    return f"{m.group(1)}-way {m.group(2)}-shot" if m else key
+
+
+def _target_text(data: str, target: str) -> str:
+    return data if data.split("@")[0] == target else f"{data} → {target}"
+
+
+def _shot_way_curves(results, stem: Path, written: List[Path]) -> None:
+    points = results.curve_points
+    if not points:
+        return
+    # (data, target, readout) -> way -> shot -> row -> series
+    grid: Dict[Tuple[str, str, str], Dict[int, Dict[int, Dict[tuple, object]]]] = {}
+    for row, d in points.items():
+        for (data, target, n_way, n_shot, readout), s in d.items():
+            grid.setdefault((data, target, readout), {}).setdefault(n_way, {}).setdefault(n_shot, {})[row] = s
+    for kind in ("shots", "ways"):
+        panels = []
+        for key, by_way in grid.items():
+            if kind == "shots":
+                panels += [(key, w, by_way[w]) for w in sorted(by_way) if len(by_way[w]) > 1]
+            else:
+                shots = sorted({k for w in by_way for k in by_way[w]})
+                for k in shots:
+                    per = {w: by_way[w][k] for w in sorted(by_way) if k in by_way[w]}
+                    if len(per) > 1:
+                        panels.append((key, k, per))
+        if not panels:
+            continue
+        n = len(panels)
+        ncols = min(3, n)
+        nrows = math.ceil(n / ncols)
+        with _figure(stem, kind, written, figsize=(4.2 * ncols, 3.2 * nrows + 0.5)) as fig:
+            axes = fig.subplots(nrows, ncols, squeeze=False)
+            for ax in axes.flat[n:]:
+                ax.axis("off")
+            for ax, ((data, target, readout), fixed, per) in zip(axes.flat, panels):
+                rows = sorted({r for v in per.values() for r in v})
+                for r in rows:
+                    xs = [x for x in sorted(per) if r in per[x]]
+                    stats = [_interval(per[x][r]) for x in xs]
+                    colour = method_colour(r[0], _base_of(r[0]))
+                    ax.plot(xs, [s[0] for s in stats], marker="o", color=colour, label=r[0])
+                    ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], color=colour, alpha=0.2)
+                ax.set_xscale("log", base=2)
+                xs_all = sorted(per)
+                ax.set_xticks(xs_all, [str(x) for x in xs_all])
+                ax.set_xlabel("shots per class (n_shot)" if kind == "shots" else "classes per episode (n_way)")
+                ax.set_ylabel("accuracy (%)")
+                fixed_txt = f"{fixed}-way" if kind == "shots" else f"{fixed}-shot"
+                ax.set_title(f"{_target_text(data, target)}, {fixed_txt}, {readout}", fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+            fig.suptitle(f"Accuracy against {'shots' if kind == 'shots' else 'ways'} (bands: 95% interval over "
+                         f"training seeds and episodes)", fontsize=9)
+            fig.tight_layout()
+
+
+def _reliability(results, stem: Path, written: List[Path]) -> None:
+    panels = []
+    for r, by in sorted(results.base.items()):
+        for d, s in by.items():
+            if s.has("reliability"):
+                panels.append((f"{r[0]}: base classes ({d})", r, s))
+    cols = [c for c in results.columns if any(c in results.cells[r] and results.cells[r][c].has("reliability")
+                                              for r in results.cells)]
+    if cols:
+        first = cols[0]
+        for r in sorted(results.cells):
+            s = results.cells[r].get(first)
+            if s is not None and s.has("reliability"):
+                panels.append((f"{r[0]}: {first[2]} {first[3]}", r, s))
+    if not panels:
+        return
+    from ..eval.calibration import N_BINS, ece_from_bins
+
+    n = len(panels)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    with _figure(stem, "reliability", written, figsize=(3.0 * ncols, 3.0 * nrows + 0.4)) as fig:
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        for ax, (title, r, s) in zip(axes.flat, panels):
+            bins = s.stacked("reliability").sum(axis=(0, 1))  # [n_bins + 1, 3]
+            bins[N_BINS - 1] += bins[N_BINS]  # confidence exactly 1 drawn in the last bin
+            bins = bins[:N_BINS]
+            centres = (np.arange(N_BINS) + 0.5) / N_BINS
+            count = bins[:, 0]
+            acc = np.divide(bins[:, 2], count, out=np.zeros(N_BINS), where=count > 0)
+            import matplotlib.colors as mcolors
+
+            rgb = mcolors.to_rgb(method_colour(r[0], _base_of(r[0])))
+            shade = 0.25 + 0.75 * count / max(count.max(), 1)
+            ax.bar(centres, acc, width=1 / N_BINS, color=[(*rgb, a) for a in shade], edgecolor="black",
+                   linewidth=0.3)
+            ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{title}\nECE {100 * ece_from_bins(s.stacked('reliability').sum(axis=(0, 1))):.1f}%",
+                         fontsize=8)
+        fig.suptitle("Reliability diagrams (bar shade: share of predictions in the bin)", fontsize=9)
+        fig.tight_layout()
+
+
+def _fractions(results, stem: Path, written: List[Path]) -> None:
+    def frac(label: str) -> float:
+        m = re.search(r"@([\d.]+)%", label)
+        return float(m.group(1)) if m else 100.0
+
+    series = {}
+    for r, by in results.base.items():
+        for d, s in by.items():
+            series.setdefault(("base-class top-1 (held-out images)", r), {})[frac(d)] = s
+    for r, by in results.cells.items():
+        for (data, target, proto, readout), s in by.items():
+            series.setdefault((f"{_proto_text(proto)} {readout}", r), {})[frac(data)] = s
+    panels: Dict[str, Dict[tuple, Dict[float, object]]] = {}
+    for (title, r), pts in series.items():
+        if len(pts) > 1:
+            panels.setdefault(title, {})[r] = pts
+    if not panels:
+        return
+    n = len(panels)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    with _figure(stem, "fractions", written, figsize=(4.2 * ncols, 3.2 * nrows + 0.5)) as fig:
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        for ax, (title, by_row) in zip(axes.flat, panels.items()):
+            for r, pts in sorted(by_row.items()):
+                xs = sorted(pts)
+                stats = [_interval(pts[x]) for x in xs]
+                colour = method_colour(r[0], _base_of(r[0]))
+                ax.plot(xs, [s[0] for s in stats], marker="o", color=colour, label=r[0])
+                ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], color=colour, alpha=0.2)
+            ax.set_xlabel("training images per base class (%)")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle("Limited-data protocol (bands: 95% interval over training seeds and episodes/images)",
+                     fontsize=9)
+        fig.tight_layout()
+
+
+def _training_curves(results, stem: Path, written: List[Path]) -> None:
+    if not results.curves:
+        return
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("train_loss", "training loss / its epoch-1 value", True),
+              ("val_fewshot_acc", "validation few-shot accuracy (%)", False),
+              ("heldout_base_acc", "held-out base-class accuracy (%)", False)]
+    panels = [p for p in panels if any(p[0] in d for d in results.curves.values())]
+    rows = sorted(results.curves)
+    with _figure(stem, "curves", written, figsize=(4.0 * len(panels) + 1.6, 3.2)) as fig:
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        max_epoch = 1
+        for ax, (metric, label, relative) in zip(axes, panels):
+            for r in rows:
+                pts = results.curves[r].get(metric)
+                if not pts:
+                    continue
+                xs, ys = zip(*sorted(pts))
+                ys = np.asarray(ys, dtype=float)
+                if relative and ys[0]:
+                    ys = ys / ys[0]
+                max_epoch = max(max_epoch, max(xs))
+                ax.plot(xs, ys, marker=".", color=method_colour(r[0], _base_of(r[0])))
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label, fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(max_epoch, 10)))
+            ax.set_xlim(0.8, max_epoch + 0.2)
+            ax.grid(alpha=0.3)
+        import matplotlib.pyplot as plt
+
+        handles = [plt.Line2D([], [], color=method_colour(r[0], _base_of(r[0])), marker=".", label=f"{r[0]}/{r[1]}")
+                   for r in rows]
+        fig.legend(handles=handles, loc="center right", fontsize=7)
+        fig.suptitle("Training (first seed, full data)", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1 - 1.6 / (4.0 * len(panels) + 1.6), 1))

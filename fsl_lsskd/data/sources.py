@@ -1,0 +1,116 @@
+"""Where a dataset's files come from: the official archive, its extracted folder, a data root or a checked
+download (md5), and the identities used by the cache (fast source identity, content fingerprint)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import numpy as np
+
+from ..errors import ChecksumError, DataError
+from ..utils import atomic_path, cache_dir as default_cache_dir, md5_file
+
+if TYPE_CHECKING:
+    from .base import SplitData
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- sources
+def fetch(url: str, dest: Path) -> None:
+    """Download ``url`` into ``dest`` (tests replace this function; never called without --download)."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as f:
+            shutil.copyfileobj(resp, f, length=1 << 20)
+    except (urllib.error.URLError, OSError) as exc:
+        raise DataError(f"could not download {url} ({exc}); download it by hand and pass "
+                        f"--archive PATH (or --data-root DIR holding it)") from None
+
+
+def download(url: str, dest: Path, md5: str) -> Path:
+    """Fetch ``url`` to ``dest`` atomically; a file whose md5 differs from ``md5`` is deleted and raises
+    :class:`ChecksumError`."""
+    log.info("downloading %s -> %s", url, dest)
+    with atomic_path(dest) as tmp:
+        fetch(url, tmp)
+        check_md5(tmp, md5, shown=dest, url=url)
+    return dest
+
+
+def check_md5(path: Path, md5: str, shown: Optional[Path] = None, url: str = "") -> None:
+    actual = md5_file(path)
+    if actual != md5:
+        where = f" from {url}" if url else ""
+        raise ChecksumError(f"checksum mismatch for {shown or path}{where}: md5 {actual}, expected {md5} (official). "
+                            "The file is corrupt or not the official archive: delete it and download it again "
+                            "(fsl-bench data prepare DATASET --download), or drop --check-md5 for a known subset")
+
+
+def resolve_source(label: str, root: Optional[os.PathLike], archive: Optional[os.PathLike], download_ok: bool,
+                   official_name: str, archive_glob: str, folder_name: str, is_folder: Callable[[Path], bool],
+                   url: str, md5: str) -> Path:
+    """Find the archive file or extracted folder of a dataset.
+
+    ``archive`` (a file or an extracted folder) wins; else ``root`` (default ``<cache>/downloads``) is
+    searched for the official archive name, the extracted folder, then any ``archive_glob`` match; else
+    ``--download`` fetches the official archive into ``root``."""
+    hint = (f"pass --archive PATH to {official_name} (or its extracted {folder_name}/ folder), "
+            f"--data-root DIR holding one of them, or --download to fetch {url}")
+    if archive is not None:
+        p = Path(archive).expanduser()
+        if not p.exists():
+            raise DataError(f"{label} archive {p} does not exist; {hint}")
+        if p.is_dir():
+            if is_folder(p):
+                return p
+            if is_folder(p / folder_name):
+                return p / folder_name
+            raise DataError(f"{p} is not an extracted {label} folder (no {folder_name}/ layout inside); {hint}")
+        return p
+    explicit = root is not None
+    r = Path(root).expanduser() if explicit else default_cache_dir() / "downloads"
+    if explicit and not r.is_dir() and not download_ok:
+        raise DataError(f"data root {r} does not exist or is not a directory; {hint}")
+    if r.is_dir():
+        if is_folder(r):
+            return r
+        cands = [r / official_name, r / folder_name] + sorted(r.glob(archive_glob))
+        for c in cands:
+            if (c.is_file() and c.suffix in (".gz", ".zip", ".tgz")) or (c.is_dir() and is_folder(c)):
+                return c
+    if download_ok:
+        r.mkdir(parents=True, exist_ok=True)
+        return download(url, r / official_name, md5)
+    raise DataError(f"no {label} data found in {r} (looked for {official_name}, {folder_name}/, {archive_glob}); {hint}")
+
+
+def source_identity(path: Path) -> str:
+    """Fast identity of a source: name + size + mtime of the file, or of every file under a folder."""
+    st = path.stat()
+    if path.is_file():
+        return f"file:{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            fst = os.stat(os.path.join(dirpath, fn))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, fn), path)}:{fst.st_size}:{fst.st_mtime_ns}\n".encode())
+    return f"dir:{path.name}:{h.hexdigest()}"
+
+
+def content_fingerprint(dataset: str, split: str, data: "SplitData") -> str:
+    """Identity of a decoded split by its content (pixels, class names, counts), not by where the source lies
+    or its mtime: a moved or re-copied archive decodes again (the cache key is the fast identity) but keeps
+    its fingerprint, so training checkpoints made from it still resume."""
+    h = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
+    h.update("|".join(data.class_names).encode())
+    h.update(data.class_counts().tobytes())
+    return f"{dataset}-{split}-{h.hexdigest()[:20]}"
+
+

@@ -1,0 +1,71 @@
+"""Training-time checks of a backbone, handed to the training engine: few-shot accuracy on validation
+episodes and base-class accuracy on held-out training images.
+
+:func:`fewshot_validator` scores ProtoNet on the standard (published) val-split episodes of a protocol
+through :func:`fsl_lsskd.eval.evaluate`, so checkpoint monitoring uses the test-time protocol.
+:func:`base_accuracy` is the seed papers' metric (top-1 on held-out base-class images): the method's own
+classifier when it has one, else the nearest class mean of the training features (episodic methods, whose
+backbone has no base-class head). Both return percent.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..protocol import EpisodeProtocol
+
+
+def fewshot_validator(val_split, protocol: EpisodeProtocol, mean: Sequence[float], std: Sequence[float],
+                      image_size: int, device="cpu") -> Callable[[nn.Module], Dict[str, float]]:
+    """``validate(backbone) -> {"val_fewshot_acc": %, "val_fewshot_ci95": points}`` on ``val_split``."""
+    from .scoring import evaluate
+
+    def validate(backbone: nn.Module) -> Dict[str, float]:
+        res = evaluate(backbone, val_split, protocols=[protocol], readouts=["protonet"], mean=mean, std=std,
+                       image_size=image_size, device=device, cache=False)[0]
+        return {"val_fewshot_acc": float(res.mean), "val_fewshot_ci95": float(res.ci95)}
+
+    return validate
+
+
+@torch.no_grad()
+def class_logits(net: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                 device="cpu", batch_size: int = 512) -> torch.Tensor:
+    """``net`` outputs (float32, CPU) for uint8 ``[N, H, W, 3]`` images normalised with ``mean``/``std``."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    outs = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device).permute(0, 3, 1, 2).float()
+        outs.append(net(((x - m) / s).contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def base_accuracy(method, heldout, train=None, mean: Sequence[float] = (0.5,) * 3,
+                  std: Sequence[float] = (0.25,) * 3, device="cpu") -> Optional[float]:
+    """Top-1 accuracy (%) of held-out base-class images ``heldout`` (:class:`SplitData`): the method's base
+    classifier when its backbone has one (``num_classes`` outputs), else the nearest class mean of the
+    L2-normalised training features of ``train`` (None when neither is available)."""
+    if heldout is None or len(heldout) == 0:
+        return None
+    was = method.training
+    method.eval()
+    try:
+        out = class_logits(method.backbone, heldout.images, mean, std, device)
+        if out.ndim == 2 and out.shape[1] == method.num_classes and not getattr(method, "episodic", False):
+            pred = out.argmax(1).numpy()
+        elif train is not None and len(train):
+            feats = nn.functional.normalize(class_logits(method.backbone, train.images, mean, std, device), dim=1)
+            labels = torch.as_tensor(np.asarray(train.labels))
+            centroids = torch.zeros(method.num_classes, feats.shape[1]).index_add_(0, labels, feats)
+            centroids = nn.functional.normalize(centroids / torch.bincount(labels, minlength=method.num_classes)
+                                                .clamp_min(1).unsqueeze(1), dim=1)
+            pred = (nn.functional.normalize(out, dim=1) @ centroids.T).argmax(1).numpy()
+        else:
+            return None
+    finally:
+        method.train(was)
+    return 100.0 * float((pred == np.asarray(heldout.labels)).mean())

@@ -1,0 +1,153 @@
+"""``fsl-bench store migrate``: convert a store written in record format 1 to format 2 without retraining.
+
+Record format 1 (fsl-bench before train-once-score-many) kept one run per cell, tagged ``fsl.cell_id`` and
+``fsl.cell_status=complete``, with the whole resume checkpoint (``checkpoint/last.pt``), the export and the
+evaluation arrays. Migration gives every finished cell run a format-2 training record in place: its training
+identity (computed from the recorded config and data fingerprint, with the method version and data-subset rule
+of the code that trained it), the finished model (``model/``: weights without prediction stores) and a fresh
+export. Methods whose training maths changed since (a higher ``training_version``) keep their old identity, so
+the next ``fsl-bench run`` trains them again; every other cell is reused. Scores are not migrated: the next
+``fsl-bench run`` scores the migrated cells (seconds per cell) with the readouts of the current code. The old
+runs' artifacts stay where they are.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import click
+
+log = logging.getLogger(__name__)
+
+LEGACY_SAMPLER = "numpy-default_rng(seed)-round-per-class-v1"
+#: settings added since record format 1, at the values that reproduce what that code did
+LEGACY_SETTINGS = {"pskd": {"store_layout": "dense"}, "lsskd": {"store_layout": "dense"},
+                   "byot": {"head": "stages", "feat_loss": "mean_sq"}}
+
+
+def legacy_identity(meta: Dict[str, Any], teacher_train_id: Optional[str]) -> Dict[str, Any]:
+    """The format-2 training identity of a format-1 checkpoint's ``meta``."""
+    from .train.config import ENGINE_VERSION, IDENTITY_FORMAT, TrainConfig, build_method_config, method_class
+
+    old = dict(meta["config"])
+    fingerprint = str(meta["identity"]["data_fingerprint"]).split("|")[0]
+    fingerprint = re.sub(r":resized\d+$", "", fingerprint)
+    cls = method_class(meta["method"])
+    fields = set(cls.config_cls.__dataclass_fields__)
+    recorded = {**LEGACY_SETTINGS.get(meta["method"], {}),
+                **{k: v for k, v in dict(meta.get("method_config", {})).items() if k in fields}}
+    cfg = TrainConfig(method=meta["method"], backbone=meta["backbone"], method_overrides=recorded)
+    mcfg = build_method_config(cls.config_cls, cfg)
+    identity = {
+        "format": IDENTITY_FORMAT, "engine_version": ENGINE_VERSION, "dataset": meta["dataset"],
+        "split_fingerprint": fingerprint, "heldout": float(old.get("heldout", 0.1)),
+        "fraction": float(old.get("fraction", 1.0)), "backbone": meta["backbone"],
+        "image_size": int(meta["image_size"]), "method": meta["method"], "method_version": 1,
+        "method_config": mcfg.identity_dict(), "seed": int(old.get("seed", 0)), "precision": "fp32",
+    }
+    if identity["fraction"] < 1.0:
+        identity["fraction_sampler"] = LEGACY_SAMPLER
+    if teacher_train_id:
+        identity["teacher"] = teacher_train_id
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def migrate_store(store, dry_run: bool = False, device: str = "cpu") -> List[Dict[str, str]]:
+    """Convert every unmigrated format-1 cell run of ``store``; returns one report per cell (run id, label,
+    train id, whether its method's training changed since)."""
+    from .checkpoint import build_method, export_backbone, read_training_state, save_model
+    from .record import COMPLETE, KIND_TRAIN, RECORD_FORMAT, TAG_FORMAT, TAG_KIND, TAG_STATUS, TAG_TEACHER, \
+        TAG_TRAIN_ID
+    from .train.config import method_class, train_id
+
+    runs = store.legacy_runs()
+    # teachers before students: a student's identity holds its teacher's new id
+    runs.sort(key=lambda r: "fsl.teacher_cell_id" in r.data.tags)
+    new_ids: Dict[str, str] = {}
+    reports = []
+    for run in runs:
+        tags = run.data.tags
+        with tempfile.TemporaryDirectory(prefix="fsl-migrate-") as tmp:
+            ckpt_path = store.fetch_dir(run.info.run_id, "checkpoint/last.pt", Path(tmp) / "ckpt")
+            ckpt = read_training_state(ckpt_path)
+            meta = dict(ckpt["meta"])
+            teacher_old = tags.get("fsl.teacher_cell_id")
+            teacher_tid = new_ids.get(teacher_old) if teacher_old else None
+            if teacher_old and teacher_tid is None:
+                log.warning("run %s: teacher cell %s is not in the store; migrated without a teacher id",
+                            run.info.run_id, teacher_old)
+            identity = legacy_identity(meta, teacher_tid)
+            tid = train_id(identity)
+            new_ids[tags.get("fsl.cell_id", run.info.run_id)] = tid
+            changed = int(getattr(method_class(meta["method"]), "training_version", 1)) != 1
+            reports.append({"run_id": run.info.run_id, "cell": tags.get("mlflow.runName", ""), "train_id": tid,
+                            "method": meta["method"], "retrained_next_run": str(changed)})
+            if dry_run:
+                continue
+            meta["method_config"] = identity["method_config"]  # with the legacy settings: the old architecture
+            method = build_method(meta)
+            method.load_state_dict(ckpt["model"], strict=False)
+            history = [{**h, "epoch": h.get("epoch", i) + 1} for i, h in enumerate(ckpt.get("history", []))]
+            model_meta = {k: meta[k] for k in ("method", "backbone", "num_classes", "num_samples", "image_size",
+                                               "dataset", "class_names", "mean", "std", "method_config") if k in meta}
+            model_meta.update(identity=identity, train_id=tid, history=history, mlflow_run_id=run.info.run_id,
+                              migrated_from="record format 1")
+            model_dir = save_model(method, model_meta, Path(tmp) / "model")
+            export_dir = Path(tmp) / "export"
+            export_backbone(method.export_backbone(), meta["backbone"], int(meta["image_size"]), export_dir,
+                            extra={"method": meta["method"], "train_id": tid, "dataset": meta["dataset"],
+                                   "mean": meta["mean"], "std": meta["std"]})
+            rid = run.info.run_id
+            store.log_artifacts(rid, model_dir, "model")
+            store.log_artifacts(rid, export_dir, "export")
+            new_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_TRAIN, TAG_TRAIN_ID: tid,
+                        "fsl.identity": json.dumps(identity, sort_keys=True), "fsl.method": meta["method"],
+                        "fsl.backbone": meta["backbone"], "fsl.dataset": meta["dataset"],
+                        "fsl.seed": str(identity["seed"]), "fsl.fraction": str(identity["fraction"]),
+                        "fsl.migrated_from": "record format 1", "fsl.row": meta["method"]}
+            if teacher_tid:
+                new_tags[TAG_TEACHER] = teacher_tid
+            for k, v in new_tags.items():
+                store.client.set_tag(rid, k, v)
+            store.client.set_tag(rid, TAG_STATUS, COMPLETE)  # last
+    return reports
+
+
+@click.group("store")
+def store() -> None:
+    """Maintain the MLflow store (MLFLOW_TRACKING_URI, default ./mlflow.db).
+
+    \b
+    Example:
+      fsl-bench store migrate --dry-run
+      fsl-bench store migrate
+    """
+
+
+@store.command("migrate")
+@click.option("--dry-run", is_flag=True, help="List what would be converted and change nothing.")
+def migrate_cmd(dry_run: bool) -> None:
+    """Convert cells written by an older fsl-bench (record format 1) so that `fsl-bench run` and `table` can use
+    them: nothing is retrained; methods whose training changed since are retrained by the next run, and every
+    migrated cell is re-scored by it.
+
+    \b
+    Example:
+      fsl-bench store migrate
+    """
+    from .record import describe_store, open_store
+
+    st = open_store(create=False)
+    reports = migrate_store(st, dry_run=dry_run)
+    if not reports:
+        click.echo(f"nothing to migrate in {describe_store()}")
+        return
+    for r in reports:
+        note = "training changed since: retrained by the next run" if r["retrained_next_run"] == "True" else "reused"
+        click.echo(f"  {r['cell']:<44} -> training id {r['train_id']}  ({note})")
+    verb = "would convert" if dry_run else "converted"
+    click.echo(f"{verb} {len(reports)} cell(s) in {describe_store()}; the next `fsl-bench run` scores them")

@@ -1,0 +1,126 @@
+"""Command-line options shared by the commands, so every command spells a dataset and a protocol the same way:
+``--dataset NAME --archive FILE --data-root DIR --split-file F --train-per-class N --folder-image-size S`` and
+``--n-way --n-shot --n-query --n-episodes`` (the :class:`~fsl_lsskd.protocol.EpisodeProtocol` fields)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import click
+
+from .errors import ConfigError
+
+
+def dataset_options(default_dataset: Optional[str] = "tiny_imagenet", required: bool = False, argument: bool = False):
+    """Decorator adding the dataset options (``dataset`` as an argument when ``argument``)."""
+    def deco(f):
+        f = click.option("--folder-image-size", type=int, default=None,
+                         help="image_folder: decode images at this size (square; default 64).")(f)
+        f = click.option("--train-per-class", type=int, default=None,
+                         help="Read only the first N train images of every class, in the official order (e.g. "
+                              "100 rebuilds the published Tiny ImageNet subset from tiny-imagenet-200.zip).")(f)
+        f = click.option("--split-file", type=click.Path(path_type=Path), default=None,
+                         help="Class split: a JSON {train, val, test} or a directory with train/val/test.txt "
+                              "(image_folder needs one; `fsl-bench data make-split` writes one).")(f)
+        f = click.option("--data-root", type=click.Path(path_type=Path), default=None,
+                         help="Directory holding the dataset (the extracted folder, the official archive, or "
+                              "class folders for image_folder).")(f)
+        f = click.option("--archive", type=click.Path(path_type=Path), default=None,
+                         help="The dataset's official archive (.zip/.tar.gz) or its extracted folder.")(f)
+        if argument:
+            return click.argument("dataset", callback=_check_dataset)(f)
+        return click.option("--dataset", default=default_dataset, required=required and default_dataset is None,
+                            show_default=default_dataset is not None, callback=_check_dataset,
+                            help="Registered dataset (`fsl-bench ls`).")(f)
+    return deco
+
+
+def _check_dataset(ctx, param, value):
+    if value is None:
+        return value
+    from .registry import DATASETS
+
+    DATASETS.get(value)  # UnknownNameError (exit 2) lists the valid names
+    return value
+
+
+def dataset_kwargs(dataset: Optional[str], split_file=None, train_per_class=None, folder_image_size=None
+                   ) -> Dict[str, Any]:
+    """The dataset-specific arguments of :func:`fsl_lsskd.data.get_dataset` given on the command line;
+    an option the dataset does not take is a :class:`ConfigError` naming the datasets that take it."""
+    from .registry import DATASETS
+
+    kw: Dict[str, Any] = {}
+    if split_file is not None:
+        kw["split_file"] = Path(split_file)
+    if train_per_class is not None:
+        kw["train_per_class"] = int(train_per_class)
+    if folder_image_size is not None:
+        kw["image_size"] = int(folder_image_size)
+    if dataset is None or not kw:
+        return kw
+    accepted = set(getattr(DATASETS.get(dataset), "options", ()))
+    for key, flag in (("split_file", "--split-file"), ("train_per_class", "--train-per-class"),
+                      ("image_size", "--folder-image-size")):
+        if key in kw and key not in accepted:
+            takers = [n for n in DATASETS.names() if key in getattr(DATASETS.get(n), "options", ())]
+            raise ConfigError(f"{flag} does not apply to dataset {dataset!r}; it applies to {', '.join(takers)}")
+    return kw
+
+
+def protocol_options(prefix: str = "", default_way: int = 5, default_shot: str = "1,5", default_query: int = 15,
+                     default_episodes: int = 2000, help_episodes: str = "Episodes per protocol."):
+    """Decorator adding ``--[prefix-]n-way/n-shot/n-query/n-episodes`` (``n-way`` and ``n-shot`` accept lists)."""
+    dash = f"{prefix}-" if prefix else ""
+    under = f"{prefix}_" if prefix else ""
+
+    def deco(f):
+        f = click.option(f"--{dash}n-episodes", f"{under}n_episodes", default=default_episodes, show_default=True,
+                         type=int, help=help_episodes)(f)
+        f = click.option(f"--{dash}n-query", f"{under}n_query", default=default_query, show_default=True, type=int,
+                         help="Query images per class.")(f)
+        f = click.option(f"--{dash}n-shot", f"{under}n_shot", default=default_shot, show_default=True,
+                         help="Support images per class (comma list).")(f)
+        f = click.option(f"--{dash}n-way", f"{under}n_way", default=str(default_way), show_default=True,
+                         help="Classes per episode (comma list).")(f)
+        return f
+    return deco
+
+
+def int_list(text: str, option: str) -> List[int]:
+    try:
+        vals = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers like 1,5 (got {text!r})") from None
+    if not vals:
+        raise ConfigError(f"{option} needs at least one integer (got {text!r})")
+    return vals
+
+
+def parse_protocol(n_way, n_shot, n_query, n_episodes, prefix: str = "", allow_zero: bool = False):
+    """The protocols of :func:`protocol_options` (every n_way x n_shot); ``[]`` when ``allow_zero`` and
+    n_episodes is 0."""
+    from .protocol import protocol_grid
+
+    dash = f"--{prefix}-" if prefix else "--"
+    if allow_zero and int(n_episodes) == 0:
+        return []
+    return protocol_grid(int_list(n_way, f"{dash}n-way"), int_list(n_shot, f"{dash}n-shot"), int(n_query),
+                         int(n_episodes))
+
+
+class LazyCommands(click.Group):
+    """A click group whose subcommands (``lazy_commands``: name -> "module:attribute") are imported only
+    when run, so ``--help`` stays fast (torch, timm and mlflow take seconds to import)."""
+
+    lazy_commands: Dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted(self.lazy_commands)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name not in self.lazy_commands:
+            return None
+        module, attr = self.lazy_commands[name].split(":")
+        return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,447 @@
+"""The cell record: everything fsl-bench writes to and reads from the MLflow store, in one place.
+
+Store: ``$MLFLOW_TRACKING_URI`` when set, else a local SQLite database ``./mlflow.db`` (artifacts under
+``./mlruns``) of the directory the command runs in. Commands that only read (``fsl-bench table``,
+``fsl-bench run --dry-run``) never create a store: :func:`open_store` with ``create=False`` names the
+store it looked for and how to point at another one.
+
+Runs (record format 2):
+
+- **invocation** (``fsl.kind=invocation``): one per ``fsl-bench run``, in experiment ``fsl-bench/<benchmark>``.
+- **training** (``fsl.kind=train``): one per training cell, named by its training id (``fsl.train_id``);
+  params = the flattened training identity and run settings; metrics per epoch (``train_<term>``, ``lr``,
+  ``images_per_s``, ``epoch_time_s``, ``val_fewshot_acc``/``val_fewshot_ci95``, ``heldout_base_acc``; step =
+  epoch, from 1); artifacts ``model/`` (weights + meta), ``export/`` (inference backbone),
+  ``training_curves.png``. A finished cell carries ``fsl.status=complete``, written last: resume, scoring
+  and tables trust nothing else. A training run is found by its id in any ``fsl-bench/*`` experiment, so
+  benchmarks that share a cell share its training.
+- **score** (``fsl.kind=score``): one per (training cell, scored split, protocol, readout), a child of the
+  training run, named by its scoring id (``fsl.score_id``); params = the scoring identity; metrics
+  ``accuracy``/``accuracy_ci95`` and for probabilistic readouts ``ece``, ``nll``, ``brier`` (+ CIs);
+  artifact ``score.npz`` (per-episode arrays) and ``score.json``; ``fsl.status=complete`` last.
+- **base** (``fsl.kind=score`` with ``fsl.readout=heldout_base``): base-class accuracy and calibration of
+  the held-out base images, same layout.
+
+Units: accuracy and ECE in percent everywhere; NLL in nats; Brier 0..2.
+
+Record format 1 (fsl-bench before the train-once-score-many design: ``fsl.cell_id``/``fsl.cell_status`` on
+one run per cell) is converted by ``fsl-bench store migrate``; :func:`check_no_legacy` refuses it otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+from .errors import UserError
+from .utils import project_root
+
+log = logging.getLogger(__name__)
+
+RECORD_FORMAT = 2
+EXPERIMENT_PREFIX = "fsl-bench/"
+TRAIN_EXPERIMENT = "fsl-bench/train"  # runs started by `fsl-bench train`
+
+TAG_FORMAT = "fsl.record_format"
+TAG_KIND = "fsl.kind"
+TAG_STATUS = "fsl.status"
+TAG_TRAIN_ID = "fsl.train_id"
+TAG_SCORE_ID = "fsl.score_id"
+TAG_BENCHMARK = "fsl.benchmark"
+TAG_TEACHER = "fsl.teacher_train_id"
+TAG_COMMIT = "fsl.git_commit"
+COMPLETE = "complete"
+KIND_INVOCATION, KIND_TRAIN, KIND_SCORE = "invocation", "train", "score"
+# record format 1
+LEGACY_CELL_ID, LEGACY_STATUS = "fsl.cell_id", "fsl.cell_status"
+
+_PARAM_MAX = 6000  # MLflow's param value limit
+
+
+class StoreNotFound(UserError):
+    """A reading command found no MLflow store where it looked."""
+
+
+# --------------------------------------------------------------------------------------------------- store
+def quiet_mlflow() -> None:
+    """Silence MLflow's table-creation/experiment INFO lines, URL printing, telemetry and progress bars."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def store_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, made absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def describe_store() -> str:
+    """Where the store is, for messages: the URI and whether it came from the environment."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return f"{store_uri()} (MLFLOW_TRACKING_URI)"
+    return f"{sqlite_path(store_uri())} (the default ./mlflow.db: MLFLOW_TRACKING_URI is unset)"
+
+
+@contextlib.contextmanager
+def store_lock() -> Iterator[None]:
+    """An exclusive lock on a local SQLite store (a ``.lock`` file beside the database): several processes
+    started together on a fresh store would otherwise race in MLflow's table creation. Other stores (an
+    MLflow server) serialise this themselves: no lock."""
+    db = sqlite_path(store_uri())
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    from .utils import make_dir
+
+    make_dir(db.parent)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def git_commit(path: Optional[Path] = None) -> str:
+    """The checkout's commit (``+dirty`` when tracked files are modified), or ``unknown``."""
+    cwd = Path(path) if path else project_root()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
+    """Nested mapping -> ``{"a.b": "value"}`` with string values (MLflow params)."""
+    out: Dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            s = json.dumps(list(v) if isinstance(v, tuple) else v, default=str) if not isinstance(v, str) else v
+            out[key] = s[:_PARAM_MAX]
+    return out
+
+
+@dataclass
+class TrainingRecord:
+    """A training run in the store."""
+
+    run_id: str
+    experiment_id: str
+    train_id: str
+    tags: Dict[str, str]
+    params: Dict[str, str]
+    complete: bool
+    start_time: int = 0
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        raw = self.tags.get("fsl.identity")
+        return json.loads(raw) if raw else {}
+
+
+@dataclass
+class ScoreRecord:
+    """A finished score run in the store."""
+
+    run_id: str
+    score_id: str
+    train_id: str
+    tags: Dict[str, str]
+    metrics: Dict[str, float] = field(default_factory=dict)
+    start_time: int = 0
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        return json.loads(self.tags.get("fsl.identity", "{}"))
+
+
+class Store:
+    """The MLflow store of fsl-bench runs (:func:`open_store`)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self._experiments: Dict[str, str] = {}
+
+    # ---------------------------------------------------------------- experiments
+    def experiment_id(self, name: str, create: bool = True) -> Optional[str]:
+        if name in self._experiments:
+            return self._experiments[name]
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            if not create:
+                return None
+            with store_lock():
+                exp = self.client.get_experiment_by_name(name)
+                eid = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        else:
+            eid = exp.experiment_id
+        self._experiments[name] = eid
+        return eid
+
+    def fsl_experiments(self) -> List[str]:
+        """Ids of every ``fsl-bench/*`` experiment."""
+        from mlflow.entities import ViewType
+
+        exps = self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=5000)
+        return [e.experiment_id for e in exps if e.name.startswith(EXPERIMENT_PREFIX)]
+
+    def _search(self, filter_string: str, experiment_ids: Optional[Sequence[str]] = None) -> list:
+        ids = list(experiment_ids) if experiment_ids is not None else self.fsl_experiments()
+        if not ids:
+            return []
+        out, token = [], None
+        while True:
+            page = self.client.search_runs(ids, filter_string=filter_string, max_results=5000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    # ---------------------------------------------------------------- training records
+    def trainings(self, train_ids: Optional[Iterable[str]] = None, complete_only: bool = True
+                  ) -> Dict[str, TrainingRecord]:
+        """train id -> its run (the finished one when ``complete_only``; else the newest)."""
+        query = f"tags.`{TAG_KIND}` = '{KIND_TRAIN}'"
+        if complete_only:
+            query += f" and tags.`{TAG_STATUS}` = '{COMPLETE}'"
+        wanted = set(train_ids) if train_ids is not None else None
+        found: Dict[str, TrainingRecord] = {}
+        for run in sorted(self._search(query), key=lambda r: r.info.start_time or 0):
+            tid = run.data.tags.get(TAG_TRAIN_ID)
+            if not tid or (wanted is not None and tid not in wanted):
+                continue
+            rec = TrainingRecord(run.info.run_id, run.info.experiment_id, tid, dict(run.data.tags),
+                                 dict(run.data.params), run.data.tags.get(TAG_STATUS) == COMPLETE,
+                                 int(run.info.start_time or 0))
+            if tid not in found or rec.complete or not found[tid].complete:
+                found[tid] = rec
+        return found
+
+    def training(self, train_id: str) -> Optional[TrainingRecord]:
+        return self.trainings([train_id]).get(train_id)
+
+    def unfinished_training(self, train_id: str) -> Optional[TrainingRecord]:
+        """The newest run of ``train_id`` that did not finish (a killed run to resume into), or None."""
+        rec = self.trainings([train_id], complete_only=False).get(train_id)
+        return rec if rec is not None and not rec.complete else None
+
+    def start_training(self, experiment: str, run_name: str, train_id: str, identity: Mapping[str, Any],
+                       tags: Optional[Mapping[str, str]] = None, params: Optional[Mapping[str, Any]] = None,
+                       parent_run_id: Optional[str] = None, resume_run_id: Optional[str] = None) -> str:
+        """Create (or reopen, with ``resume_run_id``) the training run of ``train_id``; returns its run id."""
+        if resume_run_id is not None:
+            try:
+                self.client.get_run(resume_run_id)
+                self.client.update_run(resume_run_id, status="RUNNING")
+                return resume_run_id
+            except Exception:  # noqa: BLE001 - the run lives in another store: start a fresh one
+                log.warning("MLflow run %s not found in %s; starting a new run", resume_run_id, describe_store())
+        all_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_TRAIN, TAG_TRAIN_ID: train_id,
+                    TAG_STATUS: "running", TAG_COMMIT: git_commit(), "mlflow.runName": run_name,
+                    "fsl.identity": json.dumps(identity, sort_keys=True, default=str),
+                    "fsl.method": str(identity.get("method", "")), "fsl.backbone": str(identity.get("backbone", "")),
+                    "fsl.dataset": str(identity.get("dataset", "")), "fsl.seed": str(identity.get("seed", "")),
+                    "fsl.fraction": str(identity.get("fraction", "")), **dict(tags or {})}
+        if identity.get("teacher"):
+            all_tags[TAG_TEACHER] = str(identity["teacher"])
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+        self.log_params(run_id, {"identity": dict(identity), **dict(params or {})})
+        return run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("/", "_"), float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_artifacts(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def finish_training(self, run_id: str, model_dir: Path, export_dir: Optional[Path],
+                        extra_artifacts: Sequence[Path] = ()) -> None:
+        """Log the finished model (and export) and mark the run complete, last."""
+        self.log_artifacts(run_id, model_dir, "model")
+        if export_dir is not None:
+            self.log_artifacts(run_id, export_dir, "export")
+        for p in extra_artifacts:
+            if Path(p).is_file():
+                self.log_artifacts(run_id, Path(p))
+        self.client.set_tag(run_id, TAG_STATUS, COMPLETE)  # written last: only now is the cell trained
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail(self, run_id: str, status: str = "FAILED") -> None:
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(run_id, status)
+
+    def fetch_dir(self, run_id: str, artifact_path: str, dest: Path) -> Path:
+        """An artifact directory of ``run_id`` as a local path (the artifact store's own path when it is on this
+        machine, else a download into ``dest``)."""
+        import mlflow
+
+        uri = self.client.get_run(run_id).info.artifact_uri
+        local = _local_artifact_path(uri)
+        if local is not None and (local / artifact_path).exists():
+            return local / artifact_path
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dest), tracking_uri=store_uri()))
+
+    # ---------------------------------------------------------------- scores
+    def scores(self, train_ids: Optional[Iterable[str]] = None) -> Dict[str, ScoreRecord]:
+        """score id -> its finished score run (of the given training cells)."""
+        wanted = set(train_ids) if train_ids is not None else None
+        query = f"tags.`{TAG_KIND}` = '{KIND_SCORE}' and tags.`{TAG_STATUS}` = '{COMPLETE}'"
+        out: Dict[str, ScoreRecord] = {}
+        for run in self._search(query):
+            tid = run.data.tags.get(TAG_TRAIN_ID, "")
+            if wanted is not None and tid not in wanted:
+                continue
+            sid = run.data.tags.get(TAG_SCORE_ID)
+            if sid:
+                out[sid] = ScoreRecord(run.info.run_id, sid, tid, dict(run.data.tags), dict(run.data.metrics),
+                                       int(run.info.start_time or 0))
+        return out
+
+    def write_score(self, training: TrainingRecord, score_id: str, identity: Mapping[str, Any],
+                    arrays: Mapping[str, Any], metrics: Mapping[str, float], summary: Mapping[str, Any],
+                    tags: Mapping[str, str]) -> str:
+        """Record one score as a child run of ``training``: params (identity), metrics, ``score.npz`` (arrays)
+        and ``score.json`` (summary), then ``fsl.status=complete``."""
+        import numpy as np
+
+        name = f"{tags.get('fsl.label', identity.get('readout'))} {tags.get('fsl.protocol', '')} " \
+               f"{tags.get('fsl.target', '')}".strip()
+        all_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_SCORE, TAG_SCORE_ID: score_id,
+                    TAG_TRAIN_ID: training.train_id, TAG_STATUS: "running", TAG_COMMIT: git_commit(),
+                    "mlflow.parentRunId": training.run_id, "mlflow.runName": name,
+                    "fsl.identity": json.dumps(identity, sort_keys=True, default=str), **dict(tags)}
+        run = self.client.create_run(training.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        try:
+            self.log_params(run_id, {"score": dict(identity)})
+            self.log_metrics(run_id, metrics)
+            with tempfile.TemporaryDirectory(prefix="fsl-score-") as tmp:
+                with open(Path(tmp) / "score.npz", "wb") as fh:
+                    np.savez_compressed(fh, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
+                (Path(tmp) / "score.json").write_text(json.dumps({"identity": identity, "summary": summary},
+                                                                  indent=2, default=str) + "\n")
+                self.client.log_artifacts(run_id, tmp)
+            self.client.set_tag(run_id, TAG_STATUS, COMPLETE)
+            self.client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            self.fail(run_id)
+            raise
+        return run_id
+
+    def score_arrays(self, record: ScoreRecord, cache: Dict[str, Any]) -> Dict[str, Any]:
+        """The per-episode arrays of a score (``accuracy`` in %, ``nll``, ``brier``, ``reliability``)."""
+        import numpy as np
+
+        if record.run_id in cache:
+            return cache[record.run_id]
+        with tempfile.TemporaryDirectory(prefix="fsl-read-") as tmp:
+            path = self.fetch_dir(record.run_id, "score.npz", Path(tmp))
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+        cache[record.run_id] = arrays
+        return arrays
+
+    # ---------------------------------------------------------------- invocations
+    def start_invocation(self, experiment: str, name: str, tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id(experiment), run_name=name,
+                                     tags={TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_INVOCATION,
+                                           TAG_COMMIT: git_commit(), **dict(tags)})
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(run_id, status)
+
+    # ---------------------------------------------------------------- record format 1
+    def legacy_runs(self, experiment_ids: Optional[Sequence[str]] = None) -> list:
+        """Finished cell runs of record format 1 (not yet migrated)."""
+        runs = self._search(f"tags.`{LEGACY_STATUS}` = '{COMPLETE}'", experiment_ids)
+        return [r for r in runs if TAG_FORMAT not in r.data.tags and "fsl.migrated_to" not in r.data.tags]
+
+
+def _local_artifact_path(uri: str) -> Optional[Path]:
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+def open_store(create: bool = True) -> Store:
+    """The store at :func:`store_uri`. ``create=False`` (reading commands) raises :class:`StoreNotFound`
+    instead of creating a missing local SQLite store."""
+    quiet_mlflow()
+    uri = store_uri()
+    db = sqlite_path(uri)
+    if db is not None and not create and not db.is_file():
+        raise StoreNotFound(f"no MLflow store at {describe_store()}: run the command in the directory where "
+                            f"`fsl-bench run` ran, or point at the store with MLFLOW_TRACKING_URI "
+                            f"(e.g. MLFLOW_TRACKING_URI=sqlite:////path/to/mlflow.db or http://host:5000)")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if db is not None:
+        with store_lock():  # table creation of a fresh SQLite store, serialised
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    else:
+        client = MlflowClient(tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    return Store(client)
+
+
+def check_no_legacy(store: Store) -> None:
+    """Refuse a store holding record-format-1 cells (before the train-once-score-many design) until they are
+    migrated: :class:`UserError` naming ``fsl-bench store migrate``."""
+    legacy = store.legacy_runs()
+    if legacy:
+        raise UserError(f"the MLflow store {describe_store()} holds {len(legacy)} finished cell(s) in record format 1 "
+                        f"(written by fsl-bench before train-once-score-many); convert them with "
+                        f"`fsl-bench store migrate` (nothing is retrained; cells whose training did not change are "
+                        f"reused), then run the command again")

@@ -1,0 +1,48 @@
+"""Up-front checks of a training run (``fsl-bench train``), before any data is decoded or MLflow run opened: the
+names are registered, the backbone takes the image size, ``--out`` can be written and its resume state is
+readable, and the val split can host the validation episodes."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from ..checkpoint import read_training_state
+from ..protocol import check_capacity
+from ..registry import check_names
+from .config import TrainConfig, resolved_method_config
+
+CHECKPOINT_NAME = "last.pt"
+
+
+def check_resume_checkpoint(out_dir: Path) -> None:
+    """A run directory's ``last.pt`` (resumed by the engine) must be readable: a truncated file fails here, before
+    the data is decoded. Cheap: opens the zip directory only (torch checkpoints are zip files)."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return
+    try:
+        with zipfile.ZipFile(path):
+            return
+    except (zipfile.BadZipFile, OSError):
+        read_training_state(path)  # raises CheckpointError naming the fix
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Raise a :class:`~fsl_lsskd.errors.UserError` (exit 2) for anything wrong with ``cfg`` that can be found
+    without training."""
+    from ..backbones import check_image_size
+    from ..data import get_dataset
+    from ..data.base import split_counts
+    from ..utils import check_writable_dir
+
+    check_names(methods=[cfg.method], datasets=[cfg.dataset], backbones=[cfg.backbone])
+    resolved_method_config(cfg)
+    check_image_size(cfg.backbone, cfg.image_size)
+    check_writable_dir(cfg.out_dir, "--out")
+    check_resume_checkpoint(Path(cfg.out_dir))
+    if cfg.validation is not None:
+        ds = get_dataset(cfg.dataset, **cfg.data_kwargs())
+        check_capacity(split_counts(ds, "val"), cfg.validation, ds.class_split()["val"],
+                       where=f"{cfg.dataset} val split (validation: {cfg.validation.key} x{cfg.validation.n_episodes} "
+                             f"every epoch)",
+                       fix="pass --val-n-episodes 0 (no per-epoch validation) or lower --val-n-shot/--val-n-query")

@@ -1,0 +1,98 @@
+"""A store written in record format 1 (fsl-bench before train-once-score-many) is refused with a message naming
+`fsl-bench store migrate`; after migration the same grid reuses every cell whose training did not change (CE,
+whose weights the current code reproduces bit for bit) and retrains the others (PS-KD: its training changed)."""
+from __future__ import annotations
+
+import sqlite3
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fsl_lsskd.cli import main
+
+FIXTURE = Path(__file__).resolve().parent / "data" / "legacy_store_v1.zip"
+
+BENCH = textwrap.dedent("""
+    name: legacy_v1
+    datasets: [tiny_imagenet]
+    data: {tiny_imagenet: {generate: [4, 2]}}
+    backbones: [conv4]
+    methods: [ce, pskd]
+    seeds: [0]
+    image_size: 32
+    train: {epochs: 1, batch_size: 64, validation: null}
+    eval: {split: test, n_shot: [1], n_query: 3, n_episodes: 20, readouts: [protonet, logreg_batched]}
+""")
+
+
+@pytest.fixture
+def legacy_store(tmp_path, monkeypatch):
+    with zipfile.ZipFile(FIXTURE) as z:
+        z.extractall(tmp_path)
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+        con.execute(f"update {table} set {col} = replace({col}, 'LEGACY_ROOT', ?)", (str(tmp_path),))
+    con.commit()
+    con.close()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    (tmp_path / "legacy_v1.yaml").write_text(BENCH)
+    return tmp_path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_legacy_store_is_refused_then_migrated_and_reused(legacy_store):
+    from safetensors.torch import load_file
+
+    from fsl_lsskd.record import open_store
+
+    bench = legacy_store / "legacy_v1.yaml"
+    for args in (("run", bench, "--out", legacy_store / "runs"), ("table", bench, "--out", legacy_store / "r")):
+        res = cli(*args)
+        assert res.exit_code == 2 and "record format 1" in res.output and "fsl-bench store migrate" in res.output, \
+            res.output
+    assert not (legacy_store / "runs").exists()
+    res = cli("store", "migrate", "--dry-run")
+    assert res.exit_code == 0 and "would convert 2 cell(s)" in res.output, res.output
+    res = cli("store", "migrate")
+    assert res.exit_code == 0 and "converted 2 cell(s)" in res.output, res.output
+    assert "ce/conv4/tiny_imagenet/seed0" in res.output and "retrained by the next run" in res.output  # pskd
+    assert "nothing to migrate" in cli("store", "migrate").output
+    store = open_store(create=False)
+    migrated = {r.identity["method"]: r for r in store.trainings().values()}
+    assert set(migrated) == {"ce", "pskd"} and migrated["pskd"].identity["method_version"] == 1
+    res = cli("run", bench, "--out", legacy_store / "runs")
+    assert res.exit_code == 0, res.output
+    summary = [line for line in res.output.splitlines() if line.startswith("summary:")][0]
+    assert "1 trained, 0 resumed, 1 re-scored, 0 reused" in summary, res.output  # pskd trained, ce re-scored
+    ce_line = [line for line in res.output.splitlines() if line.startswith("ce/conv4")][0]
+    assert " rescored " in ce_line
+    res = cli("table", bench, "--out", legacy_store / "r")
+    assert res.exit_code == 0 and "| ce | conv4 |" in res.output and "| pskd | conv4 |" in res.output
+
+    # the reuse is honest: today's code trains CE on the same data to exactly the migrated weights, at the thread
+    # count the fixture was trained with (2: float sums depend on it, like the device; neither is in the identity)
+    from fsl_lsskd.bench.config import load_benchmark
+    from fsl_lsskd.bench.grid import expand, training_config
+    from fsl_lsskd.train.engine import train
+
+    b = load_benchmark(bench)
+    ce_cell = [c for c in expand(b) if c.method == "ce"][0]
+    cfg = training_config(b, ce_cell, legacy_store / "fresh")
+    threads = torch.get_num_threads()
+    try:
+        res = train(cfg.__class__(**{**cfg.__dict__, "mlflow": False, "num_threads": 2}))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.train_id == migrated["ce"].train_id
+    old = load_file(str(store.fetch_dir(migrated["ce"].run_id, "model", legacy_store / "dl") / "model.safetensors"))
+    new = load_file(str(res.model_dir / "model.safetensors"))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
