@@ -168,8 +168,17 @@ def test_every_readout_has_settings_and_scores_episodes(name):
     rng = np.random.default_rng(0)
     feats = (np.repeat(np.eye(6, 16), 8, axis=0) + 0.1 * rng.normal(size=(48, 16))).astype(np.float32)
     rows = np.stack([np.stack([c * 8 + rng.permutation(8)[:4] for c in rng.permutation(6)[:3]]) for _ in range(5)])
-    out = spec.build().predict(EpisodeInputs(rows=rows, n_shot=1, features=feats))
-    assert out.correct.shape == (5,) and out.correct.min() > 0.5
+    inputs = EpisodeInputs(rows=rows, n_shot=1, features=feats)
+    if cls.needs_images:  # image-level: six flat colours (+ noise) through a random Conv-4
+        from fsl_lsskd.backbones import create_backbone
+
+        colours = rng.integers(0, 255, size=(6, 1, 1, 1, 3))
+        images = np.clip(colours + rng.normal(0, 8, size=(6, 8, 16, 16, 3)), 0, 255).astype(np.uint8)
+        torch.manual_seed(0)
+        inputs = EpisodeInputs(rows=rows, n_shot=1, images=images.reshape(48, 16, 16, 3), image_size=16,
+                               backbone=create_backbone("conv4", num_classes=0, image_size=16).eval())
+    out = spec.build().predict(inputs)
+    assert out.correct.shape == (5,) and (out.correct.mean() if cls.needs_images else out.correct.min()) > 0.5
     if cls.probabilistic:
         assert out.probs.shape == (5, 9, 3) and np.allclose(out.probs.sum(-1), 1, atol=1e-5)
 

@@ -384,3 +384,55 @@ def test_recorded_metrics_match_the_episode_arrays(tmp_path, store, cifar_archiv
         assert arrays["accuracy"].shape == (40,)
         assert rec.metrics["accuracy"] == pytest.approx(arrays["accuracy"].mean(), abs=1e-6)
         assert 0 <= rec.metrics["ece"] <= 100 and arrays["reliability"].shape == (40, 16, 3)
+
+
+def test_cross_domain_targets_fixed_runs_overrides_and_finetune(tmp_path, store, cifar_archive):
+    """A benchmark scores its backbones on other datasets' test classes: Omniglot's official runs (their own
+    fixed 20-way 1-shot protocol), a Tiny ImageNet-format target with a per-target n_query (protocols it cannot
+    host are skipped with a note), and the image-level `finetune` readout on the first N episodes."""
+    from fsl_lsskd.data.fake import write_fake_tiny_imagenet
+    from fsl_lsskd.data.fake_omniglot import write_fake_omniglot_runs
+
+    runs = write_fake_omniglot_runs(tmp_path)
+    tiny = write_fake_tiny_imagenet(tmp_path, per_class_train=2, per_class_val=1)  # 3 images per class
+    extra = textwrap.dedent(f"""
+        data:
+          cifar_fs: {{archive: {cifar_archive}}}
+          omniglot_runs: {{archive: {runs}}}
+          tiny_imagenet: {{archive: {tiny}}}
+        eval:
+          split: test
+          n_shot: [1, 5]
+          n_query: 2
+          n_episodes: 40
+          readouts: [protonet, {{readout: finetune, steps: 2}}]
+          image_episodes: 3
+          datasets: [cifar_fs, omniglot_runs, tiny_imagenet]
+          targets: {{tiny_imagenet: {{n_query: 1}}}}
+    """)
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), epochs=1)
+    text = bench.read_text()
+    text = text[:text.index("data:")] + text[text.index("backbones:"):text.index("eval:")] + extra
+    bench.write_text(text)
+    res = cli("run", bench, "--out", tmp_path / "runs", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "tiny_imagenet test: cannot host 5w5s1q" in res.output
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
+    from fsl_lsskd.record import open_store
+
+    scores = open_store(create=False).scores().values()
+    keys = sorted((r.identity["target"]["dataset"], r.identity["protocol"]["n_way"], r.identity["protocol"]["n_shot"],
+                   r.identity["protocol"]["n_query"], r.identity["readout"], len(r.metrics) > 0) for r in scores)
+    assert {k[:5] for k in keys} == {("cifar_fs", 5, s, 2, r) for s in (1, 5) for r in ("protonet", "finetune")} | \
+        {("omniglot_runs", 20, 1, 1, r) for r in ("protonet", "finetune")} | \
+        {("tiny_imagenet", 5, 1, 1, r) for r in ("protonet", "finetune")}
+    res = cli("table", bench, "--out", tmp_path / "results")
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "results" / "grid.md").read_text()
+    for col in ("omniglot_runs 20w1s1q protonet", "tiny_imagenet 5w1s1q finetune(steps=2)", "cifar_fs 5w5s2q protonet"):
+        assert col in md, md
+    # a target whose test split cannot host any of its protocols is refused up front, naming the fix
+    bench.write_text(text.replace("{tiny_imagenet: {n_query: 1}}", "{tiny_imagenet: {n_query: 3}}"))
+    res = cli("run", bench, "--out", tmp_path / "runs", "--dry-run")
+    assert res.exit_code == 2 and "eval: {targets: {tiny_imagenet: {n_query: N}}}" in res.output, res.output

@@ -92,7 +92,6 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
         by_train.setdefault(rec.train_id, []).append(rec)
     results = ResultSet()
     defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
-    main = bench.eval.protocols()
     curve = bench.eval.curves.protocols() if bench.eval.curves else []
     cache: Dict[str, Any] = {}
     sources = set()
@@ -108,6 +107,7 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
         curve_specs = [ReadoutSpec.parse(r, defaults) for r in (bench.eval.curves.readouts if bench.eval.curves
                                                                 else ())]
         for target in bench.eval_datasets(cell.dataset):
+            main = bench.eval.target_protocols(target)
             for s in _newest_per_measure(by_train.get(rec.train_id, [])):
                 ident = s.identity
                 if s.tags.get("fsl.readout") == "heldout_base":

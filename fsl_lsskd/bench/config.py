@@ -28,7 +28,8 @@ keys, with an example::
       readouts: [protonet, logreg_batched, {readout: logreg_batched, n_aug_support: 5}]
       extra_readouts: {maml: [maml_finetune]}
       image_episodes: 500              # image-level readouts score the first N episodes
-      datasets: [tiny_imagenet, omniglot_runs]   # scored targets (default: the training dataset)
+      datasets: [tiny_imagenet, cifar_fs, omniglot_runs]   # scored targets (default: the training dataset)
+      targets: {cifar_fs: {n_query: 6}}  # protocol overrides per target (here: a partial CIFAR-100)
       curves: {n_way: [5, 10, 20], n_shot: [1, 2, 5, 10, 20], n_episodes: 600, readouts: [protonet]}
       base: true                       # base-class accuracy and calibration on the held-out images
     published: {protonet: {"tiny_imagenet 5w1s15q protonet": "..."}}
@@ -100,6 +101,17 @@ class CurveSpec:
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """Protocol overrides for one cross-domain target (``eval.targets``), e.g. ``{n_query: 6}`` for a dataset
+    with few images per class; unset keys take ``eval``'s values."""
+
+    n_way: Optional[Tuple[int, ...]] = None
+    n_shot: Optional[Tuple[int, ...]] = None
+    n_query: Optional[int] = None
+    n_episodes: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     """What every trained cell is scored with (module docstring)."""
 
@@ -115,12 +127,27 @@ class EvalSpec:
     image_episodes: Optional[int] = None
     #: scored datasets (test classes); empty = the training dataset only
     datasets: Tuple[str, ...] = ()
+    #: per-target protocol overrides, e.g. ``{cifar_fs: {n_query: 6}}``
+    targets: Mapping[str, TargetSpec] = field(default_factory=dict)
     curves: Optional[CurveSpec] = None
     #: base-class top-1 and calibration of the method's classifier on the held-out base images
     base: bool = False
 
     def protocols(self) -> List[EpisodeProtocol]:
         return protocol_grid(self.n_way, self.n_shot, self.n_query, self.n_episodes)
+
+    def target_protocols(self, target: str) -> List[EpisodeProtocol]:
+        """The protocols scored on ``target``: the dataset's own fixed episodes when it defines them (e.g.
+        ``omniglot_runs``), else the ``eval`` grid with the target's overrides (``eval.targets``)."""
+        from ..registry import DATASETS
+
+        fixed = getattr(DATASETS.get(target), "fixed_protocols", None) if target in DATASETS else None
+        if fixed is not None:
+            return [EpisodeProtocol.parse(p) for p in fixed()]
+        t = self.targets.get(target, TargetSpec())
+        return protocol_grid(t.n_way or self.n_way, t.n_shot or self.n_shot,
+                             self.n_query if t.n_query is None else t.n_query,
+                             self.n_episodes if t.n_episodes is None else t.n_episodes)
 
     def readouts_for(self, method: str) -> Tuple[Any, ...]:
         extra = tuple(r for r in self.extra_readouts.get(method, ()) if r not in self.readouts)

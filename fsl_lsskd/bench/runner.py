@@ -300,11 +300,10 @@ def target_protocols(bench: Benchmark, target: str, counts) -> Tuple[List[Tuple[
     e.g. ``omniglot_runs``), and notes on the protocols it cannot host (skipped)."""
     from ..eval.scoring import ReadoutSpec
 
-    ds_cls = _dataset_class(target)
-    fixed = getattr(ds_cls, "fixed_protocols", None)
+    fixed = getattr(_dataset_class(target), "fixed_protocols", None)
     defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
     pairs, notes = [], []
-    main = [EpisodeProtocol.parse(p) for p in fixed()] if fixed else bench.eval.protocols()
+    main = bench.eval.target_protocols(target)
     curve_protocols = [] if fixed or bench.eval.curves is None else bench.eval.curves.protocols()
     for p in main:
         if can_host(counts, p):

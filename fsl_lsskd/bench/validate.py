@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import ConfigError, DataError, UserError
+from ..errors import ConfigError, DataError, ProtocolError, UserError
 from ..protocol import check_capacity
 from ..registry import check_names
 from .config import Benchmark
@@ -77,8 +77,7 @@ def check_data(bench: Benchmark, data=None) -> List[str]:
         except DataError as exc:
             raise type(exc)(f"{bench.where}: dataset {name}: {exc} (in the benchmark file: `data: {{{name}: "
                             f"{{archive: PATH}}}}` or `data_root: DIR`, or `fsl-bench run --data {name}=PATH`)") from None
-        fixed = getattr(_dataset_class(name), "fixed_protocols", None)
-        if name in bench.datasets and not fixed:
+        if name in bench.datasets:
             for p in ev.protocols():
                 check_capacity(counts[ev.split], p, classes[ev.split], where=f"{bench.where}: {name} {ev.split} split",
                                fix=f"lower eval.n_way/n_shot/n_query in the benchmark file (at most "
@@ -89,13 +88,23 @@ def check_data(bench: Benchmark, data=None) -> List[str]:
                                where=f"{bench.where}: {name} val split (train.validation)",
                                fix="set `train: {validation: null}` in the benchmark file (no per-epoch validation), "
                                    "or lower its n_way/n_shot/n_query")
-        elif not fixed:
+        if name in targets and name not in bench.datasets:
             from ..protocol import can_host
 
-            for p in ev.protocols():
-                if not can_host(counts[ev.split], p):
+            have = counts[ev.split]
+            if len(have) == 0:
+                raise DataError(f"{bench.where}: eval.datasets target {name} has no {ev.split} classes; score it on "
+                                f"a split it has (its splits: {', '.join(k for k, v in classes.items() if v)})")
+            hosted = [p for p in ev.target_protocols(name) if can_host(have, p)]
+            for p in ev.target_protocols(name):
+                if p not in hosted:
                     notes.append(f"{name} {ev.split}: cannot host {p.key} (fewest images per class: "
-                                 f"{int(min(counts[ev.split]))}); that column is skipped for {name}")
+                                 f"{int(min(have))}); that column is skipped for {name}")
+            if not hosted:
+                raise ProtocolError(f"{bench.where}: eval.datasets target {name} cannot host any of its protocols "
+                                    f"({', '.join(p.key for p in ev.target_protocols(name))}; fewest images per "
+                                    f"class: {int(min(have))}): lower them with `eval: {{targets: {{{name}: "
+                                    f"{{n_query: N}}}}}}` in the benchmark file")
     return notes
 
 
@@ -142,6 +151,10 @@ def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optiona
             raise ConfigError(f"{where}: `method_seeds.{row}` has seeds {extra} that are not in `seeds`")
     check_names(datasets=bench.datasets, where=f"{where}: `datasets`")
     check_names(datasets=bench.eval.datasets, where=f"{where}: `eval.datasets`")
+    stray = sorted(set(bench.eval.targets) - {t for d in bench.datasets for t in bench.eval_datasets(d)})
+    if stray:
+        raise ConfigError(f"{where}: `eval.targets` names {stray[0]!r}, which is not scored (eval.datasets: "
+                          f"{', '.join(bench.eval.datasets) or 'the training dataset'}); add it to eval.datasets")
     check_names(methods=[k for k in bench.eval.extra_readouts if k not in bench.variants],
                 where=f"{where}: `eval.extra_readouts`")
     check_names(methods=[k for k in bench.method_overrides], where=f"{where}: `method_overrides`")

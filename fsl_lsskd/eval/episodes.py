@@ -215,6 +215,9 @@ def load_episodes(dataset: str, split: str, counts: Sequence[int], protocol: Epi
     :class:`ProtocolError` (short classes named) when the split cannot host the protocol."""
     counts = tuple(int(c) for c in counts)
     check_capacity(counts, protocol, class_names or (), where=f"{dataset} {split}")
+    fixed = _fixed_episodes(dataset, split, counts, protocol)
+    if fixed is not None:
+        return fixed
     rel = published_file(dataset, split, counts, protocol)
     if rel is not None:
         from ..data.splits import read_manifest, verified_path
@@ -230,6 +233,21 @@ def load_episodes(dataset: str, split: str, counts: Sequence[int], protocol: Epi
              "from the seed", dataset, split, len(counts), _summarise(counts), protocol.key, protocol.n_episodes,
              protocol.seed)
     return generate_episodes(protocol, counts)
+
+
+def _fixed_episodes(dataset: str, split: str, counts: Tuple[int, ...], protocol: EpisodeProtocol
+                    ) -> Optional[Episodes]:
+    """The episodes a dataset defines itself (``fixed_episode_arrays``, e.g. Omniglot's official one-shot runs),
+    or None for datasets whose episodes are sampled."""
+    from ..registry import DATASETS
+
+    cls = DATASETS.get(dataset) if dataset in DATASETS else None
+    arrays = getattr(cls, "fixed_episode_arrays", None)
+    if arrays is None:
+        return None
+    classes, images = arrays(split, protocol)
+    return Episodes(classes, images, protocol.n_shot, protocol.n_query, protocol.seed, counts,
+                    f"{dataset} (fixed episodes of the dataset)")
 
 
 def _summarise(counts: Sequence[int]) -> str:
