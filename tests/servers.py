@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -64,12 +65,13 @@ def mlflow_server(workdir: Path, backend_uri: str, workers: int = 2) -> Iterator
 
 
 def postgres_binaries() -> Optional[Path]:
-    """The directory holding ``initdb`` and ``pg_ctl`` (PATH, then Debian's /usr/lib/postgresql/*/bin)."""
+    """The directory holding the server binaries ``initdb`` and ``postgres`` (PATH, then Debian's
+    /usr/lib/postgresql/*/bin)."""
     found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
+    if found and (Path(found).parent / "postgres").is_file():
         return Path(found).parent
     for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
+        if (d / "initdb").is_file() and (d / "postgres").is_file():
             return d
     return None
 
@@ -80,35 +82,55 @@ def postgres_cluster(workdir: Path) -> Iterator[str]:
     in ``workdir`` only; yields a SQLAlchemy URI of database ``mlflow`` and stops the server by its pid."""
     bindir = postgres_binaries()
     if bindir is None:
-        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found")
-    data, sock = Path(workdir) / "pg", Path(workdir) / "pgsock"
-    sock.mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("PostgreSQL server binaries (initdb, postgres) not found")
     env = dict(os.environ, LC_ALL="C")
     user_args = []
-    if os.geteuid() == 0:  # initdb refuses root: run the cluster as an unprivileged user
+    if os.geteuid() == 0:
+        # initdb refuses root: the cluster runs as an unprivileged user, in a directory it can reach (pytest's
+        # tmp_path is private to root), removed on exit
         user_args = ["runuser", "-u", "nobody", "--"]
-        for p in (data.parent, sock):
-            os.chmod(p, 0o777)
-    subprocess.run(user_args + [str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
-                                "--no-sync"], check=True, capture_output=True, env=env, timeout=120)
+        own = Path(tempfile.mkdtemp(prefix="fsl-pg-"))
+        os.chmod(own, 0o777)
+        workdir = own
+    else:
+        own = None
+    data, sock = Path(workdir) / "pg", Path(workdir) / "pgsock"
+    sock.mkdir(parents=True, exist_ok=True)
+    if own is not None:
+        os.chmod(sock, 0o777)
+    try:
+        subprocess.run(user_args + [str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
+                                    "--no-sync"], check=True, capture_output=True, env=env, timeout=120)
+    except subprocess.CalledProcessError as exc:
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {exc.stderr.decode(errors='replace')[-2000:]}") from None
     port = free_port()
     server = subprocess.Popen(user_args + [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k",
                                            str(sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                               start_new_session=True)
     try:
-        for _ in range(120):
-            ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                   capture_output=True)
-            if ready.returncode == 0:
-                break
+        import psycopg2  # MLflow's PostgreSQL driver; readiness = a connection succeeds
+
+        for _ in range(240):
             if server.poll() is not None:
                 raise RuntimeError("postgres exited at start")
-            time.sleep(0.5)
+            try:
+                psycopg2.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres",
+                                 connect_timeout=2).close()
+                break
+            except psycopg2.OperationalError:
+                time.sleep(0.5)
         else:
-            raise RuntimeError("postgres did not start in 60 s")
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True, timeout=60)
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+            raise RuntimeError("postgres did not accept connections in 120 s")
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         _stop(server)
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)

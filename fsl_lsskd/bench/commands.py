@@ -63,8 +63,12 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
 @click.option("--launcher", type=click.Choice(["inline", "local", "slurm"]), default="inline", show_default=True,
               help="Train missing cells in this process (inline), as local jobs or as SLURM jobs (submitit); "
                    "scoring runs here once they finish.")
+@click.option("--slurm", "slurm_options", multiple=True, metavar="KEY=VALUE",
+              help="Override launcher.slurm of the benchmark file (repeatable): partition, gpus_per_node, "
+                   "cpus_per_task, mem_gb, timeout_min, array_parallelism; other keys are passed to sbatch "
+                   "(e.g. account=proj, qos=high).")
 def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_root: Path, rerun: bool,
-        dry_run: bool, shard_spec: Optional[str], launcher: str) -> None:
+        dry_run: bool, shard_spec: Optional[str], launcher: str, slurm_options) -> None:
     """Run a benchmark grid resumably: train only the cells that are not finished in the MLflow store, then
     score only the (cell, split, protocol, readout) pairs the store lacks.
 
@@ -85,6 +89,9 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
     from ..errors import ConfigError
     from .validate import validate_benchmark
 
+    if slurm_options and launcher != "slurm":
+        raise ConfigError("--slurm KEY=VALUE sets SLURM resources: use it with --launcher slurm")
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("fsl-bench run under torchrun would run the whole grid on every process; run it "
                           "without torchrun and use --shard I/N or --launcher to spread cells (torchrun is for "
@@ -99,18 +106,15 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
     if dry_run:
         _dry_run(bench, shard_spec)
         return
-    _run(bench, out_root, rerun, shard_spec, launcher, command=" ".join(shlex.quote(a) for a in sys.argv))
+    launcher_obj = None
+    if launcher != "inline":
+        from .launch import make_launcher
+
+        launcher_obj = make_launcher(launcher, bench, slurm_options)
+    _run(bench, out_root, rerun, shard_spec, launcher_obj, command=" ".join(shlex.quote(a) for a in sys.argv))
 
 
-def _launcher(kind: str, bench):
-    if kind == "inline":
-        return None
-    from .launch import make_launcher
-
-    return make_launcher(kind, bench)
-
-
-def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher_kind: str, command: str) -> None:
+def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher, command: str) -> None:
     from tqdm import tqdm
 
     from ..utils import EpochBar
@@ -131,7 +135,7 @@ def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher_kind: str, com
 
     try:
         outcomes = run_benchmark(bench, out_root, rerun=rerun, shard_spec=shard_spec, on_event=on_event,
-                                 on_epoch=epochs, launcher=_launcher(launcher_kind, bench))
+                                 on_epoch=epochs, launcher=launcher)
     except KeyboardInterrupt:
         epochs.close()
         bar.close()

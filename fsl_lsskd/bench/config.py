@@ -188,8 +188,22 @@ class SlurmSpec:
 
 
 @dataclass(frozen=True)
+class LocalSpec:
+    """``fsl-bench run --launcher local``: at most ``parallel`` cell jobs at once on this machine;
+    ``timeout_min`` per job (then it is requeued and resumes; default one week), the requeue signal
+    ``signal_delay_s`` seconds before it."""
+
+    parallel: int = 1
+    timeout_min: float = 7 * 24 * 60.0
+    signal_delay_s: int = 30
+
+
+@dataclass(frozen=True)
 class LauncherSpec:
+    """How ``--launcher local|slurm`` runs cell jobs (:mod:`fsl_lsskd.bench.launch`)."""
+
     slurm: SlurmSpec = SlurmSpec()
+    local: LocalSpec = LocalSpec()
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
         store.log_params(parent, {"benchmark": bench.to_dict()})
         missing = [c for c in cells if plan.tid(c) not in done]
         if launcher is not None and missing:
-            for o in launcher.train(bench, missing, plan, out_root, rerun=rerun):
+            for o in launcher.train(bench, missing, plan, out_root, rerun=rerun, parent_run_id=parent):
                 outcomes[o.cell.key] = o
                 on_event("end", o.cell, o)
         else:
@@ -246,8 +246,11 @@ def teacher_model_dir(store, teacher_tid: str, out_root: Path) -> Path:
 
 def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, parent_run_id: Optional[str],
                rerun: bool = False, busy: Optional[set] = None,
-               on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> CellOutcome:
-    """Train one cell (claimed, re-checked against the store, resumed when its run directory has a state)."""
+               on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
+               restart: bool = True) -> CellOutcome:
+    """Train one cell (claimed, re-checked against the store, resumed when its run directory has a state).
+    ``rerun`` trains it again even when the store has it finished; with ``restart`` (default) a rerun starts
+    from scratch, without it (a requeued job) it resumes the run directory it left."""
     from ..train.engine import train
 
     tid = plan.tid(cell)
@@ -265,7 +268,7 @@ def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, 
             if cell.teacher is not None:
                 teacher_dir = teacher_model_dir(store, plan.tid(cell.teacher), out_root)
             cfg = training_config(bench, cell, cell_dir / "run", teacher_dir, data=plan.data.kwargs(cell.dataset))
-            if rerun and (cell_dir / "run").exists():
+            if rerun and restart and (cell_dir / "run").exists():
                 shutil.rmtree(cell_dir / "run")
             unfinished = store.unfinished_training(tid)
             tags = {"fsl.benchmark": bench.name, "fsl.row": cell.row, "fsl.role": cell.role}
