@@ -333,6 +333,7 @@ HINT_COMMANDS = {
     "data prepare": ["data", "prepare", "cifar_fs"],
     "data verify": ["data", "verify", "cifar_fs"],
     "data bench": ["data", "bench", "cifar_fs"],
+    "data make-split": ["data", "make-split", "tiny_imagenet", "--out", "OUT"],
     "train": ["train", "--dataset", "cifar_fs", "--val-n-episodes", "0", "--epochs", "1", "--out", "OUT"],
     "evaluate": ["evaluate", "--dataset", "cifar_fs", "--untrained", "--backbone", "conv4", "--n-episodes", "5"],
     "bench eval": ["bench", "eval", "--dataset", "cifar_fs", "--n-episodes", "5"],
@@ -346,7 +347,7 @@ def test_every_data_hint_names_an_option_of_its_command(tmp_path, monkeypatch, n
     import re
 
     monkeypatch.chdir(tmp_path)
-    src = (["--archive", tmp_path / "nope.tar.gz"] if where == "missing-archive" else ["--data-root", tmp_path])
+    src = (["--archive", tmp_path / "nope.zip"] if where == "missing-archive" else ["--data-root", tmp_path])
     args = [str(a).replace("OUT", str(tmp_path / "out")) for a in HINT_COMMANDS[name]] + [str(a) for a in src]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output

@@ -145,6 +145,8 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
               help="tiny_imagenet: tiny-imagenet-200.zip or its extracted folder.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="tiny_imagenet: directory holding it; image_folder: the folder of class folders.")
+@click.option("--download", is_flag=True, help="tiny_imagenet: download the official archive into --data-root "
+              "(default <cache>/downloads) when it is not found there; checks the official md5.")
 @click.option("--seed", type=int, default=None, help="Permutation seed (default: 0; for tiny_imagenet the "
               "published split's).")
 @click.option("--ratios", default=None, help="image_folder: class shares train,val,test (default 0.6,0.2,0.2).")
@@ -153,7 +155,7 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="tiny_imagenet: output directory (default: splits/tiny_imagenet, which also updates "
                    "MANIFEST.json); image_folder: the JSON split file to write (required).")
-def make_split_cmd(dataset, archive, data_root, seed, ratios, min_images, out) -> None:
+def make_split_cmd(dataset, archive, data_root, download, seed, ratios, min_images, out) -> None:
     """Write a seeded class split: for tiny_imagenet regenerate our (non-standard) 120/40/40 split from
     wnids.txt; for image_folder split the class folders of --data-root by class shares (0.6/0.2/0.2 by
     default) into a JSON file {"train": [...], "val": [...], "test": [...]} for --split-file.
@@ -165,10 +167,13 @@ def make_split_cmd(dataset, archive, data_root, seed, ratios, min_images, out) -
       fsl-bench data make-split image_folder --data-root my_images --out split.json
       fsl-bench data make-split image_folder --data-root my_images --ratios 0.5,0.25,0.25 --seed 1 --out s.json
     """
+    from ..errors import ConfigError
+
     if dataset == "image_folder":
+        if download:
+            raise ConfigError("image_folder has nothing to download; drop --download and pass --data-root DIR")
         _make_folder_split(archive, data_root, 0 if seed is None else seed, ratios, min_images, out)
         return
-    from ..errors import ConfigError
 
     for flag, value in (("--ratios", ratios), ("--min-images", min_images)):
         if value is not None:
@@ -177,7 +182,7 @@ def make_split_cmd(dataset, archive, data_root, seed, ratios, min_images, out) -
     from .tiny_imagenet import _Source, _is_folder, ARCHIVE_NAME, FOLDER_NAME, MD5, URL
     from .sources import resolve_source
 
-    src = resolve_source("Tiny ImageNet", data_root, archive, False, ARCHIVE_NAME, "tiny-imagenet-200*.zip",
+    src = resolve_source("Tiny ImageNet", data_root, archive, download, ARCHIVE_NAME, "tiny-imagenet-200*.zip",
                          FOLDER_NAME, _is_folder, URL, MD5)
     wnids = _Source(src).read("wnids.txt").decode().split()
     split = sp.make_tiny_imagenet_split(wnids, sp.TINY_SPLIT_SEED if seed is None else seed)

@@ -122,8 +122,9 @@ def source_identity(path: Path) -> str:
     """Fast identity of a source (the uint8 cache key): :func:`stat_line` of an archive file, or of every file
     under a folder (symlinked files and folders followed, each real folder once), with the list of names.
 
-    Cost: one ``stat`` per file (0.1 s for the 30,000 files of the extracted Tiny ImageNet subset); hashing the
-    contents would read every byte on every load (see ``files_identity``)."""
+    Cost: one ``stat`` per file, 0.3-0.6 s for the 30,203 files of the extracted Tiny ImageNet subset (measured on
+    2 busy cores); hashing their 58 MB of contents instead took 0.7-1.2 s with the files in the page cache, and
+    would grow with the bytes (a folder of camera photos) and read every byte on every load."""
     path = Path(path)
     try:
         st = path.stat()
