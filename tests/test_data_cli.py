@@ -260,6 +260,7 @@ def _tiny_case(fake_tiny: Path, tmp_path: Path, case: str):
 def test_verify_decodes_tiny_imagenet(fake_tiny, tmp_path, case):
     good = run("verify", "tiny_imagenet", "--archive", fake_tiny, "--min-images", "2")
     assert good.exit_code == 0 and "images decoded: 600 of the split classes, 0 failed" in good.output, good.output
+    assert no_cache_files()  # verify decodes without caching
     bad, fragments = _tiny_case(fake_tiny, tmp_path, case)
     assert run("verify", "tiny_imagenet", "--archive", bad, "--no-decode", "--min-images", "2").exit_code == (
         2 if case == "empty_class" else 0)  # without decoding, only the empty class is seen

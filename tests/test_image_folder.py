@@ -199,6 +199,7 @@ def test_every_pillow_image_format_is_read_and_other_files_are_warned(tmp_path, 
         solid(root / "b" / f"{i}.png", 5)
     (root / "a" / "notes.txt").write_text("not an image")
     (root / "a" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "a" / "._0.bmp").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS resource fork, not an image
     split = tmp_path / "s.json"
     split.write_text(json.dumps({"train": ["a", "b"], "val": [], "test": []}))
     with caplog.at_level(logging.WARNING, logger="fsl_lsskd.data.image_folder"):
@@ -208,7 +209,7 @@ def test_every_pillow_image_format_is_read_and_other_files_are_warned(tmp_path, 
     for i in range(len(formats)):
         assert abs(got[i] - (40 + 10 * i)) <= (2 if i in lossy else 0), (list(formats)[i], got[i])
     warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(warned) == 1 and "skipped 2 files" in warned[0] and ".DS_Store" in warned[0]
+    assert len(warned) == 1 and "skipped 3 files" in warned[0] and ".DS_Store" in warned[0]
 
 
 # ------------------------------------------------------------------------------------------- make-split

@@ -42,6 +42,11 @@ def image_extensions() -> FrozenSet[str]:
         stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
         if not stub and fmt not in _HEADER_ONLY:
             readable.add(fmt)
+    if "EPS" in readable:
+        from PIL import EpsImagePlugin
+
+        if not EpsImagePlugin.has_ghostscript():  # Pillow renders PostScript through Ghostscript only
+            readable.discard("EPS")
     exts = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in readable}
     if "JPEG" in readable:
         exts.add(".mpo")  # multi-picture JPEG: opened by the JPEG plugin
@@ -87,8 +92,9 @@ def decode_failure(path: Path, size: int) -> Optional[str]:
 
 def list_class_files(root: Path) -> Dict[str, List[Path]]:
     """``root``'s class folders (visible sub-folders, symlinks followed, sorted by name) -> their image files
-    (:func:`image_extensions`, sorted by name). Files of other types are skipped with one warning giving
-    their number and an example. Raises :class:`DataError` when ``root`` has no class folder."""
+    (:func:`image_extensions`, visible, sorted by name). Other files (other types, hidden files such as macOS's
+    ``.DS_Store`` and ``._photo.jpg``) are skipped with one warning giving their number and an example. Raises
+    :class:`DataError` when ``root`` has no class folder."""
     root = Path(root)
     exts = image_extensions()
     files: Dict[str, List[Path]] = {}
@@ -101,7 +107,7 @@ def list_class_files(root: Path) -> Dict[str, List[Path]]:
             for e in os.scandir(d.path):
                 if not e.is_file():
                     continue  # sub-folders of a class folder are not read
-                if os.path.splitext(e.name)[1].lower() in exts:
+                if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in exts:
                     kept.append(Path(e.path))
                 else:
                     skipped.append(Path(e.path))
@@ -113,7 +119,7 @@ def list_class_files(root: Path) -> Dict[str, List[Path]]:
         raise DataError(f"data root {root} has no class sub-folders; expected {root}/<class>/<image files>")
     if skipped:
         example = min(skipped, key=lambda p: (p.parent.name, p.name))
-        log.warning("skipped %d files of %s that are not images Pillow reads (by extension), e.g. %s",
+        log.warning("skipped %d files of %s that are hidden or not images Pillow reads (by extension), e.g. %s",
                     len(skipped), root, example.relative_to(root))
     return files
 
