@@ -1,11 +1,13 @@
 """Command-line options shared by the commands, so every command spells a dataset and a protocol the same way:
-``--dataset NAME --archive FILE --data-root DIR --split-file F --train-per-class N --folder-image-size S`` and
-``--n-way --n-shot --n-query --n-episodes`` (the :class:`~fsl_lsskd.protocol.EpisodeProtocol` fields)."""
+``--dataset NAME --archive FILE --data-root DIR --download --split-file F --train-per-class N --folder-image-size S``
+and ``--n-way --n-shot --n-query --n-episodes`` (the :class:`~fsl_lsskd.protocol.EpisodeProtocol` fields)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import click
 
@@ -23,6 +25,9 @@ def dataset_options(default_dataset: Optional[str] = "tiny_imagenet", required: 
         f = click.option("--split-file", type=click.Path(path_type=Path), default=None,
                          help="Class split: a JSON {train, val, test} or a directory with train/val/test.txt "
                               "(image_folder needs one; `fsl-bench data make-split` writes one).")(f)
+        f = click.option("--download", is_flag=True,
+                         help="Download the official archive into --data-root (default <cache>/downloads) when it "
+                              "is not found there; checks the official md5.")(f)
         f = click.option("--data-root", type=click.Path(path_type=Path), default=None,
                          help="Directory holding the dataset (the extracted folder, the official archive, or "
                               "class folders for image_folder).")(f)
@@ -34,6 +39,34 @@ def dataset_options(default_dataset: Optional[str] = "tiny_imagenet", required: 
                             show_default=default_dataset is not None, callback=_check_dataset,
                             help="Registered dataset (`fsl-bench ls`).")(f)
     return deco
+
+
+#: command-line flag of each dataset option (the :func:`fsl_lsskd.data.get_dataset` keyword)
+DATASET_FLAGS: Dict[str, str] = {"archive": "--archive", "data_root": "--data-root", "download": "--download",
+                                 "split_file": "--split-file", "train_per_class": "--train-per-class",
+                                 "image_size": "--folder-image-size"}
+_BENCHMARK_DATASET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fsl_bench_benchmark_dataset",
+                                                                                   default=None)
+
+
+def dataset_option(key: str, value: str = "") -> str:
+    """How the user sets dataset option ``key`` (a :data:`DATASET_FLAGS` key) where it is read, for messages that
+    name the fix: the command-line flag (``--archive PATH``, ``--download``) or, inside
+    :func:`benchmark_dataset`, the benchmark-file key (```data.cifar_fs.archive: PATH```)."""
+    name = _BENCHMARK_DATASET.get()
+    if name is None:
+        return f"{DATASET_FLAGS[key]} {value}".strip()
+    return f"`data.{name}.{key}: {value or 'true'}`"
+
+
+@contextlib.contextmanager
+def benchmark_dataset(name: str) -> Iterator[None]:
+    """Within the block, :func:`dataset_option` spells options as keys of dataset ``name`` in a benchmark file."""
+    token = _BENCHMARK_DATASET.set(name)
+    try:
+        yield
+    finally:
+        _BENCHMARK_DATASET.reset(token)
 
 
 def _check_dataset(ctx, param, value):
@@ -61,8 +94,8 @@ def dataset_kwargs(dataset: Optional[str], split_file=None, train_per_class=None
     if dataset is None or not kw:
         return kw
     accepted = set(getattr(DATASETS.get(dataset), "options", ()))
-    for key, flag in (("split_file", "--split-file"), ("train_per_class", "--train-per-class"),
-                      ("image_size", "--folder-image-size")):
+    for key in ("split_file", "train_per_class", "image_size"):
+        flag = DATASET_FLAGS[key]
         if key in kw and key not in accepted:
             takers = [n for n in DATASETS.names() if key in getattr(DATASETS.get(n), "options", ())]
             raise ConfigError(f"{flag} does not apply to dataset {dataset!r}; it applies to {', '.join(takers)}")

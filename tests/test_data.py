@@ -287,3 +287,103 @@ def test_tiny_from_extracted_folder_matches_zip(fake_tiny, tmp_path):
     b = get_dataset("tiny_imagenet", root=tmp_path).load_split("test")  # data root holding tiny-imagenet-200/
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+# ---------------------------------------------------------------------------------------- train_per_class
+# The principle: train_per_class=N on an archive A with M > N train images per class reads exactly what an
+# archive B holding the first N of each class of A (official order, same val/test part) holds: same decoded
+# content and fingerprint on every split, same episodes, same evaluation numbers.
+def _splits(ds):
+    return {s: ds.load_split(s) for s in ("train", "val", "test")}
+
+
+def _scores(split):
+    import torch
+
+    from fsl_lsskd.backbones import create_backbone
+    from fsl_lsskd.eval import evaluate
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = create_backbone("conv4", image_size=32).eval()
+    res = evaluate(net, split, protocols=["5w1s3q_20"], readouts=["protonet", "logreg_batched"], image_size=32,
+                   cache=False)  # no feature cache: equal numbers must come from equal inputs, not from a cache hit
+    return [(r.label, r.episodes_source, r.episodes_sha256, r.accuracy, r.nll, r.brier) for r in res]
+
+
+def _assert_same_scores(a, b):
+    assert len(a) == len(b) == 2
+    for (la, sa, ha, *xa), (lb, sb, hb, *xb) in zip(a, b):
+        assert (la, sa, ha) == (lb, sb, hb)
+        for u, v in zip(xa, xb):
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("dataset", ["tiny_imagenet", "cifar_fs"])
+def test_train_per_class_reads_the_first_n_of_the_official_order(tmp_path, dataset):
+    from fsl_lsskd.data.fake import first_per_class
+    from fsl_lsskd.eval.episodes import load_episodes
+    from fsl_lsskd.protocol import EpisodeProtocol
+
+    if dataset == "tiny_imagenet":
+        a = write_fake_tiny_imagenet(tmp_path / "a", per_class_train=6, per_class_val=2, seed=3, size=32)
+    else:
+        a = write_fake_cifar100(tmp_path / "a", per_class_train=6, per_class_test=2, seed=3)
+    b = first_per_class(a, 4, tmp_path / "b")
+    cut = _splits(get_dataset(dataset, archive=a, train_per_class=4))
+    ref = _splits(get_dataset(dataset, archive=b))
+    full = _splits(get_dataset(dataset, archive=a))
+    for s in ("train", "val", "test"):
+        np.testing.assert_array_equal(cut[s].images, ref[s].images)
+        np.testing.assert_array_equal(cut[s].labels, ref[s].labels)
+        assert cut[s].class_names == ref[s].class_names
+        assert cut[s].fingerprint == ref[s].fingerprint
+        assert (cut[s].class_counts() == 6).all()  # 4 train + 2 val/test images per class
+        assert full[s].fingerprint != cut[s].fingerprint  # the option does change the content
+    # the same N = 4 from B itself changes nothing
+    assert _splits(get_dataset(dataset, archive=b, train_per_class=4))["test"].fingerprint == ref["test"].fingerprint
+    p = EpisodeProtocol(5, 1, 3, 20)
+    ea = load_episodes(dataset, "test", cut["test"].class_counts(), p)
+    eb = load_episodes(dataset, "test", ref["test"].class_counts(), p)
+    assert ea.source == eb.source and ea.sha256 == eb.sha256
+    np.testing.assert_array_equal(ea.images, eb.images)
+    _assert_same_scores(_scores(cut["test"]), _scores(ref["test"]))
+
+
+@pytest.mark.parametrize("dataset", ["tiny_imagenet", "cifar_fs"])
+def test_train_per_class_larger_than_a_class_lists_the_short_classes(tmp_path, dataset):
+    from fsl_lsskd.data.fake import first_per_class
+
+    if dataset == "tiny_imagenet":
+        a = write_fake_tiny_imagenet(tmp_path / "a", per_class_train=5, per_class_val=1, seed=3, size=16)
+        short = sp.standard_split("tiny_imagenet")["train"][:2] + sp.standard_split("tiny_imagenet")["test"][:1]
+    else:
+        a = write_fake_cifar100(tmp_path / "a", per_class_train=5, per_class_test=1, seed=3)
+        short = ["apple", "tulip", "whale"]
+    b = first_per_class(a, 5, tmp_path / "b", counts={short[0]: 3, short[1]: 4, short[2]: 2})
+    get_dataset(dataset, archive=b, train_per_class=2).load_split("val")  # every class has 2
+    before = _cache_files()
+    with pytest.raises(DataError) as e:
+        get_dataset(dataset, archive=b, train_per_class=4).load_split("train")
+    msg = str(e.value)
+    assert f"train_per_class 4: 2 classes of {b} have fewer train images" in msg
+    assert f"{short[0]} (3)" in msg and f"{short[2]} (2)" in msg and short[1] not in msg
+    assert "lower --train-per-class N" in msg and "shortest class has 2" in msg
+    assert _cache_files() == before  # refused before anything was decoded or cached
+
+
+@pytest.mark.slow
+def test_train_per_class_100_on_the_real_subset_changes_nothing(shared_data):
+    """The published subset has 100 train images per class: train_per_class=100 must read it unchanged."""
+    from fsl_lsskd.eval.episodes import load_episodes
+    from fsl_lsskd.protocol import EpisodeProtocol
+
+    z = shared_data / "tiny-imagenet-200-sub100.zip"
+    plain = get_dataset("tiny_imagenet", archive=z)
+    cut = get_dataset("tiny_imagenet", archive=z, train_per_class=100)
+    for s in ("train", "val", "test"):
+        a, b = plain.load_split(s, mmap=True), cut.load_split(s, mmap=True)
+        assert a.fingerprint == b.fingerprint and len(a) == len(b)
+    counts = cut.split_counts("test")
+    ep = load_episodes("tiny_imagenet", "test", counts, EpisodeProtocol(5, 1, 15, 2000))
+    assert ep.source.startswith("splits/episodes/")  # the published episodes, chosen by the same counts

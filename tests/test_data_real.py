@@ -17,11 +17,19 @@ CIFAR = "cifar-100-python-partial-train1117-test916.tar.gz"
 
 
 def test_verify_real_tiny(shared_data):
-    res = CliRunner().invoke(main, ["data", "verify", "tiny_imagenet", "--archive", str(shared_data / TINY)])
+    res = CliRunner().invoke(main, ["data", "verify", "tiny_imagenet", "--archive", str(shared_data / TINY),
+                                    "--no-decode"])
     assert res.exit_code == 0, res.output
     for s in ("classes in source: 200", "train: 100 each (20,000 in all)", "val: 50 each (10,000 in all)",
-              "120/40/40", "fewer than 20 images: none"):
+              "120/40/40", "fewer than 20 images: none", "images not decoded"):
         assert s in res.output, res.output
+
+
+@pytest.mark.slow
+def test_verify_real_tiny_decodes_every_image(shared_data):
+    res = CliRunner().invoke(main, ["data", "verify", "tiny_imagenet", "--archive", str(shared_data / TINY)])
+    assert res.exit_code == 0, res.output
+    assert "images decoded: 30,000 of the split classes, 0 failed" in res.output, res.output
 
 
 def test_verify_real_partial_cifar_reports_small_classes(shared_data):
@@ -29,6 +37,7 @@ def test_verify_real_partial_cifar_reports_small_classes(shared_data):
     assert res.exit_code == 0, res.output
     assert "train: 5-22 per class (1,117 in all)" in res.output and "test: 4-15 per class (916 in all)" in res.output
     assert "warning: 45 classes have fewer than 20 images" in res.output and "fox (11)" in res.output
+    assert "images decoded: 2,033 of the split classes, 0 failed" in res.output, res.output
     res = CliRunner().invoke(main, ["data", "verify", "cifar_fs", "--archive", str(shared_data / CIFAR),
                                     "--min-images", "11"])
     assert res.exit_code == 0 and "fewer than 11 images: none" in res.output

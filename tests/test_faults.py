@@ -304,6 +304,50 @@ def test_export_and_resume_from_truncated_checkpoint(ws, fake_cifar, conv4_run):
     assert bad.read_bytes() == conv4_run[0].read_bytes()[: conv4_run[0].stat().st_size // 2]
 
 
+# ------------------------------------------------------------------------------- no empty --out left behind
+def _bad_image_folder(ws: Path) -> Path:
+    """An image folder whose train class holds an undecodable file (fails when the split is decoded)."""
+    from PIL import Image
+
+    root = ws / "imgs"
+    for c in "abcdefghijkl":
+        (root / c).mkdir(parents=True)
+        for j in range(4):
+            Image.fromarray(np.full((8, 8, 3), 20 * j, np.uint8)).save(root / c / f"{j}.png")
+    (root / "a" / "9.jpg").write_text("not a jpeg")
+    (ws / "split.json").write_text(json.dumps({"train": list("ab"), "val": list("cdefg"), "test": list("hijkl")}))
+    return root
+
+
+@pytest.mark.parametrize("case", ["missing-archive", "undecodable-train-image", "bad-setting"])
+def test_train_failing_early_leaves_no_out_dir(ws, fake_cifar, case):
+    """A run that fails on its data or settings (validation off: nothing is checked before the engine) must not
+    leave an empty --out directory (nor any cache file or MLflow store)."""
+    common = ["--epochs", "1", "--val-n-episodes", "0", "--out", ws / "nested" / "run"]
+    if case == "missing-archive":
+        failing(ws, "train", "--dataset", "cifar_fs", "--archive", ws / "nope.tar.gz", *common,
+                fragments=["does not exist", "--download"])
+    elif case == "undecodable-train-image":
+        root = _bad_image_folder(ws)
+        failing(ws, "train", "--dataset", "image_folder", "--data-root", root, "--split-file", ws / "split.json",
+                "--folder-image-size", "16", "--image-size", "16", *common, fragments=["9.jpg", "fails to decode"])
+    else:
+        failing(ws, "train", "--dataset", "cifar_fs", "--archive", fake_cifar, "--set", "lr=fast", *common,
+                fragments=["lr='fast'"])
+    assert not (ws / "nested").exists()
+
+
+def test_evaluate_failing_on_its_data_leaves_no_out_dir(ws, fake_cifar):
+    root = _bad_image_folder(ws)
+    (root / "h" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    failing(ws, "evaluate", "--untrained", "--backbone", "conv4", "--dataset", "image_folder", "--data-root", root,
+            "--split-file", ws / "split.json", "--folder-image-size", "16", "--n-shot", "1", "--n-query", "2",
+            "--n-episodes", "5", "--readouts", "protonet", "--out", ws / "ev" / "x",
+            fragments=["broken.png", "fails to decode"])
+    failing(ws, "evaluate", "--untrained", "--backbone", "conv4", "--dataset", "cifar_fs", "--archive",
+            ws / "nope.tar.gz", "--n-episodes", "5", "--out", ws / "ev2", fragments=["does not exist", "--download"])
+
+
 # -------------------------------------------------------------------------------- unwritable outputs, full disk
 def _under(path, root: Path) -> bool:
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import ConfigError, DataError, ProtocolError, UserError
+from ..options import benchmark_dataset
 from ..protocol import check_capacity
 from ..registry import check_names
 from .config import Benchmark
@@ -71,12 +72,13 @@ def check_data(bench: Benchmark, data=None) -> List[str]:
                 classes = {s: generated_counts(name, source.generate, s)[0] for s in ("val", ev.split)}
                 counts = {s: generated_counts(name, source.generate, s)[1] for s in ("val", ev.split)}
             else:
-                ds = data.dataset(name) if data is not None else _dataset(name, data_kwargs(name, bench))
-                counts = {s: split_counts(ds, s) for s in ("val", ev.split)}
+                with benchmark_dataset(name):  # messages name the benchmark file's keys, not CLI flags
+                    ds = data.dataset(name) if data is not None else _dataset(name, data_kwargs(name, bench))
+                    counts = {s: split_counts(ds, s) for s in ("val", ev.split)}
                 classes = ds.class_split()
         except DataError as exc:
-            raise type(exc)(f"{bench.where}: dataset {name}: {exc} (in the benchmark file: `data: {{{name}: "
-                            f"{{archive: PATH}}}}` or `data_root: DIR`, or `fsl-bench run --data {name}=PATH`)") from None
+            raise type(exc)(f"{bench.where}: dataset {name}: {exc} (a path on this machine can also be given as "
+                            f"`fsl-bench run --data {name}=PATH`)") from None
         if name in bench.datasets:
             for p in ev.protocols():
                 check_capacity(counts[ev.split], p, classes[ev.split], where=f"{bench.where}: {name} {ev.split} split",

@@ -20,6 +20,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from ..options import dataset_option as opt
 from ..utils import atomic_path, atomic_write_text, cache_dir as default_cache_dir
 from .sources import content_fingerprint, source_identity
 
@@ -158,13 +159,19 @@ class CachedDataset(FewShotDataset):
     def cache_extra(self) -> str:
         return ""
 
+    def source_key(self, names: Sequence[str]) -> str:
+        """Identity of what the reader loads for classes ``names`` (part of the cache key): by default
+        :func:`~fsl_lsskd.data.sources.source_identity` of the whole source (archive or folder). It must change
+        whenever a decoded image would; override it when the dataset knows exactly which files it opens."""
+        return source_identity(self.source)
+
     # -- cache
     @property
     def cache_root(self) -> Path:
         return (self._cache_root or default_cache_dir() / "data") / self.name
 
     def _key(self, split: str, names: Sequence[str]) -> str:
-        ident = "|".join([str(CACHE_FORMAT_VERSION), self.name, source_identity(self.source), split,
+        ident = "|".join([str(CACHE_FORMAT_VERSION), self.name, self.source_key(names), split,
                           ",".join(names), str(self.image_size), self.cache_extra()])
         return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
@@ -268,11 +275,25 @@ class CachedDataset(FewShotDataset):
         if missing:
             shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
             raise DataError(f"the split names classes that {self.source} lacks: {shown}; fix the split file or "
-                            "point --archive/--data-root at the complete data")
+                            f"point {opt('archive', 'PATH')} or {opt('data_root', 'DIR')} at the complete data")
 
-    def verify(self, min_images: int = DEFAULT_MIN_IMAGES) -> Dict[str, object]:
-        """Report (no decoding): classes in the source, images per class per source part, the split's class
-        counts, split classes missing from the source and classes with fewer than ``min_images`` images."""
+    def check_images(self, names: Sequence[str]) -> List[Tuple[str, str, str]]:
+        """``(class, file, reason)`` for every image of classes ``names`` that the reader cannot read or decode,
+        found by decoding everything without writing the cache. This default decodes class by class and reports
+        the first failure of each class; datasets that read files one by one override it to name every file."""
+        bad: List[Tuple[str, str, str]] = []
+        for n in names:
+            try:
+                self.decode_classes([n])
+            except DataError as exc:
+                bad.append((n, "", str(exc)))
+        return bad
+
+    def verify(self, min_images: int = DEFAULT_MIN_IMAGES, decode: bool = True) -> Dict[str, object]:
+        """Report on the source: classes, images per class per source part, the split's class counts, split
+        classes missing from the source or without images (``empty_classes``), classes with fewer than
+        ``min_images`` images and, when ``decode``, every image of a split class that fails to read or decode
+        (``undecodable``: ``(class, file, reason)``; :meth:`check_images`). Nothing is cached."""
         inv = self.inventory()
         split = self.class_split()
         parts: Dict[str, Dict[str, object]] = {}
@@ -283,13 +304,22 @@ class CachedDataset(FewShotDataset):
                            "per_class": per}
         too_few: Dict[str, List[Tuple[str, int]]] = {}
         missing: Dict[str, List[str]] = {}
+        empty: Dict[str, List[str]] = {}
         for s in SPLITS:
             miss = [c for c in split[s] if c not in inv]
             if miss:
                 missing[s] = miss
+            none = [c for c in split[s] if c in inv and sum(inv[c].values()) == 0]
+            if none:
+                empty[s] = none
             few = [(c, int(sum(inv[c].values()))) for c in split[s] if c in inv and sum(inv[c].values()) < min_images]
             if few:
                 too_few[s] = few
+        used = [c for s in SPLITS for c in split[s] if c in inv]
+        undecodable = [tuple(b) for b in self.check_images(used)] if decode else []
+        checked = int(sum(sum(inv[c].values()) for c in used)) if decode else 0
         return {"dataset": self.name, "source": str(self.source), "num_classes": len(inv), "parts": parts,
                 "split_classes": {s: len(split[s]) for s in SPLITS}, "missing_classes": missing,
-                "min_images": min_images, "too_few": too_few, "image_size": self.image_size}
+                "empty_classes": empty, "min_images": min_images, "too_few": too_few, "image_size": self.image_size,
+                "decoded": bool(decode), "images_checked": checked,
+                "undecodable": undecodable}

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from ..options import dataset_option as opt
 from ..registry import DATASETS
 from .base import CachedDataset
 from .sources import check_md5, resolve_source
@@ -105,18 +106,33 @@ class CifarFS(CachedDataset):
                         raise ValueError(f"{part}: data {data.shape}, {len(labels)} labels")
                     if len(labels) and (labels.min() < 0 or labels.max() >= len(fine)):
                         raise ValueError(f"{part}: fine label out of range")
-                    if part == "train" and self.train_per_class is not None:  # first N rows of each class
-                        rank = np.zeros(len(labels), dtype=np.int64)
-                        for c in np.unique(labels):
-                            rank[labels == c] = np.arange(int((labels == c).sum()))
-                        keep = rank < self.train_per_class
-                        data, labels = data[keep], labels[keep]
                     parts[part] = (data, labels)
-            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise DataError(f"{self.source}: a CIFAR-100 pickle is corrupt or truncated ({exc}); "
-                                f"download {URL} again (md5 {MD5})") from None
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+                    IndexError, MemoryError) as exc:
+                raise DataError(f"{self.source}: a CIFAR-100 pickle is corrupt or truncated ({type(exc).__name__}: "
+                                f"{exc}); download {URL} again (md5 {MD5})") from None
+            if self.train_per_class is not None:
+                parts["train"] = self._first_per_class(*parts["train"], fine)
             self._raw = (parts, fine)
         return self._raw
+
+    def _first_per_class(self, data: np.ndarray, labels: np.ndarray, fine: List[str]):
+        """The first ``train_per_class`` train rows of every class (official row order); a class with fewer
+        raises :class:`DataError` listing every short class."""
+        n = self.train_per_class
+        have = np.bincount(labels, minlength=len(fine))
+        short = [(fine[c], int(k)) for c, k in enumerate(have) if k < n]
+        if short:
+            listing = ", ".join(f"{name} ({k})" for name, k in short[:20])
+            more = f" ... ({len(short)} in all)" if len(short) > 20 else ""
+            raise DataError(f"train_per_class {n}: {len(short)} classes of {self.source} have fewer train images: "
+                            f"{listing}{more}; lower {opt('train_per_class', 'N')} (the "
+                            f"shortest class has {min(k for _, k in short)}) or use the full archive")
+        rank = np.zeros(len(labels), dtype=np.int64)
+        for c in np.unique(labels):
+            rank[labels == c] = np.arange(int((labels == c).sum()))
+        keep = rank < n
+        return data[keep], labels[keep]
 
     def inventory(self) -> Dict[str, Dict[str, int]]:
         parts, fine = self._raw_data()

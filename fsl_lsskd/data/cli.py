@@ -1,6 +1,7 @@
 """``fsl-bench data``: prepare (decode to the uint8 cache), verify (report), make-split, bench."""
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -9,10 +10,9 @@ import click
 
 from ..options import dataset_kwargs, dataset_options
 
+
 def _source_options(f):
     f = click.option("--check-md5", is_flag=True, help="Check a local archive against the official md5.")(f)
-    f = click.option("--download", is_flag=True, help="Download the official archive into --data-root "
-                     "(default <cache>/downloads) when not found; checks the official md5.")(f)
     return dataset_options(argument=True)(f)
 
 
@@ -81,6 +81,15 @@ def _print_report(r: Dict[str, Any]) -> None:
             click.echo(f"  {s} ({len(items)}): " + ", ".join(f"{c} ({k})" for c, k in items))
     else:
         click.echo(f"classes with fewer than {r['min_images']} images: none")
+    for s, names in r.get("empty_classes", {}).items():
+        click.echo(f"split classes without any image ({s}, {len(names)}): {', '.join(names)}")
+    if r.get("decoded"):
+        bad = r["undecodable"]
+        click.echo(f"images decoded: {r['images_checked']:,} of the split classes, {len(bad)} failed")
+        for c, f, why in bad:
+            click.echo(f"  failed: {f or c}: {why}")
+    else:
+        click.echo("images not decoded (--no-decode)")
 
 
 @data.command("verify")
@@ -88,25 +97,42 @@ def _print_report(r: Dict[str, Any]) -> None:
 @click.option("--min-images", type=int, default=20, show_default=True,
               help="Report classes with fewer images than this (shot + query).")
 @click.option("--strict", is_flag=True, help="Exit 2 (instead of a warning) when classes have too few images.")
-def verify_cmd(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download, check_md5,
-               min_images, strict) -> None:
+@click.option("--no-decode", is_flag=True, help="Skip decoding the images (counts and split only; faster).")
+def verify_cmd(dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, check_md5,
+               min_images, strict, no_decode) -> None:
     """Report DATASET: classes, images per class per source part, split class counts, classes with too few
-    images. Exit 0 (with a warning listing) when some classes are small; 2 when data or split is broken.
+    images, and every image of a split class that fails to read or decode (all are decoded, nothing is cached).
+    Exit 0 (with a warning listing) when some classes are small; 2 when the data or split is broken: a split
+    class missing or without images, or an undecodable image.
 
     \b
     Example:
       fsl-bench data verify tiny_imagenet --archive tiny-imagenet-200.zip
       fsl-bench data verify cifar_fs --data-root ~/datasets --min-images 20
+      fsl-bench data verify image_folder --data-root my_images --split-file split.json
     """
     from ..errors import DataError
 
     ds = _open(dataset, archive, data_root, download, check_md5, split_file, train_per_class, folder_image_size)
-    r = ds.verify(min_images=min_images)
+    r = ds.verify(min_images=min_images, decode=not no_decode)
     _print_report(r)
+    problems = []
     if r["missing_classes"]:
         miss = sorted(c for v in r["missing_classes"].values() for c in v)
-        raise DataError(f"the split names {len(miss)} classes the data lacks ({', '.join(miss[:10])}); fix the "
+        problems.append(f"the split names {len(miss)} classes the data lacks ({', '.join(miss[:10])}); fix the "
                         "split file or point --archive/--data-root at the complete data")
+    if r["empty_classes"]:
+        empty = [c for v in r["empty_classes"].values() for c in v]
+        problems.append(f"{len(empty)} split classes have no images ({', '.join(empty[:10])}); add images to them "
+                        "or remove them from the split file")
+    if r["undecodable"]:
+        files = [f or c for c, f, _ in r["undecodable"]]
+        more = f" ... ({len(files)} in all, listed above)" if len(files) > 5 else ""
+        problems.append(f"{len(files)} images fail to read or decode ({', '.join(files[:5])}{more}); replace or "
+                        "delete them (for an official archive: download it again, --check-md5 compares it with "
+                        "the official checksum)")
+    if problems:
+        raise DataError("; ".join(problems))
     if strict and r["too_few"]:
         bad = [f"{c} ({k})" for v in r["too_few"].values() for c, k in v]
         raise DataError(f"{len(bad)} classes have fewer than {min_images} images: {', '.join(bad)}; lower "
@@ -114,25 +140,49 @@ def verify_cmd(dataset, archive, data_root, split_file, train_per_class, folder_
 
 
 @data.command("make-split")
-@click.argument("dataset", type=click.Choice(["tiny_imagenet"]))
-@click.option("--archive", type=click.Path(path_type=Path), default=None, help="tiny-imagenet-200.zip or folder.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Directory holding it.")
-@click.option("--seed", type=int, default=None, help="Permutation seed (default: the published one, 0).")
+@click.argument("dataset", type=click.Choice(["tiny_imagenet", "image_folder"]))
+@click.option("--archive", type=click.Path(path_type=Path), default=None,
+              help="tiny_imagenet: tiny-imagenet-200.zip or its extracted folder.")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="tiny_imagenet: directory holding it; image_folder: the folder of class folders.")
+@click.option("--download", is_flag=True, help="tiny_imagenet: download the official archive into --data-root "
+              "(default <cache>/downloads) when it is not found there; checks the official md5.")
+@click.option("--seed", type=int, default=None, help="Permutation seed (default: 0; for tiny_imagenet the "
+              "published split's).")
+@click.option("--ratios", default=None, help="image_folder: class shares train,val,test (default 0.6,0.2,0.2).")
+@click.option("--min-images", type=int, default=None,
+              help="image_folder: fewest images a class may have (default 20: 5 shot + 15 query).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output directory (default: splits/tiny_imagenet, which also updates MANIFEST.json).")
-def make_split_cmd(dataset, archive, data_root, seed, out) -> None:
-    """Regenerate the seeded (non-standard) Tiny ImageNet 120/40/40 class split from wnids.txt.
+              help="tiny_imagenet: output directory (default: splits/tiny_imagenet, which also updates "
+                   "MANIFEST.json); image_folder: the JSON split file to write (required).")
+def make_split_cmd(dataset, archive, data_root, download, seed, ratios, min_images, out) -> None:
+    """Write a seeded class split: for tiny_imagenet regenerate our (non-standard) 120/40/40 split from
+    wnids.txt; for image_folder split the class folders of --data-root by class shares (0.6/0.2/0.2 by
+    default) into a JSON file {"train": [...], "val": [...], "test": [...]} for --split-file.
 
     \b
     Example:
       fsl-bench data make-split tiny_imagenet --archive tiny-imagenet-200.zip
       fsl-bench data make-split tiny_imagenet --archive tiny-imagenet-200.zip --seed 1 --out my_split
+      fsl-bench data make-split image_folder --data-root my_images --out split.json
+      fsl-bench data make-split image_folder --data-root my_images --ratios 0.5,0.25,0.25 --seed 1 --out s.json
     """
+    from ..errors import ConfigError
+
+    if dataset == "image_folder":
+        if download:
+            raise ConfigError("image_folder has nothing to download; drop --download and pass --data-root DIR")
+        _make_folder_split(archive, data_root, 0 if seed is None else seed, ratios, min_images, out)
+        return
+
+    for flag, value in (("--ratios", ratios), ("--min-images", min_images)):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to image_folder; tiny_imagenet's split is 120/40/40 classes")
     from . import splits as sp
     from .tiny_imagenet import _Source, _is_folder, ARCHIVE_NAME, FOLDER_NAME, MD5, URL
     from .sources import resolve_source
 
-    src = resolve_source("Tiny ImageNet", data_root, archive, False, ARCHIVE_NAME, "tiny-imagenet-200*.zip",
+    src = resolve_source("Tiny ImageNet", data_root, archive, download, ARCHIVE_NAME, "tiny-imagenet-200*.zip",
                          FOLDER_NAME, _is_folder, URL, MD5)
     wnids = _Source(src).read("wnids.txt").decode().split()
     split = sp.make_tiny_imagenet_split(wnids, sp.TINY_SPLIT_SEED if seed is None else seed)
@@ -146,6 +196,51 @@ def make_split_cmd(dataset, archive, data_root, seed, out) -> None:
         return
     sp.update_manifest(rels)
     click.echo(f"updated {sp.splits_dir() / sp.MANIFEST_NAME}")
+
+
+def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -> None:
+    from ..errors import ConfigError, DataError
+    from ..utils import check_writable_dir
+    from . import splits as sp
+    from .base import DEFAULT_MIN_IMAGES
+    from .image_folder import list_class_files
+
+    if archive is not None:
+        raise ConfigError("image_folder reads a folder: pass --data-root DIR (DIR/<class>/<images>), not --archive")
+    if data_root is None:
+        raise ConfigError("image_folder needs --data-root DIR: a folder with one sub-folder of images per class")
+    if out is None:
+        raise ConfigError("image_folder needs --out FILE: the JSON split file to write (e.g. --out split.json), "
+                          "then pass it to train/evaluate as --split-file")
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the JSON file to write, e.g. --out {out / 'split.json'}")
+    shares = sp.parse_ratios(ratios if ratios is not None else sp.DEFAULT_RATIOS)
+    least = DEFAULT_MIN_IMAGES if min_images is None else int(min_images)
+    if least < 1:
+        raise ConfigError(f"--min-images must be >= 1, got {least}")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a directory; pass --data-root DIR with "
+                        "DIR/<class>/<images>")
+    files = list_class_files(root)
+    small = [(c, len(v)) for c, v in files.items() if len(v) < least]
+    if small:
+        listing = ", ".join(f"{c!r} ({k})" for c, k in small[:30])
+        more = f" ... ({len(small)} in all)" if len(small) > 30 else ""
+        raise DataError(f"{len(small)} class folders of {root} have fewer than {least} images: {listing}{more}; "
+                        f"add images to them, move them out of {root}, or lower --min-images (a val/test class "
+                        f"needs n_shot + n_query images: {DEFAULT_MIN_IMAGES} for 5-shot with 15 queries)")
+    split = sp.make_class_split(list(files), shares, seed)
+    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
+    sp.write_split_json(split, out)
+    counts = "/".join(str(len(split[s])) for s in ("train", "val", "test"))
+    images = {s: sum(len(files[c]) for c in split[s]) for s in ("train", "val", "test")}
+    click.echo(f"wrote {out}: {counts} classes (train/val/test), "
+               f"{'/'.join(f'{images[s]:,}' for s in ('train', 'val', 'test'))} images, seed {seed}, "
+               f"shares {','.join(f'{r:g}' for r in shares)}")
+    click.echo(f"next: fsl-bench train --dataset image_folder --data-root {shlex.quote(str(root))} --split-file "
+               f"{shlex.quote(str(out))} --out RUN_DIR")
 
 
 @data.command("bench")

@@ -18,7 +18,7 @@ import struct
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -176,4 +176,61 @@ def write_fake_tiny_imagenet(out_dir: os.PathLike, wnids: Optional[Sequence[str]
                 ann.append(f"val_{k}.JPEG\t{wnids[c]}\t0\t0\t{size - 1}\t{size - 1}\n")
                 count += 1
             z.writestr(top + "val/val_annotations.txt", "".join(ann), zipfile.ZIP_DEFLATED)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------- first N per class
+def first_per_class(archive: os.PathLike, n: int, out_dir: os.PathLike,
+                    counts: Optional[Mapping[str, int]] = None) -> Path:
+    """Write into ``out_dir`` (same file name) a copy of the official-format ``archive``
+    (``tiny-imagenet-200.zip`` or ``cifar-100-python.tar.gz``) whose TRAIN part keeps only the first ``n``
+    images of every class in the official order (Tiny ImageNet ``<wnid>_<i>``, CIFAR-100 row order); ``counts``
+    (class name -> k) keeps k of those classes instead. The val/test part is copied unchanged. This is what
+    ``train_per_class=n`` reads from ``archive``; the published Tiny ImageNet subset was cut the same way."""
+    src = Path(archive)
+    dest = Path(out_dir) / src.name
+    keep = dict(counts or {})
+    if zipfile.is_zipfile(src):
+        import re
+
+        num = re.compile(r"/train/([^/]+)/images/\1_(\d+)\.[A-Za-z]+$")
+        with zipfile.ZipFile(src) as zin, atomic_path(dest) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zout:
+                for info in zin.infolist():
+                    data = zin.read(info)
+                    m = num.search(info.filename)
+                    if m and int(m.group(2)) >= keep.get(m.group(1), n):
+                        continue
+                    if info.filename.endswith("_boxes.txt"):
+                        wnid = Path(info.filename).name[: -len("_boxes.txt")]
+                        lines = [ln for ln in data.decode().splitlines(keepends=True)
+                                 if int(ln.split("\t")[0].rsplit("_", 1)[1].split(".")[0]) < keep.get(wnid, n)]
+                        data = "".join(lines).encode()
+                    zout.writestr(info, data)
+        return dest
+    with tarfile.open(src, "r:*") as tin:
+        members = [(m, tin.extractfile(m).read()) for m in tin if m.isfile()]
+    fine = None
+    for m, data in members:
+        if m.name.rsplit("/", 1)[-1] == "meta":
+            fine = [x.decode() for x in pickle.loads(data, encoding="bytes")[b"fine_label_names"]]
+    with atomic_path(dest) as tmp:
+        with tarfile.open(tmp, "w:gz") as tout:
+            for m, data in members:
+                if m.name.rsplit("/", 1)[-1] == "train":
+                    d = pickle.loads(data, encoding="bytes")
+                    labels = np.asarray(d[b"fine_labels"])
+                    rank = np.zeros(len(labels), dtype=np.int64)
+                    for c in np.unique(labels):
+                        rank[labels == c] = np.arange(int((labels == c).sum()))
+                    limit = np.array([keep.get(name, n) for name in fine])[labels]
+                    rows = np.flatnonzero(rank < limit)
+                    data = _py2_pickle({
+                        _s("filenames"): [_Py2Str(d[b"filenames"][i]) for i in rows],
+                        _s("batch_label"): _Py2Str(d[b"batch_label"]),
+                        _s("fine_labels"): [int(labels[i]) for i in rows],
+                        _s("coarse_labels"): [int(d[b"coarse_labels"][i]) for i in rows],
+                        _s("data"): np.ascontiguousarray(np.asarray(d[b"data"])[rows]),
+                    })
+                _add_bytes(tout, m.name, data)
     return dest

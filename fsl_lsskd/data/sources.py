@@ -9,11 +9,12 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import numpy as np
 
 from ..errors import ChecksumError, DataError
+from ..options import dataset_option as opt
 from ..utils import atomic_path, cache_dir as default_cache_dir, md5_file
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def fetch(url: str, dest: Path) -> None:
             shutil.copyfileobj(resp, f, length=1 << 20)
     except (urllib.error.URLError, OSError) as exc:
         raise DataError(f"could not download {url} ({exc}); download it by hand and pass "
-                        f"--archive PATH (or --data-root DIR holding it)") from None
+                        f"{opt('archive', 'PATH')} (or {opt('data_root', 'DIR')} holding it)") from None
 
 
 def download(url: str, dest: Path, md5: str) -> Path:
@@ -60,8 +61,8 @@ def resolve_source(label: str, root: Optional[os.PathLike], archive: Optional[os
     ``archive`` (a file or an extracted folder) wins; else ``root`` (default ``<cache>/downloads``) is
     searched for the official archive name, the extracted folder, then any ``archive_glob`` match; else
     ``--download`` fetches the official archive into ``root``."""
-    hint = (f"pass --archive PATH to {official_name} (or its extracted {folder_name}/ folder), "
-            f"--data-root DIR holding one of them, or --download to fetch {url}")
+    hint = (f"pass {opt('archive', 'PATH')} to {official_name} (or its extracted {folder_name}/ folder), "
+            f"{opt('data_root', 'DIR')} holding one of them, or {opt('download')} to fetch {url}")
     if archive is not None:
         p = Path(archive).expanduser()
         if not p.exists():
@@ -90,17 +91,66 @@ def resolve_source(label: str, root: Optional[os.PathLike], archive: Optional[os
     raise DataError(f"no {label} data found in {r} (looked for {official_name}, {folder_name}/, {archive_glob}); {hint}")
 
 
-def source_identity(path: Path) -> str:
-    """Fast identity of a source: name + size + mtime of the file, or of every file under a folder."""
-    st = path.stat()
-    if path.is_file():
-        return f"file:{path.name}:{st.st_size}:{st.st_mtime_ns}"
+def stat_line(rel: str, st: os.stat_result) -> str:
+    """One file's line in a source identity: its name (relative), size, mtime and ctime (ns), inode and device.
+
+    The ctime cannot be set from user space: it changes with every write, ``utime`` (``touch -r``, ``cp -p``),
+    rename onto the file and ``chmod``, so an in-place edit whose mtime was restored still changes the line; a
+    file replaced by another (``mv``, a re-pointed symlink) has another inode or device."""
+    return f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}\n"
+
+
+def files_identity(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over :func:`stat_line` of every file in ``files`` (in the given order; names relative to ``root``),
+    following symlinks: the identity of exactly the files a reader opens. Raises :class:`DataError` when a
+    file vanished or cannot be read."""
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path):
+    prefix = len(str(root).rstrip(os.sep)) + 1
+    for f in files:
+        name = str(f)
+        rel = name[prefix:] if name.startswith(str(root)) else os.path.relpath(name, root)
+        try:
+            st = os.stat(name)  # follows symlinks: the file the reader opens, not the link
+        except OSError as exc:
+            raise DataError(f"cannot read {f} ({exc.strerror or exc}); it vanished or is not readable: check "
+                            f"the folder {root}") from None
+        h.update(stat_line(rel, st).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def source_identity(path: Path) -> str:
+    """Fast identity of a source (the uint8 cache key): :func:`stat_line` of an archive file, or of every file
+    under a folder (symlinked files and folders followed, each real folder once), with the list of names.
+
+    Cost: one ``stat`` per file, 0.3-0.6 s for the 30,203 files of the extracted Tiny ImageNet subset (measured on
+    2 busy cores); hashing their 58 MB of contents instead took 0.7-1.2 s with the files in the page cache, and
+    would grow with the bytes (a folder of camera photos) and read every byte on every load."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc}); pass an existing archive or folder") from None
+    if not path.is_dir():
+        return f"file:{stat_line(path.name, st).strip()}"
+    h = hashlib.sha256()
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dst = os.stat(dirpath)
+        if (dst.st_dev, dst.st_ino) in seen:  # a symlink loop or a folder linked twice: read once
+            dirnames[:] = []
+            continue
+        seen.add((dst.st_dev, dst.st_ino))
         dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, path)
+        h.update(f"dir\0{rel_dir}\n".encode("utf-8", "surrogateescape"))
         for fn in sorted(filenames):
-            fst = os.stat(os.path.join(dirpath, fn))
-            h.update(f"{os.path.relpath(os.path.join(dirpath, fn), path)}:{fst.st_size}:{fst.st_mtime_ns}\n".encode())
+            full = os.path.join(dirpath, fn)
+            try:
+                fst = os.stat(full)
+            except OSError:  # a dangling symlink: no reader opens it, but its name is part of the listing
+                h.update(f"dangling\0{os.path.join(rel_dir, fn)}\n".encode("utf-8", "surrogateescape"))
+                continue
+            h.update(stat_line(os.path.join(rel_dir, fn), fst).encode("utf-8", "surrogateescape"))
     return f"dir:{path.name}:{h.hexdigest()}"
 
 

@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import DataError
+from ..options import dataset_option as opt
 from ..utils import atomic_write_text, project_root, sha256_file
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def load_split_file(path: Union[str, Path]) -> Dict[str, List[str]]:
                             f'"test": [...]}} with a list of class names for each split')
         split = {s: [str(c) for c in data[s]] for s in ("train", "val", "test")}
     else:
-        raise DataError(f"split file {path} does not exist; pass --split-file with a JSON file or a "
+        raise DataError(f"split file {path} does not exist; pass {opt('split_file', 'F')} with a JSON file or a "
                         "directory holding train.txt/val.txt/test.txt")
     seen: Dict[str, str] = {}
     for s, names in split.items():
@@ -162,3 +163,73 @@ def write_split(split: Dict[str, List[str]], out_dir: Union[str, Path]) -> List[
         atomic_write_text(p, "".join(c + "\n" for c in split[s]))
         paths.append(p)
     return paths
+
+
+#: default class shares of ``make_class_split`` (train, val, test)
+DEFAULT_RATIOS = (0.6, 0.2, 0.2)
+#: fewest classes a val/test split needs to host 5-way episodes, and a train split to train a classifier
+MIN_EPISODE_CLASSES = 5
+MIN_TRAIN_CLASSES = 2
+
+
+def parse_ratios(text: Union[str, Sequence[float]], option: str = "--ratios") -> Tuple[float, float, float]:
+    """``"0.6,0.2,0.2"`` -> three non-negative class shares (train, val, test) summing to 1; anything else
+    raises :class:`DataError` naming ``option``."""
+    try:
+        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or any(not np.isfinite(v) or v < 0 for v in vals) or abs(sum(vals) - 1.0) > 1e-6:
+        raise DataError(f"{option} {text!r}: give three non-negative class shares for train,val,test that sum to 1, "
+                        f"e.g. {option} 0.6,0.2,0.2")
+    return vals  # type: ignore[return-value]
+
+
+def split_sizes(n_classes: int, ratios: Sequence[float]) -> Tuple[int, int, int]:
+    """Classes per split for ``n_classes`` classes: val and test get ``round(share * n)``, train the rest."""
+    n_val, n_test = (int(round(r * n_classes)) for r in ratios[1:])
+    return n_classes - n_val - n_test, n_val, n_test
+
+
+def _sizes_ok(sizes: Sequence[int]) -> bool:
+    return sizes[0] >= MIN_TRAIN_CLASSES and min(sizes[1:]) >= MIN_EPISODE_CLASSES
+
+
+def make_class_split(names: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS,
+                     seed: int = 0) -> Dict[str, List[str]]:
+    """A seeded class split of ``names`` (a user's image folder): sort the names, permute them with
+    ``numpy.random.default_rng(seed).permutation``, then take :func:`split_sizes` classes for val, test and
+    train in that order; each list is sorted. Raises :class:`DataError` (naming ratios that work, or how many
+    classes these ratios need) when val or test would get fewer than 5 classes (5-way episodes) or train
+    fewer than 2."""
+    names = sorted(set(names))
+    n = len(names)
+    sizes = split_sizes(n, ratios)
+    if not _sizes_ok(sizes):
+        shown = ",".join(f"{r:g}" for r in ratios)
+        need = next((m for m in range(n + 1, 100 * MIN_EPISODE_CLASSES + 1000)
+                     if _sizes_ok(split_sizes(m, ratios))), None)
+        fixes = []
+        if n >= MIN_TRAIN_CLASSES + 2 * MIN_EPISODE_CLASSES:
+            q = np.ceil(100 * MIN_EPISODE_CLASSES / n) / 100
+            fixes.append(f"use --ratios {1 - 2 * q:.2f},{q:.2f},{q:.2f}")
+        if need is not None:
+            fixes.append(f"add classes ({shown} needs at least {need})")
+        else:
+            fixes.append(f"give val and test larger shares than {shown}")
+        raise DataError(f"class shares {shown} on {n} classes give train/val/test {sizes[0]}/{sizes[1]}/{sizes[2]} "
+                        f"classes; 5-way episodes need at least {MIN_EPISODE_CLASSES} classes in val and in test "
+                        f"and training needs {MIN_TRAIN_CLASSES}: {' or '.join(fixes)}")
+    perm = np.random.default_rng(seed).permutation(n)
+    shuffled = [names[i] for i in perm]
+    n_train, n_val, n_test = sizes
+    return {"val": sorted(shuffled[:n_val]), "test": sorted(shuffled[n_val:n_val + n_test]),
+            "train": sorted(shuffled[n_val + n_test:])}
+
+
+def write_split_json(split: Dict[str, List[str]], dest: Union[str, Path]) -> Path:
+    """Write ``{"train": [...], "val": [...], "test": [...]}`` (UTF-8, names as written) atomically."""
+    dest = Path(dest)
+    doc = {s: list(split[s]) for s in ("train", "val", "test")}
+    atomic_write_text(dest, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    return dest

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from ..options import dataset_option as opt
 from ..registry import DATASETS
 from .base import CachedDataset
 from .sources import check_md5, resolve_source
@@ -31,6 +32,7 @@ MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 ARCHIVE_NAME = "tiny-imagenet-200.zip"
 FOLDER_NAME = "tiny-imagenet-200"
 _NUM = re.compile(r"_(\d+)\.[A-Za-z]+$")
+_READ_ERRORS = (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error)
 
 
 def _is_folder(p: Path) -> bool:
@@ -77,35 +79,64 @@ class _Source:
             z = self._local.zip = zipfile.ZipFile(self.path)
         return z
 
+    def _raw(self, rel: str, z: Optional[zipfile.ZipFile] = None) -> bytes:
+        if self.is_zip:
+            return (z or self._zip()).read(self.prefix + rel)
+        return (self.path / rel).read_bytes()
+
     def read(self, rel: str, z: Optional[zipfile.ZipFile] = None) -> bytes:
         try:
-            if self.is_zip:
-                return (z or self._zip()).read(self.prefix + rel)
-            return (self.path / rel).read_bytes()
-        except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as exc:
+            return self._raw(rel, z)
+        except _READ_ERRORS as exc:
             raise DataError(f"cannot read {rel} from {self.path} ({type(exc).__name__}: {exc}); the archive is "
                             f"corrupt or truncated: download it again ({URL}, md5 {MD5})") from None
 
+    def _image(self, rel: str, raw: bytes, size: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im)
+
     def decode(self, rels: Sequence[str], size: int) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
         for i, rel in enumerate(rels):
             raw = self.read(rel)
             try:
-                with Image.open(io.BytesIO(raw)) as im:
-                    im = im.convert("RGB")
-                    if im.size != (size, size):
-                        im = im.resize((size, size), Image.BICUBIC)
-                    out[i] = np.asarray(im)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                out[i] = self._image(rel, raw, size)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
                 raise DataError(f"image {rel} in {self.path} fails to decode ({exc}); the file is corrupt: "
                                 f"download the archive again ({URL}) or delete that image") from None
         return out
 
+    def failures(self, rels: Sequence[str], size: int) -> List[Tuple[str, str]]:
+        """``(rel, reason)`` of every image of ``rels`` that cannot be read or decoded as :meth:`decode` would."""
+        from PIL import UnidentifiedImageError
+
+        bad = []
+        for rel in rels:
+            try:
+                raw = self._raw(rel)
+            except _READ_ERRORS as exc:
+                bad.append((rel, f"unreadable ({type(exc).__name__}: {exc})"))
+                continue
+            try:
+                self._image(rel, raw, size)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+                bad.append((rel, f"undecodable ({type(exc).__name__}: {exc})"))
+        return bad
+
 
 def _decode_chunk(path: Path, rels: Sequence[str], size: int) -> np.ndarray:
     return _Source(path).decode(rels, size)
+
+
+def _failures_chunk(path: Path, rels: Sequence[str], size: int) -> List[Tuple[str, str]]:
+    return _Source(path).failures(rels, size)
 
 
 @DATASETS.register("tiny_imagenet")
@@ -180,9 +211,11 @@ class TinyImageNet(CachedDataset):
             if self.train_per_class is not None:
                 short = [(w, len(d["train"])) for w, d in files.items() if len(d["train"]) < self.train_per_class]
                 if short:
-                    listing = ", ".join(f"{w} ({n})" for w, n in short[:10])
-                    raise DataError(f"train_per_class {self.train_per_class}: {len(short)} classes of {self.source} have "
-                                    f"fewer train images: {listing}; lower it or use the full archive")
+                    listing = ", ".join(f"{w} ({n})" for w, n in short[:20])
+                    more = f" ... ({len(short)} in all)" if len(short) > 20 else ""
+                    raise DataError(f"train_per_class {self.train_per_class}: {len(short)} classes of {self.source} "
+                                    f"have fewer train images: {listing}{more}; lower {opt('train_per_class', 'N')} "
+                                    f"(the shortest class has {min(n for _, n in short)}) or use the full archive")
                 for d in files.values():
                     d["train"] = d["train"][:self.train_per_class]
             self._files = files
@@ -191,25 +224,39 @@ class TinyImageNet(CachedDataset):
     def inventory(self) -> Dict[str, Dict[str, int]]:
         return {w: {p: len(v) for p, v in d.items()} for w, d in self.files().items()}
 
-    def decode_classes(self, names: Sequence[str]) -> List[np.ndarray]:
-        files = self.files()
-        rels = [r for n in names for r in files[n]["train"] + files[n]["val"]]
-        counts = [len(files[n]["train"]) + len(files[n]["val"]) for n in names]
-        chunks: List[Tuple[int, int]] = []
+    def _map_chunks(self, fn_process, fn_local, rels: List[str]) -> list:
+        """``fn(rels[a:b])`` over chunks of ``rels``: processes for many images (PIL's JPEG decode of tiny
+        images is GIL-bound enough that threads do not scale), threads for some, inline for few."""
         step = max(256, -(-len(rels) // self.workers))
-        for i in range(0, len(rels), step):
-            chunks.append((i, min(len(rels), i + step)))
+        chunks = [(i, min(len(rels), i + step)) for i in range(0, len(rels), step)]
         size = self.image_size
         if self.workers > 1 and len(chunks) > 1 and len(rels) >= 4000:
-            # processes: PIL's JPEG decode of tiny images is GIL-bound enough that threads do not scale
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
             with ProcessPoolExecutor(self.workers, mp_context=ctx) as ex:
-                parts = list(ex.map(_decode_chunk, [self.source] * len(chunks), [rels[a:b] for a, b in chunks],
-                                    [size] * len(chunks)))
-        elif self.workers > 1 and len(chunks) > 1:
+                return list(ex.map(fn_process, [self.source] * len(chunks), [rels[a:b] for a, b in chunks],
+                                   [size] * len(chunks)))
+        if self.workers > 1 and len(chunks) > 1:
             with ThreadPoolExecutor(self.workers) as ex:
-                parts = list(ex.map(lambda ab: self.src.decode(rels[ab[0]:ab[1]], size), chunks))
-        else:
-            parts = [self.src.decode(rels[a:b], size) for a, b in chunks]
+                return list(ex.map(lambda ab: fn_local(rels[ab[0]:ab[1]], size), chunks))
+        return [fn_local(rels[a:b], size) for a, b in chunks]
+
+    def _rels(self, names: Sequence[str]) -> Tuple[List[str], List[int]]:
+        files = self.files()
+        rels = [r for n in names for r in files[n]["train"] + files[n]["val"]]
+        return rels, [len(files[n]["train"]) + len(files[n]["val"]) for n in names]
+
+    def decode_classes(self, names: Sequence[str]) -> List[np.ndarray]:
+        rels, counts = self._rels(names)
+        size = self.image_size
+        parts = self._map_chunks(_decode_chunk, self.src.decode, rels)
         allimg = np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
         return np.split(allimg, np.cumsum(counts)[:-1]) if names else []
+
+    def check_images(self, names: Sequence[str]) -> List[Tuple[str, str, str]]:
+        """``(class, file, reason)`` of every image of classes ``names`` that cannot be read from the archive or
+        decoded (nothing cached)."""
+        rels, counts = self._rels(names)
+        owner = [n for n, k in zip(names, counts) for _ in range(k)]
+        where = {r: n for r, n in zip(rels, owner)}
+        bad = [b for part in self._map_chunks(_failures_chunk, self.src.failures, rels) for b in part]
+        return [(where[r], r, why) for r, why in bad]

@@ -86,9 +86,9 @@ def write_outputs(out: Path, results, header: dict) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Do not read/write the feature cache.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write summary.json, accuracies.npz/.csv here.")
-def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, split_file, train_per_class,
-             folder_image_size, split, image_size, n_way, n_shot, n_query, n_episodes, readouts, batch_size, seed,
-             device, no_cache, out):
+def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, download, split_file,
+             train_per_class, folder_image_size, split, image_size, n_way, n_shot, n_query, n_episodes, readouts,
+             batch_size, seed, device, no_cache, out):
     """Few-shot evaluation of a backbone (RFS protocol) on the published episodes: mean accuracy ± 95% CI
     (t-distribution over episodes) per protocol and readout, with calibration (ECE, NLL, Brier) for
     probabilistic readouts.
@@ -112,8 +112,8 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, split
     check_names(datasets=[dataset])
     if out is not None:
         check_writable_dir(out, "--out")
-    data = {"archive": archive, "root": data_root, **dataset_kwargs(dataset, split_file, train_per_class,
-                                                                    folder_image_size)}
+    data = {"archive": archive, "root": data_root, "download": download,
+            **dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)}
     t0 = time.perf_counter()
     model, meta, split_data, ds = prepare(backbone, checkpoint, untrained, dataset, data, split, image_size, seed,
                                           protocols)
@@ -153,8 +153,8 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, split
 @click.option("--seed", default=0, show_default=True, help="Init seed of the untrained backbone.")
 @click.option("--threads", type=int, help="torch.set_num_threads (default: torch's).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
-def bench_eval(backbone, checkpoint, dataset, archive, data_root, split_file, train_per_class, folder_image_size,
-               split, image_size, n_shot, n_episodes, seed, threads, out):
+def bench_eval(backbone, checkpoint, dataset, archive, data_root, download, split_file, train_per_class,
+               folder_image_size, split, image_size, n_shot, n_episodes, seed, threads, out):
     """Speed of the evaluation against the per-episode learn2learn + scikit-learn pipeline, on identical
     episodes. Checks identical ProtoNet / scikit-learn accuracies and batched logreg within 0.5 pt; prints the
     speed ratios.
@@ -171,8 +171,8 @@ def bench_eval(backbone, checkpoint, dataset, archive, data_root, split_file, tr
 
     if threads:
         torch.set_num_threads(threads)
-    data = {"archive": archive, "root": data_root, **dataset_kwargs(dataset, split_file, train_per_class,
-                                                                    folder_image_size)}
+    data = {"archive": archive, "root": data_root, "download": download,
+            **dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)}
     model, meta, split_data, ds = prepare(backbone, checkpoint, checkpoint is None, dataset, data, split,
                                           image_size, seed)
     click.echo(f"bench eval: {meta['backbone']} {'untrained' if checkpoint is None else checkpoint} on {dataset} "

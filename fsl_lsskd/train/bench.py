@@ -14,6 +14,8 @@ import click
 import numpy as np
 import torch
 
+from ..options import dataset_kwargs, dataset_options
+
 
 def _time_steps(method, batches: Iterable, steps: int, warmup: int, lr: float = 0.05) -> float:
     """images/s over ``steps`` optimiser steps after ``warmup`` steps (data loading included)."""
@@ -143,9 +145,7 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
 
 
 @click.command("train")
-@click.option("--dataset", default="tiny_imagenet", show_default=True)
-@click.option("--archive", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path))
+@dataset_options(default_dataset="tiny_imagenet")
 @click.option("--backbone", default="conv4", show_default=True)
 @click.option("--image-size", default=32, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
@@ -155,8 +155,8 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
 @click.option("--methods", default="pskd,byot,lsskd", show_default=True, help="Methods timed relative to CE.")
 @click.option("--threads", type=int, help="torch.set_num_threads (default: torch's).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
-def bench_train(dataset, archive, data_root, backbone, image_size, batch_size, steps, warmup, workers, methods,
-                threads, json_out) -> None:
+def bench_train(dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, backbone,
+                image_size, batch_size, steps, warmup, workers, methods, threads, json_out) -> None:
     """Training throughput: engine data path vs the official repos' PIL + DataLoader pipeline (CE, same
     backbone/batch/machine), plus auxiliary-branch methods' cost relative to CE.
 
@@ -170,7 +170,8 @@ def bench_train(dataset, archive, data_root, backbone, image_size, batch_size, s
 
     if threads:
         torch.set_num_threads(threads)
-    ds = get_dataset(dataset, root=data_root, archive=archive)
+    ds = get_dataset(dataset, root=data_root, archive=archive, download=download,
+                     **dataset_kwargs(dataset, split_file, train_per_class, folder_image_size))
     res = run_train_bench(ds.load_split("train"), tuple(ds.mean), tuple(ds.std), backbone, image_size, batch_size,
                           steps, warmup, tuple(int(w) for w in workers.split(",") if w.strip()),
                           tuple(m.strip() for m in methods.split(",") if m.strip()))

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 from ..checkpoint import read_training_state
+from ..errors import DataError
 from ..protocol import check_capacity
 from ..registry import check_names
 from .config import TrainConfig, resolved_method_config
@@ -41,7 +42,14 @@ def check_train_config(cfg: TrainConfig) -> None:
     check_writable_dir(cfg.out_dir, "--out")
     check_resume_checkpoint(Path(cfg.out_dir))
     if cfg.validation is not None:
-        ds = get_dataset(cfg.dataset, **cfg.data_kwargs())
+        kw = cfg.data_kwargs()
+        if kw.pop("download", False):
+            try:  # no download in the checks (every torchrun process runs them): the engine fetches, rank 0 first
+                ds = get_dataset(cfg.dataset, **kw)
+            except DataError:
+                return  # not fetched yet: the engine downloads it, then validation checks the val split itself
+        else:
+            ds = get_dataset(cfg.dataset, **kw)
         check_capacity(split_counts(ds, "val"), cfg.validation, ds.class_split()["val"],
                        where=f"{cfg.dataset} val split (validation: {cfg.validation.key} x{cfg.validation.n_episodes} "
                              f"every epoch)",

@@ -38,10 +38,10 @@ from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @click.option("--no-sync-bn", is_flag=True,
               help="Under torchrun: BatchNorm statistics per process instead of over the global batch.")
-def train_cmd(method, backbone, dataset, archive, data_root, split_file, train_per_class, folder_image_size,
-              image_size, epochs, batch_size, seed, fraction, heldout, precision, val_n_way, val_n_shot, val_n_query,
-              val_n_episodes, teacher, device, threads, out_dir, experiment, run_name, settings, no_export,
-              no_mlflow, no_sync_bn) -> None:
+def train_cmd(method, backbone, dataset, archive, data_root, download, split_file, train_per_class,
+              folder_image_size, image_size, epochs, batch_size, seed, fraction, heldout, precision, val_n_way,
+              val_n_shot, val_n_query, val_n_episodes, teacher, device, threads, out_dir, experiment, run_name,
+              settings, no_export, no_mlflow, no_sync_bn) -> None:
     """Train a method on the base classes of a dataset; writes the resume state each epoch, logs to MLflow
     (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db) and, when finished, OUT/model (the trained method) and
     OUT/export (the inference backbone).
@@ -70,7 +70,8 @@ def train_cmd(method, backbone, dataset, archive, data_root, split_file, train_p
                       method_overrides=parse_set_options(settings), precision=precision,
                       teacher=str(teacher) if teacher else None, dataset_options=options,
                       archive=str(archive) if archive else None, data_root=str(data_root) if data_root else None,
-                      device=device, out_dir=str(out_dir), validation=validation[0] if validation else None,
+                      download=download, device=device, out_dir=str(out_dir),
+                      validation=validation[0] if validation else None,
                       experiment=experiment, run_name=run_name, export=not no_export, num_threads=threads,
                       mlflow=not no_mlflow, sync_bn=not no_sync_bn)
     check_train_config(cfg)  # names, sizes, --out, val split capacity: before decoding data or opening a run

@@ -44,7 +44,8 @@ class TrainConfig:
     the CLI are parsed to the field's type), ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast; fp16
     uses a gradient scaler) and ``teacher`` (a teacher's model directory, for distillation methods).
 
-    Where and how (not in the identity): ``archive``/``data_root`` (the data's location), ``device``,
+    Where and how (not in the identity): ``archive``/``data_root`` (the data's location; ``download``
+    fetches the official archive into ``data_root`` when it is not there), ``device``,
     ``out_dir`` (resume state while training, then the finished model), ``validation`` (episodes scored every
     epoch on the val split; None disables), ``num_threads``, ``mlflow``/``experiment``/``run_name``,
     ``export``, ``sync_bn`` (under torchrun: BatchNorm over the global batch).
@@ -65,6 +66,7 @@ class TrainConfig:
     dataset_options: Mapping[str, Any] = field(default_factory=dict)
     archive: Optional[str] = None
     data_root: Optional[str] = None
+    download: bool = False
     device: str = "cpu"
     out_dir: str = "runs/default"
     validation: Optional[EpisodeProtocol] = DEFAULT_VALIDATION
@@ -97,7 +99,8 @@ class TrainConfig:
 
     def data_kwargs(self) -> Dict[str, Any]:
         """Arguments of :func:`fsl_lsskd.data.get_dataset` for this run's data."""
-        return {"root": self.data_root, "archive": self.archive, **dict(self.dataset_options)}
+        return {"root": self.data_root, "archive": self.archive, "download": bool(self.download),
+                **dict(self.dataset_options)}
 
 
 def method_class(name: str):

@@ -30,7 +30,7 @@ import torch
 from ..checkpoint import (MODEL_META, build_method, load_method, read_model_meta, read_training_state,
                           save_model, save_training_state)
 from ..errors import ConfigError, TrainingDiverged
-from ..utils import atomic_path, atomic_write_text, make_dir
+from ..utils import atomic_path, atomic_write_text, check_writable_dir, make_dir
 from .config import TrainConfig, build_method_config, diff_keys, method_class, train_id, training_identity
 from .loader import TrainLoader, epoch_seed
 
@@ -232,6 +232,13 @@ def default_validator(cfg: TrainConfig, data: PreparedData) -> Optional[Validato
     if cfg.validation is None or data.val is None:
         return None
     from ..eval.validation import fewshot_validator
+    from ..protocol import check_capacity
+
+    # checked up front by check_train_config unless the data was downloaded by this run: check before epoch 1
+    check_capacity(data.val.class_counts(), cfg.validation, data.val.class_names,
+                   where=f"{cfg.dataset} val split (validation: {cfg.validation.key} x{cfg.validation.n_episodes} "
+                         f"every epoch)",
+                   fix="pass --val-n-episodes 0 (no per-epoch validation) or lower --val-n-shot/--val-n-query")
 
     return fewshot_validator(data.val, cfg.validation, data.mean, data.std, cfg.image_size, cfg.device)
 
@@ -310,7 +317,9 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
 
     run_cfg = replace(cfg, device=str(dctx.device)) if dctx.enabled else cfg  # cuda -> cuda:LOCAL_RANK
     out = Path(cfg.out_dir)
-    make_dir(out)  # unwritable --out: OutputError (exit 2, stops a grid), not a crashed cell
+    # unwritable --out: OutputError (exit 2, stops a grid), not a crashed cell; the directory itself is created
+    # only once the run starts writing, so a run that fails on its data or settings leaves no empty --out behind
+    check_writable_dir(out, "--out")
     ckpt_path = out / CHECKPOINT_NAME
     with dctx.main_first():  # rank 0 decodes the dataset cache, then the other ranks read it
         data = prepare_data(cfg, train_data, val_data, mean, std)
@@ -362,6 +371,7 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
             "method_config": json.loads(json.dumps(asdict(mcfg), default=str)), "identity": identity,
             "train_id": tid, "format_version": STATE_FORMAT, "world_size": dctx.world_size,
             "precision": cfg.precision}
+    make_dir(out)
     if dctx.is_main:
         atomic_write_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "identity": identity,
                                                            "train_id": tid}, indent=2, default=str) + "\n")
