@@ -436,3 +436,27 @@ def test_cross_domain_targets_fixed_runs_overrides_and_finetune(tmp_path, store,
     bench.write_text(text.replace("{tiny_imagenet: {n_query: 1}}", "{tiny_imagenet: {n_query: 3}}"))
     res = cli("run", bench, "--out", tmp_path / "runs", "--dry-run")
     assert res.exit_code == 2 and "eval: {targets: {tiny_imagenet: {n_query: N}}}" in res.output, res.output
+
+
+def test_run_downloads_a_missing_dataset_first_and_dry_run_fetches_nothing(tmp_path, store, cifar_archive,
+                                                                            monkeypatch):
+    """`data: {cifar_fs: {download: true}}` on a machine without the archive: the dry run says it will be
+    downloaded and fetches nothing; the run fetches it (checksummed), then trains and scores."""
+    import hashlib
+
+    from fsl_lsskd.data import sources
+
+    calls = []
+    monkeypatch.setattr(sources, "fetch", lambda url, dest: calls.append(url) or Path(dest).write_bytes(
+        cifar_archive.read_bytes()))
+    monkeypatch.setattr("fsl_lsskd.data.cifar_fs.MD5", hashlib.md5(cifar_archive.read_bytes()).hexdigest())
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), epochs=1)
+    bench.write_text(bench.read_text().replace(f"{{archive: {cifar_archive}}}",
+                                               f"{{data_root: {tmp_path / 'dl'}, download: true}}"))
+    res = cli("run", bench, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "not on this machine yet; `fsl-bench run` downloads it first" in res.output and calls == []
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1 and "1 trained" in summary_line(res.output)
+    assert (tmp_path / "dl" / "cifar-100-python.tar.gz").is_file()

@@ -100,7 +100,7 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
     click.echo(f"benchmark {bench.name}: {bench.description}")
     log.info("resolved config: %s", json.dumps(bench.to_dict(), sort_keys=True, default=str))
     # names, settings, --out and the data against the protocols, before anything is trained or logged
-    notes = validate_benchmark(bench, data=True, out_root=None if dry_run else out_root)
+    notes = validate_benchmark(bench, data=True, out_root=None if dry_run else out_root, fetch=not dry_run)
     for n in notes:
         click.echo(f"note: {n}")
     if dry_run:
@@ -174,12 +174,19 @@ def _summary(outcomes) -> None:
 
 
 def _dry_run(bench, shard_spec) -> None:
-    from ..errors import UserError
+    from ..errors import DataError, UserError
     from ..record import StoreNotFound, check_no_legacy, describe_store, open_store
     from .runner import DataCache, Plan, plan_cells, wanted_scores
 
     cells = plan_cells(bench, shard_spec)
-    plan = Plan(bench, cells, DataCache(bench))
+    try:
+        plan = Plan(bench, cells, DataCache(bench, fetch=False))
+    except DataError:  # a dataset `fsl-bench run` downloads first: identities need its content
+        click.echo(f"{len(cells)} cells; their training ids and scores are known once the data is downloaded (the "
+                   f"note above): `fsl-bench run` fetches it and starts")
+        for c in cells:
+            click.echo(f"  {c.label}" + (" (teacher)" if c.role == "teacher" else ""))
+        return
     try:
         store = open_store(create=False)
         check_no_legacy(store)

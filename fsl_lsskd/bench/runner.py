@@ -70,8 +70,10 @@ class WantedScore:
 class DataCache:
     """Datasets and decoded splits of one invocation, loaded once (memory-mapped from the uint8 cache)."""
 
-    def __init__(self, bench: Benchmark) -> None:
-        self.bench = bench
+    def __init__(self, bench: Benchmark, fetch: bool = True) -> None:
+        """``fetch=False``: never download (a dataset with ``download: true`` that is missing raises
+        :class:`~fsl_lsskd.errors.DataError`)."""
+        self.bench, self.fetch = bench, fetch
         self._ds: Dict[str, Any] = {}
         self._splits: Dict[Tuple[str, str], Any] = {}
 
@@ -83,6 +85,8 @@ class DataCache:
             from ..data import get_dataset
 
             kw = self.kwargs(name)
+            if not self.fetch:
+                kw["download"] = False
             ds = get_dataset(name, **kw)
             if kw.get("download") and hasattr(ds, "prepare"):
                 ds.prepare()  # fetch (checksummed) and decode into the cache

@@ -51,10 +51,11 @@ def check_readouts(bench: Benchmark) -> None:
                 raise type(exc)(f"{bench.where}: `{where}`: {exc}") from None
 
 
-def check_data(bench: Benchmark, data=None) -> List[str]:
+def check_data(bench: Benchmark, data=None, fetch: bool = False) -> List[str]:
     """Every dataset of ``bench`` exists; every training dataset can host the evaluation protocols (on
     ``eval.split``) and the validation episodes (val split). Returns notes for cross-domain targets that
-    cannot host a protocol (those are skipped, not errors)."""
+    cannot host a protocol (those are skipped, not errors). A dataset with ``download: true`` that is not on
+    this machine is fetched first when ``fetch`` (a real run), else noted (a dry run fetches nothing)."""
     from ..data.base import split_counts
     from .grid import GENERATORS, data_kwargs
 
@@ -73,7 +74,17 @@ def check_data(bench: Benchmark, data=None) -> List[str]:
                 counts = {s: generated_counts(name, source.generate, s)[1] for s in ("val", ev.split)}
             else:
                 with benchmark_dataset(name):  # messages name the benchmark file's keys, not CLI flags
-                    ds = data.dataset(name) if data is not None else _dataset(name, data_kwargs(name, bench))
+                    kwargs = data_kwargs(name, bench)
+                    try:
+                        ds = data.dataset(name) if data is not None else _dataset(name, kwargs)
+                    except DataError:
+                        if not kwargs.get("download"):
+                            raise
+                        if not fetch:
+                            notes.append(f"{name}: not on this machine yet; `fsl-bench run` downloads it first "
+                                         f"(data.{name}.download: true) and checks its protocols then")
+                            continue
+                        ds = _dataset(name, kwargs, download=True)
                     counts = {s: split_counts(ds, s) for s in ("val", ev.split)}
                 classes = ds.class_split()
         except DataError as exc:
@@ -127,15 +138,20 @@ def generated_counts(dataset: str, sizes, split: str):
     return names, np.full(len(names), int(sum(sizes)), dtype=np.int64)
 
 
-def _dataset(name: str, kwargs):
+def _dataset(name: str, kwargs, download: bool = False):
+    """The dataset from a present source; ``download`` fetches (checksummed) and decodes it first."""
     from ..data import get_dataset
 
     kw = dict(kwargs)
-    kw.pop("download", None)  # up-front checks never download: counts come from a present source
-    return get_dataset(name, **kw)
+    kw["download"] = download
+    ds = get_dataset(name, **kw)
+    if download and hasattr(ds, "prepare"):
+        ds.prepare()
+    return ds
 
 
-def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optional[Path] = None) -> List[str]:
+def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optional[Path] = None,
+                       fetch: bool = False) -> List[str]:
     """Everything ``fsl-bench run`` can check before training (module docstring); raises a :class:`UserError`
     subclass, returns notes (skipped cross-domain protocols)."""
     from ..utils import check_writable_dir
@@ -170,4 +186,4 @@ def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optiona
                           f"train.heldout (e.g. 0.1) or drop eval.base")
     if out_root is not None:
         check_writable_dir(out_root, "--out")
-    return check_data(bench) if data else []
+    return check_data(bench, fetch=fetch) if data else []
