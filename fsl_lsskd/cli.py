@@ -23,6 +23,7 @@ COMMANDS: Dict[str, str] = {
     "data": "fsl_lsskd.data.cli:data",
     "run": "fsl_lsskd.bench.commands:run",
     "table": "fsl_lsskd.bench.commands:table",
+    "publish": "fsl_lsskd.bench.commands:publish_cmd",
     "evaluate": "fsl_lsskd.eval.cli:evaluate",
     "bench": "fsl_lsskd.bench.cli:bench",
     "store": "fsl_lsskd.migrate:store",

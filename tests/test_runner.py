@@ -460,3 +460,44 @@ def test_run_downloads_a_missing_dataset_first_and_dry_run_fetches_nothing(tmp_p
     assert res.exit_code == 0, res.output
     assert len(calls) == 1 and "1 trained" in summary_line(res.output)
     assert (tmp_path / "dl" / "cifar-100-python.tar.gz").is_file()
+
+
+def test_publish_rebuild_tables_from_results_and_reproduce_a_published_number(tmp_path, store, cifar_archive):
+    """`fsl-bench publish` writes every cell's backbone and per-episode scores with a manifest; the tables built
+    from those files alone equal the store's; `evaluate --checkpoint` on a published file gives its number."""
+    import json
+
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce", "pskd"), seeds=(0, 1), epochs=1,
+                        readouts="[protonet, logreg_batched], base: true", heldout=0.25)
+    assert cli("run", bench, "--out", tmp_path / "runs").exit_code == 0
+    res = cli("publish", bench, "--out", tmp_path / "pub")
+    assert res.exit_code == 0 and "published 4 cells" in res.output, res.output
+    manifest = json.loads((tmp_path / "pub" / "MANIFEST.json").read_text())
+    names = sorted(p.name for p in (tmp_path / "pub").iterdir())
+    assert "ce-conv4-seed0.safetensors" in names and "pskd-conv4-seed1.scores.npz" in names
+    assert len(manifest["cells"]) == 4 and manifest["published_at_commit"]
+    entry = next(e for e in manifest["cells"] if e["stem"] == "pskd-conv4-seed1")
+    assert entry["train_id"] and entry["tags"]["fsl.identity"] and len(entry["scores"]) == 3
+    assert cli("table", bench, "--out", tmp_path / "from_store").exit_code == 0
+    res = cli("table", bench, "--out", tmp_path / "from_files", "--from-results", tmp_path / "pub")
+    assert res.exit_code == 0, res.output
+    for ext in ("md", "csv", "tex"):
+        a = (tmp_path / "from_store" / f"grid.{ext}").read_text().splitlines()
+        b = (tmp_path / "from_files" / f"grid.{ext}").read_text().splitlines()
+        if ext == "md":  # the first line says where the numbers came from
+            assert "from the MLflow store" in a[0] and "from published files in" in b[0]
+            a, b = a[1:], b[1:]
+        assert a == b, ext
+    # one published number, reproduced from the published file alone
+    score = next(s for s in entry["scores"] if s["tags"]["fsl.readout"] == "protonet")
+    res = cli("evaluate", "--checkpoint", tmp_path / "pub" / "pskd-conv4-seed1.safetensors", "--dataset",
+              "cifar_fs", "--archive", cifar_archive, "--n-shot", "1", "--n-query", "5", "--n-episodes", "40",
+              "--readouts", "protonet", "--out", tmp_path / "ev")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "ev" / "summary.json").read_text())["results"][0]
+    assert again["accuracy"] == pytest.approx(score["metrics"]["accuracy"], abs=1e-9)
+    # a changed file is refused
+    npz = tmp_path / "pub" / "ce-conv4-seed0.scores.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    res = cli("table", bench, "--out", tmp_path / "x", "--from-results", tmp_path / "pub")
+    assert res.exit_code == 2 and "differs from MANIFEST.json" in res.output, res.output

@@ -277,3 +277,31 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     click.echo((out_dir / f"{bench.name}.md").read_text())
     for p in paths:
         click.echo(f"wrote {p}")
+
+
+@click.command("publish")
+@click.argument("benchmark", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of the published files [default: results/weights/<benchmark name>].")
+def publish_cmd(benchmark: Path, out_dir: Optional[Path]) -> None:
+    """Publish every finished cell of a benchmark as files: its exported backbone (safetensors + meta) and
+    per-episode scores, with a MANIFEST.json (sha256, training identity, commits). `fsl-bench table
+    --from-results DIR` rebuilds the tables from them; `fsl-bench evaluate --checkpoint FILE` scores a file again.
+
+    \b
+    Example:
+      fsl-bench publish benchmarks/cpu_tiny_imagenet.yaml
+      fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --from-results results/weights/cpu_tiny_imagenet
+    """
+    from ..utils import check_writable_dir
+    from .config import load_benchmark
+    from .publish import publish
+
+    bench = load_benchmark(benchmark)
+    out_dir = out_dir or Path("results") / "weights" / bench.name
+    check_writable_dir(out_dir, "--out")
+    path = publish(bench, out_dir)
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    total = sum(f["bytes"] for e in manifest["cells"] for f in e["files"].values())
+    click.echo(f"published {len(manifest['cells'])} cells of {bench.name} into {out_dir} ({total / 1e6:.1f} MB); "
+               f"manifest {path}")

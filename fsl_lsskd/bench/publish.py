@@ -1,0 +1,212 @@
+"""Published results: every finished cell's exported backbone and per-episode scores as plain files, and the
+tables rebuilt from them without a store.
+
+``fsl-bench publish BENCHMARK --out results/weights/<benchmark>`` writes, per cell,
+
+* ``<row>-<backbone>-seed<k>[-<fraction>pct].safetensors``: the exported backbone (``fsl-bench evaluate
+  --checkpoint FILE`` loads it; its meta is the ``.json`` beside it: backbone, image size, normalisation,
+  training id, how to load it without fsl-bench);
+* ``<same stem>.scores.npz``: every score of the cell, per episode (``<score id>.accuracy`` in %, ``.nll``,
+  ``.brier``, ``.reliability``),
+
+and ``MANIFEST.json``: for every cell its files (sha256, bytes), its training identity and the code commit that
+trained it, its scores' identities (target, protocol with the episodes' sha256, readout and settings) and
+summary metrics, its training curves, and the commit that published them. Rows are methods or variants;
+teacher-only cells end in ``-teacher``; a benchmark with several training datasets puts the dataset first.
+
+``fsl-bench table BENCHMARK --from-results DIR`` reads a published directory through :class:`PublishedStore`
+(the read-only part of the store interface :func:`fsl_lsskd.bench.collect.collect` uses), so the tables it
+writes are the ones the store gives, checksums checked first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..record import ScoreRecord, TrainingRecord
+from ..utils import atomic_path, make_dir
+from .config import Benchmark
+from .grid import Cell, expand, with_teachers
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+FORMAT = 1
+ARRAYS = ("accuracy", "nll", "brier", "reliability")
+
+
+def cell_stem(bench: Benchmark, cell: Cell) -> str:
+    """The file stem of a cell: ``<row>-<backbone>-seed<k>[-<fraction>pct][-teacher]`` (dataset first when the
+    benchmark trains on several)."""
+    parts = [cell.dataset] if len(bench.datasets) > 1 else []
+    parts += [cell.row, cell.backbone, f"seed{cell.seed}"]
+    if cell.fraction < 1.0:
+        parts.append(f"{100 * cell.fraction:g}pct")
+    if cell.role == "teacher":
+        parts.append("teacher")
+    return "-".join(parts)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
+    """Write the published files of every finished cell of ``bench`` into ``out_dir`` (module docstring) and
+    return the manifest's path. Files of cells no longer in the grid are removed; the manifest is written last.
+    Raises :class:`ConfigError` when the store holds no finished cell of the benchmark."""
+    from ..record import git_commit, open_store
+    from .collect import CURVE_METRICS, match_cells
+
+    store = store or open_store(create=False)
+    matched = match_cells(bench, store)
+    if not matched:
+        raise ConfigError(f"benchmark {bench.name!r} has no finished cells in the store; run "
+                          f"`fsl-bench run {bench.where}` first")
+    cells = [c for c in with_teachers(expand(bench)) if c.key in matched]
+    stems = [cell_stem(bench, c) for c in cells]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        raise ConfigError(f"{bench.where}: cells share the published file name {dup[0]!r}; give the rows distinct "
+                          f"names (variants)")
+    make_dir(out_dir)
+    scores = store.scores([matched[c.key].train_id for c in cells])
+    by_train: Dict[str, List[ScoreRecord]] = {}
+    for rec in scores.values():
+        by_train.setdefault(rec.train_id, []).append(rec)
+    entries = []
+    cache: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fsl-publish-") as tmp:
+        for cell, stem in zip(cells, stems):
+            rec = matched[cell.key]
+            export = store.fetch_dir(rec.run_id, "export", Path(tmp) / rec.train_id)
+            weights, meta = out_dir / f"{stem}.safetensors", out_dir / f"{stem}.json"
+            with atomic_path(weights) as t:
+                shutil.copyfile(export / "backbone.safetensors", t)
+            meta_obj = json.loads((export / "backbone.json").read_text(encoding="utf-8"))
+            with atomic_path(meta) as t:
+                Path(t).write_text(json.dumps(meta_obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            arrays: Dict[str, np.ndarray] = {}
+            score_entries = []
+            for s in sorted(by_train.get(rec.train_id, []), key=lambda r: r.score_id):
+                a = store.score_arrays(s, cache)
+                for k in ARRAYS:
+                    if k in a:
+                        arrays[f"{s.score_id}.{k}"] = np.asarray(a[k])
+                score_entries.append({"score_id": s.score_id, "run_id": s.run_id, "start_time": s.start_time,
+                                      "tags": _fsl_tags(s.tags), "metrics": dict(s.metrics)})
+            npz = out_dir / f"{stem}.scores.npz"
+            with atomic_path(npz, suffix=".npz") as t:
+                with open(t, "wb") as fh:
+                    np.savez_compressed(fh, **arrays)
+            curves = {m: [[h.step, h.value] for h in store.client.get_metric_history(rec.run_id, m)]
+                      for m in CURVE_METRICS}
+            entries.append({
+                "stem": stem, "row": cell.row, "method": cell.method, "backbone": cell.backbone,
+                "dataset": cell.dataset, "seed": cell.seed, "fraction": cell.fraction, "role": cell.role,
+                "train_id": rec.train_id, "run_id": rec.run_id, "start_time": rec.start_time,
+                "trained_at_commit": rec.tags.get("fsl.git_commit", ""),
+                "tags": _fsl_tags(rec.tags), "params": dict(rec.params),
+                "files": {name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                          for name, p in ((weights.name, weights), (meta.name, meta), (npz.name, npz))},
+                "scores": score_entries, "curves": {k: v for k, v in curves.items() if v}})
+    keep = {name for e in entries for name in e["files"]} | {MANIFEST}
+    for p in out_dir.iterdir():
+        if p.is_file() and p.name not in keep and p.name.endswith((".safetensors", ".json", ".scores.npz")):
+            p.unlink()  # a cell that left the grid
+    manifest = {"format": FORMAT, "benchmark": bench.name, "benchmark_file": Path(bench.where).name,
+                "published_at_commit": git_commit(), "cells": entries}
+    path = out_dir / MANIFEST
+    with atomic_path(path) as t:
+        Path(t).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("published %d cells of %s into %s", len(entries), bench.name, out_dir)
+    return path
+
+
+def _fsl_tags(tags) -> Dict[str, str]:
+    return {k: v for k, v in tags.items() if k.startswith("fsl.")}
+
+
+class PublishedStore:
+    """A published results directory, read through the part of :class:`fsl_lsskd.record.Store` that
+    :func:`~fsl_lsskd.bench.collect.collect` uses. Every file's sha256 is checked against the manifest."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{self.dir} has no {MANIFEST}: pass the directory `fsl-bench publish` wrote (e.g. "
+                            f"results/weights/<benchmark>)")
+        try:
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); publish again") from None
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(f"{path} has format {self.manifest.get('format')!r}; this fsl-bench reads {FORMAT}")
+        for e in self.manifest["cells"]:
+            for name, info in e["files"].items():
+                p = self.dir / name
+                if not p.is_file() or sha256(p) != info["sha256"]:
+                    raise DataError(f"{p} is missing or differs from {MANIFEST} (sha256); restore it (git checkout) "
+                                    f"or publish again")
+        self._cells = {e["train_id"]: e for e in self.manifest["cells"]}
+        self._runs = {e["run_id"]: e for e in self.manifest["cells"]}
+        self.client = SimpleNamespace(get_metric_history=self._history)
+
+    def legacy_runs(self, experiment_ids: Optional[Sequence[str]] = None) -> list:
+        return []
+
+    def experiment_id(self, name: str, create: bool = True) -> Optional[str]:
+        return None
+
+    def trainings(self, train_ids: Optional[Sequence[str]] = None) -> Dict[str, TrainingRecord]:
+        ids = self._cells if train_ids is None else [t for t in train_ids if t in self._cells]
+        return {t: TrainingRecord(run_id=self._cells[t]["run_id"], experiment_id="published", train_id=t,
+                                  tags=dict(self._cells[t]["tags"]), params=dict(self._cells[t]["params"]),
+                                  complete=True, start_time=int(self._cells[t]["start_time"])) for t in ids}
+
+    def scores(self, train_ids: Optional[Sequence[str]] = None) -> Dict[str, ScoreRecord]:
+        out = {}
+        for t in (self._cells if train_ids is None else train_ids):
+            e = self._cells.get(t)
+            for s in (e or {}).get("scores", []):
+                out[s["score_id"]] = ScoreRecord(run_id=s["run_id"], score_id=s["score_id"], train_id=t,
+                                                 tags=dict(s["tags"]), metrics=dict(s["metrics"]),
+                                                 start_time=int(s["start_time"]))
+        return out
+
+    def score_arrays(self, record: ScoreRecord, cache: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        e = self._cells[record.train_id]
+        key = f"npz:{e['stem']}"
+        if key not in cache:
+            with np.load(self.dir / f"{e['stem']}.scores.npz") as z:
+                cache[key] = {k: z[k] for k in z.files}
+        z = cache[key]
+        return {k: z[f"{record.score_id}.{k}"] for k in ARRAYS if f"{record.score_id}.{k}" in z}
+
+    def _history(self, run_id: str, metric: str):
+        e = self._runs.get(run_id, {})
+        return [SimpleNamespace(step=int(step), value=float(value)) for step, value in e.get("curves", {}).get(metric, [])]
+
+
+def collect_published(bench: Benchmark, directory: Path):
+    """The :class:`~fsl_lsskd.bench.tables.ResultSet` of a published directory (no store, no data)."""
+    from .collect import collect
+
+    store = PublishedStore(directory)
+    if store.manifest.get("benchmark") != bench.name:
+        raise ConfigError(f"{directory} holds benchmark {store.manifest.get('benchmark')!r}, not {bench.name!r}")
+    return collect(bench, store=store)
