@@ -171,8 +171,9 @@ def prototype_head(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> n
 
 @READOUTS.register("finetune")
 class FinetuneReadout(Readout):
-    """Per-episode partial fine-tuning (last stage + prototype-initialised linear head) on the augmented
-    support set; settings in :class:`FinetuneConfig`, sources in the module docstring."""
+    """Per-episode fine-tuning of the last stage and a prototype-initialised linear head on the augmented support set (Chen et al. 2019; Triantafillou et al. 2020).
+
+    Settings: :class:`FinetuneConfig`; sources: the module docstring."""
 
     config_cls = FinetuneConfig
     needs_features = False

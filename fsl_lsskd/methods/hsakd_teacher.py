@@ -31,7 +31,9 @@ class HSAKDTeacherConfig(MethodConfig):
 
 @METHODS.register("hsakd_teacher")
 class HSAKDTeacher(Method):
-    """Teacher with auxiliary rotation classifiers (``self.aux_classifiers``, 4C outputs each), used by ``hsakd``."""
+    """HSAKD's teacher: the backbone with a rotation-augmented auxiliary classifier (4C outputs) on every stage, used by ``hsakd``.
+
+    The auxiliary classifiers are ``self.aux_classifiers``."""
 
     config_cls = HSAKDTeacherConfig
     has_rotation_classifiers = True
