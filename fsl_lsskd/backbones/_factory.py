@@ -22,12 +22,12 @@ import copy
 import logging
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, UnknownNameError, UserError
 from ..registry import BACKBONES
 from .base import init_weights
 
@@ -40,12 +40,48 @@ def _ensure_registered() -> None:
 
 
 def _small_input_factor(image_size: int) -> int:
-    """How much to reduce the stem's downsampling so the final map is >= 4x4 (32 -> 4, 64 -> 2)."""
+    """How much to reduce a timm CNN's downsampling so the final map is >= 4x4 (32 -> 4, 64 -> 2)."""
     if image_size <= 32:
         return 4
     if image_size <= 64:
         return 2
     return 1
+
+
+#: Input sizes of the dummy forward that locates every strided op (powers of two, so each halving is exact); the
+#: first the original model takes is used.
+TRACE_SIZES = (64, 128, 224)
+#: Where to turn for a model that is refused.
+ALTERNATIVES = "resnet18, resnet10t, efficientnet_b0, mobilenetv3_small_100 or the few-shot standards conv4 / resnet12"
+
+# Module types that mix tokens over all positions (self-attention, token MLPs, recurrences): such a model is not a
+# CNN. Matched against class names; channel attention (SE, ECA, CBAM, ResNeSt's split attention) is allowed.
+_NOT_CNN_CLASS = re.compile(r"Attention|Attn|MultiQuery|MHSA|GPSA|SHSA|LiteMLA|LambdaLayer|Transformer|LSTM|GRU|RNN"
+                            r"|^MixerBlock$|^SpatialGatingUnit$")
+_CHANNEL_ATTN = re.compile(r"SplitAttn|SqueezeExcite|SEModule|EcaModule|CecaModule|CbamModule|LightCbamModule"
+                           r"|GatherExcite|GlobalContext|EffectiveSEModule|SelectiveKernel|CoordAttn|ChannelAttn"
+                           r"|SpatialAttn|LightChannelAttn|LightSpatialAttn|EcaAttn|SEAttn")
+
+
+def _not_cnn_reason(model: nn.Module) -> Optional[str]:
+    """Why ``model`` is not a convolutional network (None: it is one): a class token / position embedding (vision
+    transformers), self-attention or token-mixing MLP / recurrent layers anywhere in the trunk (hybrids such as
+    CoaT, LeViT, ConViT, MaxViT, MobileViT, BoTNet; MLP-Mixer, ResMLP, gMLP, Sequencer)."""
+    for attr in ("cls_token", "pos_embed", "dist_token", "reg_token"):
+        if getattr(model, attr, None) is not None:
+            return f"it has a transformer's `{attr}`"
+    for name, m in model.named_modules():
+        if not name:
+            continue  # the model's own class name (e.g. ...Transformer) says less than the module that mixes tokens
+        if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
+            return f"{type(m).__name__} at `{name}`"
+        cls = type(m).__name__
+        if _CHANNEL_ATTN.search(cls):
+            continue
+        if _NOT_CNN_CLASS.search(cls) or any(isinstance(getattr(m, a, None), nn.Module)
+                                              for a in ("qkv", "qk", "to_qkv", "mlp_tokens", "linear_tokens")):
+            return f"self-attention / token mixing ({cls} at `{name}`)"
+    return None
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -54,42 +90,193 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _reduce_stem_stride(model: nn.Module, factor: int) -> List[str]:
-    """Turn the first log2(factor) stride-2 ops (in forward/registration order: timm ResNet ``conv1`` then
-    ``maxpool``; EfficientNet/MobileNet ``conv_stem`` then the first strided block) into stride 1 (pools are
-    removed). Returns the names of the changed modules."""
-    todo = int(round(math.log2(factor)))
-    changed: List[str] = []
-    if todo <= 0:
-        return changed
-    for name, m in list(model.named_modules()):
-        if len(changed) >= todo:
-            break
-        if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2):
-            m.stride = (1, 1)
-            changed.append(name)
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and m.stride in (2, (2, 2)):
-            _set_submodule(model, name, nn.Identity())
-            changed.append(name)
-    return changed
+def _pair(v: Any) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _stride_of(m: nn.Module) -> Optional[Tuple[int, int]]:
+    """The spatial stride of a strided op we know how to change (convolutions and their timm variants,
+    max/avg pooling, timm ``BlurPool2d``); None for anything else."""
+    if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) or (
+            hasattr(m, "stride") and hasattr(m, "padding") and (hasattr(m, "kernel_size") or hasattr(m, "filt_size"))):
+        s = m.stride if m.stride is not None else getattr(m, "kernel_size", 1)
+        try:
+            return _pair(s)
+        except (TypeError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _log2_ratio(a: int, b: int) -> int:
+    return int(round(math.log2(a / b)))
 
 
 @torch.no_grad()
-def _measure_reductions(model: nn.Module, size: int = 64, in_chans: int = 3) -> List[int]:
-    """Reductions of every feature_info entry, measured with one dummy forward (eval mode, restored after)."""
+def _trace_strided_ops(model: nn.Module, size: int, in_chans: int) -> Tuple[List[Tuple[str, int, int]], List[int]]:
+    """One dummy ``forward_intermediates`` at ``size`` x ``size`` (eval mode, restored after):
+    ``(ops, reductions)``: ``(module name, log2 reduction before it, log2 reduction after it)`` of every strided
+    op (stride > 1, see :func:`_stride_of`) and the reduction of every feature_info entry. Raises ConfigError when
+    a strided module runs at two different resolutions (shared weights)."""
+    seen: Dict[str, Tuple[int, int]] = {}
+    shared: List[str] = []
+    hooks = []
+
+    def hook(name):
+        def fn(_m, args, out):
+            if not args or not torch.is_tensor(args[0]) or not torch.is_tensor(out) or out.dim() != 4:
+                return
+            rec = (_log2_ratio(size, args[0].shape[-2]), _log2_ratio(size, out.shape[-2]))
+            if seen.setdefault(name, rec) != rec:
+                shared.append(name)
+        return fn
+
+    for name, m in model.named_modules():
+        st = _stride_of(m)
+        if name and st is not None and max(st) > 1:
+            hooks.append(m.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
     try:
         p = next(model.parameters())
-        x = torch.zeros(1, in_chans, size, size, device=p.device, dtype=p.dtype)
-        feats = model.forward_intermediates(x, intermediates_only=True)
+        feats = model.forward_intermediates(torch.zeros(1, in_chans, size, size, device=p.device, dtype=p.dtype),
+                                            intermediates_only=True)
     finally:
         model.train(was_training)
-    return [2 ** int(round(math.log2(size / f.shape[-1]))) for f in feats]
+        for h in hooks:
+            h.remove()
+    if shared:
+        raise ConfigError(f"`{shared[0]}` runs at two resolutions")
+    return [(n, a, b) for n, (a, b) in seen.items()], [2 ** _log2_ratio(size, f.shape[-1]) for f in feats]
 
 
-def _is_transformer(model: nn.Module) -> bool:
-    return hasattr(model, "patch_embed") or hasattr(model, "blocks") and hasattr(model, "cls_token")
+class _AsymPadConv2d(nn.Conv2d):
+    """A stride-1 ``nn.Conv2d`` with an even kernel that keeps the input size: zero-pads ``(k - 1) // 2`` before
+    and ``k // 2`` after each spatial dimension (what ``padding='same'`` does, without its per-call copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = [self.dilation[i] * (self.kernel_size[i] - 1) for i in (0, 1)]
+        return super().forward(nn.functional.pad(x, (kw // 2, kw - kw // 2, kh // 2, kh - kh // 2)))
+
+
+def _restride(model: nn.Module, name: str, stride: int) -> None:
+    """Give strided op ``name`` the new (smaller) ``stride``; padding becomes 'same'-like so an S x S input
+    gives ceil(S / stride); a pool at stride 1 becomes ``nn.Identity`` (as CIFAR ResNets drop the max-pool)."""
+    m = model.get_submodule(name)
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        if stride == 1:
+            _set_submodule(model, name, nn.Identity())
+        else:
+            m.kernel_size, m.stride, m.padding = stride, stride, 0
+        return
+    if not hasattr(m, "kernel_size"):  # BlurPool2d: its reflect padding already keeps the size at stride 1
+        m.stride = stride
+        return
+    k, d = _pair(m.kernel_size), _pair(getattr(m, "dilation", 1))
+    m.stride = (stride, stride) if isinstance(m.stride, tuple) else stride
+    if type(m).__name__.endswith("Same") or getattr(m, "dynamic_padding", False):  # timm TF 'same': padding follows
+        return
+    eff = [d[i] * (k[i] - 1) + 1 for i in (0, 1)]
+    if stride == 1 and any((e - 1) % 2 for e in eff):  # even kernel (ConvNeXt's 4x4/2x2 patchify convs)
+        if type(m) is nn.Conv2d and m.padding_mode == "zeros":
+            m.__class__ = _AsymPadConv2d  # same parameters and state dict; pads (k-1)//2 before, k//2 after
+            m.padding = (0, 0)
+        else:
+            m.padding = "same"
+    else:
+        pad = tuple(max(e - stride + 1, 0) // 2 for e in eff)
+        m.padding = pad if isinstance(m.padding, tuple) else pad[0]
+
+
+def _adapt_strides(model: nn.Module, factor: int, in_chans: int) -> Tuple[Dict[str, int], List[int]]:
+    """Divide the model's early downsampling by ``factor`` consistently: every strided op that sits where the
+    resolution goes from reduction ``r_in`` to ``r_out`` (measured in a dummy forward) gets the stride
+    ``max(1, r_out / factor) / max(1, r_in / factor)``, so a block's strided main path and the strided shortcut /
+    downsample that matches it change together. Returns ``({module name: new stride}, reductions of the
+    feature_info entries before the change)``."""
+    shift = int(round(math.log2(factor)))
+    plan: Dict[str, int] = {}
+    for size in TRACE_SIZES:
+        try:
+            ops, before = _trace_strided_ops(model, size, in_chans)
+            break
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - too small for the original model (valid convolutions): a larger one
+            if size == TRACE_SIZES[-1]:
+                raise
+    for name, a, b in ops:
+        new = 2 ** (max(b - shift, 0) - max(a - shift, 0))
+        if new != 2 ** (b - a):
+            plan[name] = new
+    for name, stride in plan.items():
+        _restride(model, name, stride)
+    return plan, before
+
+
+def _refuse(name: str, why: str) -> ConfigError:
+    return ConfigError(f"backbone {name!r} is not supported: {why}; use a timm CNN that is (docs/design.md, "
+                       f"\"Backbones\"), e.g. {ALTERNATIVES}")
+
+
+# (name, factor, timm kwargs) -> (stride plan, feature_info): the verified adaptation, so building the same backbone
+# again (size probes, training after the up-front checks) skips the dummy forwards.
+_ADAPTED: Dict[Tuple[str, int, str], Tuple[Dict[str, int], List[Dict[str, Any]]]] = {}
+
+
+def _adapt_timm_cnn(name: str, model: nn.Module, image_size: int, kw: Dict[str, Any]) -> None:
+    """Check that timm model ``name`` is a CNN with stage features, adapt it to ``image_size`` inputs
+    (:func:`_adapt_strides`) and verify the adaptation numerically (one dummy forward at 32 or 64: every stage's
+    reduction is the original one divided by the factor, the final map >= 2x2, ``model(x)`` pooled); sets
+    ``fsl_stage_indices`` and the re-measured ``feature_info``. Raises :class:`ConfigError` (naming the reason and
+    working alternatives) otherwise."""
+    from ..utils import first_line
+
+    why = _not_cnn_reason(model)
+    if why:
+        raise _refuse(name, f"not a CNN ({why})")
+    if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
+        raise _refuse(name, "timm gives it no stage features (forward_intermediates / feature_info)")
+    infos = [dict(d) for d in stage_info(model)]
+    model.fsl_stage_indices = tuple(range(1, len(infos))) if len(infos) > 1 and infos[0]["reduction"] <= 2 \
+        else tuple(range(len(infos)))
+    factor = _small_input_factor(image_size)
+    if factor == 1:
+        return
+    key = (name, factor, repr(sorted(kw.items())))
+    if key in _ADAPTED:
+        plan, infos = _ADAPTED[key]
+        for module_name, stride in plan.items():
+            _restride(model, module_name, stride)
+        model.feature_info = [dict(d) for d in infos]
+        return
+    in_chans = int(kw.get("in_chans", 3))
+    verify = 32 if factor == 4 else 64
+    was_training = model.training
+    try:
+        plan, before = _adapt_strides(model, factor, in_chans)
+        p = next(model.parameters())
+        with torch.no_grad():
+            final, feats = model.eval().forward_intermediates(
+                torch.zeros(1, in_chans, verify, verify, device=p.device, dtype=p.dtype))
+            pooled = model.forward_head(final)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported as a refusal
+        raise _refuse(name, f"changing its strides for {verify}x{verify} inputs breaks it ({first_line(exc)})") \
+            from None
+    finally:
+        model.train(was_training)
+    after = [2 ** _log2_ratio(verify, f.shape[-1]) for f in feats]
+    want = [max(1, r // factor) for r in before]
+    if after != want or len(after) != len(infos) or verify // after[-1] < 2 or pooled.dim() != 2:
+        raise _refuse(name, f"after changing its strides for {verify}x{verify} inputs its stages have reductions "
+                            f"{after}, not {want} (some of its downsampling is not a strided convolution or pooling, "
+                            f"e.g. a space-to-depth stem)")
+    for d, r in zip(infos, after):
+        d["reduction"] = r
+    model.feature_info = infos
+    _ADAPTED[key] = (dict(plan), [dict(d) for d in infos])
+    log.info("adapted %s to %dx%d inputs: strides %s", name, image_size, image_size, plan)
 
 
 def check_backbone_name(name: str) -> None:
@@ -176,21 +363,7 @@ def create_backbone(name: str, num_classes: int = 0, image_size: int = 32, *, ch
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
     elif timm.is_model(name):
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-        if _is_transformer(model) or not hasattr(model, "forward_intermediates") \
-                or not getattr(model, "feature_info", None):
-            raise ConfigError(f"backbone {name!r} is not a CNN with timm stage features (vision transformers "
-                              f"and models without forward_intermediates are not supported); use one of "
-                              f"{', '.join(BACKBONES.names())} or a timm CNN such as resnet18 / efficientnet_b0")
-        infos = [dict(d) for d in stage_info(model)]
-        stage_idx = tuple(range(1, len(infos))) if len(infos) > 1 and infos[0]["reduction"] <= 2 \
-            else tuple(range(len(infos)))
-        changed = _reduce_stem_stride(model, _small_input_factor(image_size))
-        if changed:
-            for d, r in zip(infos, _measure_reductions(model, in_chans=int(kw.get("in_chans", 3)))):
-                d["reduction"] = r
-            model.feature_info = infos
-            log.info("adapted %s to %dx%d inputs: stride 1 at %s", name, image_size, image_size, changed)
-        model.fsl_stage_indices = stage_idx
+        _adapt_timm_cnn(name, model, image_size, kw)
     else:
         raise UnknownNameError(
             f"unknown backbone {name!r}. Registered few-shot backbones: {', '.join(BACKBONES.names())}; any "
@@ -243,18 +416,13 @@ def embedding_dim(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-def _fresh(modules: Sequence[nn.Module], generator: Optional[torch.Generator]) -> nn.Sequential:
-    tail = nn.Sequential(*[copy.deepcopy(m) for m in modules])
-    init_weights(tail, generator)
-    return tail
-
-
-def _extra_last_stage(model: nn.Module, last: nn.Module, chs: int) -> nn.Module:
+def _extra_last_stage(model: nn.Module, chs: int) -> nn.Module:
     from timm.models.resnet import ResNet
 
     if hasattr(model, "make_extra_stage"):  # few-shot standards: one block of the last width, no pooling
         return model.make_extra_stage()
-    if isinstance(model, ResNet) and isinstance(last, nn.Sequential) and len(last) > 0:
+    last = stage_modules(model)[-1] if isinstance(model, ResNet) else None
+    if isinstance(last, nn.Sequential) and len(last) > 0:
         # HSAKD: _make_layer(block, 512, layers[3], stride=1) -> len(layer4) copies of its last (C->C, stride 1) block
         blk = last[-1]
         if getattr(blk, "downsample", None) is not None:  # one-block stages (resnet10t): first block is C/2 -> C
@@ -264,28 +432,99 @@ def _extra_last_stage(model: nn.Module, last: nn.Module, chs: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(chs, chs, 3, 1, 1, bias=False), nn.BatchNorm2d(chs), nn.ReLU(inplace=True))
 
 
+def _chain(model: nn.Module, start: str, end: str) -> List[str]:
+    """Names of the largest modules that come after module ``start`` and up to module ``end`` (included) in
+    registration order, none containing ``start`` or ``end``'s successors: for a model whose forward runs its
+    modules in registration order, the chain that maps ``start``'s output to ``end``'s output (ResNet ``layer1`` ->
+    ``layer4``: ``layer2, layer3, layer4``; DenseNet: ``transition1, denseblock2, ..., norm5``)."""
+    out: List[str] = []
+    started = False
+    for name, _ in model.named_modules():
+        if not started:
+            started = name == start
+            continue
+        if name.startswith(start + ".") or any(name.startswith(c + ".") for c in out[-1:]):
+            continue  # inside ``start`` or inside a module already taken
+        if end.startswith(name + "."):
+            continue  # an ancestor of ``end``: take its children instead
+        out.append(name)
+        if name == end:
+            return out
+    return []
+
+
+def _copied_tail(model: nn.Module, stage_index: int) -> Optional[nn.Sequential]:
+    """Copy (same weights) of the modules between stage ``stage_index`` and the last stage, or None when no chain of
+    modules reproduces the backbone there: checked numerically on one random input (eval mode) against the stage
+    maps of :func:`forward_stages`."""
+    infos, idx = stage_info(model), stage_indices(model)
+    names = _chain(model, infos[idx[stage_index]]["module"], infos[idx[-1]]["module"])
+    if not names:
+        return None
+    tail = nn.Sequential(*[copy.deepcopy(model.get_submodule(n)) for n in names])
+    size = max(32, 2 * int(infos[idx[-1]]["reduction"]))
+    p = next(model.parameters())
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=p.device, dtype=p.dtype)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            maps, _ = forward_stages(model.eval(), x)
+            got = tail.to(p.device).eval()(maps[stage_index])
+    except Exception:  # noqa: BLE001 - the chain is not how the model computes the last stage
+        return None
+    finally:
+        model.train(was_training)
+    want = maps[-1]
+    if not torch.is_tensor(got) or got.shape != want.shape or \
+            not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+        return None
+    return tail.train(was_training)
+
+
+def _generic_tail(in_chs: int, out_chs: int, halvings: int) -> nn.Sequential:
+    """conv3x3-BN-ReLU per halving (stride 2; widths geometric from ``in_chs`` to ``out_chs``), or one at stride 1
+    when there is none: the feature extractor of an auxiliary classifier where the backbone's own modules do not
+    form a chain (:func:`branch_tail`)."""
+    layers: List[nn.Module] = []
+    steps = max(halvings, 1)
+    c = in_chs
+    for i in range(steps):
+        nxt = int(round(in_chs * (out_chs / in_chs) ** ((i + 1) / steps)))
+        layers += [nn.Conv2d(c, nxt, 3, 2 if i < halvings else 1, 1, bias=False), nn.BatchNorm2d(nxt),
+                   nn.ReLU(inplace=True)]
+        c = nxt
+    return nn.Sequential(*layers)
+
+
 def branch_tail(model: nn.Module, stage_index: int, seed: Optional[int] = None) -> nn.Sequential:
     """Freshly initialised copy of the stages after ``stage_index`` (0-based into ``forward_stages``'s list), as
     an ``nn.Sequential``: the feature extractor of an LSSKD/HSAKD auxiliary classifier (winycg/HSAKD
     ``models/resnet.py``; docs/methods.md, "Auxiliary classifiers"). For the last stage it is one extra last-stage
     block at stride 1. ``branch_tail(model, l)(stage_maps[l])`` has the last stage's channel count
-    (``stage_info(model)[stage_indices(model)[-1]]['num_chs']``) and spatial size. ``seed`` seeds the init."""
+    (``stage_info(model)[stage_indices(model)[-1]]['num_chs']``) and spatial size. ``seed`` seeds the init.
+
+    The copy is the chain of the backbone's modules between the two stages (:func:`_chain`), used only when it
+    reproduces the backbone's last stage map from stage ``stage_index``'s (same weights, checked numerically). Where
+    it does not (stage maps tapped inside a block, as Xception's; multi-branch nets such as HRNet) the tail is a
+    generic conv3x3-BN-ReLU stack, one stride-2 conv per halving, logged as such (docs/design.md, "Backbones")."""
     idx = stage_indices(model)
     n = len(idx)
     if not 0 <= stage_index < n:
         raise ConfigError(f"stage_index {stage_index} out of range: {type(model).__name__} has {n} stages (0..{n - 1})")
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     infos = stage_info(model)
-    mods = stage_modules(model)
+    last_chs = int(infos[idx[-1]]["num_chs"])
     if stage_index == n - 1:
-        tail = nn.Sequential(_extra_last_stage(model, mods[-1], int(infos[idx[-1]]["num_chs"])))
-        init_weights(tail, gen)
-        return tail
-    names = [infos[i]["module"] for i in idx]
-    pat = [re.fullmatch(r"(.*)\.(\d+)", s) for s in names]
-    if all(pat) and len({p.group(1) for p in pat}) == 1:
-        # EfficientNet/MobileNet: stages are picked from one block list; copy every group in between too.
-        parent = model.get_submodule(pat[0].group(1))
-        lo, hi = int(pat[stage_index].group(2)) + 1, int(pat[-1].group(2)) + 1
-        return _fresh([parent[i] for i in range(lo, hi)], gen)
-    return _fresh(mods[stage_index + 1:], gen)
+        tail = nn.Sequential(_extra_last_stage(model, last_chs))
+    else:
+        tail = _copied_tail(model, stage_index)
+        if tail is None:
+            halvings = _log2_ratio(int(infos[idx[-1]]["reduction"]), int(infos[idx[stage_index]]["reduction"]))
+            log.warning("%s: the modules after stage %d do not form a chain; its auxiliary feature extractor is a "
+                        "generic conv stack (%d stride-2 convs)", type(model).__name__, stage_index, halvings)
+            tail = _generic_tail(int(infos[idx[stage_index]]["num_chs"]), last_chs, halvings)
+    p = next(model.parameters(), None)
+    if p is not None:
+        tail = tail.to(device=p.device)
+    init_weights(tail, gen)
+    return tail
