@@ -12,6 +12,11 @@ Stages (what :func:`forward_stages` returns, in order):
 A model may override the choice with a ``fsl_stage_indices`` attribute (indices into ``feature_info``);
 :func:`create_backbone` sets it on adapted timm models.
 
+Small inputs: :func:`create_backbone` changes the strides of a timm CNN consistently (every strided op of a
+resolution step, shortcuts included) and verifies the result; models that are not CNNs or cannot be adapted are
+refused (:class:`~fsl_lsskd.errors.ConfigError`). :func:`check_image_size` refuses an input size below the
+smallest the backbone takes, naming it.
+
 Performance: all models work with ``channels_last`` (1.15-2x faster on CPU for these CNNs, measured on the
 project's 2-core machine); ``create_backbone(..., channels_last=True)`` converts the model, the training engine
 decides and must convert its input batches too.
@@ -115,8 +120,8 @@ def _log2_ratio(a: int, b: int) -> int:
 def _trace_strided_ops(model: nn.Module, size: int, in_chans: int) -> Tuple[List[Tuple[str, int, int]], List[int]]:
     """One dummy ``forward_intermediates`` at ``size`` x ``size`` (eval mode, restored after):
     ``(ops, reductions)``: ``(module name, log2 reduction before it, log2 reduction after it)`` of every strided
-    op (stride > 1, see :func:`_stride_of`) and the reduction of every feature_info entry. Raises ConfigError when
-    a strided module runs at two different resolutions (shared weights)."""
+    op (stride > 1, see :func:`_stride_of`) and the reduction of every feature_info entry. Raises ValueError when
+    a strided module runs at two different resolutions (shared weights: its stride cannot follow both)."""
     seen: Dict[str, Tuple[int, int]] = {}
     shared: List[str] = []
     hooks = []
@@ -145,7 +150,7 @@ def _trace_strided_ops(model: nn.Module, size: int, in_chans: int) -> Tuple[List
         for h in hooks:
             h.remove()
     if shared:
-        raise ConfigError(f"`{shared[0]}` runs at two resolutions")
+        raise ValueError(f"strided `{shared[0]}` runs at two resolutions")
     return [(n, a, b) for n, (a, b) in seen.items()], [2 ** _log2_ratio(size, f.shape[-1]) for f in feats]
 
 
@@ -290,22 +295,36 @@ def check_backbone_name(name: str) -> None:
 PROBE_SIZES = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
+def _probe_model(name: str, image_size: int) -> nn.Module:
+    return create_backbone(name, num_classes=2, image_size=image_size).eval()
+
+
 @torch.no_grad()
-def probe(name: str, image_size: int) -> None:
-    """Build backbone ``name`` for ``image_size`` and run one forward pass and one stage pass on zeros (eval
-    mode); raises whatever the model raises."""
-    model = create_backbone(name, num_classes=2, image_size=image_size).eval()
-    x = torch.zeros(2, 3, image_size, image_size)
+def _forward_probe(model: nn.Module, image_size: int, in_chans: int = 3) -> None:
+    x = torch.zeros(1, in_chans, image_size, image_size)
     model(x)
     forward_stages(model, x)
 
 
+def probe(name: str, image_size: int) -> None:
+    """Build backbone ``name`` for ``image_size`` and run one forward pass and one stage pass on zeros (eval
+    mode, batch 1); raises whatever the model raises (:class:`ConfigError` for a refused backbone)."""
+    _forward_probe(_probe_model(name, image_size), image_size)
+
+
 def smallest_image_size(name: str) -> Optional[int]:
-    """The smallest of :data:`PROBE_SIZES` at which :func:`probe` passes (None: none does)."""
+    """The smallest of :data:`PROBE_SIZES` at which :func:`probe` passes (None: none does). Cheap: one model per
+    small-input regime (<= 32, <= 64, larger; the adaptation depends on nothing else), one forward per size."""
+    models: Dict[int, nn.Module] = {}
     for size in PROBE_SIZES:
         try:
-            probe(name, size)
+            regime = _small_input_factor(size)
+            if regime not in models:
+                models[regime] = _probe_model(name, size)
+            _forward_probe(models[regime], size)
             return size
+        except UserError:
+            raise
         except Exception:  # noqa: BLE001 - a size the model cannot take
             continue
     return None
@@ -313,8 +332,9 @@ def smallest_image_size(name: str) -> Optional[int]:
 
 def check_image_size(name: str, image_size: int) -> None:
     """Raise :class:`ConfigError` (exit 2) naming the smallest size that works when backbone ``name`` cannot take
-    ``image_size`` x ``image_size`` inputs (e.g. ``conv4`` at 8: its four 2x2 poolings leave nothing)."""
-    from ..errors import UserError
+    ``image_size`` x ``image_size`` inputs (e.g. ``conv4`` at 8: its four 2x2 poolings leave nothing), or the
+    refusal of :func:`create_backbone` (not a CNN, cannot be adapted to small inputs). One model build and forward
+    when the size is fine; a few more (one per size tried) to find the smallest when it is not."""
     from ..utils import first_line
 
     try:
@@ -337,13 +357,19 @@ def create_backbone(name: str, num_classes: int = 0, image_size: int = 32, *, ch
 
     * Registered few-shot standards (``fsl-bench ls``: ``resnet12``, ``resnet12_narrow``, ``conv4``,
       ``resnet18_cifar``) are built by ``timm.create_model`` unchanged (they work at any input size).
-    * Any other timm CNN (``resnet18``, ``resnet10t``, ``efficientnet_b0``, ``mobilenetv3_small_100``...) is adapted
-      to small inputs: for ``image_size <= 32`` the first two stride-2 ops are made stride 1 (timm ResNet: stem
-      ``conv1`` stride 1 and no ``maxpool``, total reduction 8 -> 4x4 final map at 32x32); for ``<= 64`` only the
-      first (ResNet: ``conv1`` stride 1; EfficientNet/MobileNet: ``conv_stem`` stride 1 -> 4x4 at 64x64).
-      ``feature_info`` reductions are re-measured so ``features_only``-style metadata stays correct.
-    * Vision transformers are rejected (ConfigError): their patch embedding makes 32x32 maps of 2x2 tokens and
-      they have no stage hierarchy for the auxiliary branches.
+    * Any other timm CNN (``resnet18``, ``regnetx_002``, ``efficientnet_b0``, ``convnext_atto``...) is adapted to
+      small inputs by dividing its early downsampling by 4 (``image_size <= 32``) or 2 (``<= 64``): a dummy forward
+      locates every strided convolution / pooling and the resolution step it belongs to, and every op of the same
+      step changes together (a block's strided main path with its strided shortcut); a pooling left at stride 1 is
+      dropped (timm ResNet at 32: stem ``conv1`` stride 1 and no ``maxpool``, 4x4 final map; at 64: ``conv1``
+      stride 1). The result is verified with a dummy forward (each stage's reduction is the original one / the
+      factor, the final map at least 2x2) and ``feature_info`` reductions are re-measured. Above 64 the model is
+      timm's, unchanged.
+    * Refused with :class:`ConfigError` naming the reason and working alternatives: models that are not CNNs
+      (vision transformers, attention hybrids such as CoaT, LeViT, ConViT, MaxViT, MobileViT, BoTNet; MLP-Mixer,
+      ResMLP, gMLP; recurrent Sequencer), models without timm stage features, and CNNs whose downsampling is not in
+      strided ops (TResNet's space-to-depth stem). No upsampling fallback. docs/design.md, "Backbones", lists
+      the families verified at 32 and 64 and those refused.
 
     ``seed`` makes the weight init reproducible without touching the global RNG (``None``: global RNG).
     ``num_classes > 0`` gives timm's head (the method's final classifier); ``num_classes=0`` makes ``model(x)``
@@ -453,23 +479,40 @@ def _chain(model: nn.Module, start: str, end: str) -> List[str]:
     return []
 
 
-def _copied_tail(model: nn.Module, stage_index: int) -> Optional[nn.Sequential]:
-    """Copy (same weights) of the modules between stage ``stage_index`` and the last stage, or None when no chain of
-    modules reproduces the backbone there: checked numerically on one random input (eval mode) against the stage
-    maps of :func:`forward_stages`."""
+def tail_modules(model: nn.Module, stage_index: int) -> Optional[List[str]]:
+    """Names of the backbone's modules that map stage ``stage_index``'s map to the last stage's (0-based into
+    :func:`forward_stages`'s list, not the last), in order, or None when no chain of modules does: the chain of
+    :func:`_chain`, checked numerically on one random input (eval mode, no gradients; the model's train/eval mode is
+    restored): running the modules one after the other on ``forward_stages(model, x)[0][stage_index]`` must give
+    the last stage map. ``branch_tail`` copies these modules."""
     infos, idx = stage_info(model), stage_indices(model)
+    if not 0 <= stage_index < len(idx) - 1:
+        raise ConfigError(f"stage_index {stage_index} out of range: {type(model).__name__} has {len(idx)} stages, "
+                          f"the modules after stage 0..{len(idx) - 2} lead to the last")
     names = _chain(model, infos[idx[stage_index]]["module"], infos[idx[-1]]["module"])
     if not names:
         return None
-    tail = nn.Sequential(*[copy.deepcopy(model.get_submodule(n)) for n in names])
-    size = max(32, 2 * int(infos[idx[-1]]["reduction"]))
+    r = int(infos[idx[-1]]["reduction"])
     p = next(model.parameters())
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=p.device, dtype=p.dtype)
+    in_chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    gen = torch.Generator().manual_seed(0)
     was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            maps, _ = forward_stages(model.eval(), x)
-            got = tail.to(p.device).eval()(maps[stage_index])
+            maps = None
+            for size in (max(32, 2 * r), max(64, 4 * r), 8 * r):  # the first the model takes (valid convolutions)
+                x = torch.randn(1, in_chans, size, size, generator=gen).to(device=p.device, dtype=p.dtype)
+                try:
+                    maps, _ = forward_stages(model, x)
+                    break
+                except Exception:  # noqa: BLE001 - too small for this model: a larger one
+                    continue
+            if maps is None:
+                return None
+            got = maps[stage_index]
+            for n in names:
+                got = model.get_submodule(n)(got)
     except Exception:  # noqa: BLE001 - the chain is not how the model computes the last stage
         return None
     finally:
@@ -478,7 +521,7 @@ def _copied_tail(model: nn.Module, stage_index: int) -> Optional[nn.Sequential]:
     if not torch.is_tensor(got) or got.shape != want.shape or \
             not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
         return None
-    return tail.train(was_training)
+    return names
 
 
 def _generic_tail(in_chs: int, out_chs: int, halvings: int) -> nn.Sequential:
@@ -503,8 +546,8 @@ def branch_tail(model: nn.Module, stage_index: int, seed: Optional[int] = None) 
     block at stride 1. ``branch_tail(model, l)(stage_maps[l])`` has the last stage's channel count
     (``stage_info(model)[stage_indices(model)[-1]]['num_chs']``) and spatial size. ``seed`` seeds the init.
 
-    The copy is the chain of the backbone's modules between the two stages (:func:`_chain`), used only when it
-    reproduces the backbone's last stage map from stage ``stage_index``'s (same weights, checked numerically). Where
+    The copy is the chain of the backbone's modules between the two stages (:func:`tail_modules`: used only when it
+    reproduces the backbone's last stage map from stage ``stage_index``'s, checked numerically). Where
     it does not (stage maps tapped inside a block, as Xception's; multi-branch nets such as HRNet) the tail is a
     generic conv3x3-BN-ReLU stack, one stride-2 conv per halving, logged as such (docs/design.md, "Backbones")."""
     idx = stage_indices(model)
@@ -517,7 +560,8 @@ def branch_tail(model: nn.Module, stage_index: int, seed: Optional[int] = None) 
     if stage_index == n - 1:
         tail = nn.Sequential(_extra_last_stage(model, last_chs))
     else:
-        tail = _copied_tail(model, stage_index)
+        names = tail_modules(model, stage_index)
+        tail = nn.Sequential(*[copy.deepcopy(model.get_submodule(n)) for n in names]) if names else None
         if tail is None:
             halvings = _log2_ratio(int(infos[idx[-1]]["reduction"]), int(infos[idx[stage_index]]["reduction"]))
             log.warning("%s: the modules after stage %d do not form a chain; its auxiliary feature extractor is a "
