@@ -35,6 +35,21 @@ def check_method_settings(bench: Benchmark) -> None:
             raise ConfigError(f"{bench.where}: settings of {row!r}: {exc}") from None
 
 
+def check_backbones(bench: Benchmark) -> None:
+    """Every backbone of the benchmark (``backbones`` and the teachers') is built and takes ``image_size``
+    inputs (:func:`fsl_lsskd.backbones.check_image_size`: a refused timm model, e.g. a vision transformer, or a
+    size below the smallest that works fails here, naming the fix)."""
+    from ..backbones import check_image_size
+
+    names = list(dict.fromkeys(list(bench.backbones) + [t.backbone for t in bench.teachers.values() if t.backbone]))
+    for name in names:
+        try:
+            check_image_size(name, bench.image_size)
+        except UserError as exc:
+            key = "backbones" if name in bench.backbones else "teachers"
+            raise type(exc)(f"{bench.where}: `{key}`: {exc}") from None
+
+
 def check_readouts(bench: Benchmark) -> None:
     """Every readout (and its settings) of ``eval`` is registered and valid."""
     from ..eval.scoring import ReadoutSpec
@@ -181,6 +196,7 @@ def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optiona
     check_names(backbones=[t.backbone for t in bench.teachers.values() if t.backbone], where=f"{where}: `teachers`")
     check_readouts(bench)
     check_method_settings(bench)
+    check_backbones(bench)
     if bench.eval.base and bench.train.heldout <= 0:
         raise ConfigError(f"{where}: `eval.base` scores the held-out base images, but `train.heldout` is 0: set "
                           f"train.heldout (e.g. 0.1) or drop eval.base")

@@ -38,15 +38,17 @@ def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool
     for p in protocols:
         check_capacity(counts, p, ds.class_split()[split], where=f"{dataset} {split}",
                        fix=f"lower --n-way/--n-shot/--n-query (at most {int(min(counts))} images per class in all)")
-    if untrained:
-        from ..backbones import check_image_size
+    from ..backbones import check_image_size
 
+    if untrained:
         check_image_size(backbone, int(image_size or ds.image_size))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # reproducible random init, global RNG untouched
             model, meta = load_backbone(None, backbone, image_size)
     else:
         model, meta = load_backbone(checkpoint, backbone, image_size)
+        if image_size:  # a size other than the one it was trained at: the backbone must take it
+            check_image_size(meta["backbone"], int(image_size))
     return model, meta, ds.load_split(split), ds
 
 

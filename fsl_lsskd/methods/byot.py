@@ -151,7 +151,9 @@ class BYOT(Method):
         cfg = self.config
         final, maps = self.backbone.forward_intermediates(batch.images, indices=list(stage_indices(self.backbone)))
         logits = self.backbone.forward_head(final)
-        f_deep = final.mean(dim=(2, 3)).detach()  # final-width pooled feature, the hint target
+        # the hint target: the last stage's pooled map (final width, what the shallow classifiers pool; the trunk's
+        # output ``final`` is wider where a timm CNN has a head conv after its last stage, e.g. EfficientNet's 1280)
+        f_deep = maps[-1].mean(dim=(2, 3)).detach()
         t_logits = logits.detach()
         ce_deep = F.cross_entropy(logits, batch.labels)
         ce = kd = feat = logits.new_zeros(())
