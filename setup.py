@@ -24,10 +24,16 @@ setup(
         "pillow>=10",
         "matplotlib>=3.8,<4",
         "requests>=2.31,<3",
+        "torchmetrics>=1.4,<2",   # calibration error (checked against our reliability statistics)
+        "submitit>=1.5,<2",       # fsl-bench run --launcher local|slurm
+        "onnx>=1.16,<2",          # fsl-bench edge / export --onnx
+        "onnxscript>=0.2",        # torch.onnx's exporter
+        "onnxruntime>=1.18,<2",   # ONNX latency, int8 quantisation
         # learn2learn 0.2.0 (installed by tools/install_learn2learn.sh) imports gym at import time
         "gym==0.26.2",
         "gym-notices==0.0.8",
     ],
-    extras_require={"dev": ["pytest>=8,<10", "cython>=3,<4"]},
+    # psycopg2-binary: the PostgreSQL driver of the MLflow server tests/test_postgres.py starts
+    extras_require={"dev": ["pytest>=8,<10", "cython>=3,<4", "psycopg2-binary>=2.9,<3"]},
     entry_points={"console_scripts": ["fsl-bench=fsl_lsskd.cli:main"]},
 )
