@@ -24,6 +24,10 @@ setup(
         "pillow>=10",
         "matplotlib>=3.8,<4",
         "requests>=2.31,<3",
+        # edge column: ONNX export (torch.onnx dynamo exporter needs onnxscript), int8 and latency (onnxruntime)
+        "onnx>=1.18,<1.24",
+        "onnxscript>=0.3,<0.8",
+        "onnxruntime>=1.22,<1.33",
         # learn2learn 0.2.0 (installed by tools/install_learn2learn.sh) imports gym at import time
         "gym==0.26.2",
         "gym-notices==0.0.8",
