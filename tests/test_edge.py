@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,7 +323,8 @@ def test_fsl_bench_edge_end_to_end(tmp_path, store, data, monkeypatch):
     out = tmp_path / "results"
     md = (out / "tiny_edge.md").read_text()
     assert "## Model files" in md and "## Latency at batch 1, 1 thread (ms)" in md and "Load guard: quiet" in md
-    assert "| ce | conv4 | cifar_fs | ONNX Runtime int8 |" in md and "| ce | conv4 | cifar_fs | 5w1s2q | protonet |" in md
+    assert "| ce | conv4 | cifar_fs | ONNX Runtime int8 |" in md
+    assert "| ce | conv4 | cifar_fs | 5w1s2q | protonet |" in md
     rows = (out / "tiny_edge.csv").read_text().splitlines()
     header = rows[0].split(",")
     kinds = [r.split(",")[header.index("kind")] for r in rows[1:]]
@@ -342,3 +342,42 @@ def test_fsl_bench_edge_end_to_end(tmp_path, store, data, monkeypatch):
     assert {"backbone.onnx", "backbone_int8.onnx", "edge.json", "edge_accuracy.npz"} <= names
     # the store's scores and tables are untouched by the edge run
     assert len(st.scores()) == 1 and cli("table", bench, "--out", tmp_path / "tables").exit_code == 0
+
+
+def test_edge_tables_aggregate_seeds_with_their_spread(tmp_path):
+    """Two seeds of one method: latency is the median of the seeds' percentiles with their range, the int8
+    difference is paired per episode with a seed-aware interval and its per-seed range; the CSV keeps each seed."""
+    from fsl_lsskd.bench.edge_tables import EdgeCell, interval, render_csv, render_markdown, write_figure
+
+    machine = {"cpu_model": "Test CPU", "cores": 2, "torch": "x", "onnxruntime": "y"}
+    rng = np.random.default_rng(0)
+    cells = []
+    for seed, (p50, drop) in enumerate(((0.20, 0.0), (0.30, -2.0))):
+        ref = rng.choice([60.0, 80.0, 100.0], size=40)
+        i8 = ref + np.where(np.arange(40) < 20, drop, 0.0)
+        lat = [{"engine": e, "label": e, "batch": 1, "threads": 1, "p50_ms": p50 * k, "p90_ms": p50 * k * 1.2,
+                "p99_ms": float("nan"), "n_runs": 50, "load_ms": 5.0, "rss_delta_mb": 3.0, "under_load": False,
+                "machine": machine} for e, k in (("pytorch_fp32", 3), ("ort_fp32", 1), ("ort_int8", 0.6))]
+        acc = [{"engine": e, "precision": "fp32", "protocol": "5w1s15q", "readout_label": "protonet",
+                "accuracy": float(a.mean()), "accuracy_ci95": 1.0, "n_episodes": 40, "episodes": "generated"}
+               for e, a in (("pytorch_fp32", ref), ("ort_fp32", ref), ("ort_int8", i8))]
+        report = {"model": {"params": 1000, "flops": 2e6}, "machine": machine,
+                  "files": {"pytorch": {"bytes": 4096}, "onnx_fp32": {"bytes": 4096}, "onnx_int8": {"bytes": 1024}},
+                  "parity": {"max_abs_diff": 1e-6, "max_rel_diff": 1e-7, "ok": True},
+                  "int8": {"calibration": {"n_images": 64, "split": "train"}},
+                  "latency": {"records": lat}, "accuracy": {"records": acc}, "under_load": False}
+        arrays = {"pytorch_fp32/5w1s15q/protonet": ref, "ort_fp32/5w1s15q/protonet": ref,
+                  "ort_int8/5w1s15q/protonet": i8}
+        cells.append(EdgeCell("lsskd", "lsskd", "conv4", "tiny_imagenet", seed, f"t{seed}", report, arrays))
+    md = render_markdown(cells, "t", "caption")
+    assert "| lsskd | conv4 | tiny_imagenet | ort_int8 | 0.150 (0.120–0.180) |" in md  # median and range
+    assert "| n/a |" in md  # p99 of 50 runs is not published
+    row = [line for line in md.splitlines() if line.startswith("| lsskd | conv4 | tiny_imagenet | 5w1s15q |")][0]
+    diffs = np.stack([c.arrays["ort_int8/5w1s15q/protonet"] - c.arrays["pytorch_fp32/5w1s15q/protonet"]
+                      for c in cells])
+    m, lo, hi = interval(diffs)
+    assert m == pytest.approx(-0.5) and lo < m < hi
+    assert f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" in row and "-1.00 … +0.00" in row
+    lines = render_csv(cells).splitlines()
+    assert len(lines) == 1 + 2 * (3 + 3) and all("Test CPU" in line for line in lines[1:])
+    assert len(write_figure(cells, tmp_path / "x_edge")) == 2

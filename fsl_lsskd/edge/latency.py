@@ -7,9 +7,10 @@ the prepared real images loaded, the model loaded (``load_ms``: ``load_backbone`
 ``warmup`` runs, then timed runs until ``runs`` or ``max_seconds``. Percentiles over the timed runs (numpy,
 linear interpolation): p50 always, p90 from 10 runs, p99 from 100 runs (else NaN: too few runs to say).
 ``peak_rss_mb``/``rss_delta_mb``: the process's peak resident set, and that minus its resident size after the
-runtime was imported and the input loaded (the peak is reset there; :mod:`fsl_lsskd.edge.worker`). Threads: ``torch.set_num_threads(n)`` + ``set_num_interop_threads(1)``;
-ONNX Runtime ``intra_op_num_threads = n``, ``inter_op_num_threads = 1``, sequential execution; ``OMP_NUM_THREADS``
-and ``MKL_NUM_THREADS`` = n in the process's environment.
+runtime was imported and the input loaded (the peak is reset there; :mod:`fsl_lsskd.edge.worker`). Threads:
+``torch.set_num_threads(n)`` + ``set_num_interop_threads(1)``; ONNX Runtime ``intra_op_num_threads = n``,
+``inter_op_num_threads = 1``, sequential execution; ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` = n in the
+process's environment.
 
 Load: :func:`fsl_lsskd.edge.guard.read_load` before the first and after the last measurement, and the other
 processes' CPU share during each one (``others_busy_share``). A figure is ``under_load`` when the reading before
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -213,6 +213,3 @@ def measure_latency(models: Mapping[str, Path], inputs: np.ndarray, settings: La
     return {"records": records, "guard": {"before": before.to_dict(), "after": after.to_dict()},
             "under_load": any(r["under_load"] for r in records), "machine": machine, "settings": settings.to_dict()}
 
-
-def finite(x: Optional[float]) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
