@@ -26,9 +26,10 @@ setup(
         "requests>=2.31,<3",
         "torchmetrics>=1.4,<2",   # calibration error (checked against our reliability statistics)
         "submitit>=1.5,<2",       # fsl-bench run --launcher local|slurm
-        "onnx>=1.16,<2",          # fsl-bench edge / export --onnx
-        "onnxscript>=0.2",        # torch.onnx's exporter
-        "onnxruntime>=1.18,<2",   # ONNX latency, int8 quantisation
+        # edge column: ONNX export (torch.onnx dynamo exporter needs onnxscript), int8 and latency (onnxruntime)
+        "onnx>=1.18,<1.24",
+        "onnxscript>=0.3,<0.8",
+        "onnxruntime>=1.22,<1.33",
         # learn2learn 0.2.0 (installed by tools/install_learn2learn.sh) imports gym at import time
         "gym==0.26.2",
         "gym-notices==0.0.8",

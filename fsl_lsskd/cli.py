@@ -20,6 +20,7 @@ COMMANDS: Dict[str, str] = {
     "ls": "fsl_lsskd.cli:ls_cmd",
     "train": "fsl_lsskd.train.cli:train_cmd",
     "export": "fsl_lsskd.edge.cli:export_cmd",
+    "edge": "fsl_lsskd.bench.edge_cmd:edge",
     "data": "fsl_lsskd.data.cli:data",
     "run": "fsl_lsskd.bench.commands:run",
     "table": "fsl_lsskd.bench.commands:table",

@@ -21,6 +21,10 @@ Runs (record format 2):
   artifact ``score.npz`` (per-episode arrays) and ``score.json``; ``fsl.status=complete`` last.
 - **base** (``fsl.kind=score`` with ``fsl.readout=heldout_base``): base-class accuracy and calibration of
   the held-out base images, same layout.
+- **edge** (``fsl.kind=edge``): one per ``fsl-bench edge`` measurement of a training cell, a child of the
+  training run: metrics (file sizes, latency percentiles per engine/batch/threads, int8 accuracy differences),
+  ``edge.json`` (every figure with its machine and load readings), ``edge_accuracy.npz`` (per-episode accuracy
+  per engine) and the ONNX files (``onnx/``); ``fsl.under_load`` says whether any figure was taken under load.
 
 Units: accuracy and ECE in percent everywhere; NLL in nats; Brier 0..2.
 
@@ -58,7 +62,7 @@ TAG_BENCHMARK = "fsl.benchmark"
 TAG_TEACHER = "fsl.teacher_train_id"
 TAG_COMMIT = "fsl.git_commit"
 COMPLETE = "complete"
-KIND_INVOCATION, KIND_TRAIN, KIND_SCORE = "invocation", "train", "score"
+KIND_INVOCATION, KIND_TRAIN, KIND_SCORE, KIND_EDGE = "invocation", "train", "score", "edge"
 # record format 1
 LEGACY_CELL_ID, LEGACY_STATUS = "fsl.cell_id", "fsl.cell_status"
 
@@ -343,36 +347,68 @@ class Store:
                                        int(run.info.start_time or 0))
         return out
 
-    def write_score(self, training: TrainingRecord, score_id: str, identity: Mapping[str, Any],
-                    arrays: Mapping[str, Any], metrics: Mapping[str, float], summary: Mapping[str, Any],
-                    tags: Mapping[str, str]) -> str:
-        """Record one score as a child run of ``training``: params (identity), metrics, ``score.npz`` (arrays)
-        and ``score.json`` (summary), then ``fsl.status=complete``."""
+    def write_child_run(self, training: TrainingRecord, kind: str, name: str, tags: Mapping[str, str],
+                        params: Optional[Mapping[str, Any]] = None, metrics: Optional[Mapping[str, float]] = None,
+                        documents: Optional[Mapping[str, Any]] = None,
+                        arrays: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                        artifacts: Sequence[Path] = ()) -> str:
+        """Record a finished child run of ``training`` (``fsl.kind=kind``, ``fsl.train_id``, ``tags``): params,
+        metrics, JSON ``documents`` (file name -> object), ``arrays`` (``.npz`` file name -> {name: array}) and
+        ``artifacts`` (files or directories), then ``fsl.status=complete`` last; returns its run id. A failure
+        marks the run FAILED (never complete) and re-raises."""
         import numpy as np
 
-        name = f"{tags.get('fsl.label', identity.get('readout'))} {tags.get('fsl.protocol', '')} " \
-               f"{tags.get('fsl.target', '')}".strip()
-        all_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_SCORE, TAG_SCORE_ID: score_id,
-                    TAG_TRAIN_ID: training.train_id, TAG_STATUS: "running", TAG_COMMIT: git_commit(),
-                    "mlflow.parentRunId": training.run_id, "mlflow.runName": name,
-                    "fsl.identity": json.dumps(identity, sort_keys=True, default=str), **dict(tags)}
+        all_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: kind, TAG_TRAIN_ID: training.train_id,
+                    TAG_STATUS: "running", TAG_COMMIT: git_commit(), "mlflow.parentRunId": training.run_id,
+                    "mlflow.runName": name, **dict(tags)}
         run = self.client.create_run(training.experiment_id, run_name=name, tags=all_tags)
         run_id = run.info.run_id
         try:
-            self.log_params(run_id, {"score": dict(identity)})
-            self.log_metrics(run_id, metrics)
-            with tempfile.TemporaryDirectory(prefix="fsl-score-") as tmp:
-                with open(Path(tmp) / "score.npz", "wb") as fh:
-                    np.savez_compressed(fh, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
-                (Path(tmp) / "score.json").write_text(json.dumps({"identity": identity, "summary": summary},
-                                                                  indent=2, default=str) + "\n")
-                self.client.log_artifacts(run_id, tmp)
+            if params:
+                self.log_params(run_id, params)
+            if metrics:
+                self.log_metrics(run_id, metrics)
+            if documents or arrays:
+                with tempfile.TemporaryDirectory(prefix=f"fsl-{kind}-") as tmp:
+                    for fname, doc in (documents or {}).items():
+                        (Path(tmp) / fname).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+                    for fname, arrs in (arrays or {}).items():
+                        with open(Path(tmp) / fname, "wb") as fh:
+                            np.savez_compressed(fh, **{k: np.asarray(v) for k, v in arrs.items() if v is not None})
+                    self.client.log_artifacts(run_id, tmp)
+            for path in artifacts:
+                self.log_artifacts(run_id, Path(path))
             self.client.set_tag(run_id, TAG_STATUS, COMPLETE)
             self.client.set_terminated(run_id, "FINISHED")
         except BaseException:
             self.fail(run_id)
             raise
         return run_id
+
+    def write_score(self, training: TrainingRecord, score_id: str, identity: Mapping[str, Any],
+                    arrays: Mapping[str, Any], metrics: Mapping[str, float], summary: Mapping[str, Any],
+                    tags: Mapping[str, str]) -> str:
+        """Record one score as a child run of ``training``: params (identity), metrics, ``score.npz`` (arrays)
+        and ``score.json`` (summary), then ``fsl.status=complete``."""
+        name = f"{tags.get('fsl.label', identity.get('readout'))} {tags.get('fsl.protocol', '')} " \
+               f"{tags.get('fsl.target', '')}".strip()
+        all_tags = {TAG_SCORE_ID: score_id, "fsl.identity": json.dumps(identity, sort_keys=True, default=str),
+                    **dict(tags)}
+        return self.write_child_run(training, KIND_SCORE, name, all_tags, params={"score": dict(identity)},
+                                    metrics=metrics, documents={"score.json": {"identity": identity,
+                                                                               "summary": summary}},
+                                    arrays={"score.npz": arrays})
+
+    def edge_runs(self, train_ids: Optional[Iterable[str]] = None) -> Dict[str, List[Any]]:
+        """train id -> its finished edge runs (``fsl.kind=edge``, newest first)."""
+        wanted = set(train_ids) if train_ids is not None else None
+        query = f"tags.`{TAG_KIND}` = '{KIND_EDGE}' and tags.`{TAG_STATUS}` = '{COMPLETE}'"
+        out: Dict[str, List[Any]] = {}
+        for run in sorted(self._search(query), key=lambda r: -(r.info.start_time or 0)):
+            tid = run.data.tags.get(TAG_TRAIN_ID, "")
+            if wanted is None or tid in wanted:
+                out.setdefault(tid, []).append(run)
+        return out
 
     def score_arrays(self, record: ScoreRecord, cache: Dict[str, Any]) -> Dict[str, Any]:
         """The per-episode arrays of a score (``accuracy`` in %, ``nll``, ``brier``, ``reliability``)."""

@@ -70,6 +70,23 @@ def inference_network(model: nn.Module, sample: torch.Tensor) -> nn.Module:
     return fused
 
 
+def prepare_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float], image_size: Optional[int] = None,
+                   device="cpu") -> torch.Tensor:
+    """The network input of uint8 ``[B, H, W, 3]`` images: float32 ``[B, 3, S, S]`` resized to ``image_size``
+    (bilinear with antialiasing, rounded back to 0..255, when the size differs) and normalised with ``mean``/
+    ``std`` (fractions of 255). The memory format is whatever is cheapest (channels_last strides); call
+    ``.contiguous()`` for a plain NCHW array. What :func:`extract_features` feeds the backbone, so exported
+    runtimes (ONNX) see exactly the same input."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    x = torch.from_numpy(np.array(images)).to(device)
+    x = x.permute(0, 3, 1, 2).float()
+    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                            antialias=True, align_corners=False).round_().clamp_(0, 255)
+    return (x - m) / s
+
+
 @torch.inference_mode()
 def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
                      image_size: Optional[int] = None, batch_size: int = 256, device="cpu",
@@ -78,17 +95,11 @@ def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float]
     antialiasing when it differs, normalised with ``mean``/``std``). ``fuse`` folds Conv+BatchNorm first
     (:func:`inference_network`); pass False for a model that is already folded."""
     model = model.to(device).eval().to(memory_format=torch.channels_last)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
     out = []
     net = None
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)
-        x = x.permute(0, 3, 1, 2).float()
-        if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                                                antialias=True, align_corners=False).round_().clamp_(0, 255)
-        x = ((x - m) / s).contiguous(memory_format=torch.channels_last)
+        x = prepare_images(images[i:i + batch_size], mean, std, image_size, device)
+        x = x.contiguous(memory_format=torch.channels_last)
         if net is None:
             net = inference_network(model, x[:8]) if fuse else model
         f = net(x)
