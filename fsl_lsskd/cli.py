@@ -5,11 +5,10 @@ does an ``OSError`` meaning an output cannot be written (disk full, read-only, p
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict
 
 import click
 

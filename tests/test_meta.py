@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fsl_lsskd.deps import MissingDependencyError, require_learn2learn
-from fsl_lsskd.methods.episodic import EpisodeSampler, EpisodicConfig, split_tasks
+from fsl_lsskd.methods.episodic import EpisodeSampler, split_tasks
 from fsl_lsskd.methods.base import Batch
 from fsl_lsskd.methods.maml import FOMAML, MAML, MAMLConfig, adapt_and_predict
 from fsl_lsskd.methods.protonet import ProtoNet, ProtoNetConfig, prototype_logits

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
-import numpy as np
 
 from ..errors import ConfigError
 from ..protocol import EpisodeProtocol
 from .config import Benchmark
 from .grid import Cell, expand, experiment_name, training_config, with_teachers
-from .tables import ResultSet, Series
+from .tables import ResultSet
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 from ..protocol import EpisodeProtocol, can_host
 from ..utils import make_dir, output_error
 from .config import Benchmark

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..checkpoint import (MODEL_META, build_method, load_method, read_model_meta, read_training_state,
+from ..checkpoint import (MODEL_META, load_method, read_model_meta, read_training_state,
                           save_model, save_training_state)
 from ..errors import ConfigError, TrainingDiverged
 from ..utils import atomic_path, atomic_write_text, check_writable_dir, make_dir
