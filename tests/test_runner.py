@@ -407,7 +407,7 @@ def test_cross_domain_targets_fixed_runs_overrides_and_finetune(tmp_path, store,
           readouts: [protonet, {{readout: finetune, steps: 2}}]
           image_episodes: 3
           datasets: [cifar_fs, omniglot_runs, tiny_imagenet]
-          targets: {{tiny_imagenet: {{n_query: 1}}}}
+          targets: {{tiny_imagenet: {{n_query: 1}}, omniglot_runs: {{readouts: [protonet]}}}}
     """)
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), epochs=1)
     text = bench.read_text()
@@ -424,15 +424,16 @@ def test_cross_domain_targets_fixed_runs_overrides_and_finetune(tmp_path, store,
     keys = sorted((r.identity["target"]["dataset"], r.identity["protocol"]["n_way"], r.identity["protocol"]["n_shot"],
                    r.identity["protocol"]["n_query"], r.identity["readout"], len(r.metrics) > 0) for r in scores)
     assert {k[:5] for k in keys} == {("cifar_fs", 5, s, 2, r) for s in (1, 5) for r in ("protonet", "finetune")} | \
-        {("omniglot_runs", 20, 1, 1, r) for r in ("protonet", "finetune")} | \
+        {("omniglot_runs", 20, 1, 1, "protonet")} | \
         {("tiny_imagenet", 5, 1, 1, r) for r in ("protonet", "finetune")}
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
     md = (tmp_path / "results" / "grid.md").read_text()
     for col in ("omniglot_runs 20w1s1q protonet", "tiny_imagenet 5w1s1q finetune(steps=2)", "cifar_fs 5w5s2q protonet"):
         assert col in md, md
+    assert "omniglot_runs 20w1s1q finetune" not in md  # eval.targets.omniglot_runs.readouts
     # a target whose test split cannot host any of its protocols is refused up front, naming the fix
-    bench.write_text(text.replace("{tiny_imagenet: {n_query: 1}}", "{tiny_imagenet: {n_query: 3}}"))
+    bench.write_text(text.replace("{tiny_imagenet: {n_query: 1}", "{tiny_imagenet: {n_query: 3}"))
     res = cli("run", bench, "--out", tmp_path / "runs", "--dry-run")
     assert res.exit_code == 2 and "eval: {targets: {tiny_imagenet: {n_query: N}}}" in res.output, res.output
 

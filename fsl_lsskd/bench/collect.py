@@ -101,12 +101,11 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
         row = (cell.row, cell.backbone)
         if cell.role == "teacher":
             results.teacher_rows.add(row)
-        extra = bench.eval.extra_readouts.get(cell.row) or bench.eval.extra_readouts.get(cell.method) or ()
-        specs = [ReadoutSpec.parse(r, defaults) for r in tuple(bench.eval.readouts) + tuple(extra)]
         curve_specs = [ReadoutSpec.parse(r, defaults) for r in (bench.eval.curves.readouts if bench.eval.curves
                                                                 else ())]
         for target in bench.eval_datasets(cell.dataset):
             main = bench.eval.target_protocols(target)
+            specs = [ReadoutSpec.parse(r, defaults) for r in bench.eval.target_readouts(target, cell.row, cell.method)]
             for s in _newest_per_measure(by_train.get(rec.train_id, [])):
                 ident = s.identity
                 if s.tags.get("fsl.readout") == "heldout_base":

@@ -102,13 +102,15 @@ class CurveSpec:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """Protocol overrides for one cross-domain target (``eval.targets``), e.g. ``{n_query: 6}`` for a dataset
-    with few images per class; unset keys take ``eval``'s values."""
+    """Overrides for one scored target (``eval.targets``), e.g. ``{n_query: 6}`` for a dataset with few images
+    per class, ``readouts: [protonet]`` to score it with fewer readouts than the training dataset; unset keys
+    take ``eval``'s values (``readouts``: ``eval.readouts`` plus the row's ``extra_readouts``)."""
 
     n_way: Optional[Tuple[int, ...]] = None
     n_shot: Optional[Tuple[int, ...]] = None
     n_query: Optional[int] = None
     n_episodes: Optional[int] = None
+    readouts: Optional[Tuple[Any, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,14 @@ class EvalSpec:
         return protocol_grid(t.n_way or self.n_way, t.n_shot or self.n_shot,
                              self.n_query if t.n_query is None else t.n_query,
                              self.n_episodes if t.n_episodes is None else t.n_episodes)
+
+    def target_readouts(self, target: str, row: str, method: str) -> Tuple[Any, ...]:
+        """The readouts a cell of ``row`` (a method or variant of ``method``) is scored with on ``target``."""
+        t = self.targets.get(target)
+        if t is not None and t.readouts is not None:
+            return tuple(t.readouts)
+        extra = self.extra_readouts.get(row) or self.extra_readouts.get(method) or ()
+        return tuple(self.readouts) + tuple(extra)
 
     def readouts_for(self, method: str) -> Tuple[Any, ...]:
         extra = tuple(r for r in self.extra_readouts.get(method, ()) if r not in self.readouts)

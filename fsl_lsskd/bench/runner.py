@@ -340,11 +340,11 @@ def wanted_scores(bench: Benchmark, cell: Cell, plan: Plan) -> Tuple[List[Wanted
 
     tid = plan.tid(cell)
     defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
-    row_readouts = bench.eval.extra_readouts.get(cell.row) or bench.eval.extra_readouts.get(cell.method) or ()
-    main_readouts = [ReadoutSpec.parse(r, defaults) for r in tuple(bench.eval.readouts) + tuple(row_readouts)]
     out: List[WantedScore] = []
     notes: List[str] = []
     for target in bench.eval_datasets(cell.dataset):
+        main_readouts = [ReadoutSpec.parse(r, defaults)
+                         for r in bench.eval.target_readouts(target, cell.row, cell.method)]
         split = plan.data.split(target, bench.eval.split)
         _, counts = class_offsets(split.labels, split.num_classes)
         pairs, n = target_protocols(bench, target, counts)

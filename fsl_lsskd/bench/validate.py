@@ -58,6 +58,7 @@ def check_readouts(bench: Benchmark) -> None:
     groups = [("eval.readouts", ev.readouts)] + [(f"eval.extra_readouts.{m}", r) for m, r in ev.extra_readouts.items()]
     if ev.curves is not None:
         groups.append(("eval.curves.readouts", ev.curves.readouts))
+    groups += [(f"eval.targets.{t}.readouts", spec.readouts) for t, spec in ev.targets.items() if spec.readouts]
     for where, readouts in groups:
         for r in readouts:
             try:
