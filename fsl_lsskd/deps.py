@@ -11,7 +11,7 @@ from types import ModuleType
 from .errors import UserError
 
 INSTALL_HINT = ("learn2learn is not installed (needed by the episodic methods protonet/maml/fomaml and the "
-                "maml_finetune evaluator). Install it with `bash tools/install_learn2learn.sh` "
+                "maml_finetune readout). Install it with `bash tools/install_learn2learn.sh` "
                 "(uses $PYTHON, default `python`; e.g. `PYTHON=.venv/bin/python bash tools/install_learn2learn.sh`) "
                 "or set up the whole environment with `bash tools/setup.sh`.")
 

@@ -1,4 +1,4 @@
-"""Contract tests of fsl_lsskd.backbones: timm registration, timm model API, stage helpers, branch tails."""
+"""Contract tests of fsl_lsskd.backbones: timm registration, timm model API, stage helpers, stage tails."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from fsl_lsskd.backbones import (branch_tail, create_backbone, embedding_dim, forward_stages, stage_indices,
+from fsl_lsskd.backbones import (stage_tail, create_backbone, embedding_dim, forward_stages, stage_indices,
                                  stage_info, stage_modules)
 from fsl_lsskd.errors import ConfigError, UnknownNameError
 from fsl_lsskd.registry import BACKBONES
@@ -86,30 +86,30 @@ def test_embedding_and_reset_classifier(name):
 
 
 @pytest.mark.parametrize("name", OURS + ["resnet18"])
-def test_branch_tail_shape_contract(name):
+def test_stage_tail_shape_contract(name):
     model = create_backbone(name, num_classes=0, image_size=32)
     maps, _ = forward_stages(model, _x(32))
     final = maps[-1].shape[1:]
     for l in range(len(maps)):
-        tail = branch_tail(model, l, seed=0)
+        tail = stage_tail(model, l, seed=0)
         assert isinstance(tail, nn.Sequential)
         assert tail(maps[l]).shape[1:] == final, (name, l)
         # fresh copy: no parameter shared with the backbone
         ids = {id(p) for p in model.parameters()}
         assert not any(id(p) in ids for p in tail.parameters())
     with pytest.raises(ConfigError):
-        branch_tail(model, len(maps))
+        stage_tail(model, len(maps))
 
 
-def test_branch_tail_is_reinitialised_and_seeded():
+def test_stage_tail_is_reinitialised_and_seeded():
     model = create_backbone("conv4")
     with torch.no_grad():
         for p in model.layer2.parameters():
             p.fill_(0.5)
-    tail = branch_tail(model, 0, seed=3)
+    tail = stage_tail(model, 0, seed=3)
     assert not torch.equal(tail[0][0].weight, model.layer2[0].weight)  # fresh, not the trained weights
     assert torch.equal(tail[0][1].weight, torch.ones(64))  # BN weight 1
-    assert torch.equal(tail[0][0].weight, branch_tail(model, 0, seed=3)[0][0].weight)
+    assert torch.equal(tail[0][0].weight, stage_tail(model, 0, seed=3)[0][0].weight)
 
 
 @pytest.mark.parametrize("name", OURS + ["resnet18"])
@@ -202,14 +202,14 @@ def test_efficientnet_adapted_to_32():
         maps, logits = forward_stages(m, _x(32))
     assert [t.shape[-1] for t in maps] == [32, 16, 8, 4] and logits.shape == (2, 3)
     with torch.no_grad():
-        assert branch_tail(m, 3)(maps[3]).shape == maps[-1].shape
+        assert stage_tail(m, 3)(maps[3]).shape == maps[-1].shape
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100"])
-def test_branch_tail_depthwise_cnns(name):
+def test_stage_tail_depthwise_cnns(name):
     m = create_backbone(name, image_size=32).eval()
     with torch.no_grad():
         maps, _ = forward_stages(m, _x(32))
         for l in range(len(maps)):
-            assert branch_tail(m, l)(maps[l]).shape == maps[-1].shape
+            assert stage_tail(m, l)(maps[l]).shape == maps[-1].shape

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fsl_lsskd.backbones import (branch_tail, check_image_size, create_backbone, embedding_dim, forward_stages,
+from fsl_lsskd.backbones import (stage_tail, check_image_size, create_backbone, embedding_dim, forward_stages,
                                  smallest_image_size, stage_indices, stage_info, tail_modules)
 from fsl_lsskd.errors import ConfigError
 from fsl_lsskd.methods.base import Batch
@@ -68,7 +68,7 @@ def test_timm_cnn_contract(name, size):
     generic = GENERIC_TAILS.get(name, set())
     with torch.no_grad():
         for lvl in range(len(maps)):
-            tail = branch_tail(model, lvl, seed=lvl)
+            tail = stage_tail(model, lvl, seed=lvl)
             assert tail(maps[lvl]).shape[1:] == final, (name, lvl)
             if lvl < len(maps) - 1:
                 assert (tail_modules(model, lvl) is None) == (lvl in generic), (name, lvl)
@@ -100,7 +100,7 @@ def test_byot_on_a_cnn_with_a_head_conv(head):
 @pytest.mark.parametrize("name", ["resnet10t", "regnetx_002", "convnext_atto"])
 def test_copied_tails_reproduce_the_backbone(name):
     """``tail_modules`` names the modules that map stage l's map to the last stage's: run with the backbone's own
-    weights they give exactly its last map (what ``branch_tail`` copies and re-initialises)."""
+    weights they give exactly its last map (what ``stage_tail`` copies and re-initialises)."""
     model = create_backbone(name, image_size=32, seed=0).eval()
     with torch.no_grad():
         maps, _ = forward_stages(model, _x(32, seed=5))

@@ -1,4 +1,4 @@
-"""The CUDA path: device placement of the data path, prediction stores, teacher, autocast and the evaluator.
+"""The CUDA path: device placement of the data path, prediction stores, teacher, autocast and scoring (features and readouts).
 
 Marked ``cuda``; every test skips without a CUDA GPU (``pytest -m cuda`` on a GPU machine runs them). Each
 compares with the CPU result where the two should agree, so a tensor left on the wrong device or a
@@ -69,7 +69,7 @@ def test_teacher_trained_on_cpu_teaches_on_cuda(tmp_path):
     assert student.finished and np.isfinite(student.history[-1]["train_loss"])
 
 
-def test_evaluator_on_cuda_matches_cpu(tmp_path):
+def test_scoring_on_cuda_matches_cpu(tmp_path):
     from fsl_lsskd.backbones import create_backbone
     from fsl_lsskd.eval import evaluate
 

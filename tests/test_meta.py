@@ -274,7 +274,7 @@ def test_finetune_predict_leaves_model_untouched():
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in state.items())
 
 
-# ---------------------------------------------------------------- engine loader and evaluator
+# ---------------------------------------------------------------- engine loader and readouts
 
 
 def test_episodes_from_engine_trainloader():

@@ -484,7 +484,7 @@ def tail_modules(model: nn.Module, stage_index: int) -> Optional[List[str]]:
     :func:`forward_stages`'s list, not the last), in order, or None when no chain of modules does: the chain of
     :func:`_chain`, checked numerically on one random input (eval mode, no gradients; the model's train/eval mode is
     restored): running the modules one after the other on ``forward_stages(model, x)[0][stage_index]`` must give
-    the last stage map. ``branch_tail`` copies these modules."""
+    the last stage map. ``stage_tail`` copies these modules."""
     infos, idx = stage_info(model), stage_indices(model)
     if not 0 <= stage_index < len(idx) - 1:
         raise ConfigError(f"stage_index {stage_index} out of range: {type(model).__name__} has {len(idx)} stages, "
@@ -527,7 +527,7 @@ def tail_modules(model: nn.Module, stage_index: int) -> Optional[List[str]]:
 def _generic_tail(in_chs: int, out_chs: int, halvings: int) -> nn.Sequential:
     """conv3x3-BN-ReLU per halving (stride 2; widths geometric from ``in_chs`` to ``out_chs``), or one at stride 1
     when there is none: the feature extractor of an auxiliary classifier where the backbone's own modules do not
-    form a chain (:func:`branch_tail`)."""
+    form a chain (:func:`stage_tail`)."""
     layers: List[nn.Module] = []
     steps = max(halvings, 1)
     c = in_chs
@@ -539,11 +539,11 @@ def _generic_tail(in_chs: int, out_chs: int, halvings: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def branch_tail(model: nn.Module, stage_index: int, seed: Optional[int] = None) -> nn.Sequential:
+def stage_tail(model: nn.Module, stage_index: int, seed: Optional[int] = None) -> nn.Sequential:
     """Freshly initialised copy of the stages after ``stage_index`` (0-based into ``forward_stages``'s list), as
     an ``nn.Sequential``: the feature extractor of an LSSKD/HSAKD auxiliary classifier (winycg/HSAKD
     ``models/resnet.py``; docs/methods.md, "Auxiliary classifiers"). For the last stage it is one extra last-stage
-    block at stride 1. ``branch_tail(model, l)(stage_maps[l])`` has the last stage's channel count
+    block at stride 1. ``stage_tail(model, l)(stage_maps[l])`` has the last stage's channel count
     (``stage_info(model)[stage_indices(model)[-1]]['num_chs']``) and spatial size. ``seed`` seeds the init.
 
     The copy is the chain of the backbone's modules between the two stages (:func:`tail_modules`: used only when it

@@ -120,5 +120,5 @@ class StagedNet(nn.Module):
         return take_indices
 
     def make_extra_stage(self) -> nn.Module:
-        """One extra last-stage block at the final width, stride 1 (HSAKD's branch after the last stage)."""
+        """One extra last-stage block at the final width, stride 1 (the input of HSAKD's auxiliary classifier after the last stage)."""
         raise NotImplementedError

@@ -52,8 +52,8 @@ def latency_settings(threads: str, batch_sizes: str, runs: int, warmup: int, max
 @click.option("--readouts", default="protonet,logreg_batched", show_default=True, help="Readouts for accuracy.")
 @latency_options
 def export_cmd(checkpoint: Path, out_dir: Path, onnx_: bool, int8: bool, calibration_images: int, measure: str,
-               dataset, archive, data_root, split_file, train_per_class, folder_image_size, split, n_way, n_shot,
-               n_query, n_episodes, readouts, threads, batch_sizes, runs, warmup, max_seconds, allow_load) -> None:
+               dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, split, n_way,
+               n_shot, n_query, n_episodes, readouts, threads, batch_sizes, runs, warmup, max_seconds, allow_load) -> None:
     """Export a trained backbone (no auxiliary classifiers, no classifier) in timm's state-dict format with a
     report (parameters, FLOPs at batch 1) and a `load_with` snippet: OUT/backbone.safetensors + backbone.json.
     CHECKPOINT is a model directory (OUT/model of `fsl-bench train`), a training checkpoint (last.pt) or an
@@ -95,11 +95,11 @@ def export_cmd(checkpoint: Path, out_dir: Path, onnx_: bool, int8: bool, calibra
     needs_data = int8 or "accuracy" in wanted
     train_split = eval_split = None
     ds = None
-    if edge and (needs_data or archive is not None or data_root is not None):
+    if edge and (needs_data or archive is not None or data_root is not None or download):
         name = dataset or meta.get("dataset")
         if not name:
             raise ConfigError("the checkpoint's meta names no dataset: pass --dataset NAME with --archive/--data-root")
-        if archive is None and data_root is None:
+        if archive is None and data_root is None and not download:
             why = "--int8 calibrates on its training images" if int8 else "--measure accuracy scores its episodes"
             raise ConfigError(f"{why}: pass the {name} data with --archive FILE or --data-root DIR (and "
                               f"--train-per-class N when the backbone was trained on a subset)")
@@ -107,7 +107,7 @@ def export_cmd(checkpoint: Path, out_dir: Path, onnx_: bool, int8: bool, calibra
         from ..data.base import split_counts
         from ..protocol import check_capacity
 
-        ds = get_dataset(name, archive=archive, root=data_root,
+        ds = get_dataset(name, archive=archive, root=data_root, download=download,
                          **dataset_kwargs(name, split_file, train_per_class, folder_image_size))
         counts = split_counts(ds, split)
         for p in protocols:  # before anything is decoded

@@ -1,4 +1,4 @@
-"""Speed benchmark of the evaluator against the per-episode pipeline most few-shot repositories use.
+"""Speed benchmark of the scoring path (features once, readouts vectorised over episodes) against the per-episode pipeline most few-shot repositories use.
 
 Baseline (e.g. learn2learn examples, RFS ``meta_test``): per episode, sample a task with learn2learn's
 ``Taskset`` (``MetaDataset`` + task transforms + ``LoadData`` + ``RemapLabels``), forward its images through
@@ -55,7 +55,7 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
     model = model.to(device).eval()
     offsets, counts = class_offsets(split.labels, split.num_classes)
     report: Dict[str, Dict[str, float]] = {}
-    # ---- ours: extract once (timed once, shared by both classifiers and both shots)
+    # ---- ours: extract once (timed once, shared by both readouts and both shots)
     t0 = time.perf_counter()
     feats = extract_features(model, split.images, mean, std, image_size, batch_size, device)
     t_extract = time.perf_counter() - t0
@@ -125,6 +125,6 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
             "logreg_sklearn_episodes_differing": float(np.sum(ours_lr != base_lr)),
             "speedup_protonet_pipeline": (t_lf + t_bp) / (t_extract + t_proto),
             "speedup_logreg_pipeline": (t_lf + t_bl) / (t_extract + t_lrb),
-            "speedup_logreg_classifier_only": t_bl / t_lrb,
+            "speedup_logreg_readout_only": t_bl / t_lrb,
         }
     return report

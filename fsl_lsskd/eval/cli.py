@@ -197,7 +197,7 @@ def bench_eval(backbone, checkpoint, dataset, archive, data_root, download, spli
                    f"{100 * r['acc_base_logreg']:.3f} (differing: {int(r['logreg_sklearn_episodes_differing'])}); "
                    f"batched {100 * r['acc_ours_logreg_batched']:.3f}")
         click.echo(f"  SPEEDUP protonet pipeline {r['speedup_protonet_pipeline']:.1f}x; logreg pipeline "
-                   f"{r['speedup_logreg_pipeline']:.1f}x; logreg readout only {r['speedup_logreg_classifier_only']:.1f}x")
+                   f"{r['speedup_logreg_pipeline']:.1f}x; logreg readout only {r['speedup_logreg_readout_only']:.1f}x")
         if r["protonet_episodes_differing"] or r["logreg_sklearn_episodes_differing"]:
             failures.append(f"{key}: per-episode accuracies differ between ours and the baseline")
         if abs(r["acc_ours_logreg_batched"] - r["acc_ours_logreg"]) > 0.005:

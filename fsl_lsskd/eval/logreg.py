@@ -1,4 +1,4 @@
-"""Logistic-regression linear probe, scikit-learn reference (one fit per episode).
+"""Logistic-regression readout, scikit-learn reference (one fit per episode).
 
 RFS (Tian et al., ECCV 2020; WangYueFt/rfs ``eval/meta_eval.py``): L2-normalised pooled features,
 ``LogisticRegression(penalty='l2', C=1.0, solver='lbfgs', max_iter=1000, random_state=0)`` fitted on the
@@ -17,7 +17,7 @@ from .logreg_batched import LogRegConfig
 
 
 def fit_predict_sklearn(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, C: float = 1.0) -> np.ndarray:
-    """One RFS linear probe: fit on (normalised) support features, return the query probabilities
+    """One RFS logistic regression: fit on (normalised) support features, return the query probabilities
     ``[n_query_total, n_classes]``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -32,7 +32,7 @@ def fit_predict_sklearn(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, C: float
 
 @READOUTS.register("logreg")
 class LogRegReadout(Readout):
-    """RFS linear probe: scikit-learn LogisticRegression per episode (the reference; slow)."""
+    """RFS logistic regression on frozen features: scikit-learn LogisticRegression per episode (the reference; slow)."""
 
     config_cls = LogRegConfig
     probabilistic = True

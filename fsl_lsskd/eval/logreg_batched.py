@@ -1,4 +1,4 @@
-"""Logistic-regression linear probe solved for all episodes at once (batched L-BFGS in float64).
+"""Logistic-regression readout solved for all episodes at once (batched L-BFGS in float64).
 
 Same objective as scikit-learn's multinomial ``LogisticRegression(C=1.0)`` (L2 penalty) used by RFS
 (Tian et al., ECCV 2020; WangYueFt/rfs ``eval/meta_eval.py``): ``C * sum_i logloss(W x_i + b, y_i) +
@@ -136,7 +136,7 @@ class LogRegConfig(ReadoutConfig):
 
 @READOUTS.register("logreg_batched")
 class LogRegBatchedReadout(Readout):
-    """RFS linear probe: scikit-learn's objective solved for all episodes at once (batched L-BFGS, float64)."""
+    """RFS logistic regression: scikit-learn's objective solved for all episodes at once (batched L-BFGS, float64)."""
 
     config_cls = LogRegConfig
     probabilistic = True

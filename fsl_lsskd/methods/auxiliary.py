@@ -1,7 +1,7 @@
 """Auxiliary classifiers and the rotation expansion shared by LSSKD, HSAKD and BYOT.
 
 An auxiliary classifier ``l`` reads the output map of backbone stage ``l`` and classifies it: a feature
-extractor (``branch_tail``: a freshly initialised copy of the stages after ``l``; one extra last-width,
+extractor (``stage_tail``: a freshly initialised copy of the stages after ``l``; one extra last-width,
 stride-1 stage for the last one), global average pooling and a linear layer (winycg/HSAKD
 ``models/resnet.py``; docs/methods.md, "Auxiliary classifiers"). They exist during training only: every
 method's :meth:`~fsl_lsskd.methods.base.Method.export_backbone` drops them. Rotation expansion: HSAKD
@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..backbones import branch_tail, forward_stages, stage_indices, stage_info
+from ..backbones import stage_tail, forward_stages, stage_indices, stage_info
 
 
 def num_stages(backbone: nn.Module) -> int:
@@ -25,7 +25,7 @@ def final_width(backbone: nn.Module) -> int:
 
 
 class AuxiliaryClassifier(nn.Module):
-    """Feature extractor (``branch_tail`` of the backbone) + global average pooling + linear classifier.
+    """Feature extractor (``stage_tail`` of the backbone) + global average pooling + linear classifier.
 
     ``forward(stage_map [B, C_l, H_l, W_l]) -> (logits [B, out_features], pooled [B, C_final])``; ``pooled``
     is the pre-FC feature (BYOT/LSSKD feature-L2 terms)."""
@@ -33,7 +33,7 @@ class AuxiliaryClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, stage: int, out_features: int, seed: Optional[int] = None) -> None:
         super().__init__()
         self.stage = int(stage)
-        self.features = branch_tail(backbone, stage, seed=seed)
+        self.features = stage_tail(backbone, stage, seed=seed)
         self.fc = nn.Linear(final_width(backbone), int(out_features))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

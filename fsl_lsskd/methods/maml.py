@@ -15,7 +15,7 @@ BatchNorm is *transductive*: the model stays in train mode during adaptation and
 every forward pass normalises with the current batch's statistics (support batch while adapting, query
 batch for the outer loss), as in cbfinn/maml (TF batch_norm on the batch) and learn2learn's examples.
 The running statistics are still updated (clones share the buffers), so the exported backbone can be
-evaluated in eval mode by the standard evaluators; the ``maml_finetune`` evaluator instead fine-tunes
+evaluated in eval mode by the standard readouts; the ``maml_finetune`` readout instead fine-tunes
 backbone+head per test episode with batch statistics, as MAML is evaluated in the paper.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ class MAML(EpisodicMethod):
 
     def export_backbone(self) -> nn.Module:
         """The standard export (backbone alone, pooled features), plus a plain (non-module) attribute
-        ``maml_method`` pointing at this method so the ``maml_finetune`` evaluator can fine-tune backbone+head
+        ``maml_method`` pointing at this method so the ``maml_finetune`` readout can fine-tune backbone+head
         when handed the in-memory export (``load_backbone(last.pt)``); it is not in the state dict, so saved
         exports are the plain backbone."""
         net = super().export_backbone()

@@ -1,7 +1,7 @@
 """``fsl-bench bench train``: images/s of CE training through the engine's data path versus the reference
 pipeline of the official repos (rfs, PS-KD, HSAKD: a torchvision-style Dataset over PIL images with per-image
 ``RandomCrop(pad 4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` and a ``torch.utils.data.DataLoader``),
-same backbone, batch size, threads and machine, in one process. Also the epoch cost of the auxiliary-branch
+same backbone, batch size, threads and machine, in one process. Also the epoch cost of the auxiliary-classifier
 methods (LSSKD, BYOT, ...) relative to CE when they are registered."""
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
 def bench_train(dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, backbone,
                 image_size, batch_size, steps, warmup, workers, methods, threads, json_out) -> None:
     """Training throughput: engine data path vs the official repos' PIL + DataLoader pipeline (CE, same
-    backbone/batch/machine), plus auxiliary-branch methods' cost relative to CE.
+    backbone/batch/machine), plus auxiliary-classifier methods' cost relative to CE.
 
     \b
     Example:
