@@ -201,11 +201,27 @@ class Store:
                 return None
             with store_lock():
                 exp = self.client.get_experiment_by_name(name)
-                eid = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+                eid = exp.experiment_id if exp is not None else self._create_experiment(name)
         else:
             eid = exp.experiment_id
         self._experiments[name] = eid
         return eid
+
+    def _create_experiment(self, name: str) -> str:
+        """Create experiment ``name``; if another machine created it first (the
+        file lock only orders processes on this machine), use theirs."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc):
+                raise
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            log.debug("experiment %s was created concurrently by another process", name)
+            return exp.experiment_id
 
     def fsl_experiments(self) -> List[str]:
         """Ids of every ``fsl-bench/*`` experiment."""

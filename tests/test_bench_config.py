@@ -7,7 +7,7 @@ import pytest
 from fsl_lsskd.bench.config import load_benchmark
 from fsl_lsskd.bench.grid import expand, shard, training_config, with_teachers
 from fsl_lsskd.bench.stats import hierarchical_bootstrap
-from fsl_lsskd.bench.tables import ResultSet, mean_ci, paired_vs, render
+from fsl_lsskd.bench.tables import ResultSet, mean_ci, paired_vs, readout_effects, reference_readout, render
 from fsl_lsskd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,3 +179,39 @@ def test_fractions_are_a_grid_dimension_and_teachers_see_the_full_data(tmp_path)
     assert len(with_teachers(cells)) == len(cells) + 6  # one teacher per seed and method (ce, hsakd_teacher)
     with pytest.raises(ConfigError, match="fractions must be in"):
         load_benchmark(_write(tmp_path, GOOD + "fractions: [0.0, 1.5]\n", "bad.yaml"))
+
+
+def test_readout_effects_pair_each_readout_with_its_reference_on_the_same_checkpoint():
+    assert reference_readout("finetune") == "protonet"
+    assert reference_readout("logreg_batched(n_aug_support=5)") == "logreg_batched"
+    assert reference_readout("protonet") is None and reference_readout("logreg_batched") is None
+    rs = ResultSet()
+    rng = np.random.default_rng(3)
+    acc = rng.uniform(30, 70, size=300)
+    col = ("tiny", "tiny", "5w1s15q", "protonet")
+    for seed in (0, 1):
+        rs.add(("ce", "conv4"), col, seed, {"accuracy": acc})
+        rs.add(("ce", "conv4"), col[:3] + ("finetune",), seed, {"accuracy": acc[:200] - 1.5})  # image-level: prefix
+        rs.add(("ce", "conv4"), col[:3] + ("logreg_batched",), seed, {"accuracy": acc + 0.5})
+        rs.add(("ce", "conv4"), col[:3] + ("logreg_batched(n_aug_support=5)",), seed, {"accuracy": acc + 2.5})
+    eff = readout_effects(rs)[("ce", "conv4")]
+    assert set(eff) == {col[:3] + ("finetune",), col[:3] + ("logreg_batched(n_aug_support=5)",)}
+    assert eff[col[:3] + ("finetune",)].mean == pytest.approx(-1.5) and eff[col[:3] + ("finetune",)].verdict == -1
+    assert eff[col[:3] + ("logreg_batched(n_aug_support=5)",)].mean == pytest.approx(2.0)
+    md = render(rs, {}, "c")["md"]
+    assert "Readout effects" in md and "tiny 5w1s15q finetune − protonet" in md and "-1.50" in md
+
+
+def test_curve_points_get_a_table_and_csv_rows():
+    rs = ResultSet()
+    rng = np.random.default_rng(4)
+    for seed in (0, 1):
+        rs.add(("ce", "conv4"), _col(1), seed, {"accuracy": rng.uniform(30, 70, size=50)})
+        for shot, level in ((1, 40.0), (5, 60.0)):
+            rs.add_curve(("ce", "conv4"), ("tiny", "tiny", 10, shot, "protonet"), seed,
+                         {"accuracy": np.full(100, level + seed)})
+    out = render(rs, {}, "c")
+    assert "tiny, 10-way, protonet:" in out["md"] and "| 1-shot | 5-shot |" in out["md"]
+    assert "| ce | conv4 | 40.50" in out["md"] and "60.50" in out["md"]
+    rows = [line for line in out["csv"].splitlines() if line.startswith("ce,conv4,tiny,tiny,10,")]
+    assert len(rows) == 2 and rows[0].split(",")[5:9] == ["1", "protonet", "2", "40.5000"]

@@ -867,3 +867,31 @@ def test_episode_file_verified_at_every_load(splits_copy):
     path.write_bytes(original)
     again = load_episodes(*args)
     assert np.array_equal(first.images, again.images)
+
+
+def test_experiment_created_by_another_machine_first_is_reused(tmp_path, monkeypatch):
+    """Shards on different machines share no file lock: when another machine creates the experiment between
+    our lookup and our create (the race seen on PostgreSQL), the store uses that experiment instead of failing
+    with RESOURCE_ALREADY_EXISTS."""
+    from mlflow.tracking import MlflowClient
+
+    from fsl_lsskd.record import Store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other = MlflowClient(tracking_uri=uri)
+    store = Store(MlflowClient(tracking_uri=uri))
+    real_get = store.client.get_experiment_by_name
+    calls = {"n": 0}
+
+    def get_then_race(name):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # both of our lookups miss; the other machine creates it right after
+            if calls["n"] == 2:
+                other.create_experiment(name)
+            return None
+        return real_get(name)
+
+    monkeypatch.setattr(store.client, "get_experiment_by_name", get_then_race)
+    eid = store.experiment_id("fsl-bench/grid")
+    assert eid == other.get_experiment_by_name("fsl-bench/grid").experiment_id
+    assert calls["n"] == 3

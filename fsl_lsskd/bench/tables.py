@@ -129,36 +129,67 @@ class Paired:
         return excludes_zero(self.lo, self.hi)
 
 
+def paired(a: Series, b: Series) -> Optional[Paired]:
+    """``a - b`` on identical episodes (the first ``min`` episodes of each: image-level readouts score a prefix of
+    the published episodes) and the training seeds both have; None when they share no seed."""
+    from scipy import stats
+
+    seeds = sorted(set(a.per_seed) & set(b.per_seed))
+    if not seeds:
+        return None
+    x, y = a.stacked(seeds=seeds), b.stacked(seeds=seeds)
+    n = min(x.shape[1], y.shape[1])
+    diff = x[:, :n] - y[:, :n]
+    m, h = mean_ci(diff.mean(0))
+    lo, hi = hierarchical_bootstrap(diff)
+    d = diff.mean(0)
+    if n < 2 or not np.any(d):
+        p = 1.0
+    elif np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
+        p = 0.0
+    else:
+        p = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return Paired(m, h, lo, hi, p, {s: float(diff[i].mean()) for i, s in enumerate(seeds)})
+
+
 def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Row, Dict[Column, Paired]]:
     """Per row and column, the difference to ``baseline`` (same backbone) over identical episodes, restricted to
     the training seeds both have."""
-    from scipy import stats
-
     out: Dict[Row, Dict[Column, Paired]] = {}
     for (method, backbone), row in results.cells.items():
         base = results.cells.get((baseline, backbone))
         if method == baseline or base is None:
             continue
         for col, res in row.items():
-            if col not in base:
+            if col in base:
+                d = paired(res, base[col])
+                if d is not None:
+                    out.setdefault((method, backbone), {})[col] = d
+    return out
+
+
+def reference_readout(label: str) -> Optional[str]:
+    """The readout a readout is compared with on the same checkpoint: a setting's effect against the same readout
+    without settings (``logreg_batched(n_aug_support=5)`` vs ``logreg_batched``); ``finetune`` against
+    ``protonet`` (its head starts as the prototypes: the difference is what fine-tuning adds)."""
+    name = label.split("(", 1)[0]
+    if name == "finetune":
+        return "protonet"
+    return name if "(" in label else None
+
+
+def readout_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
+    """Per row, every column whose readout has a reference (:func:`reference_readout`) in the same training
+    data, target and protocol: the paired difference readout minus reference."""
+    out: Dict[Row, Dict[Column, Paired]] = {}
+    for row, cols in results.cells.items():
+        for col, res in cols.items():
+            ref = reference_readout(col[3])
+            if ref is None or (col[0], col[1], col[2], ref) not in cols:
                 continue
-            seeds = sorted(set(res.per_seed) & set(base[col].per_seed))
-            if not seeds:
-                continue
-            a, b = res.stacked(seeds=seeds), base[col].stacked(seeds=seeds)
-            n = min(a.shape[1], b.shape[1])
-            diff = a[:, :n] - b[:, :n]
-            m, h = mean_ci(diff.mean(0))
-            lo, hi = hierarchical_bootstrap(diff)
-            d = diff.mean(0)
-            if n < 2 or not np.any(d):
-                p = 1.0
-            elif np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
-                p = 0.0
-            else:
-                p = float(stats.ttest_1samp(d, 0.0).pvalue)
-            out.setdefault((method, backbone), {})[col] = Paired(m, h, lo, hi, p,
-                                                                 {s: float(diff[i].mean()) for i, s in enumerate(seeds)})
+            d = paired(res, cols[(col[0], col[1], col[2], ref)])
+            if d is not None:
+                out.setdefault(row, {})[col] = d
     return out
 
 
@@ -265,6 +296,35 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [seed-aware 95% interval]; "
                                  f"triangles: the interval excludes 0.",
                                  ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
+    effects = readout_effects(results)
+    if effects:
+        ecols = [c for c in cols if any(c in effects[r] for r in effects)]
+        md += ["", "Readout effects on the same checkpoints and episodes (points): each readout minus its reference "
+                   "(a setting against the same readout without it; finetune against protonet, where its head "
+                   "starts); mean ± 95% CI over episodes [seed-aware 95% interval] (each seed's difference). ▲/▼: "
+                   "the seed-aware interval excludes 0.", "",
+               "| method | backbone | " + " | ".join(f"{col_label(c)} − {reference_readout(c[3])}" for c in ecols)
+               + " |", "|" + "---|" * (len(ecols) + 2)]
+        etex = []
+        for r in sorted(effects):
+            vals = []
+            for c in ecols:
+                d = effects[r].get(c)
+                if d is None:
+                    vals.append("–")
+                    continue
+                mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
+                seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
+                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} (seeds {seeds})")
+            md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+            etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\")
+        tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
+                                  "and episodes; [seed-aware 95% interval].",
+                                  ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
+                                                            for c in ecols], etex)
+    curve_md, curve_csv = _curve_table(results)
+    md += curve_md
+    csv += curve_csv
     cal_md, cal_tex = _calibration(results, cols)
     md += cal_md
     tex += cal_tex
@@ -282,6 +342,38 @@ def _tex_table(caption: str, header: List[str], rows: List[str]) -> str:
     return "\n".join(["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(caption)}}}",
                       f"\\begin{{tabular}}{{{colspec}}}", "\\toprule", " & ".join(_tex(h) for h in header) + " \\\\",
                       "\\midrule", *rows, "\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
+
+
+def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
+    """Way/shot curve points: per (training data, target, readout, n_way) a table of accuracy against n_shot."""
+    if not results.curve_points:
+        return [], []
+    md = ["", "Way and shot curves (published curve episodes): mean accuracy (%) over seeds and episodes (seeds ± "
+              "half the seed-aware interval)."]
+    csv = ["", "method,backbone,train_data,target,n_way,n_shot,readout,seeds,mean,ci95_episodes,seed_ci_lo,"
+               "seed_ci_hi"]
+    groups = sorted({(p[0], p[1], p[4], p[2]) for r in results.curve_points.values() for p in r})
+    for data, target, readout, n_way in groups:
+        shots = sorted({p[3] for r in results.curve_points.values() for p in r
+                        if (p[0], p[1], p[4], p[2]) == (data, target, readout, n_way)})
+        where = data if data.split("@")[0] == target else f"{data}→{target}"
+        md += ["", f"{where}, {n_way}-way, {readout}:", "",
+               "| method | backbone | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|" + "---|" * (len(shots) + 2)]
+        for r in sorted(results.curve_points):
+            pts = results.curve_points[r]
+            vals = []
+            for k in shots:
+                res = pts.get((data, target, n_way, k, readout))
+                if res is None:
+                    vals.append("–")
+                    continue
+                m, h, lo, hi = res.summary()
+                vals.append(f"{m:.2f}" + (f" (±{(hi - lo) / 2:.2f})" if len(res.per_seed) > 1 else ""))
+                csv.append(f"{r[0]},{r[1]},{data},{target},{n_way},{k},{readout},{len(res.per_seed)},{m:.4f},{h:.4f},"
+                           f"{lo:.4f},{hi:.4f}")
+            if any(v != "–" for v in vals):
+                md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+    return md, csv
 
 
 def _calibration(results: ResultSet, cols: List[Column]) -> Tuple[List[str], str]:
