@@ -189,6 +189,30 @@ def test_image_size_checks():
         check_image_size("vit_tiny_patch16_224", 32)
 
 
+@pytest.mark.parametrize("size", [2, 4])
+def test_below_total_stride_refused_even_when_padding_lets_it_run(size):
+    """regnetx_002 adapted to small inputs has total stride 8: a 2x2 or 4x4 image runs through its padded
+    convolutions to a 1x1 map of padding (it used to "score" about chance); refused naming 8."""
+    from fsl_lsskd.backbones._factory import total_stride
+
+    assert total_stride(create_backbone("regnetx_002", image_size=32), 32) == 8
+    with pytest.raises(ConfigError, match="smallest input it takes is 8x8") as e:
+        check_image_size("regnetx_002", size)
+    assert "total stride 8" in str(e.value)
+
+
+def test_out_of_memory_is_reported_as_too_large_not_too_small(monkeypatch):
+    from fsl_lsskd.backbones import _factory
+
+    def no_memory(model, image_size, in_chans=3):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(_factory, "_forward_probe", no_memory)
+    with pytest.raises(ConfigError, match="ran out of memory") as e:
+        check_image_size("regnetx_002", 100000)
+    assert "smaller --image-size" in str(e.value) and "smallest" not in str(e.value)
+
+
 def _cli(*args):
     from fsl_lsskd.cli import main
 

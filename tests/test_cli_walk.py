@@ -41,7 +41,8 @@ def test_ctrl_c_exits_130_with_the_cells_state_and_the_command_that_resumes(tmp_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "Aborted!" not in err, err
-    assert "interrupted: 0 of 1 cells finished" in err and "resumes from it" in err, err
+    assert "interrupted: 0 cells trained and 0 of 1 scored in this run" in err and "resumes from it" in err, err
+    assert "ce/conv4/cifar_fs/seed0: training" in out, out  # not a terminal: a line per step, no silence
     resume = err.strip().splitlines()[-1]
     assert resume.startswith("resume with: ") and "run" in resume and str(bench) in resume, err
     proc = _fsl(["run", bench, "--out", tmp_path / "runs"], tmp_path)
@@ -83,6 +84,10 @@ def test_a_first_run_prints_what_a_user_needs(tmp_path, cifar_archive):
     assert "resolved config" not in text and "no published episodes" not in text and "WARNING" not in text, text
     assert max(len(line) for line in out.splitlines()) < 400, out
     assert out.splitlines()[0].startswith("benchmark grid:") and "summary: 1 trained" in out
+    steps = [line for line in out.splitlines() if line.startswith("[")]  # one line per step (stdout is a pipe)
+    assert [line.split("] ", 1)[1].split(" (")[0].split(" in ")[0] for line in steps] == [
+        "ce/conv4/cifar_fs/seed0: training", "ce/conv4/cifar_fs/seed0: trained", "ce/conv4/cifar_fs/seed0: scoring",
+        "ce/conv4/cifar_fs/seed0: trained"], steps
     proc = _fsl(["-v", "run", bench, "--out", tmp_path / "runs", "--rerun"], tmp_path)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "resolved config" in err, err[-3000:]

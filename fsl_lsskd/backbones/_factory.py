@@ -292,23 +292,56 @@ def check_backbone_name(name: str) -> None:
     check_names(backbones=[name])
 
 
-PROBE_SIZES = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+PROBE_SIZES = (2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class InputTooSmall(ValueError):
+    """The input is smaller than the backbone's total stride: its last stage would see only padding."""
 
 
 def _probe_model(name: str, image_size: int) -> nn.Module:
     return create_backbone(name, num_classes=2, image_size=image_size).eval()
 
 
+def _reference_size(image_size: int) -> int:
+    """A size of the same small-input regime (:func:`_small_input_factor`) at which every model the regime
+    adapts has a final map of several pixels: the total stride is measured there."""
+    return {4: 32, 2: 64}.get(_small_input_factor(image_size), max(int(image_size), 224))
+
+
 @torch.no_grad()
-def _forward_probe(model: nn.Module, image_size: int, in_chans: int = 3) -> None:
+def _final_map_size(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
     x = torch.zeros(1, in_chans, image_size, image_size)
     model(x)
-    forward_stages(model, x)
+    maps, _ = forward_stages(model, x)
+    return int(maps[-1].shape[-1])
+
+
+def total_stride(model: nn.Module, image_size: int) -> float:
+    """Input pixels per pixel of the last stage's map (the backbone's total downsampling) of ``model`` as built for
+    ``image_size``, measured by one forward pass at a size of the same regime (Conv-4: 16; a timm CNN adapted
+    to <= 32 pixels: usually 8)."""
+    ref = _reference_size(image_size)
+    return ref / _final_map_size(model, ref)
+
+
+def _forward_probe(model: nn.Module, image_size: int, in_chans: int = 3) -> None:
+    stride = total_stride(model, image_size)
+    if image_size < stride:
+        raise InputTooSmall(f"{image_size}x{image_size} is below the backbone's total stride {stride:g}: its last "
+                            f"stage would see only padding")
+    _final_map_size(model, image_size, in_chans)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "alloc" in text or "out of memory" in text
 
 
 def probe(name: str, image_size: int) -> None:
     """Build backbone ``name`` for ``image_size`` and run one forward pass and one stage pass on zeros (eval
-    mode, batch 1); raises whatever the model raises (:class:`ConfigError` for a refused backbone)."""
+    mode, batch 1); raises :class:`InputTooSmall` below the backbone's total stride, otherwise whatever the
+    model raises (:class:`ConfigError` for a refused backbone)."""
     _forward_probe(_probe_model(name, image_size), image_size)
 
 
@@ -331,10 +364,12 @@ def smallest_image_size(name: str) -> Optional[int]:
 
 
 def check_image_size(name: str, image_size: int) -> None:
-    """Raise :class:`ConfigError` (exit 2) naming the smallest size that works when backbone ``name`` cannot take
-    ``image_size`` x ``image_size`` inputs (e.g. ``conv4`` at 8: its four 2x2 poolings leave nothing), or the
-    refusal of :func:`create_backbone` (not a CNN, cannot be adapted to small inputs). One model build and forward
-    when the size is fine; a few more (one per size tried) to find the smallest when it is not."""
+    """Raise :class:`ConfigError` (exit 2) when backbone ``name`` cannot take ``image_size`` x ``image_size``
+    inputs: below its total stride or too small for its operations (e.g. ``conv4`` at 8: its four 2x2 poolings
+    leave nothing), naming the smallest size that works; too large for this machine's memory (one image's forward
+    pass fails to allocate), naming that; or the refusal of :func:`create_backbone` (not a CNN, cannot be adapted
+    to small inputs). One model build and two forward passes when the size is fine; a few more (one per size
+    tried) to find the smallest when it is not."""
     from ..utils import first_line
 
     try:
@@ -342,6 +377,10 @@ def check_image_size(name: str, image_size: int) -> None:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported with the fix
+        if _is_out_of_memory(exc):
+            raise ConfigError(f"backbone {name!r} cannot take {image_size}x{image_size} inputs on this machine: the "
+                              f"forward pass of one image ran out of memory ({first_line(exc)}); pass a smaller "
+                              f"--image-size (`image_size:` in a benchmark file)") from None
         smallest = smallest_image_size(name)
         fix = (f"the smallest input it takes is {smallest}x{smallest}: pass --image-size {smallest} or larger "
                f"(`image_size:` in a benchmark file)" if smallest else

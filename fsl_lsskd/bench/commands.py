@@ -6,6 +6,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -124,14 +125,25 @@ def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher, command: str)
     bar = tqdm(total=n_cells, desc="cells", unit="cell", position=0, disable=None)
     epochs = EpochBar(position=1, leave=False, disable=None)
     state: List = []
+    trained: List = []
 
     def on_event(kind, cell, outcome):
         epochs.close()
         if kind in ("train", "score"):
             bar.set_postfix_str(f"{'training' if kind == 'train' else 'scoring'} {cell.label}")
+        elif kind == "trained" and outcome.status in ("trained", "resumed"):
+            trained.append(outcome)
         elif kind == "end":
             state.append(outcome)
             bar.update(1)
+        if bar.disable:  # not a terminal (a log file, a job): one line per step instead of progress bars
+            if kind in ("train", "score"):
+                what = "training" if kind == "train" else "scoring"
+            elif kind == "trained":
+                what = f"{outcome.status} in {outcome.seconds:.0f} s"
+            else:
+                what = f"{outcome.status} ({outcome.seconds:.0f} s in all, {outcome.new_scores} new scores)"
+            click.echo(f"[{time.strftime('%H:%M:%S')}] {cell.label}: {what}")
 
     try:
         outcomes = run_benchmark(bench, out_root, rerun=rerun, shard_spec=shard_spec, on_event=on_event,
@@ -140,7 +152,7 @@ def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher, command: str)
         epochs.close()
         bar.close()
         done = [o for o in state if o.status not in ("failed", "busy")]
-        click.echo(f"\ninterrupted: {len(done)} of {n_cells} cells finished in this run (trained or scored); the "
+        click.echo(f"\ninterrupted: {len(trained)} cells trained and {len(done)} of {n_cells} scored in this run; the "
                    f"interrupted cell keeps its last epoch in {out_root}/cells/ and resumes from it.\nresume with: "
                    f"{command}", err=True)
         sys.exit(130)
@@ -266,7 +278,7 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     seeds = sorted({s for row in results.cells.values() for c in row.values() for s in c.per_seed})
     caption = (f"{bench.name}: {bench.description} Accuracy (%) on the {ev.split} split, {ev.n_episodes} episodes "
                f"({ev.n_query} queries per class; episodes: {', '.join(sorted(results.meta.get('episodes_source', [])))}); "
-               f"training seeds {seeds}; {tr.epochs} epochs, image size {bench.image_size}. "
+               f"training seeds {seeds}; {tr.epochs} epoch{'s' if tr.epochs != 1 else ''}, image size {bench.image_size}. "
                + (f"Image-level readouts score the first {ev.image_episodes} of the same episodes. "
                   if ev.image_episodes else "")
                + f"Cells found: {results.meta.get('cells_found')}/{results.meta.get('cells_expected')}.")

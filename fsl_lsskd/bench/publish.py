@@ -147,6 +147,9 @@ class PublishedStore:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
         path = self.dir / MANIFEST
+        if not self.dir.is_dir():
+            raise DataError(f"{self.dir} does not exist: pass the directory `fsl-bench publish` wrote (e.g. "
+                            f"results/weights/<benchmark>; `fsl-bench publish BENCHMARK --out DIR` writes one)")
         if not path.is_file():
             raise DataError(f"{self.dir} has no {MANIFEST}: pass the directory `fsl-bench publish` wrote (e.g. "
                             f"results/weights/<benchmark>)")

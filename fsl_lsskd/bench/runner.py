@@ -183,7 +183,7 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
         if launcher is not None and missing:
             for o in launcher.train(bench, missing, plan, out_root, rerun=rerun, parent_run_id=parent):
                 outcomes[o.cell.key] = o
-                on_event("end", o.cell, o)
+                on_event("end" if o.status in ("failed", "busy") else "trained", o.cell, o)
         else:
             busy: set = set()
             for cell in missing:
@@ -192,8 +192,7 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                 outcomes[cell.key] = o
                 if o.status == "busy":
                     busy.add(cell.key)
-                if o.status in ("failed", "busy"):
-                    on_event("end", cell, o)
+                on_event("end" if o.status in ("failed", "busy") else "trained", cell, o)
         finished = store.trainings([plan.tid(c) for c in cells])
         for cell in cells:
             o = outcomes.get(cell.key) or CellOutcome(cell, "reused", plan.tid(cell))

@@ -239,8 +239,13 @@ def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -
     click.echo(f"wrote {out}: {counts} classes (train/val/test), "
                f"{'/'.join(f'{images[s]:,}' for s in ('train', 'val', 'test'))} images, seed {seed}, "
                f"shares {','.join(f'{r:g}' for r in shares)}")
+    fewest = min(len(files[c]) for c in split["val"]) if split["val"] else 0
+    # training-time validation runs 5-way 5-shot episodes with 15 queries: a smaller val class needs fewer
+    val = "" if fewest >= DEFAULT_MIN_IMAGES else (
+        f" --val-n-shot 1 --val-n-query {max(1, fewest - 1)}  # val classes have {fewest}+ images, not "
+        f"{DEFAULT_MIN_IMAGES}: validation episodes must fit (evaluate: --n-query likewise)")
     click.echo(f"next: fsl-bench train --dataset image_folder --data-root {shlex.quote(str(root))} --split-file "
-               f"{shlex.quote(str(out))} --out RUN_DIR")
+               f"{shlex.quote(str(out))} --out RUN_DIR{val}")
 
 
 @data.command("bench")
@@ -253,7 +258,7 @@ def bench_cmd(dataset, archive, data_root, split_file, train_per_class, folder_i
 
     \b
     Example:
-      fsl-bench data bench tiny_imagenet --archive ../shared/data/tiny-imagenet-200-sub100.zip --split train
+      fsl-bench data bench tiny_imagenet --archive tiny-imagenet-200.zip --split train
     """
     import statistics
     import tempfile

@@ -44,7 +44,7 @@ CURVE_WAYS = (5, 10, 20)
 CURVE_SHOTS = (1, 2, 5, 10, 20)
 CURVE_EPISODES = 600  # RFS's n_test_runs; the curves' CIs are tight enough at this count
 
-# Per-class image counts of the official data (and of the Tiny ImageNet subset in shared/data).
+# Per-class image counts of the official data (and of a Tiny ImageNet subset with train_per_class: 100).
 VARIANTS: Dict[Tuple[str, str], Dict[str, Tuple[int, ...]]] = {
     ("cifar_fs", "full"): {"val": (600,) * 16, "test": (600,) * 20},
     ("tiny_imagenet", "full"): {"val": (550,) * 40, "test": (550,) * 40},

@@ -162,7 +162,7 @@ def bench_train(dataset, archive, data_root, download, split_file, train_per_cla
 
     \b
     Example:
-      fsl-bench bench train --dataset tiny_imagenet --archive ../shared/data/tiny-imagenet-200-sub100.zip \\
+      fsl-bench bench train --dataset tiny_imagenet --archive tiny-imagenet-200.zip \\
           --backbone conv4 --image-size 32 --steps 50
     """
     from ..data import get_dataset
