@@ -195,11 +195,18 @@ def _reliability(results, stem: Path, written: List[Path]) -> None:
     cols = [c for c in results.columns if any(c in results.cells[r] and results.cells[r][c].has("reliability")
                                               for r in results.cells)]
     if cols:
-        first = cols[0]
+        # one few-shot column for every method: the one most methods have, on the training data (not a
+        # cross-domain target), ProtoNet, the first protocol
+        def rank(c):
+            n = sum(c in results.cells[r] and results.cells[r][c].has("reliability") for r in results.cells)
+            return (-n, c[0].split("@")[0] != c[1], c[3] != "protonet", cols.index(c))
+
+        first = min(cols, key=rank)
+        where = first[0] if first[0].split("@")[0] == first[1] else f"{first[0]}→{first[1]}"
         for r in sorted(results.cells):
             s = results.cells[r].get(first)
             if s is not None and s.has("reliability"):
-                panels.append((f"{r[0]}: {first[2]} {first[3]}", r, s))
+                panels.append((f"{r[0]}: {where} {first[2]} {first[3]}", r, s))
     if not panels:
         return
     from ..eval.calibration import N_BINS, ece_from_bins
