@@ -251,6 +251,8 @@ def write_figure(cells: Sequence[EdgeCell], stem: Path) -> List[Path]:
     """``<stem>_accuracy_latency.{png,pdf}``: accuracy (first readout) against the headline p50 latency, one
     panel per protocol, one point per method and engine (colour = method, marker = engine); vertical bars: the
     accuracy's 95% interval; horizontal bars: p50 to p90 latency."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     from .figures import _base_of, _figure, method_colour
 
     written: List[Path] = []
@@ -279,6 +281,10 @@ def write_figure(cells: Sequence[EdgeCell], stem: Path) -> List[Path]:
                                 color=method_colour(row, _base_of(row)), capsize=3, markersize=6, elinewidth=1.2,
                                 label=f"{row} ({bb}) {recs[0]['label']}")
             ax.set_xscale("log")
+            # plain numbers at 1-2-5 steps: the default labels of a sub-decade log axis overlap (3x10^-1 4x10^-1)
+            ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(f"p50 latency, batch {batch}, {threads} thread{'s' if threads > 1 else ''} (ms; bar to p90)")
             ax.set_title(f"{proto} {first_readout}", fontsize=9)
             ax.grid(alpha=0.3)
@@ -287,8 +293,11 @@ def write_figure(cells: Sequence[EdgeCell], stem: Path) -> List[Path]:
         if handles:
             fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
         machine = cells[0].report.get("machine", {})
+        loaded = sorted({c.row for c in cells if c.report.get("under_load")})
+        load_note = ("" if not under else " — UNDER LOAD" if len(loaded) == len({c.row for c in cells})
+                     else f" — {', '.join(loaded)}: figures taken under load")
         fig.suptitle(f"Accuracy against latency on {machine.get('cpu_model', '?')} ({machine.get('cores', '?')} cores)"
-                     + (" — UNDER LOAD" if under else ""), fontsize=9)
+                     + load_note, fontsize=9)
         fig.tight_layout()
     return written
 
