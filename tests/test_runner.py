@@ -476,6 +476,9 @@ def test_publish_rebuild_tables_from_results_and_reproduce_a_published_number(tm
     names = sorted(p.name for p in (tmp_path / "pub").iterdir())
     assert "ce-conv4-seed0.safetensors" in names and "pskd-conv4-seed1.scores.npz" in names
     assert len(manifest["cells"]) == 4 and manifest["published_at_commit"]
+    text = (tmp_path / "pub" / "MANIFEST.json").read_text()  # no path of the machine that trained the cells
+    assert str(tmp_path) not in text and "run.out_dir" not in text, text[:2000]
+    assert all(e["params"]["run.archive"] == Path(cifar_archive).name for e in manifest["cells"])
     entry = next(e for e in manifest["cells"] if e["stem"] == "pskd-conv4-seed1")
     assert entry["train_id"] and entry["tags"]["fsl.identity"] and len(entry["scores"]) == 3
     assert cli("table", bench, "--out", tmp_path / "from_store").exit_code == 0

@@ -25,7 +25,7 @@ import json
 import logging
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
 ARRAYS = ("accuracy", "nll", "brier", "reliability")
+
+
+#: Run parameters that name places on the training machine: published as the file's name only (the run
+#: directory not at all), so a published manifest names no path of the machine that trained it.
+MACHINE_PATHS = ("run.archive", "run.data_root", "run.split_file", "run.teacher")
+
+
+def portable_params(params: Dict[str, str]) -> Dict[str, str]:
+    """``params`` of a training run without machine-local paths: ``run.out_dir`` dropped, the paths of
+    :data:`MACHINE_PATHS` reduced to their file name (``/data/tiny-imagenet-200.zip`` -> ``tiny-imagenet-200.zip``)."""
+    out = {}
+    for key, value in params.items():
+        if key == "run.out_dir":
+            continue
+        if key in MACHINE_PATHS and value and ("/" in value or "\\" in value):
+            value = PureWindowsPath(value).name if "\\" in value else Path(value).name
+        out[key] = value
+    return out
 
 
 def cell_stem(bench: Benchmark, cell: Cell) -> str:
@@ -119,7 +137,7 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
                 "dataset": cell.dataset, "seed": cell.seed, "fraction": cell.fraction, "role": cell.role,
                 "train_id": rec.train_id, "run_id": rec.run_id, "start_time": rec.start_time,
                 "trained_at_commit": rec.tags.get("fsl.git_commit", ""),
-                "tags": _fsl_tags(rec.tags), "params": dict(rec.params),
+                "tags": _fsl_tags(rec.tags), "params": portable_params(rec.params),
                 "files": {name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                           for name, p in ((weights.name, weights), (meta.name, meta), (npz.name, npz))},
                 "scores": score_entries, "curves": {k: v for k, v in curves.items() if v}})
