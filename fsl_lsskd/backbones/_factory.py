@@ -325,12 +325,18 @@ def total_stride(model: nn.Module, image_size: int) -> float:
     return ref / _final_map_size(model, ref)
 
 
-def _forward_probe(model: nn.Module, image_size: int, in_chans: int = 3) -> None:
-    stride = total_stride(model, image_size)
+def _forward_probe(model: nn.Module, image_size: int, stride: Optional[float] = None) -> None:
+    """Raise :class:`InputTooSmall` below ``stride`` (default: :func:`total_stride`, one forward at the regime's
+    reference size), else run a forward and a stage pass at ``image_size`` (unless that is the reference size,
+    which :func:`total_stride` just ran)."""
+    if stride is None:
+        stride = total_stride(model, image_size)
+        if image_size == _reference_size(image_size):
+            return
     if image_size < stride:
         raise InputTooSmall(f"{image_size}x{image_size} is below the backbone's total stride {stride:g}: its last "
                             f"stage would see only padding")
-    _final_map_size(model, image_size, in_chans)
+    _final_map_size(model, image_size)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -349,12 +355,15 @@ def smallest_image_size(name: str) -> Optional[int]:
     """The smallest of :data:`PROBE_SIZES` at which :func:`probe` passes (None: none does). Cheap: one model per
     small-input regime (<= 32, <= 64, larger; the adaptation depends on nothing else), one forward per size."""
     models: Dict[int, nn.Module] = {}
+    strides: Dict[int, float] = {}  # one total-stride forward per regime, not one per size tried
     for size in PROBE_SIZES:
         try:
             regime = _small_input_factor(size)
             if regime not in models:
                 models[regime] = _probe_model(name, size)
-            _forward_probe(models[regime], size)
+            if regime not in strides:
+                strides[regime] = total_stride(models[regime], size)
+            _forward_probe(models[regime], size, strides[regime])
             return size
         except UserError:
             raise

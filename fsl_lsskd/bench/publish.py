@@ -57,7 +57,7 @@ def portable_params(params: Dict[str, str]) -> Dict[str, str]:
         if key == "run.out_dir":
             continue
         if key in MACHINE_PATHS and value and ("/" in value or "\\" in value):
-            value = PureWindowsPath(value).name if "\\" in value else Path(value).name
+            value = PureWindowsPath(value).name  # splits on / and \\ alike
         out[key] = value
     return out
 
