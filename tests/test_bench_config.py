@@ -215,3 +215,19 @@ def test_curve_points_get_a_table_and_csv_rows():
     assert "| ce | conv4 | 40.50" in out["md"] and "60.50" in out["md"]
     rows = [line for line in out["csv"].splitlines() if line.startswith("ce,conv4,tiny,tiny,10,")]
     assert len(rows) == 2 and rows[0].split(",")[5:9] == ["1", "protonet", "2", "40.5000"]
+
+
+@pytest.mark.parametrize("curve_first", [True, False])
+def test_curve_point_prefers_its_own_episodes_whatever_the_order(curve_first):
+    """A 5-way 1-shot curve point has two candidates: the curve's 600 published episodes and the main protocol's
+    2,000. The curve's always win, so seeds never mix the two sets (the table depended on store order before)."""
+    rs = ResultSet()
+    row, point = ("ce", "conv4"), ("tiny", "tiny", 5, 1, "protonet")
+    main, curve = {"accuracy": np.full(2000, 50.0)}, {"accuracy": np.full(600, 40.0)}
+    for seed in (0, 1):
+        calls = [(curve, True), (main, False)] if curve_first else [(main, False), (curve, True)]
+        for arrays, own in calls:
+            rs.add_curve(row, point, seed, arrays, curve_episodes=own)
+    assert rs.curve_points[row][point].stacked().shape == (2, 600)
+    rs.add_curve(row, ("tiny", "tiny", 5, 5, "protonet"), 0, main, curve_episodes=False)  # no curve score: main fills
+    assert rs.curve_points[row][("tiny", "tiny", 5, 5, "protonet")].stacked().shape == (1, 2000)

@@ -128,7 +128,7 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
                 if cspec is not None and (proto in curve or proto.replace(n_episodes=bench.eval.n_episodes) in main):
                     arrays = arrays if arrays is not None else store.score_arrays(s, cache)
                     results.add_curve(row, (cell.data_label, target, proto.n_way, proto.n_shot, cspec.label),
-                                      cell.seed, arrays)
+                                      cell.seed, arrays, curve_episodes=proto in curve)
         if cell.seed == min(bench.seeds) and cell.fraction == max(bench.fractions or (bench.train.fraction,)):
             for metric in CURVE_METRICS:
                 hist = store.client.get_metric_history(rec.run_id, metric)

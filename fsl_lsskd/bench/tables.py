@@ -86,6 +86,7 @@ class ResultSet:
     curves: Dict[Row, Dict[str, List[Tuple[int, float]]]] = field(default_factory=dict)
     teacher_rows: Set[Row] = field(default_factory=set)
     meta: Dict[str, object] = field(default_factory=dict)
+    _curve_from_main: Set[tuple] = field(default_factory=set, repr=False)  # curve points filled by main scores
 
     def add(self, row: Row, col: Column, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
         self.cells.setdefault(row, {}).setdefault(col, Series()).per_seed[seed] = dict(arrays)
@@ -93,8 +94,20 @@ class ResultSet:
     def add_base(self, row: Row, data_label: str, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
         self.base.setdefault(row, {}).setdefault(data_label, Series()).per_seed[seed] = dict(arrays)
 
-    def add_curve(self, row: Row, point: tuple, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
-        self.curve_points.setdefault(row, {}).setdefault(point, Series()).per_seed[seed] = dict(arrays)
+    def add_curve(self, row: Row, point: tuple, seed: int, arrays: Mapping[str, np.ndarray],
+                  curve_episodes: bool = True) -> None:
+        """A curve point's per-episode arrays for one seed. A score on the curve's own published episodes
+        (``curve_episodes``) always wins over a main-protocol score of the same way/shot, whatever the order they
+        arrive in (a main-protocol score only fills a point that has no curve score), so a point never mixes
+        two episode sets across seeds."""
+        per_seed = self.curve_points.setdefault(row, {}).setdefault(point, Series()).per_seed
+        key = (row, point, seed)
+        if curve_episodes:
+            per_seed[seed] = dict(arrays)
+            self._curve_from_main.discard(key)
+        elif seed not in per_seed or key in self._curve_from_main:
+            per_seed[seed] = dict(arrays)
+            self._curve_from_main.add(key)
 
     @property
     def columns(self) -> List[Column]:
