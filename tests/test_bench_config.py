@@ -7,7 +7,8 @@ import pytest
 from fsl_lsskd.bench.config import load_benchmark
 from fsl_lsskd.bench.grid import expand, shard, training_config, with_teachers
 from fsl_lsskd.bench.stats import hierarchical_bootstrap
-from fsl_lsskd.bench.tables import ResultSet, mean_ci, paired_vs, readout_effects, reference_readout, render
+from fsl_lsskd.bench.tables import (ResultSet, mean_ci, paired_vs, readout_effects, reference_readout, render,
+                                    variant_effects)
 from fsl_lsskd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,8 +199,39 @@ def test_readout_effects_pair_each_readout_with_its_reference_on_the_same_checkp
     assert set(eff) == {col[:3] + ("finetune",), col[:3] + ("logreg_batched(n_aug_support=5)",)}
     assert eff[col[:3] + ("finetune",)].mean == pytest.approx(-1.5) and eff[col[:3] + ("finetune",)].verdict == -1
     assert eff[col[:3] + ("logreg_batched(n_aug_support=5)",)].mean == pytest.approx(2.0)
-    md = render(rs, {}, "c")["md"]
-    assert "Readout effects" in md and "tiny 5w1s15q finetune − protonet" in md and "-1.50" in md
+    out = render(rs, {}, "c")
+    assert "Readout effects" in out["md"] and "tiny 5w1s15q finetune − protonet" in out["md"] and "-1.50" in out["md"]
+    tex_rows = [x for x in out["tex"].split("Readout effects")[1].splitlines() if " & " in x]
+    assert len(tex_rows) == 2 and all(x.endswith(" \\\\") for x in tex_rows)  # LaTeX rows are terminated
+
+
+def test_variant_effects_pair_each_ablation_with_its_own_method():
+    rs = ResultSet()
+    rng = np.random.default_rng(5)
+    acc, images = rng.uniform(30, 70, size=300), (rng.uniform(size=400) < 0.3).astype(float)
+    flip = np.zeros(400)
+    flip[:8] = 1.0 - images[:8]  # the variant gets 8 more held-out images right... where the method got them wrong
+    gain = np.where(flip > 0, 1.0, images)
+    for seed in (0, 1):
+        rs.add(("ce", "conv4"), _col(1), seed, {"accuracy": acc + 3.0})
+        rs.add(("pskd", "conv4"), _col(1), seed, {"accuracy": acc})
+        rs.add(("pskd_topk", "conv4"), _col(1), seed, {"accuracy": acc - 0.5 + seed})
+        rs.add_base(("pskd", "conv4"), "tiny", seed, {"accuracy": 100.0 * images})
+        rs.add_base(("pskd_topk", "conv4"), "tiny", seed, {"accuracy": 100.0 * gain})
+    rs.variant_of["pskd_topk"] = ("pskd", {"store_layout": "topk"})
+    eff = variant_effects(rs)
+    assert set(eff) == {("pskd_topk", "conv4")}  # ce is no variant; pskd is the variant's method
+    d = eff[("pskd_topk", "conv4")]
+    assert d[_col(1)].mean == pytest.approx(0.0) and d[_col(1)].per_seed == pytest.approx({0: -0.5, 1: 0.5})
+    assert d[("tiny", "base", "top-1", "")].mean == pytest.approx(100.0 * (gain - images).mean())
+    out = render(rs, {}, "c")
+    line = [x for x in out["md"].splitlines() if x.startswith("| pskd_topk − pskd (store_layout: topk) | conv4 |")]
+    assert len(line) == 1 and "seeds -0.50/+0.50" in line[0] and "tiny base top-1" in out["md"]
+    assert "Variant effects" in out["tex"]
+    tex_rows = [x for x in out["tex"].splitlines() if " & " in x]
+    assert tex_rows and all(x.endswith(" \\\\") for x in tex_rows)  # every LaTeX row is terminated
+    rs.variant_of["pskd_topk"] = ("lsskd", {})  # its method has no row: nothing to pair with
+    assert variant_effects(rs) == {} and "Variant effects" not in render(rs, {}, "c")["md"]
 
 
 def test_curve_points_get_a_table_and_csv_rows():

@@ -167,17 +167,23 @@ def test_train_once_score_many(tmp_path, store, cifar_archive):
 
 def test_run_table_and_determinism(tmp_path, store, cifar_archive):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive, readouts="[protonet, logreg_batched], base: true",
-                        heldout=0.25)
+                        heldout=0.25, methods=("ce", "pskd", "pskd_topk"),
+                        extra="variants: {pskd_topk: {method: pskd, settings: {store_layout: topk, store_top_k: 5}}}\n")
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
     md = (tmp_path / "results" / "grid.md").read_text()
-    assert "40 episodes" in md and "seeds [0]" in md and "Cells found: 2/2" in md
+    assert "40 episodes" in md and "seeds [0]" in md and "Cells found: 3/3" in md
     assert "| pskd | conv4 |" in md and "Paired difference to `ce`" in md and "Calibration" in md
     assert "Base classes (held-out images" in md
+    # the ablation row is paired with its own method (not only with the baseline), base top-1 included
+    variant = md.split("Variant effects")[1].split("\n\n")[1].splitlines()
+    assert len(variant) == 3 and variant[2].startswith(
+        "| pskd_topk − pskd (store_layout: topk, store_top_k: 5) | conv4 | ") and variant[2].count("seeds ") == 3
+    assert "cifar_fs base top-1" in variant[0]
     csv = (tmp_path / "results" / "grid.csv").read_text().splitlines()
-    assert csv[0].startswith("method,backbone,train_data,target,protocol,readout") and len(csv) >= 1 + 2 * 2
+    assert csv[0].startswith("method,backbone,train_data,target,protocol,readout") and len(csv) >= 1 + 3 * 2
     for ext in ("tex", "png", "pdf"):
         assert list((tmp_path / "results").glob(f"*.{ext}"))
     first = {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")}

@@ -85,6 +85,7 @@ class ResultSet:
     curve_points: Dict[Row, Dict[tuple, Series]] = field(default_factory=dict)
     curves: Dict[Row, Dict[str, List[Tuple[int, float]]]] = field(default_factory=dict)
     teacher_rows: Set[Row] = field(default_factory=set)
+    variant_of: Dict[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)  # row -> (method, settings)
     meta: Dict[str, object] = field(default_factory=dict)
     _curve_from_main: Set[tuple] = field(default_factory=set, repr=False)  # curve points filled by main scores
 
@@ -203,6 +204,33 @@ def readout_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
             d = paired(res, cols[(col[0], col[1], col[2], ref)])
             if d is not None:
                 out.setdefault(row, {})[col] = d
+    return out
+
+
+def variant_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
+    """Per variant row (an ablation: a method with settings, e.g. ``pskd_topk`` = ``pskd`` with
+    ``store_layout: topk``) whose method is a row of the same backbone: the paired difference variant minus method
+    on every column both have, and on base-class top-1 (column ``(data, "base", "top-1", "")``, paired over the
+    same held-out images)."""
+    out: Dict[Row, Dict[Column, Paired]] = {}
+    for (name, backbone), row in sorted(results.cells.items()):
+        if name not in results.variant_of or (name, backbone) in results.teacher_rows:
+            continue
+        ref = (results.variant_of[name][0], backbone)
+        for col, res in row.items():
+            if col in results.cells.get(ref, {}):
+                d = paired(res, results.cells[ref][col])
+                if d is not None:
+                    out.setdefault((name, backbone), {})[col] = d
+    for (name, backbone), base in sorted(results.base.items()):
+        if name not in results.variant_of or (name, backbone) in results.teacher_rows:
+            continue
+        ref = (results.variant_of[name][0], backbone)
+        for data, res in base.items():
+            if data in results.base.get(ref, {}):
+                d = paired(res, results.base[ref][data])
+                if d is not None:
+                    out.setdefault((name, backbone), {})[(data, "base", "top-1", "")] = d
     return out
 
 
@@ -330,11 +358,14 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                 seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
                 vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} (seeds {seeds})")
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-            etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\")
+            etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
         tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
                                   "and episodes; [seed-aware 95% interval].",
                                   ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
                                                             for c in ecols], etex)
+    v_md, v_tex = _variant_table(results)
+    md += v_md
+    tex += v_tex
     curve_md, curve_csv = _curve_table(results)
     md += curve_md
     csv += curve_csv
@@ -348,6 +379,47 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         md += ["", "Published columns are numbers reported in the cited papers under their own full protocol "
                    "(data, resolution, epochs); they are context, not a like-for-like comparison."]
     return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv + base_csv) + "\n", "tex": tex}
+
+
+def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
+    """The variant-effects section (:func:`variant_effects`): Markdown lines and a LaTeX table."""
+    effects = variant_effects(results)
+    if not effects:
+        return [], ""
+    few = sorted({c for r in effects.values() for c in r if c[1] != "base"}, key=_column_order)
+    base = sorted({c for r in effects.values() for c in r if c[1] == "base"})
+    vcols = few + base
+
+    def label(c: Column) -> str:
+        return f"{c[0]} base top-1" if c[1] == "base" else col_label(c)
+
+    md = ["", "Variant effects (ablations) on identical episodes and the seeds both have (points): each variant minus "
+              "its method with default settings; mean ± 95% CI over episodes (base top-1: over held-out images) "
+              "[seed-aware 95% interval]; paired t-test p; each seed's difference. ▲/▼: the seed-aware interval "
+              "excludes 0.", "",
+          "| variant | backbone | " + " | ".join(label(c) for c in vcols) + " |", "|" + "---|" * (len(vcols) + 2)]
+    rows_tex = []
+    for r in sorted(effects):
+        method, settings = results.variant_of[r[0]]
+        what = ", ".join(f"{k}: {v}" for k, v in sorted(settings.items()))
+        name = f"{r[0]} − {method}" + (f" ({what})" if what else "")
+        vals, vals_tex = [], []
+        for c in vcols:
+            d = effects[r].get(c)
+            if d is None:
+                vals.append("–")
+                vals_tex.append("--")
+                continue
+            mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
+            seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
+            vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} ({_p_text(d.p)}; seeds {seeds})")
+            vals_tex.append(_tex(f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark}"))
+        md.append(f"| {name} | {r[1]} | " + " | ".join(vals) + " |")
+        rows_tex.append(" & ".join([_tex(name), _tex(r[1])] + vals_tex) + " \\\\")
+    tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [seed-aware 95% "
+                     "interval]; triangles: the interval excludes 0.", ["Variant", "Backbone"] + [label(c) for c in vcols],
+                     rows_tex)
+    return md, tex
 
 
 def _tex_table(caption: str, header: List[str], rows: List[str]) -> str:
