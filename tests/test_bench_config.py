@@ -182,6 +182,25 @@ def test_fractions_are_a_grid_dimension_and_teachers_see_the_full_data(tmp_path)
         load_benchmark(_write(tmp_path, GOOD + "fractions: [0.0, 1.5]\n", "bad.yaml"))
 
 
+def test_filters_carry_per_row_seeds_along(tmp_path):
+    """``--methods``/``--seeds`` on a file with ``method_seeds``: the filtered grid stays valid (a row filtered
+    out loses its entry; a row keeps only the selected seeds) and expands to the file's cells of that selection."""
+    from fsl_lsskd.bench.validate import validate_benchmark
+
+    bench = load_benchmark(_write(tmp_path, GOOD.replace("[ce, lsskd]", "[ce, lsskd, pskd]")
+                                  + "method_seeds: {lsskd: [0, 2]}\n"))
+    ce_only = bench.with_filters(methods=["ce"])
+    assert dict(ce_only.method_seeds) == {} and len(expand(ce_only)) == 3
+    validate_benchmark(ce_only, data=False)  # before: "`method_seeds` names 'lsskd', which is not in `methods`"
+    seed1 = bench.with_filters(seeds=[1])
+    assert dict(seed1.method_seeds) == {"lsskd": ()} and {c.row for c in expand(seed1)} == {"ce", "pskd"}
+    validate_benchmark(seed1, data=False)
+    both = bench.with_filters(methods=["lsskd"], seeds=[2, 1])
+    assert [(c.row, c.seed) for c in expand(both)] == [("lsskd", 2)]
+    full = {c.key for c in expand(bench)}
+    assert {c.key for c in expand(both)} <= full and {c.key for c in expand(seed1)} <= full
+
+
 def test_readout_effects_pair_each_readout_with_its_reference_on_the_same_checkpoint():
     assert reference_readout("finetune") == "protonet"
     assert reference_readout("logreg_batched(n_aug_support=5)") == "logreg_batched"

@@ -287,6 +287,13 @@ class Benchmark:
                 raise ConfigError(f"--{key} {','.join(map(str, bad))} not in {self.where} "
                                   f"(it has {', '.join(map(str, have))})")
             changes[key] = tuple(values)
+        if self.method_seeds and ("methods" in changes or "seeds" in changes):
+            # per-row seeds follow the filters: a row filtered out loses its entry, and a row keeps only the seeds
+            # still selected (``--seeds 1`` on a file with ``method_seeds: {hsakd: [0]}`` runs no hsakd cell)
+            rows = set(changes.get("methods", self.methods))
+            seeds = set(changes.get("seeds", self.seeds))
+            changes["method_seeds"] = {row: tuple(s for s in row_seeds if s in seeds)
+                                       for row, row_seeds in self.method_seeds.items() if row in rows}
         return dataclasses.replace(self, **changes)
 
 
