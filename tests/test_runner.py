@@ -211,6 +211,27 @@ def test_reading_commands_never_create_a_store(tmp_path, cifar_archive, monkeypa
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_run_filters_fractions_and_per_row_seeds(tmp_path, store, cifar_archive):
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, seeds=(0, 1),
+                        extra="fractions: [0.5, 1.0]\nmethod_seeds: {pskd: [0]}\n")
+    res = cli("run", bench, "--dry-run")
+    assert res.exit_code == 0 and "6 to train" in res.output  # ce 2 seeds x 2 fractions, pskd 1 seed x 2
+    res = cli("run", bench, "--dry-run", "--fractions", "0.5", "--methods", "ce")  # pskd filtered out: valid
+    labels = [line.split()[1] for line in res.output.splitlines() if line.startswith("  ") and "/seed" in line]
+    assert res.exit_code == 0, res.output
+    assert sorted(labels) == ["ce/conv4/cifar_fs@50%/seed0", "ce/conv4/cifar_fs@50%/seed1"]
+    res = cli("run", bench, "--dry-run", "--seeds", "1")  # pskd has no seed 1: no pskd cell, no error
+    assert res.exit_code == 0 and "2 to train" in res.output and "pskd/" not in res.output
+    res = cli("run", bench, "--dry-run", "--fractions", "0.3")
+    assert res.exit_code == 2 and "--fractions 0.3 not in" in res.output and "0.5, 1.0" in res.output
+    res = cli("run", bench, "--dry-run", "--fractions", "half")
+    assert res.exit_code == 2 and "expected shares of the base images" in res.output
+    plain = write_bench(tmp_path / "plain.yaml", cifar_archive)
+    res = cli("run", plain, "--dry-run", "--fractions", "0.5")
+    assert res.exit_code == 2 and "has no `fractions`" in res.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_kill_between_cells_loses_nothing_and_repeats_nothing(tmp_path, store, cifar_archive):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive)
     killed_run(bench, "between:ce", tmp_path)

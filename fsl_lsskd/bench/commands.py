@@ -19,7 +19,8 @@ def _split_list(value: Optional[str]):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, seeds=None, data_paths=()):
+def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, seeds=None, data_paths=(),
+                  fractions=None):
     """A benchmark file with the CLI's filters and ``--data NAME=PATH`` applied."""
     from ..errors import ConfigError
     from .config import load_benchmark
@@ -29,8 +30,15 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
         seed_list = [int(s) for s in _split_list(seeds)] if seeds else None
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected integers, e.g. 0,1") from None
+    try:
+        fraction_list = [float(f) for f in _split_list(fractions)] if fractions else None
+    except ValueError:
+        raise ConfigError(f"--fractions {fractions!r}: expected shares of the base images, e.g. 0.25,0.5") from None
+    if fraction_list and not bench.fractions:
+        raise ConfigError(f"--fractions: {bench.where} has no `fractions` (the limited-data protocol); leave the "
+                          "option out")
     bench = bench.with_filters(methods=_split_list(methods), backbones=_split_list(backbones),
-                               datasets=_split_list(datasets), seeds=seed_list)
+                               datasets=_split_list(datasets), seeds=seed_list, fractions=fraction_list)
     if data_paths:
         paths = dict(bench.data_paths)
         names = set(bench.datasets) | set(bench.eval.datasets)
@@ -52,6 +60,7 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
 @click.option("--backbones", help="Comma-separated subset of the file's backbones.")
 @click.option("--datasets", help="Comma-separated subset of the file's datasets.")
 @click.option("--seeds", help="Comma-separated subset of the file's seeds.")
+@click.option("--fractions", help="Comma-separated subset of the file's fractions (limited-data protocol), e.g. 0.25.")
 @click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
               help="Where dataset NAME's archive or folder is on this machine (repeatable); not part of any id.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
@@ -68,7 +77,7 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
               help="Override launcher.slurm of the benchmark file (repeatable): partition, gpus_per_node, "
                    "cpus_per_task, mem_gb, timeout_min, array_parallelism; other keys are passed to sbatch "
                    "(e.g. account=proj, qos=high).")
-def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_root: Path, rerun: bool,
+def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_paths, out_root: Path, rerun: bool,
         dry_run: bool, shard_spec: Optional[str], launcher: str, slurm_options) -> None:
     """Run a benchmark grid resumably: train only the cells that are not finished in the MLflow store, then
     score only the (cell, split, protocol, readout) pairs the store lacks.
@@ -82,6 +91,7 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
     Example:
       fsl-bench run benchmarks/smoke.yaml
       fsl-bench run benchmarks/cpu_tiny_imagenet.yaml --methods ce,lsskd --seeds 0 --shard 1/2
+      fsl-bench run benchmarks/limited_data_tiny_imagenet.yaml --methods lsskd --fractions 0.25,0.5
       fsl-bench run benchmarks/cpu_cifar_fs.yaml --data cifar_fs=~/data/cifar-100-python.tar.gz
       fsl-bench run benchmarks/paper_tiny_imagenet.yaml --launcher slurm
     """
@@ -97,7 +107,7 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, data_paths, out_ro
         raise ConfigError("fsl-bench run under torchrun would run the whole grid on every process; run it "
                           "without torchrun and use --shard I/N or --launcher to spread cells (torchrun is for "
                           "one `fsl-bench train` run on several processes)")
-    bench = load_filtered(benchmark, methods, backbones, datasets, seeds, data_paths)
+    bench = load_filtered(benchmark, methods, backbones, datasets, seeds, data_paths, fractions)
     click.echo(f"benchmark {bench.name}: {bench.description}")
     log.info("resolved config: %s", json.dumps(bench.to_dict(), sort_keys=True, default=str))
     # names, settings, --out and the data against the protocols, before anything is trained or logged
