@@ -246,11 +246,24 @@ def test_variant_effects_pair_each_ablation_with_its_own_method():
     out = render(rs, {}, "c")
     line = [x for x in out["md"].splitlines() if x.startswith("| pskd_topk − pskd (store_layout: topk) | conv4 |")]
     assert len(line) == 1 and "seeds -0.50/+0.50" in line[0] and "tiny base top-1" in out["md"]
-    assert "Variant effects" in out["tex"]
+    assert "Variant effects" in out["tex"] and "−" not in out["tex"]  # a Unicode minus would break older LaTeX
     tex_rows = [x for x in out["tex"].splitlines() if " & " in x]
     assert tex_rows and all(x.endswith(" \\\\") for x in tex_rows)  # every LaTeX row is terminated
     rs.variant_of["pskd_topk"] = ("lsskd", {})  # its method has no row: nothing to pair with
     assert variant_effects(rs) == {} and "Variant effects" not in render(rs, {}, "c")["md"]
+
+
+def test_caption_names_readouts_scored_on_fewer_episodes():
+    from fsl_lsskd.bench.commands import fewer_episodes
+
+    rs = ResultSet()
+    for seed in (0, 1):
+        rs.add(("ce", "conv4"), _col(1), seed, {"accuracy": np.full(300, 50.0)})
+        rs.add(("ce", "conv4"), _col(1)[:3] + ("finetune",), seed, {"accuracy": np.full(200, 50.0)})
+        rs.add(("ce", "conv4"), _col(1)[:3] + ("logreg_batched(n_aug_support=5)",), seed,
+               {"accuracy": np.full(300, 50.0)})
+        rs.add(("ce", "conv4"), ("tiny", "omniglot_runs", "20w1s1q", "protonet"), seed, {"accuracy": np.full(20, 9.0)})
+    assert fewer_episodes(rs) == [("finetune", 200)]  # not the support augmentation, not another target's protocol
 
 
 def test_curve_points_get_a_table_and_csv_rows():

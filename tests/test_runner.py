@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -186,9 +187,10 @@ def test_run_table_and_determinism(tmp_path, store, cifar_archive):
     assert csv[0].startswith("method,backbone,train_data,target,protocol,readout") and len(csv) >= 1 + 3 * 2
     for ext in ("tex", "png", "pdf"):
         assert list((tmp_path / "results").glob(f"*.{ext}"))
-    first = {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")}
+    first = {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.*")}  # tables and figures, PDFs too
+    time.sleep(1.1)  # a PDF creation date would differ
     assert cli("table", bench, "--out", tmp_path / "results").exit_code == 0
-    assert {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.[mct]*")} == first
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.*")} == first
     res = cli("table", bench, "--out", tmp_path / "b", "--baseline", "ce", "--baseline", "pskd")
     md = (tmp_path / "b" / "grid.md").read_text()
     assert res.exit_code == 0 and "--baseline ce --baseline pskd`" in md.splitlines()[0]
@@ -222,6 +224,10 @@ def test_run_filters_fractions_and_per_row_seeds(tmp_path, store, cifar_archive)
     assert sorted(labels) == ["ce/conv4/cifar_fs@50%/seed0", "ce/conv4/cifar_fs@50%/seed1"]
     res = cli("run", bench, "--dry-run", "--seeds", "1")  # pskd has no seed 1: no pskd cell, no error
     assert res.exit_code == 0 and "2 to train" in res.output and "pskd/" not in res.output
+    res = cli("run", bench, "--dry-run", "--methods", "pskd", "--seeds", "1")  # an empty selection says why
+    assert res.exit_code == 2 and "the selection has no cells: pskd has seeds 0 only (`method_seeds`" in res.output
+    res = cli("run", bench, "--dry-run", "--seeds", " ")
+    assert res.exit_code == 2 and "--seeds ' ' selects nothing" in res.output
     res = cli("run", bench, "--dry-run", "--fractions", "0.3")
     assert res.exit_code == 2 and "--fractions 0.3 not in" in res.output and "0.5, 1.0" in res.output
     res = cli("run", bench, "--dry-run", "--fractions", "half")

@@ -8,11 +8,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import click
 
 log = logging.getLogger(__name__)
+
+
+def _cells(n: int) -> str:
+    return f"{n} cell" + ("" if n == 1 else "s")
 
 
 def _split_list(value: Optional[str]):
@@ -24,8 +28,13 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
     """A benchmark file with the CLI's filters and ``--data NAME=PATH`` applied."""
     from ..errors import ConfigError
     from .config import load_benchmark
+    from .grid import expand
 
     bench = load_benchmark(benchmark)
+    for option, value in (("methods", methods), ("backbones", backbones), ("datasets", datasets), ("seeds", seeds),
+                          ("fractions", fractions)):
+        if value is not None and not _split_list(value):
+            raise ConfigError(f"--{option} {value!r} selects nothing; leave the option out to keep all of them")
     try:
         seed_list = [int(s) for s in _split_list(seeds)] if seeds else None
     except ValueError:
@@ -37,8 +46,14 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
     if fraction_list and not bench.fractions:
         raise ConfigError(f"--fractions: {bench.where} has no `fractions` (the limited-data protocol); leave the "
                           "option out")
-    bench = bench.with_filters(methods=_split_list(methods), backbones=_split_list(backbones),
-                               datasets=_split_list(datasets), seeds=seed_list, fractions=fraction_list)
+    filtered = bench.with_filters(methods=_split_list(methods), backbones=_split_list(backbones),
+                                  datasets=_split_list(datasets), seeds=seed_list, fractions=fraction_list)
+    if not expand(filtered):
+        why = [f"{row} has seeds {', '.join(map(str, bench.method_seeds[row]))} only" for row in filtered.methods
+               if row in bench.method_seeds]
+        raise ConfigError(f"the selection has no cells: {'; '.join(why)} (`method_seeds` in {bench.where}); choose "
+                          f"seeds these rows have" if why else f"the selection has no cells of {bench.where}")
+    bench = filtered
     if data_paths:
         paths = dict(bench.data_paths)
         names = set(bench.datasets) | set(bench.eval.datasets)
@@ -52,6 +67,20 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
             paths[name.strip()] = path.strip()
         bench = dataclasses.replace(bench, data_paths=paths)
     return bench
+
+
+def fewer_episodes(results) -> List[Tuple[str, int]]:
+    """``[(readout label, N)]`` of the readouts scored on fewer episodes than others of the same protocol (the first
+    N of the same published episodes: image-level readouts with ``max_episodes``), for the table caption."""
+    counts: Dict[tuple, int] = {}
+    for row in results.cells.values():
+        for col, series in row.items():
+            n = int(series.stacked().shape[1])
+            counts[col] = min(counts.get(col, n), n)
+    full: Dict[tuple, int] = {}
+    for col, n in counts.items():
+        full[col[:3]] = max(full.get(col[:3], 0), n)
+    return sorted({(col[3], n) for col, n in counts.items() if n < full[col[:3]]})
 
 
 @click.command("run")
@@ -162,7 +191,7 @@ def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher, command: str)
         epochs.close()
         bar.close()
         done = [o for o in state if o.status not in ("failed", "busy")]
-        click.echo(f"\ninterrupted: {len(trained)} cells trained and {len(done)} of {n_cells} scored in this run; the "
+        click.echo(f"\ninterrupted: {_cells(len(trained))} trained and {len(done)} of {n_cells} scored in this run; the "
                    f"interrupted cell keeps its last epoch in {out_root}/cells/ and resumes from it.\nresume with: "
                    f"{command}", err=True)
         sys.exit(130)
@@ -204,7 +233,7 @@ def _dry_run(bench, shard_spec) -> None:
     try:
         plan = Plan(bench, cells, DataCache(bench, fetch=False))
     except DataError:  # a dataset `fsl-bench run` downloads first: identities need its content
-        click.echo(f"{len(cells)} cells; their training ids and scores are known once the data is downloaded (the "
+        click.echo(f"{_cells(len(cells))}; their training ids and scores are known once the data is downloaded (the "
                    f"note above): `fsl-bench run` fetches it and starts")
         for c in cells:
             click.echo(f"  {c.label}" + (" (teacher)" if c.role == "teacher" else ""))
@@ -236,7 +265,7 @@ def _dry_run(bench, shard_spec) -> None:
             notes.append(f"to train, then {len(wanted)} scores")
         to_score += len(missing)
         click.echo(f"  {tid}  {c.label}  ({', '.join(notes)})")
-    click.echo(f"{len(cells)} cells: {len(cells) - to_train} trained, {to_train} to train; {to_score} scores to compute")
+    click.echo(f"{_cells(len(cells))}: {len(cells) - to_train} trained, {to_train} to train; {to_score} scores to compute")
 
 
 @click.command("table")
@@ -285,12 +314,13 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
         raise ConfigError(f"--baseline {', '.join(missing)}: not a method of the results of {bench.name} (methods "
                           f"present: {', '.join(present)})")
     ev, tr = bench.eval, bench.train
+    fewer = fewer_episodes(results)
     seeds = sorted({s for row in results.cells.values() for c in row.values() for s in c.per_seed})
     caption = (f"{bench.name}: {bench.description} Accuracy (%) on the {ev.split} split, {ev.n_episodes} episodes "
                f"({ev.n_query} queries per class; episodes: {', '.join(sorted(results.meta.get('episodes_source', [])))}); "
                f"training seeds {seeds}; {tr.epochs} epoch{'s' if tr.epochs != 1 else ''}, image size {bench.image_size}. "
-               + (f"Image-level readouts score the first {ev.image_episodes} of the same episodes. "
-                  if ev.image_episodes else "")
+               + (f"Scored on the first N of the same episodes: {', '.join(f'{r} {n}' for r, n in fewer)}. "
+                  if fewer else "")
                + f"Cells found: {results.meta.get('cells_found')}/{results.meta.get('cells_expected')}.")
     options = "".join(f" --baseline {b}" for b in baselines) if tuple(baselines) != ("ce",) else ""
     header = (f"<!-- generated by `fsl-bench table {Path(benchmark).as_posix()}{options}` from {source} at commit "
@@ -325,5 +355,5 @@ def publish_cmd(benchmark: Path, out_dir: Optional[Path]) -> None:
     path = publish(bench, out_dir)
     manifest = json.loads(path.read_text(encoding="utf-8"))
     total = sum(f["bytes"] for e in manifest["cells"] for f in e["files"].values())
-    click.echo(f"published {len(manifest['cells'])} cells of {bench.name} into {out_dir} ({total / 1e6:.1f} MB); "
+    click.echo(f"published {_cells(len(manifest['cells']))} of {bench.name} into {out_dir} ({total / 1e6:.1f} MB); "
                f"manifest {path}")

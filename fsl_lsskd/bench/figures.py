@@ -65,7 +65,9 @@ def _figure(stem: Path, suffix: str, written: List[Path], *args, **kwargs) -> It
         for ext in ("png", "pdf"):
             path = stem.with_name(f"{stem.name}_{suffix}.{ext}")
             with atomic_path(path, suffix=f".{ext}") as tmp:
-                fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+                # no creation date in the PDF: the same results give the same bytes (no needless diffs)
+                fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",
+                            metadata={"CreationDate": None} if ext == "pdf" else None)
             written.append(path)
     finally:
         plt.close(fig)

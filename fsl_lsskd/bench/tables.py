@@ -247,7 +247,7 @@ def col_label(col: Column, fractions: bool = True) -> str:
 def _tex(s: str) -> str:
     return (s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
             .replace("±", "$\\pm$").replace("→", "$\\to$").replace("▲", "$\\blacktriangle$")
-            .replace("▼", "$\\blacktriangledown$").replace("–", "--"))
+            .replace("▼", "$\\blacktriangledown$").replace("–", "--").replace("−", "$-$"))
 
 
 def _bold_best(values: Dict[Row, Tuple[float, float, float]]) -> Optional[Row]:
