@@ -295,3 +295,32 @@ def test_curve_point_prefers_its_own_episodes_whatever_the_order(curve_first):
     assert rs.curve_points[row][point].stacked().shape == (2, 600)
     rs.add_curve(row, ("tiny", "tiny", 5, 5, "protonet"), 0, main, curve_episodes=False)  # no curve score: main fills
     assert rs.curve_points[row][("tiny", "tiny", 5, 5, "protonet")].stacked().shape == (1, 2000)
+
+
+def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeypatch):
+    """A method trained at 25 % and 100 % only gets two points, not a line (and band) through 50 and 75 %."""
+    import math
+
+    from matplotlib.axes import Axes
+
+    from fsl_lsskd.bench import figures
+
+    rs = ResultSet()
+    for frac in ("@25%", "@50%", "@75%", ""):
+        rs.add(("ce", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 40.0)})
+    for frac in ("@25%", ""):
+        rs.add(("lsskd", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 41.0)})
+    lines = {}
+    real_plot = Axes.plot
+
+    def plot(self, x, y, *args, **kwargs):
+        lines[kwargs.get("label")] = (list(x), list(y))
+        return real_plot(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    written = []
+    figures._fractions(rs, tmp_path / "grid", written)
+    assert [p.suffix for p in written] == [".png", ".pdf"]
+    assert lines["ce"][0] == [25.0, 50.0, 75.0, 100.0] and lines["ce"][1] == [40.0] * 4
+    ys = lines["lsskd"][1]
+    assert ys[0] == 41.0 and ys[3] == 41.0 and math.isnan(ys[1]) and math.isnan(ys[2])

@@ -270,12 +270,18 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
         for ax in axes.flat[n:]:
             ax.axis("off")
         for ax, (title, by_row) in zip(axes.flat, panels.items()):
+            grid = sorted({x for pts in by_row.values() for x in pts})  # the fractions any row of the panel has
             for r, pts in sorted(by_row.items()):
-                xs = sorted(pts)
-                stats = [_interval(pts[x]) for x in xs]
+                # a fraction this row lacks is a gap (NaN), not a line drawn through it; every point has its bar
+                stats = {x: _interval(pts[x]) for x in pts}
+                col = [stats.get(x, (math.nan,) * 3) for x in grid]
                 colour = method_colour(r[0], _base_of(r[0]))
-                ax.plot(xs, [s[0] for s in stats], marker="o", color=colour, label=r[0])
-                ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], color=colour, alpha=0.2)
+                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=r[0])
+                ax.fill_between(grid, [s[1] for s in col], [s[2] for s in col], color=colour, alpha=0.2)
+                xs = sorted(stats)
+                ax.errorbar(xs, [stats[x][0] for x in xs], yerr=[[stats[x][0] - stats[x][1] for x in xs],
+                                                                 [stats[x][2] - stats[x][0] for x in xs]],
+                            fmt="none", ecolor=colour, capsize=2, alpha=0.7)
             ax.set_xlabel("training images per base class (%)")
             ax.set_ylabel("accuracy (%)")
             ax.set_title(title, fontsize=9)
