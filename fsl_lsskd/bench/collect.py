@@ -101,8 +101,9 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
         row = (cell.row, cell.backbone)
         if cell.role == "teacher":
             results.teacher_rows.add(row)
-        if cell.row in bench.variants:
-            results.variant_of[cell.row] = (bench.variants[cell.row].method, dict(bench.variants[cell.row].settings))
+        variant = bench.variants.get(cell.row)
+        if variant is not None:
+            results.variant_of[cell.row] = (variant.method, dict(variant.settings))
         curve_specs = [ReadoutSpec.parse(r, defaults) for r in (bench.eval.curves.readouts if bench.eval.curves
                                                                 else ())]
         for target in bench.eval_datasets(cell.dataset):

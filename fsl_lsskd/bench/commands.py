@@ -30,23 +30,22 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
     from .config import load_benchmark
 
     bench = load_benchmark(benchmark)
+    lists = {}
     for option, value in (("methods", methods), ("backbones", backbones), ("datasets", datasets), ("seeds", seeds),
                           ("fractions", fractions)):
-        if value is not None and not _split_list(value):
+        lists[option] = _split_list(value)
+        if value is not None and not lists[option]:
             raise ConfigError(f"--{option} {value!r} selects nothing; leave the option out to keep all of them")
     try:
-        seed_list = [int(s) for s in _split_list(seeds)] if seeds else None
+        seed_list = [int(s) for s in lists["seeds"]] if lists["seeds"] else None
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected integers, e.g. 0,1") from None
     try:
-        fraction_list = [float(f) for f in _split_list(fractions)] if fractions else None
+        fraction_list = [float(f) for f in lists["fractions"]] if lists["fractions"] else None
     except ValueError:
         raise ConfigError(f"--fractions {fractions!r}: expected shares of the base images, e.g. 0.25,0.5") from None
-    if fraction_list and not bench.fractions:
-        raise ConfigError(f"--fractions: {bench.where} has no `fractions` (the limited-data protocol); leave the "
-                          "option out")
-    filtered = bench.with_filters(methods=_split_list(methods), backbones=_split_list(backbones),
-                                  datasets=_split_list(datasets), seeds=seed_list, fractions=fraction_list)
+    filtered = bench.with_filters(methods=lists["methods"], backbones=lists["backbones"], datasets=lists["datasets"],
+                                  seeds=seed_list, fractions=fraction_list)
     if not any(filtered.seeds_of(row) for row in filtered.methods):  # no registry lookups: validation names those
         why = [f"{row} has seeds {', '.join(map(str, bench.method_seeds[row]))} only" for row in filtered.methods
                if row in bench.method_seeds]

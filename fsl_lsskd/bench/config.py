@@ -282,6 +282,8 @@ class Benchmark:
             if not values:
                 continue
             have = getattr(self, key)
+            if not have:
+                raise ConfigError(f"--{key}: {self.where} has no `{key}`; leave the option out")
             bad = [v for v in values if v not in have]
             if bad:
                 raise ConfigError(f"--{key} {','.join(map(str, bad))} not in {self.where} "

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -166,20 +166,27 @@ def paired(a: Series, b: Series) -> Optional[Paired]:
     return Paired(m, h, lo, hi, p, {s: float(diff[i].mean()) for i, s in enumerate(seeds)})
 
 
+def _paired_rows(table: Mapping[Row, Mapping[Any, Series]], reference: Callable[[Row], Optional[Row]],
+                 key: Callable[[Any], Column] = lambda col: col) -> Dict[Row, Dict[Column, Paired]]:
+    """Per row of ``table`` whose ``reference(row)`` is also a row: the paired difference on every column both
+    have (:func:`paired`), keyed by ``key(column)``."""
+    out: Dict[Row, Dict[Column, Paired]] = {}
+    for row, cols in table.items():
+        ref = reference(row)
+        if ref is None or ref not in table:
+            continue
+        for col, res in cols.items():
+            if col in table[ref]:
+                d = paired(res, table[ref][col])
+                if d is not None:
+                    out.setdefault(row, {})[key(col)] = d
+    return out
+
+
 def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Row, Dict[Column, Paired]]:
     """Per row and column, the difference to ``baseline`` (same backbone) over identical episodes, restricted to
     the training seeds both have."""
-    out: Dict[Row, Dict[Column, Paired]] = {}
-    for (method, backbone), row in results.cells.items():
-        base = results.cells.get((baseline, backbone))
-        if method == baseline or base is None:
-            continue
-        for col, res in row.items():
-            if col in base:
-                d = paired(res, base[col])
-                if d is not None:
-                    out.setdefault((method, backbone), {})[col] = d
-    return out
+    return _paired_rows(results.cells, lambda row: None if row[0] == baseline else (baseline, row[1]))
 
 
 def reference_readout(label: str) -> Optional[str]:
@@ -212,25 +219,14 @@ def variant_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
     ``store_layout: topk``) whose method is a row of the same backbone: the paired difference variant minus method
     on every column both have, and on base-class top-1 (column ``(data, "base", "top-1", "")``, paired over the
     same held-out images)."""
-    out: Dict[Row, Dict[Column, Paired]] = {}
-    for (name, backbone), row in sorted(results.cells.items()):
-        if name not in results.variant_of or (name, backbone) in results.teacher_rows:
-            continue
-        ref = (results.variant_of[name][0], backbone)
-        for col, res in row.items():
-            if col in results.cells.get(ref, {}):
-                d = paired(res, results.cells[ref][col])
-                if d is not None:
-                    out.setdefault((name, backbone), {})[col] = d
-    for (name, backbone), base in sorted(results.base.items()):
-        if name not in results.variant_of or (name, backbone) in results.teacher_rows:
-            continue
-        ref = (results.variant_of[name][0], backbone)
-        for data, res in base.items():
-            if data in results.base.get(ref, {}):
-                d = paired(res, results.base[ref][data])
-                if d is not None:
-                    out.setdefault((name, backbone), {})[(data, "base", "top-1", "")] = d
+    def method_row(row: Row) -> Optional[Row]:
+        if row[0] not in results.variant_of or row in results.teacher_rows:
+            return None
+        return (results.variant_of[row[0]][0], row[1])
+
+    out = _paired_rows(results.cells, method_row)
+    for row, cols in _paired_rows(results.base, method_row, key=lambda data: (data, "base", "top-1", "")).items():
+        out.setdefault(row, {}).update(cols)
     return out
 
 
