@@ -324,3 +324,22 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
     assert lines["ce"][0] == [25.0, 50.0, 75.0, 100.0] and lines["ce"][1] == [40.0] * 4
     ys = lines["lsskd"][1]
     assert ys[0] == 41.0 and ys[3] == 41.0 and math.isnan(ys[1]) and math.isnan(ys[2])
+
+
+def test_difference_captions_say_when_a_difference_rests_on_one_seed():
+    """With one shared seed the 'seed-aware' interval is an episode bootstrap: the caption says so, and only then."""
+    rng = np.random.default_rng(7)
+
+    def results(pskd_seeds):
+        rs = ResultSet()
+        for seed in (0, 1):
+            rs.add(("ce", "conv4"), _col(1), seed, {"accuracy": rng.uniform(30, 70, size=40)})
+        for seed in pskd_seeds:
+            rs.add(("pskd", "conv4"), _col(1), seed, {"accuracy": rng.uniform(30, 70, size=40)})
+        return rs
+
+    caveat = "A difference listing one seed has no seed level to resample"
+    one = render(results((0,)), {}, "c", baselines=("ce",))
+    assert one["md"].count(caveat) == 1 and one["tex"].count(caveat) == 1
+    two = render(results((0, 1)), {}, "c", baselines=("ce",))
+    assert "Paired difference to `ce`" in two["md"] and caveat not in two["md"] and caveat not in two["tex"]

@@ -230,6 +230,17 @@ def variant_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
     return out
 
 
+def _one_seed_caveat(effects: Mapping[Row, Mapping[Any, Paired]]) -> str:
+    """The sentence a difference table's caption gains when any of its differences rests on one training seed:
+    its seed-aware interval is then the bootstrap over episodes alone (``hierarchical_bootstrap`` has no seed
+    level to resample), so a ▲/▼ there does not cover seed-to-seed variation. Empty when every difference has
+    two or more seeds."""
+    if not any(len(d.per_seed) == 1 for cols in effects.values() for d in cols.values()):
+        return ""
+    return (" A difference listing one seed has no seed level to resample: its interval covers episodes only, "
+            "not seed-to-seed variation.")
+
+
 def _p_text(p: float) -> str:
     return "p<1e-16" if p < 1e-16 else f"p={p:.2g}"
 
@@ -311,7 +322,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         pcols = [c for c in cols if any(c in paired[r] for r in paired)]
         title = (f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): mean ± "
                  f"95% CI over episodes; [seed-aware 95% interval]; paired t-test p over episodes; each seed's "
-                 f"difference. ▲/▼: the seed-aware interval excludes 0.")
+                 f"difference. ▲/▼: the seed-aware interval excludes 0.{_one_seed_caveat(paired)}")
         md += ["", title, "", "| method | backbone | " + " | ".join(col_label(c) for c in pcols) + " |",
                "|" + "---|" * (len(pcols) + 2)]
         prow_tex = []
@@ -331,7 +342,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             prow_tex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
         tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [seed-aware 95% interval]; "
-                                 f"triangles: the interval excludes 0.",
+                                 f"triangles: the interval excludes 0.{_one_seed_caveat(paired)}",
                                  ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
     effects = readout_effects(results)
     if effects:
@@ -339,7 +350,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         md += ["", "Readout effects on the same checkpoints and episodes (points): each readout minus its reference "
                    "(a setting against the same readout without it; finetune against protonet, where its head "
                    "starts); mean ± 95% CI over episodes [seed-aware 95% interval] (each seed's difference). ▲/▼: "
-                   "the seed-aware interval excludes 0.", "",
+                   "the seed-aware interval excludes 0." + _one_seed_caveat(effects), "",
                "| method | backbone | " + " | ".join(f"{col_label(c)} − {reference_readout(c[3])}" for c in ecols)
                + " |", "|" + "---|" * (len(ecols) + 2)]
         etex = []
@@ -356,7 +367,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
         tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
-                                  "and episodes; [seed-aware 95% interval].",
+                                  "and episodes; [seed-aware 95% interval]." + _one_seed_caveat(effects),
                                   ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
                                                             for c in ecols], etex)
     v_md, v_tex = _variant_table(results)
@@ -392,7 +403,7 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
     md = ["", "Variant effects (ablations) on identical episodes and the seeds both have (points): each variant minus "
               "its method with default settings; mean ± 95% CI over episodes (base top-1: over held-out images) "
               "[seed-aware 95% interval]; paired t-test p; each seed's difference. ▲/▼: the seed-aware interval "
-              "excludes 0.", "",
+              "excludes 0." + _one_seed_caveat(effects), "",
           "| variant | backbone | " + " | ".join(label(c) for c in vcols) + " |", "|" + "---|" * (len(vcols) + 2)]
     rows_tex = []
     for r in sorted(effects):
@@ -413,7 +424,7 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
         md.append(f"| {name} | {r[1]} | " + " | ".join(vals) + " |")
         rows_tex.append(" & ".join([_tex(name), _tex(r[1])] + vals_tex) + " \\\\")
     tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [seed-aware 95% "
-                     "interval]; triangles: the interval excludes 0.", ["Variant", "Backbone"] + [label(c) for c in vcols],
+                     "interval]; triangles: the interval excludes 0." + _one_seed_caveat(effects), ["Variant", "Backbone"] + [label(c) for c in vcols],
                      rows_tex)
     return md, tex
 
