@@ -310,6 +310,10 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
         rs.add(("ce", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 40.0)})
     for frac in ("@25%", ""):
         rs.add(("lsskd", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 41.0)})
+    # a student trained at one fraction and its teacher at another are points, not dropped for having one each
+    rs.add(("hsakd", "conv4"), ("tiny@25%", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 45.0)})
+    rs.add(("hsakd_teacher", "conv4"), ("tiny", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 47.0)})
+    rs.teacher_rows.add(("hsakd_teacher", "conv4"))
     lines = {}
     real_plot = Axes.plot
 
@@ -324,6 +328,20 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
     assert lines["ce"][0] == [25.0, 50.0, 75.0, 100.0] and lines["ce"][1] == [40.0] * 4
     ys = lines["lsskd"][1]
     assert ys[0] == 41.0 and ys[3] == 41.0 and math.isnan(ys[1]) and math.isnan(ys[2])
+    assert lines["hsakd"][1][0] == 45.0 and all(math.isnan(y) for y in lines["hsakd"][1][1:])
+    assert lines["hsakd_teacher (teacher)"][1][3] == 47.0 and all(math.isnan(y) for y in lines["hsakd_teacher (teacher)"][1][:3])
+
+
+def test_fractions_figure_needs_more_than_one_fraction(tmp_path):
+    """A grid trained on full data only (every point at 100 %) gets no fractions figure."""
+    from fsl_lsskd.bench import figures
+
+    rs = ResultSet()
+    for method in ("ce", "pskd"):
+        rs.add((method, "conv4"), ("tiny", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 40.0)})
+    written = []
+    figures._fractions(rs, tmp_path / "grid", written)
+    assert written == []
 
 
 def test_difference_captions_say_when_a_difference_rests_on_one_seed():

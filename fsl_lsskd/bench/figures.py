@@ -258,8 +258,10 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
             series.setdefault((f"{_proto_text(proto)} {readout}", r), {})[frac(data)] = s
     panels: Dict[str, Dict[tuple, Dict[float, object]]] = {}
     for (title, r), pts in series.items():
-        if len(pts) > 1:
-            panels.setdefault(title, {})[r] = pts
+        panels.setdefault(title, {})[r] = pts
+    # a panel is drawn when its rows span more than one fraction; then every row is in it, one trained at a single
+    # fraction as a point (HSAKD's student at 25 % beside CE's curve), not dropped
+    panels = {t: rows for t, rows in panels.items() if len({x for pts in rows.values() for x in pts}) > 1}
     if not panels:
         return
     n = len(panels)
@@ -276,7 +278,8 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
                 stats = {x: _interval(pts[x]) for x in pts}
                 col = [stats.get(x, (math.nan,) * 3) for x in grid]
                 colour = method_colour(r[0], _base_of(r[0]))
-                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=r[0])
+                label = r[0] + (" (teacher)" if r in results.teacher_rows else "")
+                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=label)
                 ax.fill_between(grid, [s[1] for s in col], [s[2] for s in col], color=colour, alpha=0.2)
                 xs = sorted(stats)
                 ax.errorbar(xs, [stats[x][0] for x in xs], yerr=[[stats[x][0] - stats[x][1] for x in xs],
