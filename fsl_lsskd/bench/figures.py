@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..utils import atomic_path
+from .tables import _row_name
 
 # stable colours: the registered methods in a fixed order (tab10), variants a lighter shade of their method
 METHOD_ORDER = ("ce", "pskd", "byot", "lsskd", "protonet", "maml", "kd", "hsakd", "hsakd_teacher", "fomaml")
@@ -278,8 +279,7 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
                 stats = {x: _interval(pts[x]) for x in pts}
                 col = [stats.get(x, (math.nan,) * 3) for x in grid]
                 colour = method_colour(r[0], _base_of(r[0]))
-                label = r[0] + (" (teacher)" if r in results.teacher_rows else "")
-                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=label)
+                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=_row_name(results, r))
                 ax.fill_between(grid, [s[1] for s in col], [s[2] for s in col], color=colour, alpha=0.2)
                 xs = sorted(stats)
                 ax.errorbar(xs, [stats[x][0] for x in xs], yerr=[[stats[x][0] - stats[x][1] for x in xs],

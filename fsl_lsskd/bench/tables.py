@@ -320,9 +320,10 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         if not paired:
             continue
         pcols = [c for c in cols if any(c in paired[r] for r in paired)]
+        caveat = _one_seed_caveat(paired)
         title = (f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): mean ± "
                  f"95% CI over episodes; [seed-aware 95% interval]; paired t-test p over episodes; each seed's "
-                 f"difference. ▲/▼: the seed-aware interval excludes 0.{_one_seed_caveat(paired)}")
+                 f"difference. ▲/▼: the seed-aware interval excludes 0.{caveat}")
         md += ["", title, "", "| method | backbone | " + " | ".join(col_label(c) for c in pcols) + " |",
                "|" + "---|" * (len(pcols) + 2)]
         prow_tex = []
@@ -342,15 +343,16 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             prow_tex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
         tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [seed-aware 95% interval]; "
-                                 f"triangles: the interval excludes 0.{_one_seed_caveat(paired)}",
+                                 f"triangles: the interval excludes 0.{caveat}",
                                  ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
     effects = readout_effects(results)
     if effects:
         ecols = [c for c in cols if any(c in effects[r] for r in effects)]
+        caveat = _one_seed_caveat(effects)
         md += ["", "Readout effects on the same checkpoints and episodes (points): each readout minus its reference "
                    "(a setting against the same readout without it; finetune against protonet, where its head "
                    "starts); mean ± 95% CI over episodes [seed-aware 95% interval] (each seed's difference). ▲/▼: "
-                   "the seed-aware interval excludes 0." + _one_seed_caveat(effects), "",
+                   "the seed-aware interval excludes 0." + caveat, "",
                "| method | backbone | " + " | ".join(f"{col_label(c)} − {reference_readout(c[3])}" for c in ecols)
                + " |", "|" + "---|" * (len(ecols) + 2)]
         etex = []
@@ -367,7 +369,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
         tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
-                                  "and episodes; [seed-aware 95% interval]." + _one_seed_caveat(effects),
+                                  "and episodes; [seed-aware 95% interval]." + caveat,
                                   ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
                                                             for c in ecols], etex)
     v_md, v_tex = _variant_table(results)
@@ -396,6 +398,7 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
     few = sorted({c for r in effects.values() for c in r if c[1] != "base"}, key=_column_order)
     base = sorted({c for r in effects.values() for c in r if c[1] == "base"})
     vcols = few + base
+    caveat = _one_seed_caveat(effects)
 
     def label(c: Column) -> str:
         return f"{c[0]} base top-1" if c[1] == "base" else col_label(c)
@@ -403,7 +406,7 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
     md = ["", "Variant effects (ablations) on identical episodes and the seeds both have (points): each variant minus "
               "its method with default settings; mean ± 95% CI over episodes (base top-1: over held-out images) "
               "[seed-aware 95% interval]; paired t-test p; each seed's difference. ▲/▼: the seed-aware interval "
-              "excludes 0." + _one_seed_caveat(effects), "",
+              "excludes 0." + caveat, "",
           "| variant | backbone | " + " | ".join(label(c) for c in vcols) + " |", "|" + "---|" * (len(vcols) + 2)]
     rows_tex = []
     for r in sorted(effects):
@@ -424,7 +427,7 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
         md.append(f"| {name} | {r[1]} | " + " | ".join(vals) + " |")
         rows_tex.append(" & ".join([_tex(name), _tex(r[1])] + vals_tex) + " \\\\")
     tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [seed-aware 95% "
-                     "interval]; triangles: the interval excludes 0." + _one_seed_caveat(effects), ["Variant", "Backbone"] + [label(c) for c in vcols],
+                     "interval]; triangles: the interval excludes 0." + caveat, ["Variant", "Backbone"] + [label(c) for c in vcols],
                      rows_tex)
     return md, tex
 
