@@ -361,3 +361,34 @@ def test_difference_captions_say_when_a_difference_rests_on_one_seed():
     assert one["md"].count(caveat) == 1 and one["tex"].count(caveat) == 1
     two = render(results((0, 1)), {}, "c", baselines=("ce",))
     assert "Paired difference to `ce`" in two["md"] and caveat not in two["md"] and caveat not in two["tex"]
+
+
+def test_interval_bound_that_excludes_zero_never_reads_as_zero():
+    """A seed-aware interval [-1.60, -0.004] is significant (▼); printed to 2 decimals it read [-1.60, -0.00]."""
+    from fsl_lsskd.bench.tables import Paired, _interval, _signed
+
+    assert _signed(-0.004) == "-0.004" and _signed(0.0031) == "+0.003" and _signed(-4e-5) == "-4e-05"
+    assert _signed(0.0) == "+0.00" and _signed(-1.6) == "-1.60" and _signed(0.005) == "+0.01"
+    d = Paired(mean=-0.8, ci95=0.3, lo=-1.6, hi=-0.004, p=0.01, per_seed={0: -0.8})
+    assert _interval(d) == "[-1.60, -0.004]" and d.verdict == -1
+
+
+def test_accuracy_captions_say_when_a_cell_rests_on_one_seed():
+    """A one-seed cell has no "(seeds ± …)" part and bold then uses an episode-only interval: the main and base
+    captions say so (Markdown and LaTeX), and only when some cell has one seed."""
+    rng = np.random.default_rng(3)
+
+    def results(pskd_seeds):
+        rs = ResultSet()
+        for method, seeds in (("ce", (0, 1)), ("pskd", pskd_seeds)):
+            for seed in seeds:
+                rs.add((method, "conv4"), _col(1), seed, {"accuracy": rng.uniform(30, 70, size=40)})
+                rs.add_base((method, "conv4"), "tiny", seed, {"accuracy": 100.0 * rng.integers(0, 2, size=60)})
+        return rs
+
+    note = "rests on one training seed: its seed-aware interval, which bold uses"
+    one = render(results((0,)), {}, "c", baselines=())
+    assert one["md"].count(note) == 2 and one["tex"].count(note) == 2  # accuracy table and base table
+    assert "(seeds ±" in one["md"]                                      # ce still shows its seed interval
+    two = render(results((0, 1)), {}, "c", baselines=())
+    assert note not in two["md"] and note not in two["tex"]

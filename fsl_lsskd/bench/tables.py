@@ -241,6 +241,28 @@ def _one_seed_caveat(effects: Mapping[Row, Mapping[Any, Paired]]) -> str:
             "not seed-to-seed variation.")
 
 
+def _one_seed_cells_note(results: Sequence[Any]) -> str:
+    """The sentence an accuracy table's caption gains when any of its cells (:class:`Series`) rests on one
+    training seed: such a cell shows no "(seeds ± …)" part, and the seed-aware interval its bold decision uses is
+    the bootstrap over episodes (or images) alone. Empty when every cell has two or more seeds."""
+    if not any(len(res.per_seed) == 1 for res in results):
+        return ""
+    return (" A cell without \"(seeds ± …)\" rests on one training seed: its seed-aware interval, which bold uses, "
+            "covers episodes (base classes: images) only, not seed-to-seed variation.")
+
+
+def _signed(x: float) -> str:
+    """A signed difference in percentage points to 2 decimals. A nonzero value that rounds to ±0.00 keeps one
+    significant digit instead (``-0.004``, ``+3e-05``), so an interval bound that excludes 0 never reads as 0."""
+    s = f"{x:+.2f}"
+    return f"{x:+.1g}" if x != 0 and float(s) == 0 else s
+
+
+def _interval(d: Paired) -> str:
+    """``[lo, hi]`` of a paired difference's seed-aware interval (:func:`_signed` bounds)."""
+    return f"[{_signed(d.lo)}, {_signed(d.hi)}]"
+
+
 def _p_text(p: float) -> str:
     return "p<1e-16" if p < 1e-16 else f"p={p:.2g}"
 
@@ -285,9 +307,10 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
     pub_cols = sorted({k for m in published.values() for k in m})
     seed_counts = {r: "/".join(str(n) for n in sorted({len(results.cells[r][c].per_seed) for c in cols
                                                         if c in results.cells.get(r, {})})) for r in rows}
+    one_seed = _one_seed_cells_note([results.cells[r][c] for r, c in summ])
     md = [caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
                        "hierarchical-bootstrap interval over training seeds and episodes. **Bold**: best, with a "
-                       "seed-aware interval that does not overlap the next best.", ""]
+                       "seed-aware interval that does not overlap the next best." + one_seed, ""]
     head = ["method", "backbone", "seeds"] + [col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv = ["method,backbone,train_data,target,protocol,readout,seeds,episodes,mean,ci95_episodes,seed_ci_lo,"
@@ -313,7 +336,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         md.append("| " + " | ".join([_row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
         tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
                         + " \\\\")
-    tex = _tex_table(caption, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
+    tex = _tex_table(caption + one_seed, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
                      tex_rows)
     for baseline in baselines:
         paired = paired_vs(results, baseline)
@@ -337,9 +360,9 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                 d = paired[r][c]
                 mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
                 seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
-                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} ({_p_text(d.p)}; "
+                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} ({_p_text(d.p)}; "
                             f"seeds {seeds})")
-                vals_tex.append(_tex(f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark}"))
+                vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             prow_tex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
         tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [seed-aware 95% interval]; "
@@ -365,7 +388,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                     continue
                 mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
                 seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
-                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} (seeds {seeds})")
+                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} (seeds {seeds})")
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
         tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
@@ -422,8 +445,8 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
                 continue
             mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
             seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
-            vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark} ({_p_text(d.p)}; seeds {seeds})")
-            vals_tex.append(_tex(f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark}"))
+            vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} ({_p_text(d.p)}; seeds {seeds})")
+            vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
         md.append(f"| {name} | {r[1]} | " + " | ".join(vals) + " |")
         rows_tex.append(" & ".join([_tex(name), _tex(r[1])] + vals_tex) + " \\\\")
     tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [seed-aware 95% "
@@ -443,8 +466,10 @@ def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
     """Way/shot curve points: per (training data, target, readout, n_way) a table of accuracy against n_shot."""
     if not results.curve_points:
         return [], []
+    one_seed = any(len(res.per_seed) == 1 for r in results.curve_points.values() for res in r.values())
     md = ["", "Way and shot curves (published curve episodes): mean accuracy (%) over seeds and episodes (seeds ± "
-              "half the seed-aware interval)."]
+              "half the seed-aware interval)." + (" A point without (±…) rests on one training seed." if one_seed
+                                                  else "")]
     csv = ["", "method,backbone,train_data,target,n_way,n_shot,readout,seeds,mean,ci95_episodes,seed_ci_lo,"
                "seed_ci_hi"]
     groups = sorted({(p[0], p[1], p[4], p[2]) for r in results.curve_points.values() for p in r})
@@ -503,10 +528,11 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
     if not results.base:
         return [], "", []
     labels = sorted({d for r in results.base.values() for d in r})
+    one_seed = _one_seed_cells_note([res for r in results.base.values() for res in r.values()])
     md = ["", "Base classes (held-out images of the training classes): top-1 accuracy (%) ± 95% CI over images "
               "(seeds averaged) (seeds ± half the seed-aware interval); classifier calibration: ECE (%, 15 bins) "
               "[seed-aware interval], NLL, Brier. Methods without a base classifier (episodic) are scored by the "
-              "nearest class mean (accuracy only).", "",
+              "nearest class mean (accuracy only)." + one_seed, "",
           "| method | backbone | " + " | ".join(f"{d} top-1 | {d} ECE | {d} NLL | {d} Brier" for d in labels) + " |",
           "|" + "---|" * (2 + 4 * len(labels))]
     csv = ["", "method,backbone,train_data,base_top1,base_top1_ci95,seed_ci_lo,seed_ci_hi,ece,ece_lo,ece_hi,nll,brier,"
@@ -538,7 +564,7 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
         tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v.strip('*')) for v in vals])
                         + " \\\\")
     header = ["Method", "Backbone"] + [h for d in labels for h in (f"{d} top-1", "ECE", "NLL", "Brier")]
-    return md, _tex_table("Base-class held-out accuracy and calibration.", header, tex_rows), csv
+    return md, _tex_table("Base-class held-out accuracy and calibration." + one_seed, header, tex_rows), csv
 
 
 def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
