@@ -298,7 +298,8 @@ def test_curve_point_prefers_its_own_episodes_whatever_the_order(curve_first):
 
 
 def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeypatch):
-    """A method trained at 25 % and 100 % only gets two points, not a line (and band) through 50 and 75 %."""
+    """A method trained at 25 % and 100 % only gets two points, not a line (and band) through 50 and 75 %; each
+    legend entry says how many training seeds its points have."""
     import math
 
     from matplotlib.axes import Axes
@@ -307,7 +308,11 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
 
     rs = ResultSet()
     for frac in ("@25%", "@50%", "@75%", ""):
-        rs.add(("ce", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 40.0)})
+        for seed in (0, 1, 2):
+            rs.add(("ce", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), seed, {"accuracy": np.full(50, 40.0)})
+    for frac, seeds in (("@25%", (0, 1, 2)), ("", (0,))):
+        for seed in seeds:
+            rs.add(("pskd", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), seed, {"accuracy": np.full(50, 39.0)})
     for frac in ("@25%", ""):
         rs.add(("lsskd", "conv4"), (f"tiny{frac}", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(50, 41.0)})
     # a student trained at one fraction and its teacher at another are points, not dropped for having one each
@@ -325,11 +330,13 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
     written = []
     figures._fractions(rs, tmp_path / "grid", written)
     assert [p.suffix for p in written] == [".png", ".pdf"]
-    assert lines["ce"][0] == [25.0, 50.0, 75.0, 100.0] and lines["ce"][1] == [40.0] * 4
-    ys = lines["lsskd"][1]
+    assert lines["ce, 3 seeds"][0] == [25.0, 50.0, 75.0, 100.0] and lines["ce, 3 seeds"][1] == [40.0] * 4
+    assert lines["pskd, 1–3 seeds"][1][0] == 39.0  # fewer seeds at some fraction: the legend says so
+    ys = lines["lsskd, 1 seed"][1]
     assert ys[0] == 41.0 and ys[3] == 41.0 and math.isnan(ys[1]) and math.isnan(ys[2])
-    assert lines["hsakd"][1][0] == 45.0 and all(math.isnan(y) for y in lines["hsakd"][1][1:])
-    assert lines["hsakd_teacher (teacher)"][1][3] == 47.0 and all(math.isnan(y) for y in lines["hsakd_teacher (teacher)"][1][:3])
+    assert lines["hsakd, 1 seed"][1][0] == 45.0 and all(math.isnan(y) for y in lines["hsakd, 1 seed"][1][1:])
+    teacher = lines["hsakd_teacher (teacher), 1 seed"][1]
+    assert teacher[3] == 47.0 and all(math.isnan(y) for y in teacher[:3])
 
 
 def test_fractions_figure_needs_more_than_one_fraction(tmp_path):

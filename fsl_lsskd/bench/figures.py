@@ -279,7 +279,10 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
                 stats = {x: _interval(pts[x]) for x in pts}
                 col = [stats.get(x, (math.nan,) * 3) for x in grid]
                 colour = method_colour(r[0], _base_of(r[0]))
-                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=_row_name(results, r))
+                counts = sorted({len(pts[x].per_seed) for x in pts})  # a row with fewer seeds says so
+                seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+                label = f"{_row_name(results, r)}, {seeds} seed{'s' if counts[-1] > 1 else ''}"
+                ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=label)
                 ax.fill_between(grid, [s[1] for s in col], [s[2] for s in col], color=colour, alpha=0.2)
                 xs = sorted(stats)
                 ax.errorbar(xs, [stats[x][0] for x in xs], yerr=[[stats[x][0] - stats[x][1] for x in xs],
