@@ -30,9 +30,16 @@ def _fsl(args, cwd, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _ctrl_c_reaches_child() -> None:
+    """A job started in the background by a non-interactive shell (``pytest ... &``, ``nohup``) inherits SIGINT
+    ignored (POSIX), and Python then installs no KeyboardInterrupt handler: the child would never see the Ctrl-C
+    this test sends. Give it the default disposition, as a terminal's foreground job has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_with_the_cells_state_and_the_command_that_resumes(tmp_path, cifar_archive):
     bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), epochs=30)
-    proc = _fsl(["run", bench, "--out", tmp_path / "runs"], tmp_path)
+    proc = _fsl(["run", bench, "--out", tmp_path / "runs"], tmp_path, preexec_fn=_ctrl_c_reaches_child)
     deadline = time.time() + 240
     while not list((tmp_path / "runs" / "cells").glob("*/run/last.pt")):  # an epoch is done
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
