@@ -399,3 +399,27 @@ def test_accuracy_captions_say_when_a_cell_rests_on_one_seed():
     assert "(seeds ±" in one["md"]                                      # ce still shows its seed interval
     two = render(results((0, 1)), {}, "c", baselines=())
     assert note not in two["md"] and note not in two["tex"]
+
+
+def test_accuracy_caption_names_each_rows_seeds_where_they_differ():
+    """A row with fewer seeds in some columns (LSSKD: 3 seeds at 25 %, 1 elsewhere) is named with those columns."""
+    rng = np.random.default_rng(5)
+    full, few = ("tiny", "tiny", "5w1s15q", "protonet"), ("tiny@25%", "tiny", "5w1s15q", "protonet")
+
+    def results(lsskd_full_seeds):
+        rs = ResultSet()
+        for col in (full, few):
+            for seed in (0, 1, 2):
+                rs.add(("ce", "conv4"), col, seed, {"accuracy": rng.uniform(30, 70, size=40)})
+        for col, seeds in ((few, (0, 1, 2)), (full, lsskd_full_seeds)):
+            for seed in seeds:
+                rs.add(("lsskd", "conv4"), col, seed, {"accuracy": rng.uniform(30, 70, size=40)})
+        return rs
+
+    one = render(results((0,)), {}, "c", baselines=())
+    sentence = "Training seeds per row: ce 3; lsskd 1 (3 at tiny@25% 5w1s15q protonet)."
+    assert sentence not in one["md"]  # ties go to the larger count: lsskd has one column of each
+    assert "Training seeds per row: ce 3; lsskd 3 (1 at tiny 5w1s15q protonet)." in one["md"]
+    assert "Training seeds per row" in one["tex"]
+    same = render(results((0, 1, 2)), {}, "c", baselines=())
+    assert "Training seeds per row" not in same["md"] and "Training seeds per row" not in same["tex"]

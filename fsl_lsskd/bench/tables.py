@@ -251,6 +251,25 @@ def _one_seed_cells_note(results: Sequence[Any]) -> str:
             "covers episodes (base classes: images) only, not seed-to-seed variation.")
 
 
+def _seeds_per_row(results: ResultSet, rows: Sequence[Row], cols: Sequence[Column]) -> str:
+    """The caption sentence naming how many training seeds each row's cells rest on, and in which columns a row
+    has a different count (``lsskd 1 (3 at tiny_imagenet@25% 5w1s15q protonet, ...)``). Empty when every cell of
+    the table has the same number of seeds."""
+    per_row: Dict[Row, Dict[int, List[str]]] = {}
+    for r in rows:
+        for c in cols:
+            if c in results.cells.get(r, {}):
+                per_row.setdefault(r, {}).setdefault(len(results.cells[r][c].per_seed), []).append(col_label(c))
+    if len({n for by in per_row.values() for n in by}) <= 1:
+        return ""
+    parts = []
+    for r, by in per_row.items():
+        main = max(by, key=lambda n: (len(by[n]), n))  # the count most of the row's columns have
+        rest = "; ".join(f"{n} at {', '.join(labels)}" for n, labels in sorted(by.items()) if n != main)
+        parts.append(f"{_row_name(results, r)} {main}" + (f" ({rest})" if rest else ""))
+    return " Training seeds per row: " + "; ".join(parts) + "."
+
+
 def _signed(x: float) -> str:
     """A signed difference in percentage points to 2 decimals. A nonzero value that rounds to ±0.00 keeps one
     significant digit instead (``-0.004``, ``+3e-05``), so an interval bound that excludes 0 never reads as 0."""
@@ -307,7 +326,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
     pub_cols = sorted({k for m in published.values() for k in m})
     seed_counts = {r: "/".join(str(n) for n in sorted({len(results.cells[r][c].per_seed) for c in cols
                                                         if c in results.cells.get(r, {})})) for r in rows}
-    one_seed = _one_seed_cells_note([results.cells[r][c] for r, c in summ])
+    one_seed = (_seeds_per_row(results, [r for r in rows if r in results.cells], cols)
+                + _one_seed_cells_note([results.cells[r][c] for r, c in summ]))
     md = [caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
                        "hierarchical-bootstrap interval over training seeds and episodes. **Bold**: best, with a "
                        "seed-aware interval that does not overlap the next best." + one_seed, ""]
