@@ -241,31 +241,37 @@ def _one_seed_caveat(effects: Mapping[Row, Mapping[Any, Paired]]) -> str:
             "not seed-to-seed variation.")
 
 
-def _one_seed_cells_note(results: Sequence[Any]) -> str:
-    """The sentence an accuracy table's caption gains when any of its cells (:class:`Series`) rests on one
-    training seed: such a cell shows no "(seeds ± …)" part, and the seed-aware interval its bold decision uses is
-    the bootstrap over episodes (or images) alone. Empty when every cell has two or more seeds."""
-    if not any(len(res.per_seed) == 1 for res in results):
+def _one_seed_cells_note(any_one_seed: bool) -> str:
+    """The sentence an accuracy table's caption gains when any of its cells rests on one training seed: such a
+    cell shows no "(seeds ± …)" part, and the seed-aware interval its bold decision uses is the bootstrap over
+    episodes (or images) alone. Empty otherwise."""
+    if not any_one_seed:
         return ""
     return (" A cell without \"(seeds ± …)\" rests on one training seed: its seed-aware interval, which bold uses, "
             "covers episodes (base classes: images) only, not seed-to-seed variation.")
 
 
-def _seeds_per_row(results: ResultSet, rows: Sequence[Row], cols: Sequence[Column]) -> str:
-    """The caption sentence naming how many training seeds each row's cells rest on, and in which columns a row
-    has a different count (``lsskd 1 (3 at tiny_imagenet@25% 5w1s15q protonet, ...)``). Empty when every cell of
-    the table has the same number of seeds."""
-    per_row: Dict[Row, Dict[int, List[str]]] = {}
+def _seed_columns(results: ResultSet, rows: Sequence[Row],
+                  cols: Sequence[Column]) -> Dict[Row, Dict[int, List[Column]]]:
+    """Per row with cells: its columns grouped by how many training seeds the cell has."""
+    per_row: Dict[Row, Dict[int, List[Column]]] = {}
     for r in rows:
         for c in cols:
             if c in results.cells.get(r, {}):
-                per_row.setdefault(r, {}).setdefault(len(results.cells[r][c].per_seed), []).append(col_label(c))
+                per_row.setdefault(r, {}).setdefault(len(results.cells[r][c].per_seed), []).append(c)
+    return per_row
+
+
+def _seeds_per_row(results: ResultSet, per_row: Mapping[Row, Mapping[int, List[Column]]]) -> str:
+    """The caption sentence naming how many training seeds each row's cells rest on, and in which columns a row
+    has a different count (``lsskd 1 (3 at tiny_imagenet@25% 5w1s15q protonet, ...)``), from
+    :func:`_seed_columns`. Empty when every cell of the table has the same number of seeds."""
     if len({n for by in per_row.values() for n in by}) <= 1:
         return ""
     parts = []
     for r, by in per_row.items():
         main = max(by, key=lambda n: (len(by[n]), n))  # the count most of the row's columns have
-        rest = "; ".join(f"{n} at {', '.join(labels)}" for n, labels in sorted(by.items()) if n != main)
+        rest = "; ".join(f"{n} at {', '.join(map(col_label, c))}" for n, c in sorted(by.items()) if n != main)
         parts.append(f"{_row_name(results, r)} {main}" + (f" ({rest})" if rest else ""))
     return " Training seeds per row: " + "; ".join(parts) + "."
 
@@ -324,13 +330,13 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
     bold = {c: _bold_best({r: (summ[(r, c)][0], summ[(r, c)][2], summ[(r, c)][3]) for r in rows if (r, c) in summ})
             for c in cols}
     pub_cols = sorted({k for m in published.values() for k in m})
-    seed_counts = {r: "/".join(str(n) for n in sorted({len(results.cells[r][c].per_seed) for c in cols
-                                                        if c in results.cells.get(r, {})})) for r in rows}
-    one_seed = (_seeds_per_row(results, [r for r in rows if r in results.cells], cols)
-                + _one_seed_cells_note([results.cells[r][c] for r, c in summ]))
+    seed_cols = _seed_columns(results, rows, cols)
+    seed_counts = {r: "/".join(str(n) for n in sorted(seed_cols.get(r, {}))) for r in rows}
+    seed_note = (_seeds_per_row(results, seed_cols)
+                 + _one_seed_cells_note(any(1 in by for by in seed_cols.values())))
     md = [caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
                        "hierarchical-bootstrap interval over training seeds and episodes. **Bold**: best, with a "
-                       "seed-aware interval that does not overlap the next best." + one_seed, ""]
+                       "seed-aware interval that does not overlap the next best." + seed_note, ""]
     head = ["method", "backbone", "seeds"] + [col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv = ["method,backbone,train_data,target,protocol,readout,seeds,episodes,mean,ci95_episodes,seed_ci_lo,"
@@ -356,7 +362,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         md.append("| " + " | ".join([_row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
         tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
                         + " \\\\")
-    tex = _tex_table(caption + one_seed, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
+    tex = _tex_table(caption + seed_note, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
                      tex_rows)
     for baseline in baselines:
         paired = paired_vs(results, baseline)
@@ -548,7 +554,7 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
     if not results.base:
         return [], "", []
     labels = sorted({d for r in results.base.values() for d in r})
-    one_seed = _one_seed_cells_note([res for r in results.base.values() for res in r.values()])
+    one_seed = _one_seed_cells_note(any(len(res.per_seed) == 1 for by in results.base.values() for res in by.values()))
     md = ["", "Base classes (held-out images of the training classes): top-1 accuracy (%) ± 95% CI over images "
               "(seeds averaged) (seeds ± half the seed-aware interval); classifier calibration: ECE (%, 15 bins) "
               "[seed-aware interval], NLL, Brier. Methods without a base classifier (episodic) are scored by the "
