@@ -144,5 +144,10 @@ def test_store_methods_train_and_store_every_sample_every_epoch(tmp_path):
         method.training_step(b, 0)
         method.on_step_end(b, 0)
     assert bool(method.store.seen.all())
+    method.on_epoch_start(1)  # row 9's epoch-1 target, as training_step forms it: softened, not one-hot
+    label9 = torch.tensor([int(data.labels[9])])
+    previous = method.store.get(torch.tensor([9]), default=torch.nn.functional.one_hot(label9, 2).float())
+    target = pskd_targets(label9, previous, method.alpha, 2)
+    assert method.alpha > 0 and 0.0 < float(target.max()) < 1.0 and torch.allclose(target.sum(1), torch.ones(1))
     ce_loader = build_run(cfg.__class__(**{**cfg.__dict__, "method": "ce"}), prepare_data(cfg, train_data=data))[2]
     assert [len(b.index) for b in ce_loader.epoch_batches(0)] == [4, 4]  # RFS drops it
