@@ -50,6 +50,22 @@ def test_unknown_key_names_key_and_file(tmp_path):
         load_benchmark(p)
 
 
+def test_missing_benchmark_file_names_the_ones_that_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no benchmarks/ folder here: run from the repository root"):
+        load_benchmark("cpu_tiny_imagenet")
+    (tmp_path / "benchmarks").mkdir()
+    _write(tmp_path / "benchmarks", GOOD, "cpu_tiny_imagenet.yaml")
+    _write(tmp_path / "benchmarks", GOOD, "smoke.yaml")
+    # the folder or the suffix left out: the file meant is named
+    for given in ("cpu_tiny_imagenet", "cpu_tiny_imagenet.yaml", "benchmarks/cpu_tiny_imagenet"):
+        with pytest.raises(ConfigError, match=r"did you mean benchmarks/cpu_tiny_imagenet\.yaml\?"):
+            load_benchmark(given)
+    with pytest.raises(ConfigError, match=r"not found; benchmark files here: benchmarks/cpu_tiny_imagenet\.yaml, "
+                                          r"benchmarks/smoke\.yaml$"):
+        load_benchmark("benchmarks/nope.yaml")
+
+
 def test_wrong_type_is_an_error(tmp_path):
     p = _write(tmp_path, GOOD.replace("epochs: 2", "epochs: two"))
     with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer"):

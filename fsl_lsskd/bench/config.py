@@ -364,12 +364,28 @@ def _join(where: str, key: str) -> str:
     return f"{where}: {key}" if where.endswith((".yaml", ".yml")) else f"{where}.{key}"
 
 
+def _missing_benchmark_message(path: Path) -> str:
+    """Name the benchmark files that do exist (next to ``path`` and in ``./benchmarks``), and the one that was
+    probably meant when only the folder or the ``.yaml`` suffix was left out."""
+    found: List[Path] = []
+    for folder in (path.parent, Path("benchmarks")):
+        if folder.is_dir():
+            found += [f for f in sorted(folder.glob("*.y*ml")) if f.is_file() and f not in found]
+    meant = [f for f in found if f.stem == path.stem or f.stem == path.name]
+    if meant:
+        return f"benchmark file {path} not found; did you mean {meant[0]}?"
+    if found:
+        return f"benchmark file {path} not found; benchmark files here: {', '.join(str(f) for f in found)}"
+    return (f"benchmark file {path} not found, and there is no benchmarks/ folder here: "
+            "run from the repository root or give the path of a benchmark YAML file")
+
+
 def load_benchmark(path: Union[str, Path]) -> Benchmark:
     """Parse and check a benchmark YAML file (structure and types; names and data are checked by
     :func:`fsl_lsskd.bench.validate.validate_benchmark`)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"benchmark file {path} not found (see benchmarks/*.yaml)")
+        raise ConfigError(_missing_benchmark_message(path))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
