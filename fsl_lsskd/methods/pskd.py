@@ -90,7 +90,7 @@ class PSKD(Method):
         logits = self.backbone(batch.images)
         onehot = F.one_hot(batch.labels, self.num_classes).float()
         previous = self.store.get(batch.index, default=onehot).to(logits.device)
-        targets = (1.0 - self.alpha) * onehot + self.alpha * previous
+        targets = pskd_targets(batch.labels, previous, self.alpha, self.num_classes)
         loss = self.criterion(logits, targets)
         # written after the optimiser step (on_step_end), as PS-KD main.py does
         self._pending = (batch.index, F.softmax(logits.detach().float(), dim=1))
