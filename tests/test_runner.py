@@ -537,3 +537,46 @@ def test_publish_rebuild_tables_from_results_and_reproduce_a_published_number(tm
     npz.write_bytes(npz.read_bytes()[:-10])
     res = cli("table", bench, "--out", tmp_path / "x", "--from-results", tmp_path / "pub")
     assert res.exit_code == 2 and "differs from MANIFEST.json" in res.output, res.output
+
+
+def test_publish_ships_the_maml_model_and_evaluate_reproduces_maml_finetune(tmp_path, store, cifar_archive):
+    """A cell scored by a readout that needs the whole trained method (maml_finetune: backbone *and* head) is
+    published with its model directory, listed in the manifest with its sha256; `evaluate --checkpoint` on
+    that directory reproduces the published maml_finetune number. An exported backbone alone is refused with
+    a message naming the model directory."""
+    import json
+
+    extra = textwrap.dedent("""
+        method_overrides:
+          maml: {n_way: 5, n_shot: 1, n_query: 2, episodes_per_epoch: 4, inner_steps: 1, test_inner_steps: 2}
+    """)
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce", "maml"), epochs=1,
+                        readouts="[protonet], extra_readouts: {maml: [maml_finetune]}",
+                        extra=extra)
+    res = cli("run", bench, "--out", tmp_path / "runs")
+    assert res.exit_code == 0, res.output
+    pub = tmp_path / "pub"
+    assert cli("publish", bench, "--out", pub).exit_code == 0
+    manifest = json.loads((pub / "MANIFEST.json").read_text())
+    files = {e["stem"]: e["files"] for e in manifest["cells"]}
+    assert "maml-conv4-seed0.model/model.safetensors" in files["maml-conv4-seed0"]
+    assert "maml-conv4-seed0.model/model.json" in files["maml-conv4-seed0"]
+    assert not any(".model/" in name for name in files["ce-conv4-seed0"])  # protonet needs the backbone only
+    assert not (pub / "ce-conv4-seed0.model").exists()
+    text = (pub / "maml-conv4-seed0.model" / "model.json").read_text()
+    assert str(tmp_path) not in text  # no path of the machine that trained it
+    entry = next(e for e in manifest["cells"] if e["stem"] == "maml-conv4-seed0")
+    score = next(s for s in entry["scores"] if s["tags"]["fsl.readout"] == "maml_finetune")
+    args = ["evaluate", "--dataset", "cifar_fs", "--archive", cifar_archive, "--n-shot", "1", "--n-query", "5",
+            "--n-episodes", "40", "--readouts", "maml_finetune"]
+    res = cli(*args, "--checkpoint", pub / "maml-conv4-seed0.model", "--out", tmp_path / "ev")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "ev" / "summary.json").read_text())["results"][0]
+    assert again["accuracy"] == pytest.approx(score["metrics"]["accuracy"], abs=1e-9)
+    res = cli(*args, "--checkpoint", pub / "maml-conv4-seed0.safetensors")
+    assert res.exit_code == 2, res.output
+    assert f"not an exported backbone: pass --checkpoint {pub / 'maml-conv4-seed0.model'}" in res.output
+    # the table rebuilt from the published files checks the model's sha256 too
+    (pub / "maml-conv4-seed0.model" / "model.json").write_text(text + " ")
+    res = cli("table", bench, "--out", tmp_path / "x", "--from-results", pub)
+    assert res.exit_code == 2 and "differs from MANIFEST.json" in res.output, res.output

@@ -8,6 +8,9 @@ tables rebuilt from them without a store.
   training id, how to load it without fsl-bench);
 * ``<same stem>.scores.npz``: every score of the cell, per episode (``<score id>.accuracy`` in %, ``.nll``,
   ``.brier``, ``.reliability``),
+* ``<same stem>.model/`` (``model.safetensors``, ``model.json``), only for cells scored by a readout that needs
+  the whole trained method (``needs_method``: MAML's ``maml_finetune`` fine-tunes backbone *and* head):
+  ``fsl-bench evaluate --checkpoint <stem>.model --readouts maml_finetune`` re-scores it,
 
 and ``MANIFEST.json``: for every cell its files (sha256, bytes), its training identity and the code commit that
 trained it, its scores' identities (target, protocol with the episodes' sha256, readout and settings) and
@@ -27,7 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
 ARRAYS = ("accuracy", "nll", "brier", "reliability")
+MODEL_SUFFIX = ".model"  # <stem>.model/: the whole trained method, for readouts that need it (needs_method)
 
 
 #: Run parameters that name places on the training machine: published as the file's name only (the run
@@ -130,6 +134,9 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
             with atomic_path(npz, suffix=".npz") as t:
                 with open(t, "wb") as fh:
                     np.savez_compressed(fh, **arrays)
+            files = [(weights.name, weights), (meta.name, meta), (npz.name, npz)]
+            if any(_needs_method(s.tags.get("fsl.readout", "")) for s in by_train.get(rec.train_id, [])):
+                files += _copy_model(store, rec.run_id, Path(tmp) / f"{rec.train_id}-model", out_dir, stem)
             curves = {m: [[h.step, h.value] for h in store.client.get_metric_history(rec.run_id, m)]
                       for m in CURVE_METRICS}
             entries.append({
@@ -138,13 +145,16 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
                 "train_id": rec.train_id, "run_id": rec.run_id, "start_time": rec.start_time,
                 "trained_at_commit": rec.tags.get("fsl.git_commit", ""),
                 "tags": _fsl_tags(rec.tags), "params": portable_params(rec.params),
-                "files": {name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-                          for name, p in ((weights.name, weights), (meta.name, meta), (npz.name, npz))},
+                "files": {name: {"sha256": sha256(p), "bytes": p.stat().st_size} for name, p in files},
                 "scores": score_entries, "curves": {k: v for k, v in curves.items() if v}})
-    keep = {name for e in entries for name in e["files"]} | {MANIFEST}
+    keep = {name.split("/")[0] for e in entries for name in e["files"]} | {MANIFEST}
     for p in out_dir.iterdir():
-        if p.is_file() and p.name not in keep and p.name.endswith((".safetensors", ".json", ".scores.npz")):
+        if p.name in keep:
+            continue
+        if p.is_file() and p.name.endswith((".safetensors", ".json", ".scores.npz")):
             p.unlink()  # a cell that left the grid
+        elif p.is_dir() and p.name.endswith(MODEL_SUFFIX):
+            shutil.rmtree(p)  # a model directory that is no longer published
     manifest = {"format": FORMAT, "benchmark": bench.name, "benchmark_file": Path(bench.where).name,
                 "published_at_commit": git_commit(), "cells": entries}
     path = out_dir / MANIFEST
@@ -152,6 +162,28 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
         Path(t).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     log.info("published %d cells of %s into %s", len(entries), bench.name, out_dir)
     return path
+
+
+def _needs_method(readout: str) -> bool:
+    """Whether the registered readout ``readout`` needs the whole trained method (``Readout.needs_method``)."""
+    from ..registry import READOUTS
+
+    return readout in READOUTS and bool(getattr(READOUTS.get(readout), "needs_method", False))
+
+
+def _copy_model(store, run_id: str, tmp: Path, out_dir: Path, stem: str) -> List[Tuple[str, Path]]:
+    """Copy the cell's model directory (``model.safetensors`` + ``model.json``) from the store to
+    ``out_dir/<stem>.model/``; returns its files as ``(name relative to out_dir, path)``."""
+    from ..checkpoint import MODEL_META, MODEL_WEIGHTS
+
+    model = store.fetch_dir(run_id, "model", tmp)
+    target = make_dir(out_dir / f"{stem}{MODEL_SUFFIX}")
+    out = []
+    for name in (MODEL_WEIGHTS, MODEL_META):
+        with atomic_path(target / name) as t:
+            shutil.copyfile(model / name, t)
+        out.append((f"{target.name}/{name}", target / name))
+    return out
 
 
 def _fsl_tags(tags) -> Dict[str, str]:

@@ -123,11 +123,10 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     mean = tuple(meta.get("mean") or ds.mean)
     std = tuple(meta.get("std") or ds.std)
     method = None
-    if checkpoint is not None and any(s.build().uses_images() and not s.build().uses_features() for s in specs):
-        from ..checkpoint import load_method
-
+    whole = [s.name for s in specs if getattr(type(s.build()), "needs_method", False)]
+    if checkpoint is not None and whole:
         def method():
-            return load_method(checkpoint, device)
+            return _load_whole_method(checkpoint, device, whole)
     results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=mean, std=std, image_size=size,
                        batch_size=batch_size, device=device, cache=not no_cache, method=method)
     src = f"untrained (seed {seed})" if untrained else str(checkpoint)
@@ -142,6 +141,23 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
         write_outputs(Path(out), results, {"backbone": meta["backbone"], "checkpoint": src, "dataset": dataset,
                                            "split": split, "image_size": size})
         click.echo(f"wrote {out}/summary.json, accuracies.npz, accuracies.csv")
+
+
+def _load_whole_method(checkpoint: Path, device: str, readouts: Sequence[str]):
+    """The trained method behind ``checkpoint`` (a model directory or ``last.pt``) for readouts that need more
+    than the backbone; an exported backbone raises :class:`ConfigError` naming the file to pass instead."""
+    from ..checkpoint import load_method
+    from ..errors import CheckpointError
+
+    try:
+        return load_method(checkpoint, device)
+    except CheckpointError as exc:
+        beside = checkpoint.with_suffix(".model") if checkpoint.suffix == ".safetensors" else None
+        hint = (f"pass --checkpoint {beside} (the model directory published beside it)" if beside is not None
+                and beside.is_dir() else "pass the cell's model directory (RUN/model, or <stem>.model in a "
+                "published results/weights/<benchmark>/)")
+        raise ConfigError(f"{', '.join(readouts)} needs the whole trained method (backbone and head), not an "
+                          f"exported backbone: {hint}") from exc
 
 
 @click.command("eval")

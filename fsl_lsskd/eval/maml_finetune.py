@@ -46,6 +46,7 @@ class MAMLFinetuneReadout(Readout):
     config_cls = MAMLFinetuneConfig
     needs_features = False
     needs_images = True
+    needs_method = True
 
     def _resolve(self, inputs: EpisodeInputs) -> Any:
         for cand in (self.options.get("method"), inputs.method() if inputs.method else None, inputs.backbone,
@@ -62,7 +63,8 @@ class MAMLFinetuneReadout(Readout):
             raise ConfigError(f"maml_finetune needs a maml/fomaml model; {ckpt} holds method "
                               f"{getattr(method, 'registry_name', type(method).__name__)!r}")
         raise ConfigError("maml_finetune needs the trained MAML method (an exported backbone has no MAML head): score "
-                          "a maml/fomaml cell, or pass its model directory (fsl-bench evaluate --checkpoint RUN)")
+                          "a maml/fomaml cell, or pass its model directory (fsl-bench evaluate --checkpoint RUN/model; "
+                          "a published MAML cell ships it as results/weights/<benchmark>/<stem>.model)")
 
     def predict(self, inputs: EpisodeInputs) -> ReadoutOutput:
         method = self._resolve(inputs)
