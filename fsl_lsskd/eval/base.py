@@ -89,8 +89,8 @@ class Readout:
     Class attributes: ``config_cls`` (the settings dataclass), ``needs_features`` (uses the cached frozen
     features), ``needs_images`` (uses images: fine-tuning, augmentation), ``needs_method`` (needs the whole
     trained method, not only its exported backbone: MAML's head; ``fsl-bench publish`` then ships the model
-    directory too), ``probabilistic`` (returns query probabilities). Subclasses implement :meth:`predict`. ``options`` are run-time arguments that are not
-    part of the identity (chunk sizes, a checkpoint to load)."""
+    directory too), ``probabilistic`` (returns query probabilities). Subclasses implement :meth:`predict`.
+    ``options`` are run-time arguments that are not part of the identity (chunk sizes, a checkpoint to load)."""
 
     config_cls: ClassVar[type] = ReadoutConfig
     needs_features: ClassVar[bool] = True
