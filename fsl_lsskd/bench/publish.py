@@ -90,6 +90,7 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
     """Write the published files of every finished cell of ``bench`` into ``out_dir`` (module docstring) and
     return the manifest's path. Files of cells no longer in the grid are removed; the manifest is written last.
     Raises :class:`ConfigError` when the store holds no finished cell of the benchmark."""
+    from ..eval.scoring import needs_method
     from ..record import git_commit, open_store
     from .collect import CURVE_METRICS, match_cells
 
@@ -135,7 +136,7 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
                 with open(t, "wb") as fh:
                     np.savez_compressed(fh, **arrays)
             files = [(weights.name, weights), (meta.name, meta), (npz.name, npz)]
-            if any(_needs_method(s.tags.get("fsl.readout", "")) for s in by_train.get(rec.train_id, [])):
+            if any(needs_method(s.tags.get("fsl.readout", "")) for s in by_train.get(rec.train_id, [])):
                 files += _copy_model(store, rec.run_id, Path(tmp) / f"{rec.train_id}-model", out_dir, stem)
             curves = {m: [[h.step, h.value] for h in store.client.get_metric_history(rec.run_id, m)]
                       for m in CURVE_METRICS}
@@ -162,13 +163,6 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
         Path(t).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     log.info("published %d cells of %s into %s", len(entries), bench.name, out_dir)
     return path
-
-
-def _needs_method(readout: str) -> bool:
-    """Whether the registered readout ``readout`` needs the whole trained method (``Readout.needs_method``)."""
-    from ..registry import READOUTS
-
-    return readout in READOUTS and bool(getattr(READOUTS.get(readout), "needs_method", False))
 
 
 def _copy_model(store, run_id: str, tmp: Path, out_dir: Path, stem: str) -> List[Tuple[str, Path]]:

@@ -107,7 +107,7 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
 
     from ..registry import check_names
     from ..utils import check_writable_dir
-    from .scoring import ReadoutSpec, evaluate as run_eval
+    from .scoring import ReadoutSpec, evaluate as run_eval, needs_method
 
     protocols = parse_protocol(n_way, n_shot, n_query, n_episodes)
     specs = [ReadoutSpec.parse(r) for r in _names(readouts)]  # unknown names fail before any loading
@@ -123,7 +123,7 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     mean = tuple(meta.get("mean") or ds.mean)
     std = tuple(meta.get("std") or ds.std)
     method = None
-    whole = [s.name for s in specs if getattr(type(s.build()), "needs_method", False)]
+    whole = [s.name for s in specs if needs_method(s.name)]
     if checkpoint is not None and whole:
         def method():
             return _load_whole_method(checkpoint, device, whole)

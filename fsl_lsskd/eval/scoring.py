@@ -81,6 +81,12 @@ class ReadoutSpec:
         return {"readout": self.name, "settings": json.loads(json.dumps(dict(self.settings), default=str))}
 
 
+def needs_method(readout: str) -> bool:
+    """Whether the registered readout named ``readout`` needs the whole trained method, not only its exported
+    backbone (:attr:`Readout.needs_method`; e.g. ``maml_finetune``). Unregistered names: False."""
+    return readout in READOUTS and READOUTS.get(readout).needs_method
+
+
 def scoring_identity(train_id: str, target: Mapping[str, Any], protocol: EpisodeProtocol, episodes_sha256: str,
                      readout: ReadoutSpec) -> Dict[str, Any]:
     """What a score is a function of: the trained weights (``train_id``), the scored split (``target``:
