@@ -580,3 +580,33 @@ def test_publish_ships_the_maml_model_and_evaluate_reproduces_maml_finetune(tmp_
     (pub / "maml-conv4-seed0.model" / "model.json").write_text(text + " ")
     res = cli("table", bench, "--out", tmp_path / "x", "--from-results", pub)
     assert res.exit_code == 2 and "differs from MANIFEST.json" in res.output, res.output
+
+
+def test_publish_adds_seeds_trained_with_another_store(tmp_path, store, cifar_archive, monkeypatch):
+    """Publishing into a directory that already publishes some cells keeps them (sha256 checked) and adds the
+    store's: seeds trained in another session, with another store, join the published ones; the tables built
+    from the directory then rest on every seed. A published file that changed is refused, not dropped."""
+    import json
+
+    bench = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), seeds=(0, 1, 2), epochs=1,
+                        readouts="[protonet]")
+    pub = tmp_path / "pub"
+    assert cli("run", bench, "--seeds", "0,1", "--out", tmp_path / "runs").exit_code == 0
+    assert cli("publish", bench, "--out", pub).exit_code == 0
+    first = json.loads((pub / "MANIFEST.json").read_text())
+    seed0 = (pub / "ce-conv4-seed0.scores.npz").read_bytes()
+    # a second store that holds only seed 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert cli("run", bench, "--seeds", "2", "--out", tmp_path / "runs2").exit_code == 0
+    res = cli("publish", bench, "--out", pub)
+    assert res.exit_code == 0 and "published 3 cells" in res.output, res.output
+    manifest = json.loads((pub / "MANIFEST.json").read_text())
+    assert [e["stem"] for e in manifest["cells"]] == ["ce-conv4-seed0", "ce-conv4-seed1", "ce-conv4-seed2"]
+    assert manifest["cells"][:2] == first["cells"] and (pub / "ce-conv4-seed0.scores.npz").read_bytes() == seed0
+    res = cli("table", bench, "--out", tmp_path / "t", "--from-results", pub)
+    assert res.exit_code == 0, res.output
+    csv = (tmp_path / "t" / "grid.csv").read_text().splitlines()
+    assert csv[1].split(",")[6] == "3", csv[:2]  # the seeds column: 3 seeds
+    (pub / "ce-conv4-seed1.safetensors").write_bytes(b"changed")
+    res = cli("publish", bench, "--out", pub)
+    assert res.exit_code == 2 and "differs from MANIFEST.json" in res.output, res.output

@@ -88,15 +88,22 @@ def sha256(path: Path) -> str:
 
 def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
     """Write the published files of every finished cell of ``bench`` into ``out_dir`` (module docstring) and
-    return the manifest's path. Files of cells no longer in the grid are removed; the manifest is written last.
-    Raises :class:`ConfigError` when the store holds no finished cell of the benchmark."""
+    return the manifest's path; the manifest is written last.
+
+    Publishing adds to what ``out_dir`` already holds: a cell of the grid that the store lacks but the existing
+    manifest publishes (same data-free training identity, files unchanged: sha256 checked) keeps its files and
+    its manifest entry as they are, so seeds trained on another machine or in another session, with another
+    store, join the published ones. A cell the store holds is published from the store (it replaces an older
+    entry). Files of cells no longer in the grid are removed. Raises :class:`ConfigError` when neither the store
+    nor ``out_dir`` holds a finished cell of the benchmark."""
     from ..eval.scoring import needs_method
     from ..record import git_commit, open_store
     from .collect import CURVE_METRICS, match_cells
 
     store = store or open_store(create=False)
     matched = match_cells(bench, store)
-    if not matched:
+    kept = _kept_entries(bench, out_dir, set(matched))
+    if not matched and not kept:
         raise ConfigError(f"benchmark {bench.name!r} has no finished cells in the store; run "
                           f"`fsl-bench run {bench.where}` first")
     cells = [c for c in with_teachers(expand(bench)) if c.key in matched]
@@ -148,6 +155,9 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
                 "tags": _fsl_tags(rec.tags), "params": portable_params(rec.params),
                 "files": {name: {"sha256": sha256(p), "bytes": p.stat().st_size} for name, p in files},
                 "scores": score_entries, "curves": {k: v for k, v in curves.items() if v}})
+    order = {c.key: i for i, c in enumerate(with_teachers(expand(bench)))}
+    entries = [e for _, e in sorted([(order[c.key], e) for c, e in zip(cells, entries)]
+                                    + [(order[k], e) for k, e in kept.items()], key=lambda ke: ke[0])]
     keep = {name.split("/")[0] for e in entries for name in e["files"]} | {MANIFEST}
     for p in out_dir.iterdir():
         if p.name in keep:
@@ -163,6 +173,26 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
         Path(t).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     log.info("published %d cells of %s into %s", len(entries), bench.name, out_dir)
     return path
+
+
+def _kept_entries(bench: Benchmark, out_dir: Path, fresh: set) -> Dict[tuple, Dict[str, Any]]:
+    """cell key -> manifest entry of the cells ``out_dir`` already publishes for ``bench`` that are not in
+    ``fresh`` (the cells about to be published from the store); empty when ``out_dir`` has no manifest. Raises
+    :class:`DataError` when the existing files differ from their manifest (restore them first: nothing is
+    silently dropped) or the directory publishes another benchmark."""
+    from .collect import match_cells
+
+    if not (Path(out_dir) / MANIFEST).is_file():
+        return {}
+    old = PublishedStore(out_dir)
+    if old.manifest.get("benchmark") != bench.name:
+        raise ConfigError(f"{out_dir} publishes benchmark {old.manifest.get('benchmark')!r}, not {bench.name!r}: "
+                          f"pass another --out")
+    by_train = {e["train_id"]: e for e in old.manifest["cells"]}
+    kept = {key: by_train[rec.train_id] for key, rec in match_cells(bench, old).items() if key not in fresh}
+    if kept:
+        log.info("keeping %d published cells of %s that the store does not hold", len(kept), bench.name)
+    return kept
 
 
 def _copy_model(store, run_id: str, tmp: Path, out_dir: Path, stem: str) -> List[Tuple[str, Path]]:
