@@ -154,7 +154,7 @@ def test_train_once_score_many(tmp_path, store, cifar_archive):
     assert training_runs() == runs and artifact_hashes(tmp_path / "mlruns") == weights
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "results" / "grid.md").read_text()
+    md = (tmp_path / "results" / "grid_appendix.md").read_text()
     assert "cifar_fs 5w2s5q logreg_batched(C=0.5)" in md and "| pskd | conv4 |" in md
     # one method's budget: only its cells retrain
     write_bench(tmp_path / "grid.yaml", cifar_archive, extra="method_overrides: {pskd: {epochs: 1}}\n")
@@ -174,7 +174,7 @@ def test_run_table_and_determinism(tmp_path, store, cifar_archive):
     assert res.exit_code == 0, res.output
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "results" / "grid.md").read_text()
+    md = (tmp_path / "results" / "grid_appendix.md").read_text()
     assert "40 episodes" in md and "seeds [0]" in md and "Cells found: 3/3" in md
     assert "| pskd | conv4 |" in md and "Paired difference to `ce`" in md and "Calibration" in md
     assert "Base classes (held-out images" in md
@@ -192,7 +192,7 @@ def test_run_table_and_determinism(tmp_path, store, cifar_archive):
     assert cli("table", bench, "--out", tmp_path / "results").exit_code == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "results").glob("*.*")} == first
     res = cli("table", bench, "--out", tmp_path / "b", "--baseline", "ce", "--baseline", "pskd")
-    md = (tmp_path / "b" / "grid.md").read_text()
+    md = (tmp_path / "b" / "grid_appendix.md").read_text()
     assert res.exit_code == 0 and "--baseline ce --baseline pskd`" in md.splitlines()[0]
     pskd_part = md.split("Paired difference to `pskd`")[1]
     assert "| ce | conv4 | " in pskd_part and "| pskd | conv4 | " not in pskd_part.split("Calibration")[0]
@@ -286,7 +286,7 @@ def test_kill_before_scores_are_recorded_never_publishes_half_a_cell(tmp_path, s
     killed_run(bench, "score:pskd", tmp_path)
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "results" / "grid.md").read_text()
+    md = (tmp_path / "results" / "grid_appendix.md").read_text()
     assert "| pskd |" not in md  # trained but not scored: no row
     res = cli("run", bench, "--out", tmp_path / "runs")
     assert res.exit_code == 0, res.output
@@ -461,7 +461,7 @@ def test_cross_domain_targets_fixed_runs_overrides_and_finetune(tmp_path, store,
         {("tiny_imagenet", 5, 1, 1, r) for r in ("protonet", "finetune")}
     res = cli("table", bench, "--out", tmp_path / "results")
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "results" / "grid.md").read_text()
+    md = (tmp_path / "results" / "grid_appendix.md").read_text()
     for col in ("omniglot_runs 20w1s1q protonet", "tiny_imagenet 5w1s1q finetune(steps=2)", "cifar_fs 5w5s2q protonet"):
         assert col in md, md
     assert "omniglot_runs 20w1s1q finetune" not in md  # eval.targets.omniglot_runs.readouts

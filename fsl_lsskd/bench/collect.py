@@ -94,6 +94,7 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
     curve = bench.eval.curves.protocols() if bench.eval.curves else []
     cache: Dict[str, Any] = {}
     sources = set()
+    episode_sources: Dict[tuple, Any] = {}
     for cell in cells:
         rec = matched.get(cell.key)
         if rec is None:
@@ -128,6 +129,7 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
                     arrays = store.score_arrays(s, cache)
                     results.add(row, (cell.data_label, target, proto.key, spec.label), cell.seed, arrays)
                     sources.add(s.tags.get("fsl.episodes_source", "?"))
+                    episode_sources.setdefault((target, proto.key), (s.tags.get("fsl.episodes_source", "?"), proto))
                 if cspec is not None and (proto in curve or proto.replace(n_episodes=bench.eval.n_episodes) in main):
                     arrays = arrays if arrays is not None else store.score_arrays(s, cache)
                     results.add_curve(row, (cell.data_label, target, proto.n_way, proto.n_shot, cspec.label),
@@ -138,7 +140,32 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
                 if hist:
                     results.curves.setdefault(row, {})[metric] = [(m.step, m.value) for m in hist]
     results.meta.update(cells_found=len(matched), cells_expected=len(cells), episodes_source=sources)
+    for (target, key), (source, proto) in sorted(episode_sources.items(), key=lambda kv: kv[0]):
+        classes = episode_classes(target, bench.eval.split, source, proto)
+        if classes is not None:
+            results.episode_classes[(target, key)] = classes
     return results
+
+
+def episode_classes(target: str, split: str, source: str, protocol: EpisodeProtocol):
+    """The test-class ids ``[E, n_way]`` of the episodes a score ran on, recovered without the data: from the
+    published episode file its ``fsl.episodes_source`` names (sha256-checked), or from the dataset's fixed episodes
+    (Omniglot's runs). None for episodes generated from a dataset's per-class counts (a user's folder, a partial
+    archive): those need the data."""
+    from ..eval.episodes import read_episode_file
+
+    if source.startswith("splits/"):
+        from ..data.splits import verified_path
+
+        ep, _ = read_episode_file(verified_path(source[len("splits/"):]))
+        return ep.classes[:protocol.n_episodes]
+    if source.endswith("(fixed episodes of the dataset)"):
+        from ..registry import DATASETS
+
+        arrays = getattr(DATASETS.get(target), "fixed_episode_arrays", None) if target in DATASETS else None
+        if arrays is not None:
+            return arrays(split, protocol)[0]
+    return None
 
 
 def _newest_per_measure(records: List[Any]) -> List[Any]:

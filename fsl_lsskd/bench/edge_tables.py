@@ -5,8 +5,8 @@ Input: one :class:`EdgeCell` per measured training cell (its edge report, :mod:`
 per-episode accuracies). Rows of the Markdown tables are methods (table rows of the benchmark) aggregated over
 training seeds: latency figures are the median over seeds of each seed's percentile, with the range over seeds
 when there are several; accuracy differences are the mean over seeds and episodes with a 95% interval (t-interval
-over episodes, :func:`fsl_lsskd.eval.base.mean_ci`, for one seed; the hierarchical bootstrap over seeds and
-episodes, :mod:`fsl_lsskd.bench.stats`, for several). The CSV keeps every figure of every seed, every batch size
+over episodes, :func:`fsl_lsskd.eval.base.mean_ci`, for one seed; the t-interval over the seeds' means,
+:func:`fsl_lsskd.bench.stats.t_interval`, for several). The CSV keeps every figure of every seed, every batch size
 and thread count, with its machine.
 """
 from __future__ import annotations
@@ -85,17 +85,17 @@ def _median_range(values: Sequence[Optional[float]], digits: int = 3) -> str:
 
 def interval(x: np.ndarray) -> Tuple[float, float, float]:
     """(mean, low, high) of per-seed, per-episode values ``x [S, E]``: t-interval over episodes for one seed,
-    hierarchical bootstrap over seeds and episodes for several."""
+    t-interval over the seeds' means (df = seeds − 1, :func:`~fsl_lsskd.bench.stats.t_interval`) for several."""
     from ..eval.base import mean_ci
-    from .stats import hierarchical_bootstrap
+    from .stats import t_interval
 
     x = np.atleast_2d(np.asarray(x, dtype=np.float64))
     m = float(x.mean())
     if x.shape[0] == 1:
         _, h = mean_ci(x[0])
         return m, m - h, m + h
-    lo, hi = hierarchical_bootstrap(x)
-    return m, lo, hi
+    iv = t_interval(x.mean(1))
+    return m, iv.lo, iv.hi
 
 
 def _groups(cells: Sequence[EdgeCell]) -> Dict[Tuple[str, str, str], List[EdgeCell]]:
@@ -167,7 +167,7 @@ def render_markdown(cells: Sequence[EdgeCell], title: str, caption: str, header:
     if cols:
         out += ["", "## Few-shot accuracy: exported models against PyTorch fp32 on the same episodes", "",
                 "Accuracy in %; Δ = exported minus PyTorch fp32, paired per episode, in points, with its 95% interval "
-                "(t-interval over episodes for one seed, hierarchical bootstrap over seeds and episodes for several); "
+                "(t-interval over episodes for one seed, t-interval over the seeds' means for several); "
                 "per-seed Δ range in the last column when there are several seeds.", "",
                 "| method | backbone | train data | protocol | readout | PyTorch fp32 | ONNX fp32 Δ | ONNX int8 | "
                 "ONNX int8 Δ | int8 Δ per seed |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """Figures of a :class:`~fsl_lsskd.bench.tables.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
 
 One colour per method in every figure of every benchmark (:func:`method_colour`); accuracy in percent;
-error bars and bands are the seed-aware 95% intervals (:mod:`fsl_lsskd.bench.stats`); epochs count from 1.
+error bars and bands are the 95% t-intervals over training seeds (:mod:`fsl_lsskd.bench.stats`; none for one seed); epochs count from 1.
 
 - ``<stem>_accuracy``: accuracy per method, one panel per readout, one row of panels per (training data,
   target, protocol); panels of a row share the y axis.
@@ -75,13 +75,16 @@ def _figure(stem: Path, suffix: str, written: List[Path], *args, **kwargs) -> It
 
 
 def _interval(series) -> Tuple[float, float, float]:
+    """``(mean, lo, hi)``: the 95% t-interval over training seeds; one seed has none (``lo = hi = mean``: a
+    point without a bar)."""
     m, _, lo, hi = series.summary()
-    return m, lo, hi
+    return (m, lo, hi) if math.isfinite(lo) else (m, m, m)
 
 
-def write_figures(results, stem: Path) -> List[Path]:
+def write_figures(results, stem: Path, baseline: str = "ce") -> List[Path]:
     """Every figure the results allow; returns the written paths (PNG and PDF)."""
     written: List[Path] = []
+    _headline(results, stem, written, baseline)
     _accuracy(results, stem, written)
     _shot_way_curves(results, stem, written)
     _reliability(results, stem, written)
@@ -125,7 +128,63 @@ def _accuracy(results, stem: Path, written: List[Path]) -> None:
                 ax.grid(axis="y", alpha=0.3)
                 if j == 0:
                     ax.set_ylabel("accuracy (%)")
-        fig.suptitle("Few-shot accuracy (mean; bars: 95% interval over training seeds and episodes)", fontsize=9)
+        fig.suptitle("Few-shot accuracy (mean; bars: 95% t-interval over training seeds; none for one seed)",
+                     fontsize=9)
+        fig.tight_layout()
+
+
+#: A row whose mean is further than this (points) from the baseline's is listed off the headline figure's axis,
+#: so the differences in question (about a point) stay visible.
+HEADLINE_SPAN = 6.0
+
+
+def _headline(results, stem: Path, written: List[Path], baseline: str) -> None:
+    """``<stem>_headline``: the headline's accuracy per method (:func:`~fsl_lsskd.bench.tables.headline_rows`),
+    one panel per (training data, shots): every seed as a point, the mean with its 95% t-interval over seeds.
+    The axis spans the methods within :data:`HEADLINE_SPAN` points of the baseline; the others are named in the
+    panel with their mean, so a one-point difference is visible."""
+    from .tables import headline_rows
+
+    lines = headline_rows(results, baseline)
+    if not lines:
+        return
+    panels: Dict[Tuple[str, int], list] = {}
+    for h in lines:
+        panels.setdefault((h.data, h.shots), []).append(h)
+    keys = sorted(panels, key=lambda k: (k[0], k[1]))
+    ncols = min(2, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    with _figure(stem, "headline", written, figsize=(4.6 * ncols, 3.4 * nrows + 0.6)) as fig:
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.axis("off")
+        for ax, key in zip(axes.flat, keys):
+            hs = panels[key]
+            ref = next((h.accuracy.mean for h in hs if h.row[0] == baseline), None)
+            shown = [h for h in hs if ref is None or abs(h.accuracy.mean - ref) <= HEADLINE_SPAN]
+            off = [h for h in hs if h not in shown]
+            for k, h in enumerate(shown):
+                colour = method_colour(h.row[0], _base_of(h.row[0]))
+                vals = np.asarray(h.accuracy.values)
+                jitter = (np.arange(vals.size) - (vals.size - 1) / 2) * 0.06
+                ax.plot(k - 0.18 + jitter, vals, "o", color=colour, alpha=0.45, markersize=4, linestyle="none")
+                a = h.accuracy
+                err = [[a.mean - a.lo], [a.hi - a.mean]] if a.decided else None
+                ax.errorbar([k + 0.1], [a.mean], yerr=err, fmt="D", capsize=4, elinewidth=1.6, color=colour,
+                            markersize=6)
+            ax.set_xticks(range(len(shown)), [f"{_row_name(results, h.row)}\n{h.accuracy.n} seed"
+                                              f"{'s' if h.accuracy.n != 1 else ''}" for h in shown], fontsize=8)
+            if ref is not None:
+                ax.axhline(ref, color="grey", linewidth=0.8, linestyle="--")
+            data, shots = key
+            ax.set_title(f"{data}, 5-way {shots}-shot, protonet", fontsize=9)
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(axis="y", alpha=0.3)
+            if off:
+                ax.text(0.01, 0.02, "off axis: " + ", ".join(f"{h.row[0]} {h.accuracy.mean:.1f}" for h in off),
+                        transform=ax.transAxes, fontsize=7, color="dimgrey")
+        fig.suptitle("Headline accuracy: points are training seeds; diamonds the mean with its 95% t-interval over "
+                     "seeds (none for one seed); dashed: the baseline", fontsize=8)
         fig.tight_layout()
 
 

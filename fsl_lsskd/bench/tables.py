@@ -3,18 +3,21 @@
 Every accuracy is in percent. A cell shows the mean over seeds and episodes with two 95% intervals:
 
 - ``± e``: the t-interval over episodes of the seed-averaged per-episode accuracy (RFS; the spread of the
-  *episodes* only);
-- ``(seeds ± s)``: half the width of the hierarchical bootstrap interval over training seeds and episodes
-  (:func:`fsl_lsskd.bench.stats.hierarchical_bootstrap`), which includes the variation between training runs.
+  *episodes* only, holding the trained networks and the test classes fixed);
+- ``(seeds ± s)``: half the width of the t-interval over training seeds (df = seeds − 1) of the seeds' mean
+  accuracies (:func:`fsl_lsskd.bench.stats.t_interval`), which includes the variation between training runs.
 
-Every "better than" mark is based on the seed-aware interval: a column's best value is bold only when its
-seed-aware interval does not overlap the next best's (never in a single-entry column), and a paired
-difference is marked (▲ better, ▼ worse) only when its seed-aware interval excludes 0.
+Every decision rests on training seeds (``docs/statistics.md``): a column's best value is bold only when the
+paired t-interval over seeds of its difference to the next best excludes 0, and a paired difference is marked
+(▲ better, ▼ worse) only when its paired t-interval over seeds excludes 0. One seed decides nothing ("1 seed:
+not decided"). The headline table (:func:`headline`) adds the test-class interval
+(:func:`fsl_lsskd.bench.stats.class_bootstrap`): how much the test classes alone move a number.
 """
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -23,7 +26,8 @@ import numpy as np
 
 from ..eval.base import mean_ci
 from ..utils import atomic_write_text
-from .stats import excludes_zero, hierarchical_bootstrap, hierarchical_bootstrap_stat
+from .stats import (NOT_DECIDED, ZERO_TOL, SeedInterval, class_bootstrap, hierarchical_bootstrap_stat, t_interval,
+                    verdict)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +59,16 @@ class Series:
         return all(key in d for d in self.per_seed.values())
 
     def summary(self, key: str = "accuracy") -> Tuple[float, float, float, float]:
-        """``(mean, episode CI half-width, seed-aware lo, seed-aware hi)`` of ``key``."""
+        """``(mean, episode CI half-width, seed lo, seed hi)`` of ``key``: the seed interval is the t-interval over
+        the seeds' means (:meth:`seed_interval`; NaN bounds for one seed)."""
         x = self.stacked(key)
         m, h = mean_ci(x.mean(0))
-        lo, hi = hierarchical_bootstrap(x)
-        return m, h, lo, hi
+        iv = t_interval(x.mean(1))
+        return m, h, iv.lo, iv.hi
+
+    def seed_interval(self, key: str = "accuracy") -> SeedInterval:
+        """The t-interval over training seeds of the seeds' mean ``key`` (on the episodes every seed has)."""
+        return t_interval(self.stacked(key).mean(1))
 
     def seed_means(self, key: str = "accuracy") -> Dict[int, float]:
         return {s: float(np.mean(self.per_seed[s][key])) for s in self.seeds}
@@ -69,7 +78,8 @@ class Series:
         return float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
 
     def ece(self) -> Tuple[float, float, float]:
-        """Pooled ECE (%) over seeds and episodes and its seed-aware 95% interval."""
+        """Pooled ECE (%) over seeds and episodes and its 95% hierarchical-bootstrap interval (seeds, then episodes:
+        an interval for reading, not a decision; nothing is marked on it)."""
         from ..eval.calibration import ece_from_bins
 
         rel = self.stacked("reliability")  # [S, E, bins, 3]
@@ -80,6 +90,15 @@ class Series:
 
 @dataclass
 class ResultSet:
+    """Everything a benchmark's tables and figures show, keyed by row ``(method or variant, backbone)``.
+
+    ``cells[row][column]``: the per-seed per-episode arrays of a column ``(training data label, target dataset,
+    protocol key, readout label)``; ``base[row][data label]``: held-out base-class scores (per image);
+    ``curve_points[row][(data, target, n_way, n_shot, readout)]``: way/shot curve points; ``curves[row][metric]``:
+    training curves ``[(epoch, value)]`` of the first seed; ``episode_classes[(target, protocol key)]``: each
+    episode's test-class ids ``[E, n_way]`` (for the test-class interval; absent when the episodes cannot be
+    recovered without the data); ``meta``: cells found/expected, episode sources."""
+
     cells: Dict[Row, Dict[Column, Series]] = field(default_factory=dict)
     base: Dict[Row, Dict[str, Series]] = field(default_factory=dict)
     curve_points: Dict[Row, Dict[tuple, Series]] = field(default_factory=dict)
@@ -87,6 +106,7 @@ class ResultSet:
     teacher_rows: Set[Row] = field(default_factory=set)
     variant_of: Dict[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)  # row -> (method, settings)
     meta: Dict[str, object] = field(default_factory=dict)
+    episode_classes: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
     _curve_from_main: Set[tuple] = field(default_factory=set, repr=False)  # curve points filled by main scores
 
     def add(self, row: Row, col: Column, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
@@ -129,25 +149,45 @@ def _column_order(c: Column):
 
 @dataclass
 class Paired:
-    """A method minus a baseline on identical episodes and the seeds both have (points)."""
+    """A method minus a baseline on identical episodes and the seeds both have (points).
+
+    ``seed`` is the paired t-interval over the per-seed differences (df = seeds − 1): every decision uses it.
+    ``lo``/``hi``/``p`` are its bounds and its t-test p (NaN for one seed); ``ci95`` the t-interval over episodes
+    of the seed-averaged difference (episode noise only); ``episodes [E]`` the seed-averaged per-episode
+    difference (for the test-class interval)."""
 
     mean: float
-    ci95: float          # t-interval over episodes of the seed-averaged difference
-    lo: float            # seed-aware (hierarchical bootstrap) interval
-    hi: float
-    p: float             # paired t-test over episodes
+    ci95: float
+    seed: SeedInterval
     per_seed: Dict[int, float]
+    episodes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+    @property
+    def lo(self) -> float:
+        return self.seed.lo
+
+    @property
+    def hi(self) -> float:
+        return self.seed.hi
+
+    @property
+    def p(self) -> float:
+        return self.seed.p
+
+    @property
+    def word(self) -> str:
+        """better / worse / no evidence of a difference / not decided (:func:`~fsl_lsskd.bench.stats.verdict`)."""
+        return verdict(self.seed)
 
     @property
     def verdict(self) -> Optional[int]:
-        return excludes_zero(self.lo, self.hi)
+        """+1 (▲) / −1 (▼) when the seed-level interval excludes 0, else None (one seed: None)."""
+        return {"better": 1, "worse": -1}.get(self.word)
 
 
 def paired(a: Series, b: Series) -> Optional[Paired]:
     """``a - b`` on identical episodes (the first ``min`` episodes of each: image-level readouts score a prefix of
     the published episodes) and the training seeds both have; None when they share no seed."""
-    from scipy import stats
-
     seeds = sorted(set(a.per_seed) & set(b.per_seed))
     if not seeds:
         return None
@@ -155,15 +195,8 @@ def paired(a: Series, b: Series) -> Optional[Paired]:
     n = min(x.shape[1], y.shape[1])
     diff = x[:, :n] - y[:, :n]
     m, h = mean_ci(diff.mean(0))
-    lo, hi = hierarchical_bootstrap(diff)
-    d = diff.mean(0)
-    if n < 2 or not np.any(d):
-        p = 1.0
-    elif np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
-        p = 0.0
-    else:
-        p = float(stats.ttest_1samp(d, 0.0).pvalue)
-    return Paired(m, h, lo, hi, p, {s: float(diff[i].mean()) for i, s in enumerate(seeds)})
+    per_seed = diff.mean(1)
+    return Paired(m, h, t_interval(per_seed), {s: float(per_seed[i]) for i, s in enumerate(seeds)}, diff.mean(0))
 
 
 def _paired_rows(table: Mapping[Row, Mapping[Any, Series]], reference: Callable[[Row], Optional[Row]],
@@ -232,23 +265,21 @@ def variant_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
 
 def _one_seed_caveat(effects: Mapping[Row, Mapping[Any, Paired]]) -> str:
     """The sentence a difference table's caption gains when any of its differences rests on one training seed:
-    its seed-aware interval is then the bootstrap over episodes alone (``hierarchical_bootstrap`` has no seed
-    level to resample), so a ▲/▼ there does not cover seed-to-seed variation. Empty when every difference has
-    two or more seeds."""
+    one seed decides nothing, so such a difference shows "1 seed: not decided" and no ▲/▼. Empty when every
+    difference has two or more seeds."""
     if not any(len(d.per_seed) == 1 for cols in effects.values() for d in cols.values()):
         return ""
-    return (" A difference listing one seed has no seed level to resample: its interval covers episodes only, "
-            "not seed-to-seed variation.")
+    return (" A difference on one training seed has no interval over seeds: it reads \"1 seed: not decided\", "
+            "whatever its episode interval.")
 
 
 def _one_seed_cells_note(any_one_seed: bool) -> str:
     """The sentence an accuracy table's caption gains when any of its cells rests on one training seed: such a
-    cell shows no "(seeds ± …)" part, and the seed-aware interval its bold decision uses is the bootstrap over
-    episodes (or images) alone. Empty otherwise."""
+    cell shows no "(seeds ± …)" part and is never bold (one seed decides nothing). Empty otherwise."""
     if not any_one_seed:
         return ""
-    return (" A cell without \"(seeds ± …)\" rests on one training seed: its seed-aware interval, which bold uses, "
-            "covers episodes (base classes: images) only, not seed-to-seed variation.")
+    return (" A cell without \"(seeds ± …)\" rests on one training seed: it has no interval over seeds and is "
+            "never bold.")
 
 
 def _seed_columns(results: ResultSet, rows: Sequence[Row],
@@ -276,6 +307,11 @@ def _seeds_per_row(results: ResultSet, per_row: Mapping[Row, Mapping[int, List[C
     return " Training seeds per row: " + "; ".join(parts) + "."
 
 
+def _num(x: float) -> str:
+    """A CSV number to 4 decimals; empty for NaN (an interval over one seed does not exist)."""
+    return f"{x:.4f}" if math.isfinite(x) else ""
+
+
 def _signed(x: float) -> str:
     """A signed difference in percentage points to 2 decimals. A nonzero value that rounds to ±0.00 keeps one
     significant digit instead (``-0.004``, ``+3e-05``), so an interval bound that excludes 0 never reads as 0."""
@@ -284,11 +320,17 @@ def _signed(x: float) -> str:
 
 
 def _interval(d: Paired) -> str:
-    """``[lo, hi]`` of a paired difference's seed-aware interval (:func:`_signed` bounds)."""
+    """``[lo, hi]`` of a paired difference's seed-level t-interval (:func:`_signed` bounds), or
+    ``1 seed: not decided``."""
+    if not d.seed.decided:
+        return f"1 seed: {NOT_DECIDED}"
     return f"[{_signed(d.lo)}, {_signed(d.hi)}]"
 
 
 def _p_text(p: float) -> str:
+    """The seed-level t-test p of a difference (none for one seed)."""
+    if not math.isfinite(p):
+        return "no p"
     return "p<1e-16" if p < 1e-16 else f"p={p:.2g}"
 
 
@@ -304,13 +346,16 @@ def _tex(s: str) -> str:
             .replace("▼", "$\\blacktriangledown$").replace("–", "--").replace("−", "$-$"))
 
 
-def _bold_best(values: Dict[Row, Tuple[float, float, float]]) -> Optional[Row]:
-    """The row whose mean is best and whose seed-aware interval does not overlap the next best's."""
-    if len(values) < 2:
+def _bold_best(series: Mapping[Row, Series]) -> Optional[Row]:
+    """The row whose mean is best when its paired difference to the next best, over the training seeds both
+    have, has a t-interval above 0 (:func:`paired`); None in a single-entry column or with fewer than two
+    shared seeds (one seed decides nothing)."""
+    if len(series) < 2:
         return None
-    ranked = sorted(values.items(), key=lambda kv: -kv[1][0])
-    (best, (_, lo, _)), (_, (_, _, hi_next)) = ranked[0], ranked[1]
-    return best if lo > hi_next else None
+    ranked = sorted(series.items(), key=lambda kv: -kv[1].summary()[0])
+    (best, a), (_, b) = ranked[0], ranked[1]
+    d = paired(a, b)
+    return best if d is not None and d.verdict == 1 else None
 
 
 def _row_name(results: ResultSet, r: Row) -> str:
@@ -327,16 +372,15 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         for c in cols:
             if c in results.cells.get(r, {}):
                 summ[(r, c)] = results.cells[r][c].summary()
-    bold = {c: _bold_best({r: (summ[(r, c)][0], summ[(r, c)][2], summ[(r, c)][3]) for r in rows if (r, c) in summ})
-            for c in cols}
+    bold = {c: _bold_best({r: results.cells[r][c] for r in rows if (r, c) in summ}) for c in cols}
     pub_cols = sorted({k for m in published.values() for k in m})
     seed_cols = _seed_columns(results, rows, cols)
     seed_counts = {r: "/".join(str(n) for n in sorted(seed_cols.get(r, {}))) for r in rows}
     seed_note = (_seeds_per_row(results, seed_cols)
                  + _one_seed_cells_note(any(1 in by for by in seed_cols.values())))
     md = [caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
-                       "hierarchical-bootstrap interval over training seeds and episodes. **Bold**: best, with a "
-                       "seed-aware interval that does not overlap the next best." + seed_note, ""]
+                       "t-interval over training seeds (df = seeds − 1). **Bold**: best, when the paired t-interval "
+                       "over seeds of its difference to the next best excludes 0." + seed_note, ""]
     head = ["method", "backbone", "seeds"] + [col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv = ["method,backbone,train_data,target,protocol,readout,seeds,episodes,mean,ci95_episodes,seed_ci_lo,"
@@ -357,7 +401,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             cells_tex.append(f"\\textbf{{{_tex(txt)}}}" if bold[c] == r else _tex(txt))
             means = ";".join(f"{s}:{v:.4f}" for s, v in res.seed_means().items())
             csv.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{c[3]},{len(res.per_seed)},{res.stacked().shape[1]},"
-                       f"{m:.4f},{h:.4f},{lo:.4f},{hi:.4f},{res.seed_std():.4f},{means}")
+                       f"{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{_num(res.seed_std())},{means}")
         pub = [published.get(r[0], {}).get(p, "–") for p in pub_cols]
         md.append("| " + " | ".join([_row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
         tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
@@ -371,8 +415,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         pcols = [c for c in cols if any(c in paired[r] for r in paired)]
         caveat = _one_seed_caveat(paired)
         title = (f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): mean ± "
-                 f"95% CI over episodes; [seed-aware 95% interval]; paired t-test p over episodes; each seed's "
-                 f"difference. ▲/▼: the seed-aware interval excludes 0.{caveat}")
+                 f"95% CI over episodes; [95% t-interval over the per-seed differences, df = seeds − 1]; its t-test "
+                 f"p; each seed's difference. ▲/▼: the seed-level interval excludes 0.{caveat}")
         md += ["", title, "", "| method | backbone | " + " | ".join(col_label(c) for c in pcols) + " |",
                "|" + "---|" * (len(pcols) + 2)]
         prow_tex = []
@@ -391,8 +435,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                 vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             prow_tex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
-        tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [seed-aware 95% interval]; "
-                                 f"triangles: the interval excludes 0.{caveat}",
+        tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [95% t-interval over the "
+                                 f"per-seed differences]; triangles: the interval excludes 0.{caveat}",
                                  ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
     effects = readout_effects(results)
     if effects:
@@ -400,8 +444,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
         caveat = _one_seed_caveat(effects)
         md += ["", "Readout effects on the same checkpoints and episodes (points): each readout minus its reference "
                    "(a setting against the same readout without it; finetune against protonet, where its head "
-                   "starts); mean ± 95% CI over episodes [seed-aware 95% interval] (each seed's difference). ▲/▼: "
-                   "the seed-aware interval excludes 0." + caveat, "",
+                   "starts); mean ± 95% CI over episodes [95% t-interval over the per-seed differences] (each seed's "
+                   "difference). ▲/▼: the seed-level interval excludes 0." + caveat, "",
                "| method | backbone | " + " | ".join(f"{col_label(c)} − {reference_readout(c[3])}" for c in ecols)
                + " |", "|" + "---|" * (len(ecols) + 2)]
         etex = []
@@ -418,7 +462,7 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
             etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
         tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
-                                  "and episodes; [seed-aware 95% interval]." + caveat,
+                                  "and episodes; [95% t-interval over the per-seed differences]." + caveat,
                                   ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
                                                             for c in ecols], etex)
     v_md, v_tex = _variant_table(results)
@@ -454,8 +498,8 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
 
     md = ["", "Variant effects (ablations) on identical episodes and the seeds both have (points): each variant minus "
               "its method with default settings; mean ± 95% CI over episodes (base top-1: over held-out images) "
-              "[seed-aware 95% interval]; paired t-test p; each seed's difference. ▲/▼: the seed-aware interval "
-              "excludes 0." + caveat, "",
+              "[95% t-interval over the per-seed differences]; its t-test p; each seed's difference. ▲/▼: the "
+              "seed-level interval excludes 0." + caveat, "",
           "| variant | backbone | " + " | ".join(label(c) for c in vcols) + " |", "|" + "---|" * (len(vcols) + 2)]
     rows_tex = []
     for r in sorted(effects):
@@ -475,8 +519,8 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
             vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
         md.append(f"| {name} | {r[1]} | " + " | ".join(vals) + " |")
         rows_tex.append(" & ".join([_tex(name), _tex(r[1])] + vals_tex) + " \\\\")
-    tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [seed-aware 95% "
-                     "interval]; triangles: the interval excludes 0." + caveat, ["Variant", "Backbone"] + [label(c) for c in vcols],
+    tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [95% t-interval "
+                     "over the per-seed differences]; triangles: the interval excludes 0." + caveat, ["Variant", "Backbone"] + [label(c) for c in vcols],
                      rows_tex)
     return md, tex
 
@@ -493,8 +537,8 @@ def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
     if not results.curve_points:
         return [], []
     one_seed = any(len(res.per_seed) == 1 for r in results.curve_points.values() for res in r.values())
-    md = ["", "Way and shot curves (published curve episodes): mean accuracy (%) over seeds and episodes (seeds ± "
-              "half the seed-aware interval)." + (" A point without (±…) rests on one training seed." if one_seed
+    md = ["", "Way and shot curves (published curve episodes): mean accuracy (%) over seeds and episodes (± half "
+              "the 95% t-interval over training seeds)." + (" A point without (±…) rests on one training seed." if one_seed
                                                   else "")]
     csv = ["", "method,backbone,train_data,target,n_way,n_shot,readout,seeds,mean,ci95_episodes,seed_ci_lo,"
                "seed_ci_hi"]
@@ -516,7 +560,7 @@ def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
                 m, h, lo, hi = res.summary()
                 vals.append(f"{m:.2f}" + (f" (±{(hi - lo) / 2:.2f})" if len(res.per_seed) > 1 else ""))
                 csv.append(f"{r[0]},{r[1]},{data},{target},{n_way},{k},{readout},{len(res.per_seed)},{m:.4f},{h:.4f},"
-                           f"{lo:.4f},{hi:.4f}")
+                           f"{_num(lo)},{_num(hi)}")
             if any(v != "–" for v in vals):
                 md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
     return md, csv
@@ -528,8 +572,8 @@ def _calibration(results: ResultSet, cols: List[Column]) -> Tuple[List[str], str
     if not ccols:
         return [], ""
     md = ["", "Calibration of the few-shot readouts' query probabilities (pooled over seeds and episodes): ECE (%, "
-              "15 equal-width bins, top label) [seed-aware 95% interval]; NLL (nats) and Brier score (0..2), mean ± "
-              "95% CI over episodes. Lower is better.", "",
+              "15 equal-width bins, top label) [hierarchical-bootstrap 95% interval over seeds and episodes]; NLL "
+              "(nats) and Brier score (0..2), mean ± 95% CI over episodes. Lower is better.", "",
           "| method | backbone | " + " | ".join(col_label(c) for c in ccols) + " |", "|" + "---|" * (len(ccols) + 2)]
     tex_rows = []
     for r in [r for r in results.rows if r in results.cells]:
@@ -556,8 +600,9 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
     labels = sorted({d for r in results.base.values() for d in r})
     one_seed = _one_seed_cells_note(any(len(res.per_seed) == 1 for by in results.base.values() for res in by.values()))
     md = ["", "Base classes (held-out images of the training classes): top-1 accuracy (%) ± 95% CI over images "
-              "(seeds averaged) (seeds ± half the seed-aware interval); classifier calibration: ECE (%, 15 bins) "
-              "[seed-aware interval], NLL, Brier. Methods without a base classifier (episodic) are scored by the "
+              "(seeds averaged) (seeds ± half the 95% t-interval over training seeds); classifier calibration: ECE "
+              "(%, 15 bins) [hierarchical-bootstrap interval over seeds and images], NLL, Brier. Methods without a "
+              "base classifier (episodic) are scored by the "
               "nearest class mean (accuracy only)." + one_seed, "",
           "| method | backbone | " + " | ".join(f"{d} top-1 | {d} ECE | {d} NLL | {d} Brier" for d in labels) + " |",
           "|" + "---|" * (2 + 4 * len(labels))]
@@ -565,7 +610,7 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
                "seeds"]
     tex_rows = []
     acc_by_label = {d: {r: results.base[r][d].summary() for r in results.base if d in results.base[r]} for d in labels}
-    bold = {d: _bold_best({r: (v[0], v[2], v[3]) for r, v in acc_by_label[d].items()}) for d in labels}
+    bold = {d: _bold_best({r: results.base[r][d] for r in acc_by_label[d]}) for d in labels}
     for r in sorted(results.base):
         vals = []
         for d in labels:
@@ -581,11 +626,11 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
                 ece, elo, ehi = res.ece()
                 nll_v, br_v = float(res.stacked("nll").mean()), float(res.stacked("brier").mean())
                 vals += [f"{ece:.2f} [{elo:.2f}, {ehi:.2f}]", f"{nll_v:.3f}", f"{br_v:.3f}"]
-                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{lo:.4f},{hi:.4f},{ece:.4f},{elo:.4f},{ehi:.4f},"
+                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{ece:.4f},{elo:.4f},{ehi:.4f},"
                            f"{nll_v:.4f},{br_v:.4f},{len(res.per_seed)}")
             else:
                 vals += ["–", "–", "–"]
-                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{lo:.4f},{hi:.4f},,,,,,{len(res.per_seed)}")
+                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},,,,,,{len(res.per_seed)}")
         md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
         tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v.strip('*')) for v in vals])
                         + " \\\\")
@@ -595,13 +640,216 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
 
 def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
                  header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
-    """Write ``<stem>.md/.csv/.tex`` and the figures (:mod:`fsl_lsskd.bench.figures`); returns the paths."""
+    """Write the tables and figures (:mod:`fsl_lsskd.bench.figures`); returns the paths.
+
+    ``<stem>.md`` / ``<stem>.tex``: the headline (:func:`headline`) and its generated verdicts;
+    ``<stem>_headline.csv``: its numbers; ``<stem>_appendix.md`` / ``.tex``: every column (:func:`render`);
+    ``<stem>.csv``: every column's numbers. Without an in-domain 5-way ProtoNet column there is no headline and
+    ``<stem>.md`` / ``.tex`` hold the full tables."""
     from .figures import write_figures
 
     rendered = render(results, published, caption, baselines=baselines)
+    head = headline(results, caption, baseline=baselines[0] if baselines else "ce")
+    name = out_stem.name
+    appendix = out_stem.with_name(f"{name}_appendix")
+    files: Dict[Path, str] = {}
+    if head["md"]:
+        files[out_stem.with_suffix(".md")] = (
+            f"{header}\n# {name}: headline\n\n{head['md']}\n"
+            f"Verdicts (generated from the numbers above):\n\n{head['verdicts']}\n"
+            f"Every column, paired differences, readout effects, curves, calibration and base classes: "
+            f"[{name}_appendix.md]({name}_appendix.md) (LaTeX: {name}_appendix.tex; CSV: {name}.csv).\n")
+        files[out_stem.with_name(f"{name}_headline.csv")] = head["csv"]
+        files[out_stem.with_suffix(".tex")] = head["tex"]
+        files[appendix.with_suffix(".md")] = (header + "\n" if header else "") + rendered["md"]
+        files[appendix.with_suffix(".tex")] = rendered["tex"]
+    else:  # no in-domain ProtoNet column to headline: the full tables are the main file
+        files[out_stem.with_suffix(".md")] = (header + "\n" if header else "") + rendered["md"]
+        files[out_stem.with_suffix(".tex")] = rendered["tex"]
+    files[out_stem.with_suffix(".csv")] = rendered["csv"]
+    for stale in (appendix.with_suffix(".md"), appendix.with_suffix(".tex"), out_stem.with_name(f"{name}_headline.csv")):
+        if stale not in files and stale.exists():
+            stale.unlink()  # a previous run's headline files, for results that no longer have one
     paths = []
-    for ext, text in rendered.items():
-        path = out_stem.with_suffix(f".{ext}")
-        atomic_write_text(path, (header + "\n" + text) if ext == "md" and header else text)
+    for path, text in files.items():
+        atomic_write_text(path, text)
         paths.append(path)
-    return paths + write_figures(results, out_stem)
+    return paths + write_figures(results, out_stem, baseline=baselines[0] if baselines else "ce")
+
+
+# --- The headline: one small table a reader scans in a minute, and the verdict sentences generated from it ---
+
+HEADLINE_READOUT = "protonet"
+HEADLINE_SHOTS = (1, 5)
+
+
+@dataclass
+class HeadlineRow:
+    """One (row, training data, shots) line of the headline table.
+
+    ``accuracy``: the t-interval over training seeds of the seeds' mean accuracy (%); ``classes``: the 95%
+    test-class interval of the seed-averaged accuracy (None when the episodes' classes are not known);
+    ``diff``: the paired difference to the baseline (None for the baseline itself or when it has no shared seed);
+    ``diff_classes``: the difference's test-class interval."""
+
+    row: Row
+    data: str
+    shots: int
+    accuracy: SeedInterval
+    classes: Optional[Tuple[float, float]]
+    n_episodes: int
+    diff: Optional[Paired] = None
+    diff_classes: Optional[Tuple[float, float]] = None
+    n_classes: int = 0
+
+
+def _headline_columns(results: ResultSet) -> List[Column]:
+    """The in-domain 5-way 1- and 5-shot ProtoNet columns (the papers' convention), per training data label."""
+    out = []
+    for c in results.columns:
+        data, target, proto, readout = c
+        m = re.match(r"5w(\d+)s\d+q$", proto)
+        if data.split("@")[0] == target and readout == HEADLINE_READOUT and m and int(m.group(1)) in HEADLINE_SHOTS:
+            out.append(c)
+    return out
+
+
+def headline_rows(results: ResultSet, baseline: str = "ce") -> List[HeadlineRow]:
+    """The headline's lines, baseline first within each training data label and shot count."""
+    out = []
+    for col in _headline_columns(results):
+        data, target, proto, _ = col
+        shots = int(re.match(r"5w(\d+)s", proto).group(1))
+        classes = results.episode_classes.get((target, proto))
+        rows = [r for r in results.rows if col in results.cells.get(r, {})]
+        rows.sort(key=lambda r: (r[0] != baseline, r in results.teacher_rows, r))
+        for r in rows:
+            s = results.cells[r][col]
+            x = s.stacked()
+            ref = (baseline, r[1])
+            diff = paired(s, results.cells[ref][col]) if r != ref and col in results.cells.get(ref, {}) else None
+            cls_iv = class_bootstrap(x, classes) if classes is not None else None
+            d_iv = class_bootstrap(diff.episodes, classes) if diff is not None and classes is not None else None
+            out.append(HeadlineRow(r, data, shots, t_interval(x.mean(1)), cls_iv, x.shape[1], diff, d_iv,
+                                   int(np.unique(classes).size) if classes is not None else 0))
+    out.sort(key=lambda h: (h.data, h.shots))
+    return out
+
+
+def _half(iv: Optional[Tuple[float, float]]) -> str:
+    return "–" if iv is None else f"±{(iv[1] - iv[0]) / 2:.2f}"
+
+
+def _acc_text(h: HeadlineRow) -> str:
+    a = h.accuracy
+    return f"{a.mean:.2f} ± {a.half:.2f}" if a.decided else f"{a.mean:.2f}"
+
+
+def _diff_text(h: HeadlineRow) -> str:
+    if h.diff is None:
+        return "–"
+    return f"{_signed(h.diff.mean)} {_interval(h.diff)}" if h.diff.seed.decided else f"{_signed(h.diff.mean)}"
+
+
+def _verdict_text(h: HeadlineRow, baseline: str) -> str:
+    if h.row[0] == baseline:
+        return "baseline"
+    if h.diff is None:
+        return "no shared seed"
+    return h.diff.word if h.diff.seed.decided else f"1 seed: {NOT_DECIDED}"
+
+
+def headline(results: ResultSet, caption: str, baseline: str = "ce") -> Dict[str, str]:
+    """``{"md", "csv", "tex", "verdicts"}`` of the headline: rows are methods (per training data label), lines
+    the in-domain 5-way 1- and 5-shot ProtoNet accuracy with its interval over training seeds and the number of
+    seeds, the paired difference to ``baseline`` with its seed-level interval and verdict word, and beside each
+    the test-class interval (``docs/statistics.md``). ``verdicts`` is the generated Markdown list of verdict
+    sentences. Empty strings when the results have no such column."""
+    lines = headline_rows(results, baseline)
+    if not lines:
+        return {"md": "", "csv": "", "tex": "", "verdicts": ""}
+    multi = len({h.data for h in lines}) > 1
+    n_ep = max(h.n_episodes for h in lines)
+    n_cls = max(h.n_classes for h in lines)
+
+    def name(h: HeadlineRow) -> str:  # a teacher row's name says it is one (hsakd_teacher)
+        return h.row[0] + (f" @{h.data.split('@')[1]}" if multi and "@" in h.data else "")
+
+    cls_text = (f"± classes: half the 95% interval when the {n_cls} test classes are resampled (Lafargue et al. "
+                f"2024): how much the choice of test classes alone moves the number, for the same trained networks."
+                if n_cls else "± classes: not available (episodes generated from data that is not at hand).")
+    legend = (f"In-domain 5-way 1- and 5-shot accuracy (%) with the ProtoNet readout on {n_ep} published "
+                  f"episodes. Accuracy: mean over seeds ± half the 95% t-interval over training "
+                  f"seeds (df = seeds − 1). Δ: paired difference to `{baseline}` on the same episodes and seeds, "
+                  f"[95% t-interval over the per-seed differences]. {cls_text} Verdict: better / worse when the "
+                  f"seed-level interval excludes 0, no evidence of a difference when it contains 0; one seed decides "
+                  f"nothing. Method: docs/statistics.md.")
+    md_caption = f"{caption} {legend}"
+    head = ["method", "seeds", "accuracy", "± classes", f"Δ vs {baseline}", "± classes", "verdict"]
+    md = [caption]
+    csv = ["method,backbone,train_data,n_way,n_shot,readout,seeds,episodes,mean,seed_ci_lo,seed_ci_hi,class_ci_lo,"
+           "class_ci_hi,baseline,diff,diff_seed_ci_lo,diff_seed_ci_hi,diff_p,diff_class_ci_lo,diff_class_ci_hi,"
+           "verdict,seed_means"]
+    block = None
+    for h in lines:
+        if (h.data, h.shots) != block:
+            block = (h.data, h.shots)
+            where = f"{h.data}, " if multi else ""
+            md += ["", f"**{where}5-way {h.shots}-shot** (ProtoNet)", "", "| " + " | ".join(head) + " |",
+                   "|" + "---|" * len(head)]
+        md.append("| " + " | ".join([name(h), str(h.accuracy.n), _acc_text(h), _half(h.classes),
+                                     _diff_text(h), _half(h.diff_classes), _verdict_text(h, baseline)]) + " |")
+        d = h.diff
+        means = ";".join(f"{v:.4f}" for v in h.accuracy.values)
+        csv.append(",".join([h.row[0], h.row[1], h.data, "5", str(h.shots), HEADLINE_READOUT, str(h.accuracy.n),
+                             str(h.n_episodes), f"{h.accuracy.mean:.4f}", _num(h.accuracy.lo), _num(h.accuracy.hi),
+                             _num(h.classes[0]) if h.classes else "", _num(h.classes[1]) if h.classes else "",
+                             baseline, f"{d.mean:.4f}" if d else "", _num(d.lo) if d else "",
+                             _num(d.hi) if d else "", _num(d.p) if d else "",
+                             _num(h.diff_classes[0]) if h.diff_classes else "",
+                             _num(h.diff_classes[1]) if h.diff_classes else "", _verdict_text(h, baseline), means]))
+    # LaTeX (booktabs): the papers' layout, one column per shot count
+    shots = sorted({h.shots for h in lines})
+    by_name: Dict[str, Dict[int, HeadlineRow]] = {}
+    for h in lines:
+        by_name.setdefault(name(h), {})[h.shots] = h
+    tex_head = ["Method", "Seeds"] + [x for k in shots for x in (f"{k}-shot", f"$\\Delta$ {k}-shot")]
+    tex_rows = []
+    for n, by in by_name.items():
+        cells = [_tex(n), "/".join(sorted({str(h.accuracy.n) for h in by.values()}))]
+        for k in shots:
+            h = by.get(k)
+            if h is None:
+                cells += ["--", "--"]
+                continue
+            verdict_word = _verdict_text(h, baseline)
+            cells += [_tex(_acc_text(h)), _tex(f"{_diff_text(h)} {verdict_word}" if h.diff else "--")]
+        tex_rows.append(" & ".join(cells) + " \\\\")
+    colspec = "lc" + "cc" * len(shots)
+    tex = "\n".join(["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(md_caption)}}}",
+                     f"\\begin{{tabular}}{{{colspec}}}", "\\toprule", " & ".join(tex_head) + " \\\\", "\\midrule",
+                     *tex_rows, "\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
+    md += ["", legend]
+    return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv) + "\n", "tex": tex,
+            "verdicts": verdict_sentences(results, lines, baseline, name)}
+
+
+def verdict_sentences(results: ResultSet, lines: Sequence[HeadlineRow], baseline: str,
+                      name: Callable[[HeadlineRow], str]) -> str:
+    """One generated sentence per compared line of the headline: the difference, its interval over seeds, the
+    verdict word, and how far the test classes alone move it. No sentence can say more than its interval."""
+    out = []
+    for h in lines:
+        d = h.diff
+        if d is None or h.row[0] == baseline:
+            continue
+        what = f"**{name(h)} vs {baseline}**, 5-way {h.shots}-shot ProtoNet ({h.data})"
+        if not d.seed.decided:
+            out.append(f"- {what}: {_signed(d.mean)} points on one training seed: {NOT_DECIDED} (one seed has no "
+                       f"interval over seeds).")
+            continue
+        cls = (f" The test classes alone move it within [{_signed(h.diff_classes[0])}, "
+               f"{_signed(h.diff_classes[1])}]." if h.diff_classes else "")
+        out.append(f"- {what}: {_signed(d.mean)} points, 95% interval over {d.seed.n} training seeds "
+                   f"[{_signed(d.lo)}, {_signed(d.hi)}]: **{d.word}**.{cls}")
+    return "\n".join(out) + ("\n" if out else "")
