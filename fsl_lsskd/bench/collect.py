@@ -71,9 +71,12 @@ def _latest_fingerprints(bench: Benchmark, store) -> Dict[str, str]:
     return {}
 
 
-def collect(bench: Benchmark, store=None) -> ResultSet:
+def collect(bench: Benchmark, store=None, data=None) -> ResultSet:
     """The benchmark's results: per row (method or variant, backbone), per column (training data, target,
-    protocol, readout), per seed the per-episode arrays; base-class scores; training curves of the first seed.
+    protocol, readout), per seed the per-episode arrays; base-class scores; training curves of the first seed;
+    each column's episode classes (:func:`episode_classes`). ``data``: a
+    :class:`~fsl_lsskd.bench.runner.DataCache` for the targets whose episodes were generated from their data
+    (their classes are then rebuilt and checked against the scores' episode sha256), or None.
     Raises :class:`ConfigError` when nothing of the benchmark is in the store."""
     from ..eval.scoring import ReadoutSpec
     from ..record import check_no_legacy, open_store
@@ -129,7 +132,8 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
                     arrays = store.score_arrays(s, cache)
                     results.add(row, (cell.data_label, target, proto.key, spec.label), cell.seed, arrays)
                     sources.add(s.tags.get("fsl.episodes_source", "?"))
-                    episode_sources.setdefault((target, proto.key), (s.tags.get("fsl.episodes_source", "?"), proto))
+                    episode_sources.setdefault((target, proto.key), (s.tags.get("fsl.episodes_source", "?"), proto,
+                                                                     ident.get("episodes_sha256", "")))
                 if cspec is not None and (proto in curve or proto.replace(n_episodes=bench.eval.n_episodes) in main):
                     arrays = arrays if arrays is not None else store.score_arrays(s, cache)
                     results.add_curve(row, (cell.data_label, target, proto.n_way, proto.n_shot, cspec.label),
@@ -140,18 +144,19 @@ def collect(bench: Benchmark, store=None) -> ResultSet:
                 if hist:
                     results.curves.setdefault(row, {})[metric] = [(m.step, m.value) for m in hist]
     results.meta.update(cells_found=len(matched), cells_expected=len(cells), episodes_source=sources)
-    for (target, key), (source, proto) in sorted(episode_sources.items(), key=lambda kv: kv[0]):
-        classes = episode_classes(target, bench.eval.split, source, proto)
+    for (target, key), (source, proto, sha) in sorted(episode_sources.items(), key=lambda kv: kv[0]):
+        classes = episode_classes(target, bench.eval.split, source, proto, sha, data)
         if classes is not None:
             results.episode_classes[(target, key)] = classes
     return results
 
 
-def episode_classes(target: str, split: str, source: str, protocol: EpisodeProtocol):
-    """The test-class ids ``[E, n_way]`` of the episodes a score ran on, recovered without the data: from the
-    published episode file its ``fsl.episodes_source`` names (sha256-checked), or from the dataset's fixed episodes
-    (Omniglot's runs). None for episodes generated from a dataset's per-class counts (a user's folder, a partial
-    archive): those need the data."""
+def episode_classes(target: str, split: str, source: str, protocol: EpisodeProtocol, sha256: str = "", data=None):
+    """The test-class ids ``[E, n_way]`` of the episodes a score ran on: from the published episode file its
+    ``fsl.episodes_source`` names (sha256-checked), or from the dataset's fixed episodes (Omniglot's runs), both
+    without the data. Episodes generated from a dataset's per-class counts (a user's folder, a partial archive)
+    are rebuilt from ``data`` (a :class:`~fsl_lsskd.bench.runner.DataCache` that knows ``target``) and used only
+    when their sha256 equals the score's; otherwise None."""
     from ..eval.episodes import read_episode_file
 
     if source.startswith("splits/"):
@@ -165,6 +170,16 @@ def episode_classes(target: str, split: str, source: str, protocol: EpisodeProto
         arrays = getattr(DATASETS.get(target), "fixed_episode_arrays", None) if target in DATASETS else None
         if arrays is not None:
             return arrays(split, protocol)[0]
+    if source == "generated" and data is not None and target in data.bench.data_paths:
+        from ..eval.episodes import class_offsets, load_episodes
+
+        part = data.split(target, split)
+        _, counts = class_offsets(part.labels, part.num_classes)
+        ep = load_episodes(target, split, counts, protocol, part.class_names)
+        if ep.sha256 == sha256:
+            return ep.classes
+        log.warning("%s %s %s: the data given rebuilds other episodes than the scores used (sha256 %s, scores %s); "
+                    "no test-class interval", target, split, protocol.key, ep.sha256[:12], sha256[:12])
     return None
 
 

@@ -276,7 +276,10 @@ def _dry_run(bench, shard_spec) -> None:
 @click.option("--from-results", "from_results", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Rebuild the tables from a published results directory (results/weights/<benchmark>/) instead "
                    "of the MLflow store.")
-def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path]) -> None:
+@click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
+              help="Where a scored target's data is, for the test-class interval of episodes generated from that "
+                   "data (a partial archive, your own folder); published episode files need no data.")
+def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path], data_paths=()) -> None:
     """Publish result tables (Markdown, CSV, LaTeX) and figures for a benchmark from the MLflow store (read only:
     a missing store is an error naming where it looked, never created).
 
@@ -293,18 +296,23 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     from .config import load_benchmark
     from .tables import write_tables
 
-    bench = load_benchmark(benchmark)
+    bench = load_benchmark(benchmark) if not data_paths else load_filtered(benchmark, data_paths=data_paths)
     from ..registry import check_names
 
     check_names(methods=[b for b in baselines if b not in bench.variants])  # a typo: the valid names, exit 2
     check_writable_dir(out_dir, "--out")
+    data = None
+    if data_paths:
+        from .runner import DataCache
+
+        data = DataCache(bench, fetch=False)
     if from_results is not None:
         from .publish import collect_published
 
-        results = collect_published(bench, from_results)
+        results = collect_published(bench, from_results, data=data)
         source = f"published files in {from_results.as_posix()}"
     else:
-        results = collect(bench)
+        results = collect(bench, data=data)
         source = "the MLflow store"
     present = sorted({r[0] for r in results.cells})
     missing = [b for b in baselines if b not in present]

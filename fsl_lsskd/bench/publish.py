@@ -279,11 +279,12 @@ class PublishedStore:
         return [SimpleNamespace(step=int(step), value=float(value)) for step, value in e.get("curves", {}).get(metric, [])]
 
 
-def collect_published(bench: Benchmark, directory: Path):
-    """The :class:`~fsl_lsskd.bench.tables.ResultSet` of a published directory (no store, no data)."""
+def collect_published(bench: Benchmark, directory: Path, data=None):
+    """The :class:`~fsl_lsskd.bench.tables.ResultSet` of a published directory (no store; data only to rebuild
+    generated episodes' classes, see :func:`~fsl_lsskd.bench.collect.collect`)."""
     from .collect import collect
 
     store = PublishedStore(directory)
     if store.manifest.get("benchmark") != bench.name:
         raise ConfigError(f"{directory} holds benchmark {store.manifest.get('benchmark')!r}, not {bench.name!r}")
-    return collect(bench, store=store)
+    return collect(bench, store=store, data=data)
