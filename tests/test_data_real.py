@@ -30,6 +30,14 @@ def test_verify_real_tiny_decodes_every_image(shared_data):
     res = CliRunner().invoke(main, ["data", "verify", "tiny_imagenet", "--archive", str(shared_data / TINY)])
     assert res.exit_code == 0, res.output
     assert "images decoded: 30,000 of the split classes, 0 failed" in res.output, res.output
+    # two byte-identical pairs in the subset: a val-split image that is also a training image, and one image filed
+    # under two training classes; no test image occurs among the training images
+    assert "2 groups, 2 extra copies among the 30,000 images" in res.output
+    assert "val in train 1, test in train 0, test in val 0" in res.output
+    assert ("across splits: [train n01855672] train/n01855672/images/n01855672_44.JPEG = [val n02002724] "
+            "val/images/val_2157.JPEG") in res.output
+    assert ("across classes: [train n07747607] train/n07747607/images/n07747607_20.JPEG = [train n07753592] "
+            "train/n07753592/images/n07753592_63.JPEG") in res.output
 
 
 def test_verify_real_partial_cifar_reports_small_classes(shared_data):
@@ -38,6 +46,7 @@ def test_verify_real_partial_cifar_reports_small_classes(shared_data):
     assert "train: 5-22 per class (1,117 in all)" in res.output and "test: 4-15 per class (916 in all)" in res.output
     assert "warning: 45 classes have fewer than 20 images" in res.output and "fox (11)" in res.output
     assert "images decoded: 2,033 of the split classes, 0 failed" in res.output, res.output
+    assert "duplicate images (identical decoded pixels): none among the 2,033 images" in res.output
     res = CliRunner().invoke(main, ["data", "verify", "cifar_fs", "--archive", str(shared_data / CIFAR),
                                     "--min-images", "11"])
     assert res.exit_code == 0 and "fewer than 11 images: none" in res.output

@@ -229,13 +229,18 @@ def _dry_run(bench, shard_spec) -> None:
 
     cells = plan_cells(bench, shard_spec)
     try:
-        plan = Plan(bench, cells, DataCache(bench, fetch=False))
+        data = DataCache(bench, fetch=False)
+        plan = Plan(bench, cells, data)
     except DataError:  # a dataset `fsl-bench run` downloads first: identities need its content
         click.echo(f"{_cells(len(cells))}; their training ids and scores are known once the data is downloaded (the "
                    f"note above): `fsl-bench run` fetches it and starts")
         for c in cells:
             click.echo(f"  {c.label}" + (" (teacher)" if c.role == "teacher" else ""))
         return
+    try:
+        data.check_leakage([c.dataset for c in cells])  # a WARNING when test images are training images
+    except UserError as exc:  # an eval split that cannot be read: every cell below says so
+        log.info("leakage not checked: %s", exc)
     try:
         store = open_store(create=False)
         check_no_legacy(store)

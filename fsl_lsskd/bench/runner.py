@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from ..protocol import EpisodeProtocol, can_host
@@ -101,6 +101,21 @@ class DataCache:
     def fingerprint(self, name: str) -> str:
         return self.split(name, "train").fingerprint
 
+    def check_leakage(self, datasets: Sequence[str]) -> Dict[str, int]:
+        """For each training dataset of ``datasets`` that the benchmark also scores: how many images of its scored
+        split (``eval.split``) occur among its train images (identical decoded pixels), each count above 0 logged
+        as a WARNING (:func:`~fsl_lsskd.data.duplicates.check_leakage`). Both splits are decoded for the grid
+        anyway; the check reads the pixel hashes their cache entries store."""
+        from ..data.duplicates import check_leakage
+
+        out = {}
+        for name in sorted(set(datasets)):
+            if name in self.bench.eval_datasets(name):
+                n = check_leakage(self.dataset(name), self.bench.eval.split)
+                if n is not None:
+                    out[name] = n
+        return out
+
 
 @contextlib.contextmanager
 def cell_claim(cell_dir: Path) -> Iterator[bool]:
@@ -173,6 +188,7 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
     done = {} if rerun else store.trainings([plan.tid(c) for c in cells])
     outcomes: Dict[tuple, CellOutcome] = {}
     fingerprints = {d: data.fingerprint(d) for d in sorted({c.dataset for c in cells})}
+    data.check_leakage(list(fingerprints))
     parent = store.start_invocation(experiment_name(bench), f"{bench.name} invocation",
                                     {"fsl.benchmark": bench.name, "fsl.shard": shard_spec or "1/1",
                                      "fsl.fingerprints": json.dumps(fingerprints, sort_keys=True)})

@@ -7,6 +7,8 @@ Adding a dataset: one file in ``fsl_lsskd/data/`` with a :class:`CachedDataset` 
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -22,6 +24,7 @@ import numpy as np
 from ..errors import DataError
 from ..options import dataset_option as opt
 from ..utils import atomic_path, atomic_write_text, cache_dir as default_cache_dir
+from .duplicates import HASH_BYTES, ImageRef, find_duplicates, pixel_hash, pixel_hashes
 from .sources import content_fingerprint, source_identity
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ class CachedDataset(FewShotDataset):
 
     Subclasses implement :meth:`class_split` (split -> class names), :meth:`inventory` (class -> part ->
     image count, without decoding) and :meth:`decode_classes` (one uint8 ``[n,H,W,3]`` array per class,
-    official image order)."""
+    official image order); :meth:`image_names` names the images in reports."""
 
     parts: Tuple[str, ...] = ("train",)
 
@@ -155,6 +158,12 @@ class CachedDataset(FewShotDataset):
 
     def decode_classes(self, names: Sequence[str]) -> List[np.ndarray]:
         raise NotImplementedError
+
+    def image_names(self, names: Sequence[str]) -> List[List[str]]:
+        """For each class of ``names``, the name of each of its images in :meth:`decode_classes` order, as reports
+        show it (a file inside the source, or a row of the official arrays). Default: ``<class> #<position>``."""
+        inv = self.inventory()
+        return [[f"{n} #{i}" for i in range(sum(inv[n].values()))] for n in names]
 
     def cache_extra(self) -> str:
         return ""
@@ -259,9 +268,30 @@ class CachedDataset(FewShotDataset):
         meta = {"format_version": CACHE_FORMAT_VERSION, "dataset": self.name, "split": split,
                 "source": str(self.source), "class_names": names,
                 "counts": data.class_counts().tolist(), "fingerprint": data.fingerprint,
-                "shape": list(data.images.shape)}
+                "shape": list(data.images.shape), **_hashes_entry(pixel_hashes(data.images))}
         atomic_write_text(meta_path, json.dumps(meta, indent=1))  # written last: marks the entry complete
         return data
+
+    def split_hashes(self, split: str) -> np.ndarray:
+        """:func:`~fsl_lsskd.data.duplicates.pixel_hashes` of every image of ``split`` (rows as in
+        :meth:`load_split`): uint8 ``[N, 16]``. Read from the cache entry's metadata, which stores them when the
+        split is decoded; the split is decoded (and cached) first when it is not cached, and an entry written
+        before hashes were stored gets them added."""
+        data = self.load_split(split, mmap=True)
+        _, meta_path = self.cache_paths(split)
+        meta: dict = {}
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        hashes = _read_hashes(meta, len(data))
+        if hashes is not None and meta.get("fingerprint") == data.fingerprint:
+            return hashes
+        hashes = pixel_hashes(data.images)
+        if meta.get("fingerprint") == data.fingerprint:
+            try:
+                atomic_write_text(meta_path, json.dumps({**meta, **_hashes_entry(hashes)}, indent=1))
+            except OSError as exc:  # a read-only cache still answers
+                log.debug("could not add pixel hashes to %s: %s", meta_path, exc)
+        return hashes
 
     def prepare(self) -> Dict[str, int]:
         """Decode every split into the cache; returns images per split."""
@@ -277,23 +307,32 @@ class CachedDataset(FewShotDataset):
             raise DataError(f"the split names classes that {self.source} lacks: {shown}; fix the split file or "
                             f"point {opt('archive', 'PATH')} or {opt('data_root', 'DIR')} at the complete data")
 
-    def check_images(self, names: Sequence[str]) -> List[Tuple[str, str, str]]:
-        """``(class, file, reason)`` for every image of classes ``names`` that the reader cannot read or decode,
-        found by decoding everything without writing the cache. This default decodes class by class and reports
-        the first failure of each class; datasets that read files one by one override it to name every file."""
+    def scan_images(self, names: Sequence[str]) -> Tuple[List[Tuple[str, str, str]], List[List[Optional[bytes]]]]:
+        """Decode every image of classes ``names`` as :meth:`decode_classes` does, without writing the cache:
+        ``(undecodable, hashes)``: ``(class, file, reason)`` for every image the reader cannot read or decode, and
+        per class the :func:`~fsl_lsskd.data.duplicates.pixel_hash` of each image (None where it failed), in
+        :meth:`image_names` order. This default decodes class by class and reports the first failure of each
+        class; datasets that read files one by one override it to name every file."""
         bad: List[Tuple[str, str, str]] = []
+        hashes: List[List[Optional[bytes]]] = []
+        inv = self.inventory()
         for n in names:
             try:
-                self.decode_classes([n])
+                (arr,) = self.decode_classes([n])
             except DataError as exc:
                 bad.append((n, "", str(exc)))
-        return bad
+                hashes.append([None] * sum(inv[n].values()))
+                continue
+            hashes.append([pixel_hash(img) for img in arr])
+        return bad, hashes
 
     def verify(self, min_images: int = DEFAULT_MIN_IMAGES, decode: bool = True) -> Dict[str, object]:
         """Report on the source: classes, images per class per source part, the split's class counts, split
         classes missing from the source or without images (``empty_classes``), classes with fewer than
         ``min_images`` images and, when ``decode``, every image of a split class that fails to read or decode
-        (``undecodable``: ``(class, file, reason)``; :meth:`check_images`). Nothing is cached."""
+        (``undecodable``: ``(class, file, reason)``; :meth:`scan_images`) and the images that occur more than once
+        (``duplicates``: a :class:`~fsl_lsskd.data.duplicates.DuplicateReport`, None without ``decode``). Nothing
+        is cached."""
         inv = self.inventory()
         split = self.class_split()
         parts: Dict[str, Dict[str, object]] = {}
@@ -315,11 +354,43 @@ class CachedDataset(FewShotDataset):
             few = [(c, int(sum(inv[c].values()))) for c in split[s] if c in inv and sum(inv[c].values()) < min_images]
             if few:
                 too_few[s] = few
-        used = [c for s in SPLITS for c in split[s] if c in inv]
-        undecodable = [tuple(b) for b in self.check_images(used)] if decode else []
+        used = list(dict.fromkeys(c for s in SPLITS for c in split[s] if c in inv))
+        undecodable: List[Tuple[str, str, str]] = []
+        duplicates = None
+        if decode:
+            bad, hashes = self.scan_images(used)
+            undecodable = [tuple(b) for b in bad]
+            by_class = dict(zip(used, zip(self.image_names(used), hashes)))
+            refs, flat = [], []
+            for s in SPLITS:
+                for c in split[s]:
+                    if c in by_class:
+                        files, hs = by_class[c]
+                        refs += [ImageRef(s, c, f) for f in files]
+                        flat += hs
+            duplicates = find_duplicates(refs, flat)
         checked = int(sum(sum(inv[c].values()) for c in used)) if decode else 0
         return {"dataset": self.name, "source": str(self.source), "num_classes": len(inv), "parts": parts,
                 "split_classes": {s: len(split[s]) for s in SPLITS}, "missing_classes": missing,
                 "empty_classes": empty, "min_images": min_images, "too_few": too_few, "image_size": self.image_size,
                 "decoded": bool(decode), "images_checked": checked,
-                "undecodable": undecodable}
+                "undecodable": undecodable, "duplicates": duplicates}
+
+
+def _hashes_entry(hashes: np.ndarray) -> Dict[str, str]:
+    """The cache metadata field holding :func:`~fsl_lsskd.data.duplicates.pixel_hashes` (base64 of the rows)."""
+    return {"pixel_hashes": base64.b64encode(np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()).decode("ascii")}
+
+
+def _read_hashes(meta: dict, n: int) -> Optional[np.ndarray]:
+    """The ``[n, 16]`` pixel hashes of a cache entry's metadata; None when absent or not ``n`` rows."""
+    text = meta.get("pixel_hashes")
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != n * HASH_BYTES:
+        return None
+    return np.frombuffer(raw, dtype=np.uint8).reshape(n, HASH_BYTES)

@@ -60,7 +60,9 @@ class CifarFS(CachedDataset):
                                      FOLDER_NAME, _is_folder, URL, MD5)
         if check_checksum and self.source.is_file():
             check_md5(self.source, MD5)
-        self._raw: Optional[Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[str]]] = None
+        self._raw: Optional[Tuple[Dict[str, Tuple[np.ndarray, np.ndarray]], List[str]]] = None
+        #: part -> (official row of every kept row, the pickle's file names or None)
+        self._rows: Dict[str, Tuple[np.ndarray, Optional[List[str]]]] = {}
 
     def class_split(self) -> Dict[str, List[str]]:
         return standard_split("cifar_fs")
@@ -107,17 +109,23 @@ class CifarFS(CachedDataset):
                     if len(labels) and (labels.min() < 0 or labels.max() >= len(fine)):
                         raise ValueError(f"{part}: fine label out of range")
                     parts[part] = (data, labels)
+                    names = d.get(b"filenames", d.get("filenames"))
+                    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names] \
+                        if names is not None and len(names) == len(labels) else None
+                    self._rows[part] = (np.arange(len(labels)), names)
             except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
                     IndexError, MemoryError) as exc:
                 raise DataError(f"{self.source}: a CIFAR-100 pickle is corrupt or truncated ({type(exc).__name__}: "
                                 f"{exc}); download {URL} again (md5 {MD5})") from None
             if self.train_per_class is not None:
-                parts["train"] = self._first_per_class(*parts["train"], fine)
+                keep = self._first_per_class(parts["train"][1], fine)
+                parts["train"] = (parts["train"][0][keep], parts["train"][1][keep])
+                self._rows["train"] = (self._rows["train"][0][keep], self._rows["train"][1])
             self._raw = (parts, fine)
         return self._raw
 
-    def _first_per_class(self, data: np.ndarray, labels: np.ndarray, fine: List[str]):
-        """The first ``train_per_class`` train rows of every class (official row order); a class with fewer
+    def _first_per_class(self, labels: np.ndarray, fine: List[str]) -> np.ndarray:
+        """Mask of the first ``train_per_class`` train rows of every class (official row order); a class with fewer
         raises :class:`DataError` listing every short class."""
         n = self.train_per_class
         have = np.bincount(labels, minlength=len(fine))
@@ -131,8 +139,7 @@ class CifarFS(CachedDataset):
         rank = np.zeros(len(labels), dtype=np.int64)
         for c in np.unique(labels):
             rank[labels == c] = np.arange(int((labels == c).sum()))
-        keep = rank < n
-        return data[keep], labels[keep]
+        return rank < n
 
     def inventory(self) -> Dict[str, Dict[str, int]]:
         parts, fine = self._raw_data()
@@ -141,6 +148,21 @@ class CifarFS(CachedDataset):
             for c, k in enumerate(np.bincount(labels, minlength=len(fine))):
                 inv[fine[c]][p] = int(k)
         return inv
+
+    def image_names(self, names: Sequence[str]) -> List[List[str]]:
+        """Each class's rows of the official pickles in decode order: ``train[<row>] <file name>`` (train rows
+        first, then test; the row in the official file, its ``filenames`` entry)."""
+        parts, fine = self._raw_data()
+        index = {n: i for i, n in enumerate(fine)}
+        out = []
+        for n in names:
+            rows = []
+            for p in ("train", "test"):
+                official, files = self._rows[p]
+                for r in official[parts[p][1] == index[n]]:
+                    rows.append(f"{p}[{int(r)}]" + (f" {files[int(r)]}" if files is not None else ""))
+            out.append(rows)
+        return out
 
     def decode_classes(self, names: Sequence[str]) -> List[np.ndarray]:
         parts, fine = self._raw_data()

@@ -61,6 +61,28 @@ def prepare_cmd(dataset, archive, data_root, split_file, train_per_class, folder
         how = "already cached" if cached else f"decoded in {dt:.1f}s"
         click.echo(f"  {split:<5} {s.num_classes:4d} classes {len(s):7,d} images {s.images.shape[1]}x"
                    f"{s.images.shape[2]}  {how}  -> {npy}")
+    _print_leaks(dataset, ds)
+
+
+def _print_leaks(dataset: str, ds) -> None:
+    """Images one split shares with another (identical pixels), from the hashes the cache stores."""
+    from .duplicates import LEAK_PAIRS, shared_images
+
+    split = ds.class_split()
+    pairs = [(a, b) for a, b in LEAK_PAIRS if split[a] and split[b]]
+    if not pairs:
+        return
+    counts = {(a, b): shared_images(ds.split_hashes(a), ds.split_hashes(b)) for a, b in pairs}
+    click.echo("images that also occur in another split (identical pixels): "
+               + ", ".join(f"{a} in {b} {n}" for (a, b), n in counts.items()))
+    for (a, b), n in counts.items():
+        if n:
+            click.echo(f"WARNING: {_also_occur(n, a)} among the {b} images: scores on them measure memorisation; "
+                       f"`fsl-bench data verify {dataset}` lists them")
+
+
+def _also_occur(n: int, split: str) -> str:
+    return f"{n} {split} image{'s' if n != 1 else ''} also occur{'s' if n == 1 else ''}"
 
 
 def _print_report(r: Dict[str, Any]) -> None:
@@ -88,22 +110,55 @@ def _print_report(r: Dict[str, Any]) -> None:
         click.echo(f"images decoded: {r['images_checked']:,} of the split classes, {len(bad)} failed")
         for c, f, why in bad:
             click.echo(f"  failed: {f or c}: {why}")
+        _print_duplicates(r["duplicates"])
     else:
-        click.echo("images not decoded (--no-decode)")
+        click.echo("images not decoded (--no-decode): duplicates not checked")
+
+
+def _print_duplicates(rep, shown: int = 10) -> None:
+    """The duplicate images of a :class:`~fsl_lsskd.data.duplicates.DuplicateReport`: counts by kind, leaks
+    between splits (WARNING lines), the first ``shown`` groups."""
+    def groups(n: int) -> str:
+        return f"{n} group{'s' if n != 1 else ''}"
+
+    if not rep.groups:
+        click.echo(f"duplicate images (identical decoded pixels): none among the {rep.images:,} images")
+        return
+    click.echo(f"duplicate images (identical decoded pixels): {groups(len(rep.groups))}, {rep.extra_copies} extra "
+               f"copies among the {rep.images:,} images")
+    click.echo(f"  {groups(rep.count('across_splits'))} across splits, {rep.count('across_classes')} across classes "
+               f"of one split, {rep.count('within_class')} within one class")
+    click.echo("  images that also occur in another split: "
+               + ", ".join(f"{a} in {b} {n}" for (a, b), n in rep.leaks.items()))
+    ordered = rep.ordered_groups()
+    for g in ordered[:shown]:
+        click.echo(f"  {_KIND[rep.kind(g)]}: " + " = ".join(str(r) for r in g))
+    if len(ordered) > shown:
+        click.echo(f"  ... ({len(ordered) - shown} more groups)")
+    for (a, b), n in rep.leaks.items():
+        if n:
+            click.echo(f"WARNING: {_also_occur(n, a)} among the {b} images (identical pixels): scores on them "
+                       f"measure memorisation, not few-shot learning")
+
+
+_KIND = {"across_splits": "across splits", "across_classes": "across classes", "within_class": "within one class"}
 
 
 @data.command("verify")
 @_source_options
 @click.option("--min-images", type=int, default=20, show_default=True,
               help="Report classes with fewer images than this (shot + query).")
-@click.option("--strict", is_flag=True, help="Exit 2 (instead of a warning) when classes have too few images.")
+@click.option("--strict", is_flag=True, help="Exit 2 (instead of a warning) when classes have too few images or "
+              "when images of one split also occur in another.")
 @click.option("--no-decode", is_flag=True, help="Skip decoding the images (counts and split only; faster).")
 def verify_cmd(dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, check_md5,
                min_images, strict, no_decode) -> None:
     """Report DATASET: classes, images per class per source part, split class counts, classes with too few
-    images, and every image of a split class that fails to read or decode (all are decoded, nothing is cached).
-    Exit 0 (with a warning listing) when some classes are small; 2 when the data or split is broken: a split
-    class missing or without images, or an undecodable image.
+    images, every image of a split class that fails to read or decode (all are decoded, nothing is cached), and
+    images that occur more than once (identical decoded pixels): within a class, across classes of a split, or
+    across splits (a val or test image that is also a training image: leakage, with a WARNING). Exit 0 (with
+    warnings) when some classes are small or images repeat; 2 when the data or split is broken: a split class
+    missing or without images, or an undecodable image (--strict: also small classes and images shared by splits).
 
     \b
     Example:
@@ -133,10 +188,18 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
                         "the official checksum)")
     if problems:
         raise DataError("; ".join(problems))
+    strict_problems = []
     if strict and r["too_few"]:
         bad = [f"{c} ({k})" for v in r["too_few"].values() for c, k in v]
-        raise DataError(f"{len(bad)} classes have fewer than {min_images} images: {', '.join(bad)}; lower "
-                        "shot/query (--min-images) or add images to these classes")
+        strict_problems.append(f"{len(bad)} classes have fewer than {min_images} images: {', '.join(bad)}; lower "
+                               "shot/query (--min-images) or add images to these classes")
+    leaks = {k: n for k, n in r["duplicates"].leaks.items() if n} if r["duplicates"] is not None else {}
+    if strict and leaks:
+        shared = ", ".join(f"{n} {a} in {b}" for (a, b), n in leaks.items())
+        strict_problems.append(f"images occur in two splits ({shared}, listed above); remove the copies from one of "
+                               "the splits (or drop --strict)")
+    if strict_problems:
+        raise DataError("; ".join(strict_problems))
 
 
 @data.command("make-split")

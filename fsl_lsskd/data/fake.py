@@ -18,7 +18,7 @@ import struct
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,11 +96,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_fake_cifar100(out_dir: os.PathLike, per_class_train: int = 5, per_class_test: int = 2,
-                        seed: int = 0, name: str = "cifar-100-python.tar.gz") -> Path:
+                        seed: int = 0, name: str = "cifar-100-python.tar.gz",
+                        copies: Optional[Mapping[Tuple[str, str, int], Tuple[str, str, int]]] = None) -> Path:
     """Write ``out_dir/cifar-100-python.tar.gz`` in the official layout with ``per_class_*`` images of each of
-    the 100 fine classes (rows shuffled like the original). Returns the archive path."""
+    the 100 fine classes (rows shuffled like the original). ``copies`` plants duplicates: ``{(part, class, k):
+    (part, class, j)}`` gives the k-th row of ``class`` in ``part`` the pixels of the j-th row of the other (e.g.
+    ``{("test", "fox", 0): ("train", "apple", 1)}``). Returns the archive path."""
     rng = np.random.default_rng(seed)
     parts = {}
+    images, part_labels = {}, {}
     for part, per in (("train", per_class_train), ("test", per_class_test)):
         labels = np.repeat(np.arange(100), per)
         order = rng.permutation(len(labels))
@@ -109,6 +113,15 @@ def write_fake_cifar100(out_dir: os.PathLike, per_class_train: int = 5, per_clas
         for c in range(100):
             m = labels == c
             imgs[m] = class_images(c, int(m.sum()), 32, rng)
+        images[part], part_labels[part] = imgs, labels
+
+    def row(part: str, cls: str, k: int) -> int:
+        return int(np.flatnonzero(part_labels[part] == CIFAR100_FINE.index(cls))[k])
+
+    for (dp, dc, dk), (sp, sc, sk) in (copies or {}).items():
+        images[dp][row(dp, dc, dk)] = images[sp][row(sp, sc, sk)]
+    for part in ("train", "test"):
+        imgs, labels = images[part], part_labels[part]
         data = imgs.transpose(0, 3, 1, 2).reshape(len(labels), 3072)  # R, G, B planes
         parts[part] = {
             _s("filenames"): [_s(f"{CIFAR100_FINE[c]}_s_{i:06d}.png") for i, c in enumerate(labels)],
@@ -148,34 +161,45 @@ def _jpeg(img: np.ndarray, grey: bool) -> bytes:
 
 def write_fake_tiny_imagenet(out_dir: os.PathLike, wnids: Optional[Sequence[str]] = None, per_class_train: int = 3,
                              per_class_val: int = 2, seed: int = 0, name: str = "tiny-imagenet-200.zip",
-                             grey_every: int = 7, size: int = 64) -> Path:
+                             grey_every: int = 7, size: int = 64, copies: Optional[Mapping[str, str]] = None) -> Path:
     """Write ``out_dir/tiny-imagenet-200.zip`` in the official layout (default wnids: the 200 of our split).
-    Every ``grey_every``-th image is a greyscale JPEG, as in the real data. Returns the zip path."""
+    Every ``grey_every``-th image is a greyscale JPEG, as in the real data. ``copies`` plants byte-identical
+    duplicates: ``{member: source}`` (paths inside ``tiny-imagenet-200/``, e.g. ``{"train/<w2>/images/<w2>_0.JPEG":
+    "train/<w1>/images/<w1>_1.JPEG"}``) writes the source's bytes as the member. Returns the zip path."""
     wnids = list(wnids) if wnids is not None else _default_wnids()
     rng = np.random.default_rng(seed)
     dest = Path(out_dir) / name
     top = "tiny-imagenet-200/"
     count = 0
+    members: List[Tuple[str, bytes, int]] = [  # (path inside top, bytes, compression), in archive order
+        ("wnids.txt", "".join(w + "\n" for w in wnids).encode(), zipfile.ZIP_DEFLATED),
+        ("words.txt", "".join(f"{w}\tfake class {i}, synthetic\n" for i, w in enumerate(wnids)).encode(),
+         zipfile.ZIP_DEFLATED)]
+    for c, w in enumerate(wnids):
+        boxes = []
+        for i, img in enumerate(class_images(c, per_class_train, size, rng)):
+            members.append((f"train/{w}/images/{w}_{i}.JPEG", _jpeg(img, count % grey_every == 0), zipfile.ZIP_STORED))
+            boxes.append(f"{w}_{i}.JPEG\t0\t0\t{size - 1}\t{size - 1}\n")
+            count += 1
+        members.append((f"train/{w}/{w}_boxes.txt", "".join(boxes).encode(), zipfile.ZIP_DEFLATED))
+    val_labels = np.repeat(np.arange(len(wnids)), per_class_val)[rng.permutation(len(wnids) * per_class_val)]
+    ann = []
+    for k, c in enumerate(val_labels):
+        img = class_images(int(c), 1, size, rng)[0]
+        members.append((f"val/images/val_{k}.JPEG", _jpeg(img, count % grey_every == 0), zipfile.ZIP_STORED))
+        ann.append(f"val_{k}.JPEG\t{wnids[c]}\t0\t0\t{size - 1}\t{size - 1}\n")
+        count += 1
+    members.append(("val/val_annotations.txt", "".join(ann).encode(), zipfile.ZIP_DEFLATED))
+    if copies:
+        data = {m: b for m, b, _ in members}
+        unknown = sorted((set(copies) | set(copies.values())) - set(data))
+        if unknown:
+            raise ValueError(f"copies name files the archive does not have: {unknown}")
+        members = [(m, data[copies[m]] if m in copies else b, how) for m, b, how in members]
     with atomic_path(dest) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
-            z.writestr(top + "wnids.txt", "".join(w + "\n" for w in wnids), zipfile.ZIP_DEFLATED)
-            z.writestr(top + "words.txt", "".join(f"{w}\tfake class {i}, synthetic\n" for i, w in enumerate(wnids)),
-                       zipfile.ZIP_DEFLATED)
-            for c, w in enumerate(wnids):
-                boxes = []
-                for i, img in enumerate(class_images(c, per_class_train, size, rng)):
-                    z.writestr(f"{top}train/{w}/images/{w}_{i}.JPEG", _jpeg(img, count % grey_every == 0))
-                    boxes.append(f"{w}_{i}.JPEG\t0\t0\t{size - 1}\t{size - 1}\n")
-                    count += 1
-                z.writestr(f"{top}train/{w}/{w}_boxes.txt", "".join(boxes), zipfile.ZIP_DEFLATED)
-            val_labels = np.repeat(np.arange(len(wnids)), per_class_val)[rng.permutation(len(wnids) * per_class_val)]
-            ann = []
-            for k, c in enumerate(val_labels):
-                img = class_images(int(c), 1, size, rng)[0]
-                z.writestr(f"{top}val/images/val_{k}.JPEG", _jpeg(img, count % grey_every == 0))
-                ann.append(f"val_{k}.JPEG\t{wnids[c]}\t0\t0\t{size - 1}\t{size - 1}\n")
-                count += 1
-            z.writestr(top + "val/val_annotations.txt", "".join(ann), zipfile.ZIP_DEFLATED)
+            for m, b, how in members:
+                z.writestr(top + m, b, how)
     return dest
 
 

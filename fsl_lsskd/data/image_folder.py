@@ -20,6 +20,7 @@ from ..errors import DataError
 from ..options import dataset_option as opt
 from ..registry import DATASETS
 from .base import CachedDataset
+from .duplicates import pixel_hash
 from .sources import files_identity
 from .splits import load_split_file
 
@@ -81,13 +82,13 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"image {path} fails to decode ({exc}); replace or delete that file") from None
 
 
-def decode_failure(path: Path, size: int) -> Optional[str]:
-    """Why ``path`` fails to decode as :func:`load_image` would decode it; None when it decodes."""
+def scan_image(path: Path, size: int) -> Tuple[Optional[bytes], Optional[str]]:
+    """``path`` decoded as :func:`load_image` would decode it: ``(pixel hash, None)``
+    (:func:`~fsl_lsskd.data.duplicates.pixel_hash`), or ``(None, why it fails)``."""
     try:
-        _decode(path, size)
+        return pixel_hash(_decode(path, size)), None
     except _decode_errors() as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def list_class_files(root: Path) -> Dict[str, List[Path]]:
@@ -198,10 +199,18 @@ class ImageFolder(CachedDataset):
                 out.append(np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8))
         return out
 
-    def check_images(self, names: Sequence[str]) -> List[Tuple[str, str, str]]:
-        """``(class, file, reason)`` of every image of classes ``names`` that fails to decode (nothing cached)."""
+    def image_names(self, names: Sequence[str]) -> List[List[str]]:
+        """Each class's image files, relative to the data root (``<class>/<file>``), in decode order."""
         files = self.files()
-        jobs = [(n, p) for n in names for p in files.get(n, [])]
+        return [[p.relative_to(self.source).as_posix() for p in files.get(n, [])] for n in names]
+
+    def scan_images(self, names: Sequence[str]) -> Tuple[List[Tuple[str, str, str]], List[List[Optional[bytes]]]]:
+        """Every image of classes ``names`` decoded (nothing cached): ``(class, file, reason)`` of each that fails,
+        and the pixel hashes per class (None where it failed), as
+        :meth:`~fsl_lsskd.data.base.CachedDataset.scan_images`."""
+        files = self.files()
         with ThreadPoolExecutor(self.workers) as ex:
-            reasons = list(ex.map(lambda job: decode_failure(job[1], self.image_size), jobs))
-        return [(n, p.relative_to(self.source).as_posix(), r) for (n, p), r in zip(jobs, reasons) if r is not None]
+            scanned = [list(ex.map(lambda p: scan_image(p, self.image_size), files.get(n, []))) for n in names]
+        bad = [(n, p.relative_to(self.source).as_posix(), why) for n, sc in zip(names, scanned)
+               for p, (_, why) in zip(files.get(n, []), sc) if why is not None]
+        return bad, [[h for h, _ in sc] for sc in scanned]

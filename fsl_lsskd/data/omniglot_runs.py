@@ -133,6 +133,11 @@ class OmniglotRuns(CachedDataset):
     def inventory(self) -> Dict[str, Dict[str, int]]:
         return {c: {"test": len(v)} for c, v in self.pairs().items()}
 
+    def image_names(self, names: Sequence[str]) -> List[List[str]]:
+        """Each class's training drawing and test item (``runNN/training/classMM.png``, ``runNN/test/itemKK.png``)."""
+        pairs = self.pairs()
+        return [list(pairs[n]) for n in names]
+
     def decode_classes(self, names: Sequence[str]) -> List[np.ndarray]:
         pairs = self.pairs()
         out = []

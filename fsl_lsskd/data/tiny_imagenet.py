@@ -24,6 +24,7 @@ from ..errors import DataError
 from ..options import dataset_option as opt
 from ..registry import DATASETS
 from .base import CachedDataset
+from .duplicates import pixel_hash
 from .sources import check_md5, resolve_source
 from .splits import standard_split
 
@@ -113,30 +114,31 @@ class _Source:
                                 f"download the archive again ({URL}) or delete that image") from None
         return out
 
-    def failures(self, rels: Sequence[str], size: int) -> List[Tuple[str, str]]:
-        """``(rel, reason)`` of every image of ``rels`` that cannot be read or decoded as :meth:`decode` would."""
+    def scan(self, rels: Sequence[str], size: int) -> List[Tuple[Optional[bytes], str]]:
+        """For every image of ``rels``, decoded as :meth:`decode` would: ``(pixel hash, "")``, or ``(None,
+        reason)`` when it cannot be read or decoded."""
         from PIL import UnidentifiedImageError
 
-        bad = []
+        out: List[Tuple[Optional[bytes], str]] = []
         for rel in rels:
             try:
                 raw = self._raw(rel)
             except _READ_ERRORS as exc:
-                bad.append((rel, f"unreadable ({type(exc).__name__}: {exc})"))
+                out.append((None, f"unreadable ({type(exc).__name__}: {exc})"))
                 continue
             try:
-                self._image(rel, raw, size)
+                out.append((pixel_hash(self._image(rel, raw, size)), ""))
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-                bad.append((rel, f"undecodable ({type(exc).__name__}: {exc})"))
-        return bad
+                out.append((None, f"undecodable ({type(exc).__name__}: {exc})"))
+        return out
 
 
 def _decode_chunk(path: Path, rels: Sequence[str], size: int) -> np.ndarray:
     return _Source(path).decode(rels, size)
 
 
-def _failures_chunk(path: Path, rels: Sequence[str], size: int) -> List[Tuple[str, str]]:
-    return _Source(path).failures(rels, size)
+def _scan_chunk(path: Path, rels: Sequence[str], size: int) -> List[Tuple[Optional[bytes], str]]:
+    return _Source(path).scan(rels, size)
 
 
 @DATASETS.register("tiny_imagenet")
@@ -252,11 +254,20 @@ class TinyImageNet(CachedDataset):
         allimg = np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
         return np.split(allimg, np.cumsum(counts)[:-1]) if names else []
 
-    def check_images(self, names: Sequence[str]) -> List[Tuple[str, str, str]]:
-        """``(class, file, reason)`` of every image of classes ``names`` that cannot be read from the archive or
-        decoded (nothing cached)."""
+    def image_names(self, names: Sequence[str]) -> List[List[str]]:
+        """The files of each class inside the archive or folder (``train/<wnid>/images/<wnid>_<i>.JPEG``,
+        ``val/images/val_<k>.JPEG``), in decode order."""
+        files = self.files()
+        return [files[n]["train"] + files[n]["val"] for n in names]
+
+    def scan_images(self, names: Sequence[str]) -> Tuple[List[Tuple[str, str, str]], List[List[Optional[bytes]]]]:
+        """Every file of classes ``names`` read and decoded (nothing cached): ``(class, file, reason)`` of each that
+        fails, and the pixel hashes per class (None where it failed), as
+        :meth:`~fsl_lsskd.data.base.CachedDataset.scan_images`."""
         rels, counts = self._rels(names)
+        scanned = [s for part in self._map_chunks(_scan_chunk, self.src.scan, rels) for s in part]
         owner = [n for n, k in zip(names, counts) for _ in range(k)]
-        where = {r: n for r, n in zip(rels, owner)}
-        bad = [b for part in self._map_chunks(_failures_chunk, self.src.failures, rels) for b in part]
-        return [(where[r], r, why) for r, why in bad]
+        bad = [(n, r, why) for n, r, (h, why) in zip(owner, rels, scanned) if h is None]
+        ends = np.cumsum(counts).tolist()
+        hashes = [[h for h, _ in scanned[e - k:e]] for e, k in zip(ends, counts)]
+        return bad, hashes

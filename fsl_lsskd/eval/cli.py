@@ -119,6 +119,10 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     t0 = time.perf_counter()
     model, meta, split_data, ds = prepare(backbone, checkpoint, untrained, dataset, data, split, image_size, seed,
                                           protocols)
+    if meta.get("dataset") == dataset:  # trained on this dataset: a WARNING when scored images are training images
+        from ..data.duplicates import check_leakage
+
+        check_leakage(ds, split, "train", decode=False)  # when both splits are cached (nothing decoded for it)
     size = int(image_size or meta.get("image_size") or split_data.image_size)
     mean = tuple(meta.get("mean") or ds.mean)
     std = tuple(meta.get("std") or ds.std)
