@@ -14,18 +14,26 @@ A finished training run keeps what is needed to use and re-score it, nothing res
 an fsl-bench training checkpoint (``last.pt``, resume state), or a plain state dict (``.pth``/``.safetensors``,
 ``{"backbone": ...}``/``{"state_dict": ...}``). Errors are :class:`~fsl_lsskd.errors.CheckpointError` naming
 the fix.
+
+Opening a file never runs code from it: ``.safetensors`` holds only tensors, and every ``.pt``/``.pth`` is read
+by :func:`torch_load` (``torch.load(weights_only=True)``: tensors, containers, numbers, strings and the few
+types listed in :data:`TRAINING_STATE_GLOBALS`). A pickle that asks for anything else is refused with
+:class:`~fsl_lsskd.errors.UnsafeCheckpointError` before that thing is called.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsafeCheckpointError
 from .utils import PathLike, atomic_path, atomic_write_text, first_line, sha256_file
 
 log = logging.getLogger(__name__)
@@ -52,19 +60,55 @@ def save_training_state(state: Dict[str, Any], path: PathLike) -> Path:
     return path
 
 
+#: the non-tensor types a resume state holds beyond what ``weights_only=True`` always allows: the
+#: ``milestones`` of ``MultiStepLR.state_dict()`` (torch 2.14 allows it by default; listed so that the
+#: resume state never depends on that default)
+TRAINING_STATE_GLOBALS = (collections.Counter,)
+
+#: what fsl-bench opens without trusting the file's author (in the message of UnsafeCheckpointError)
+SAFE_FORMATS = ("a .safetensors file (an export, a model directory, or any state dict saved with "
+                "safetensors.torch.save_file) or a .pt/.pth of tensors, numbers, strings and plain containers, "
+                "such as the last.pt this tool writes")
+
+
+def torch_load(path: PathLike, map_location="cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with :data:`TRAINING_STATE_GLOBALS` allowed (in this call only).
+
+    Raises:
+        UnsafeCheckpointError: the pickle asks for a global outside that list (e.g. ``os.system`` or a class of
+            another code base); nothing it names has been called.
+        CheckpointError: the file is missing, truncated, or not a PyTorch file."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(TRAINING_STATE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"\bGLOBAL (\S+)", str(exc))  # not allowed, or in a blocked module
+        if found:
+            raise UnsafeCheckpointError(
+                f"refused to open {path}: its pickle asks for {found.group(1)}, which a file of tensors never "
+                f"needs; unpickling it could run code. fsl-bench opens {SAFE_FORMATS}. If you trust its author, "
+                f"convert it once in Python: torch.load(path, weights_only=False), then "
+                f"safetensors.torch.save_file(<its state dict>, 'weights.safetensors')") from None
+        raise _corrupt(path, exc) from None
+    except Exception as exc:  # noqa: BLE001 - truncated / not a torch file
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {path} ({first_line(exc)}): it is corrupt or truncated. "
+                           f"Delete it to restart that run from scratch (or train into a new --out), or re-run "
+                           f"the training that wrote it")
+
+
 def read_training_state(path: PathLike, map_location="cpu") -> Dict[str, Any]:
-    """Read a ``last.pt`` written by :func:`save_training_state`; :class:`CheckpointError` names the fix when it
-    is missing, truncated or not a training checkpoint."""
+    """Read a ``last.pt`` written by :func:`save_training_state` (with :func:`torch_load`: no code runs);
+    :class:`CheckpointError` names the fix when it is missing, truncated, unsafe or not a training checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a training checkpoint "
                               f"(<out>/last.pt), a model directory or an exported backbone")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path} ({first_line(exc)}): it is corrupt or truncated. "
-                              f"Delete it to restart that run from scratch (or train into a new --out), or re-run "
-                              f"the training that wrote it") from None
+    ckpt = torch_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise CheckpointError(f"{path} is not an fsl-bench training checkpoint (no 'model'/'meta'); "
                               f"export files are read with load_backbone()")
@@ -245,10 +289,7 @@ def read_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         if path.name == MODEL_WEIGHTS:  # a whole method: keep the backbone's part
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - maybe a training checkpoint (needs full unpickling)
-            obj = read_training_state(path)
+        obj = torch_load(path)  # a training checkpoint, a state dict or a wrapper of one; never runs code
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
         if "model" in obj and isinstance(obj["model"], dict):   # training checkpoint

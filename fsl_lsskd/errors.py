@@ -37,6 +37,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not match the backbone."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle asks for code (a global outside tensors and plain containers): refused unopened."""
+
+
 class OutputError(UserError):
     """An output or cache location that cannot be written (read-only, permission denied, disk full)."""
 

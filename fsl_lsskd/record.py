@@ -434,7 +434,7 @@ class Store:
             return cache[record.run_id]
         with tempfile.TemporaryDirectory(prefix="fsl-read-") as tmp:
             path = self.fetch_dir(record.run_id, "score.npz", Path(tmp))
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         cache[record.run_id] = arrays
         return arrays

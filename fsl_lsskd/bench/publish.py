@@ -269,7 +269,7 @@ class PublishedStore:
         e = self._cells[record.train_id]
         key = f"npz:{e['stem']}"
         if key not in cache:
-            with np.load(self.dir / f"{e['stem']}.scores.npz") as z:
+            with np.load(self.dir / f"{e['stem']}.scores.npz", allow_pickle=False) as z:
                 cache[key] = {k: z[k] for k in z.files}
         z = cache[key]
         return {k: z[f"{record.score_id}.{k}"] for k in ARRAYS if f"{record.score_id}.{k}" in z}

@@ -216,7 +216,7 @@ class CachedDataset(FewShotDataset):
             entry = self._cached_counts(names, npy, meta_path)
             if entry is not None:
                 counts, meta = entry
-                images = np.load(npy, mmap_mode="r" if mmap else None)
+                images = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
                 if images.shape[0] == counts.sum():
                     labels = np.repeat(np.arange(len(names), dtype=np.int64), counts)
                     return SplitData(images, labels, tuple(names), self.name, split, meta["fingerprint"])

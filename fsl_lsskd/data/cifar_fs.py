@@ -4,9 +4,17 @@ Read from the official ``cifar-100-python.tar.gz`` (or its extracted folder): al
 CIFAR-100 fine class (train and test rows pooled, train rows first, official row order), split 64/16/20 by
 class name with ``splits/cifar_fs/*.txt`` (the R2D2 split; same as torchmeta's ``cifar-fs`` json and the
 RFS/MetaOptNet pickles).
+
+The archive's ``meta``, ``train`` and ``test`` members are pickles, and a pickle can name any callable to run
+while it is read. They are read with :class:`CifarUnpickler`, which resolves only the globals the official
+files (and ``fake.write_fake_cifar100``'s) name: numpy's array reconstruction (``ndarray``, ``dtype``,
+``_reconstruct``, under both the numpy 1 and numpy 2 module names) and ``_codecs.encode`` for ``latin1``
+(how protocol 2 stores an array's bytes). Any other global is refused before it is called.
 """
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import pickle
 import tarfile
@@ -27,6 +35,69 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 FOLDER_NAME = "cifar-100-python"
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol 2 uses it for ``bytes`` (``encode(str, 'latin1')``); no other codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only as encode(str, 'latin1'), "
+                                     f"not encode({type(text).__name__}, {encoding!r}, {errors!r})")
+    return codecs.encode(text, "latin1")
+
+
+#: (module, name) -> object: every global an official CIFAR-100 pickle names; nothing else is resolved
+CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),  # written by numpy 1 (the official files)
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),  # written by numpy 2
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside :data:`CIFAR_GLOBALS` (``.name`` = ``module.name``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"it asks for {name}")
+        self.name = name
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """:class:`pickle.Unpickler` that resolves only :data:`CIFAR_GLOBALS`; any other global raises
+    :class:`RefusedGlobal` before anything is imported or called. Persistent ids are refused too."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(f"{module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not part of a CIFAR-100 pickle")
+
+
+def read_cifar_pickle(blob: bytes, member: str, source) -> object:
+    """Unpickle one member (``meta``, ``train``, ``test``) of a CIFAR-100 archive with
+    :class:`CifarUnpickler` (``encoding='bytes'``: Python-2 ``str`` keys come back as ``bytes``).
+
+    Raises :class:`DataError` naming ``source``, the member and the refused global when the pickle asks for
+    anything an official CIFAR-100 pickle does not; other parse errors propagate (the caller calls them
+    corrupt)."""
+    try:
+        return CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except RefusedGlobal as exc:
+        raise DataError(f"{source}: member {member!r} is not an official CIFAR-100 pickle: it asks for {exc.name}, "
+                        f"which the official files never do; it was refused without running it. Use the archive "
+                        f"from {URL} (md5 {MD5}) or a subset cut from it") from None
 
 
 def _is_folder(p: Path) -> bool:
@@ -97,11 +168,11 @@ class CifarFS(CachedDataset):
         if self._raw is None:
             blobs = self._read_pickles()
             try:
-                meta = pickle.loads(blobs["meta"], encoding="bytes")
+                meta = read_cifar_pickle(blobs["meta"], "meta", self.source)
                 fine = [n.decode() if isinstance(n, bytes) else n for n in _get(meta, "fine_label_names")]
                 parts = {}
                 for part in ("train", "test"):
-                    d = pickle.loads(blobs[part], encoding="bytes")
+                    d = read_cifar_pickle(blobs[part], part, self.source)
                     data = np.asarray(_get(d, "data"), dtype=np.uint8)
                     labels = np.asarray(_get(d, "fine_labels"), dtype=np.int64)
                     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):

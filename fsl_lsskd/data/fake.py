@@ -232,17 +232,19 @@ def first_per_class(archive: os.PathLike, n: int, out_dir: os.PathLike,
                         data = "".join(lines).encode()
                     zout.writestr(info, data)
         return dest
+    from .cifar_fs import read_cifar_pickle  # refuses any global an official CIFAR-100 pickle does not name
+
     with tarfile.open(src, "r:*") as tin:
         members = [(m, tin.extractfile(m).read()) for m in tin if m.isfile()]
     fine = None
     for m, data in members:
         if m.name.rsplit("/", 1)[-1] == "meta":
-            fine = [x.decode() for x in pickle.loads(data, encoding="bytes")[b"fine_label_names"]]
+            fine = [x.decode() for x in read_cifar_pickle(data, "meta", src)[b"fine_label_names"]]
     with atomic_path(dest) as tmp:
         with tarfile.open(tmp, "w:gz") as tout:
             for m, data in members:
                 if m.name.rsplit("/", 1)[-1] == "train":
-                    d = pickle.loads(data, encoding="bytes")
+                    d = read_cifar_pickle(data, "train", src)
                     labels = np.asarray(d[b"fine_labels"])
                     rank = np.zeros(len(labels), dtype=np.int64)
                     for c in np.unique(labels):

@@ -115,7 +115,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Load the engine, one cold run, ``warmup`` runs, then timed runs until ``runs`` or ``max_seconds``."""
     import numpy as np
 
-    x = np.load(spec["inputs"]).astype(np.float32)
+    x = np.load(spec["inputs"], allow_pickle=False).astype(np.float32)
     b = int(spec["batch"])
     if len(x) < b:  # fewer prepared images than the batch: repeat them
         x = np.concatenate([x] * (-(-b // len(x))))

@@ -151,10 +151,12 @@ def _load_whole_method(checkpoint: Path, device: str, readouts: Sequence[str]):
     """The trained method behind ``checkpoint`` (a model directory or ``last.pt``) for readouts that need more
     than the backbone; an exported backbone raises :class:`ConfigError` naming the file to pass instead."""
     from ..checkpoint import load_method
-    from ..errors import CheckpointError
+    from ..errors import CheckpointError, UnsafeCheckpointError
 
     try:
         return load_method(checkpoint, device)
+    except UnsafeCheckpointError:
+        raise  # its own message: why the file was refused and what is safe to open
     except CheckpointError as exc:
         beside = checkpoint.with_suffix(".model") if checkpoint.suffix == ".safetensors" else None
         hint = (f"pass --checkpoint {beside} (the model directory published beside it)" if beside is not None
