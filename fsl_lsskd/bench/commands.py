@@ -148,7 +148,7 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
     if launcher != "inline":
         from .launch import make_launcher
 
-        launcher_obj = make_launcher(launcher, bench, slurm_options)
+        launcher_obj = make_launcher(launcher, bench, slurm_options, notify=click.echo)  # job ids, waits
     _run(bench, out_root, rerun, shard_spec, launcher_obj, command=" ".join(shlex.quote(a) for a in sys.argv))
 
 
