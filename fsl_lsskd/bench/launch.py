@@ -78,12 +78,12 @@ WAIT_REASONS: Dict[str, str] = {
 #: SLURM job states after which the job never runs again (anything else squeue shows may still run)
 ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                           "DEADLINE", "PREEMPTED", "REVOKED"})
-#: states in which a job was stopped from outside: it leaves no result to wait for
-KILLED_STATES = frozenset({"CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "REVOKED"})
 #: seconds a job that ended normally (or left the queue) may take to show its result file (shared file systems)
 RESULT_GRACE_S = 15.0
-#: seconds an ended-from-outside job may take (its requeue, if submitit requeued it, shows by then)
-KILLED_GRACE_S = 3.0
+#: seconds after the end state of a job stopped from outside (no result to wait for) before it counts as failed;
+#: a job SLURM requeues (node failure, preemption, submitit's requeue at a time limit) is back in the queue by then
+KILLED_GRACE_S: Dict[str, float] = {"CANCELLED": 0.0, "OUT_OF_MEMORY": 0.0, "DEADLINE": 0.0, "REVOKED": 0.0,
+                                    "TIMEOUT": 5.0, "NODE_FAIL": 5.0, "BOOT_FAIL": 5.0}
 #: seconds between queue reads, at most (the first reads come sooner)
 POLL_S = 10.0
 #: seconds a pending reason of :data:`STUCK_REASONS` must hold before the run gives up on the job
@@ -541,7 +541,7 @@ class SubmititLauncher:
                         if state == "PENDING":
                             self._pending(cell, job, reason, left, told, stuck_since)
                         continue
-                    grace = KILLED_GRACE_S if state in KILLED_STATES else RESULT_GRACE_S
+                    grace = KILLED_GRACE_S.get(state, RESULT_GRACE_S)
                     if time.monotonic() - ended_at.setdefault(key, time.monotonic()) < grace:
                         next_read = min(next_read, ended_at[key] + grace)
                         continue
