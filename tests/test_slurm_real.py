@@ -123,7 +123,7 @@ def test_grid_on_slurm_trains_every_cell_once_and_scores_it(slurm_env, tmp_path,
     assert res.exit_code == 0, res.output
     assert "2 trained, 0 resumed, 0 re-scored, 0 reused, 0 failed" in summary_line(res.output), res.output
     submitted = [line for line in res.output.splitlines() if line.startswith("submitted ")]
-    assert len(submitted) == 1 and "submitted 2 cell(s) as SLURM job" in submitted[0], res.output
+    assert len(submitted) == 1 and "submitted 2 cells as SLURM job" in submitted[0], res.output
     array = submitted[0].split("SLURM job ")[1].split()[0]
     assert sorted(job for job, in squeue("%i")) == [f"{array}_0", f"{array}_1"]  # one array, two tasks
     runs = training_runs()
@@ -225,3 +225,39 @@ def test_slurm_config_errors_exit_2_with_the_reason(slurm_env, tmp_path, cifar_a
     assert ("using cpus_per_task=" in caplog.text) == (slurm_env.cpus < 4), caplog.text
     assert ("using mem_gb=" in caplog.text) == (slurm_env.mem_mb // 1024 < 16), caplog.text
     assert not [r for r in all_runs() if r[1] == "RUNNING"]
+
+
+def _cancel_when_pending(seconds: float, stop: threading.Event) -> None:
+    """Once a job has been pending for ``seconds``, ``scancel`` it."""
+    since = None
+    while not stop.wait(0.2):
+        pending = [job for job, state in squeue("%i", "%T") if state == "PENDING"]
+        if pending and since is None:
+            since = time.time()
+        if since is not None and time.time() - since >= seconds:
+            subprocess.run(["scancel", *sorted({j.split("_")[0] for j in pending})], check=True, timeout=30)
+            return
+
+
+@pytest.mark.slurm
+@skip_without_slurm
+def test_slurm_job_waiting_for_a_drained_node_is_reported_once_and_waited_for(slurm_env, tmp_path,
+                                                                               cifar_archive):
+    """A job pending because its node is drained (``ReqNodeNotAvail``, which an administrator lifts) is
+    reported once with the reason and a hint, and the run keeps waiting: here until the job is cancelled."""
+    bench = write_bench(tmp_path / "one.yaml", cifar_archive, methods=("ce",), epochs=1)
+    drain = ["scontrol", "update", "nodename=localhost"]
+    subprocess.run(drain + ["state=drain", "reason=fsl-bench test"], check=True, timeout=30)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_cancel_when_pending, args=(4.0, stop), daemon=True)
+    watcher.start()
+    try:
+        res = cli("run", bench, "--launcher", "slurm", *FIT)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+        subprocess.run(drain + ["state=resume"], check=True, timeout=30)
+    assert res.exit_code == 1 and "ended without a result (CANCELLED)" in res.output, res.output
+    told = [line for line in res.output.splitlines() if "is pending (" in line]
+    assert len(told) == 1 and "down, drained or reserved" in told[0], res.output  # read 3 times, told once
+    assert "error:" not in res.output  # not a configuration error: it may resolve

@@ -288,6 +288,10 @@ def fit_to_partition(spec: SlurmSpec, nodes: Optional[Sequence[NodeResources]]) 
     return dataclasses.replace(spec, cpus_per_task=cpus, mem_gb=mem)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _array_id(job_id: str) -> str:
     """``1234`` of an array task ``1234_5`` (a plain job's id is its own)."""
     return job_id.split("_")[0]
@@ -320,16 +324,30 @@ def queue_states(job_ids: Iterable[str]) -> Optional[Dict[str, Tuple[str, str]]]
     return out
 
 
+def _reason_code(reason: str) -> str:
+    """SLURM's code of a pending reason as squeue's ``%r`` prints it: ``ReqNodeNotAvail`` of
+    ``ReqNodeNotAvail, UnavailableNodes:n1``; the sentence the scheduler writes for drained or down nodes is
+    ``ReqNodeNotAvail`` too."""
+    if reason.startswith("Nodes required for job are DOWN"):
+        return "ReqNodeNotAvail"
+    return reason.split(",")[0].strip()
+
+
 def stuck_reason(reason: str) -> Optional[str]:
     """What a pending reason that cannot resolve means (None for one that can): :data:`STUCK_REASONS`, and any
     association or QOS limit per job."""
-    base = reason.split(",")[0].strip()
-    if base in STUCK_REASONS:
-        return STUCK_REASONS[base]
-    if "PerJob" in base:
+    code = _reason_code(reason)
+    if code in STUCK_REASONS:
+        return STUCK_REASONS[code]
+    if "PerJob" in code:
         return ("a limit per job of your association or QOS is below what the job asks for (sacctmgr show qos; "
                 "sacctmgr show assoc user=$USER): lower the resources or choose another QOS/account")
     return None
+
+
+def waiting_reason(reason: str) -> Optional[str]:
+    """What a pending reason that an administrator (or time) may lift means (:data:`WAIT_REASONS`), else None."""
+    return WAIT_REASONS.get(_reason_code(reason))
 
 
 def cancel_jobs(job_ids: Iterable[str]) -> List[str]:
@@ -371,10 +389,10 @@ class SubmititLauncher:
         s = self.slurm
         part = self.partition()
         parts = [f"partition {part}" if part else "default partition",
-                 f"{s.cpus_per_task or SlurmSpec.DEFAULT_CPUS} CPUs",
+                 _count(s.cpus_per_task or SlurmSpec.DEFAULT_CPUS, "CPU"),
                  f"{s.mem_gb} GB" if s.mem_gb else "default memory"]
         if s.gpus_per_node:
-            parts.append(f"{s.gpus_per_node} GPUs")
+            parts.append(_count(s.gpus_per_node, "GPU"))
         parts.append(f"{s.timeout_min} min")
         parts += [f"{k}={v}" for k, v in sorted(s.additional.items())]
         return ", ".join(parts)
@@ -456,7 +474,7 @@ class SubmititLauncher:
                 log.info("submitted %s as SLURM job %s", c.label, job.job_id)
             array = _array_id(submitted[0][1].job_id)
             after = f", after jobs {', '.join(sorted({_array_id(d) for d in deps}))}" if deps else ""
-            self.notify(f"submitted {len(level)} cell(s) as SLURM job {array} ({self.resources()}{after}); follow "
+            self.notify(f"submitted {_count(len(level), 'cell')} as SLURM job {array} ({self.resources()}{after}); follow "
                         f"it with: squeue -j {array}; logs: {folder}")
         return {c.key: (c, jobs[c.key]) for level in levels for c in level}
 
@@ -571,10 +589,10 @@ class SubmititLauncher:
                               f"{reason}: {meaning}. Asked for: {self.resources()}{allows}. Cancelled the jobs "
                               f"left ({' '.join(cancelled)}); cells finished so far are kept. The partition's "
                               f"limits: scontrol show partition {part}; its nodes: sinfo -N -l -p {part}")
-        base = reason.split(",")[0].strip()
-        if base in WAIT_REASONS and (_array_id(job.job_id), base) not in told:
-            told.add((_array_id(job.job_id), base))
-            self.notify(f"SLURM job {_array_id(job.job_id)} is pending ({reason}): {WAIT_REASONS[base]}; waiting "
+        waiting = waiting_reason(reason)
+        if waiting is not None and (_array_id(job.job_id), _reason_code(reason)) not in told:
+            told.add((_array_id(job.job_id), _reason_code(reason)))
+            self.notify(f"SLURM job {_array_id(job.job_id)} is pending ({reason}): {waiting}; waiting "
                         f"(Ctrl-C stops waiting, scancel {_array_id(job.job_id)} cancels the jobs)")
 
     @staticmethod
