@@ -12,7 +12,6 @@ their process ids when the module's tests end, passed or failed."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading

@@ -474,8 +474,8 @@ class SubmititLauncher:
                 log.info("submitted %s as SLURM job %s", c.label, job.job_id)
             array = _array_id(submitted[0][1].job_id)
             after = f", after jobs {', '.join(sorted({_array_id(d) for d in deps}))}" if deps else ""
-            self.notify(f"submitted {_count(len(level), 'cell')} as SLURM job {array} ({self.resources()}{after}); follow "
-                        f"it with: squeue -j {array}; logs: {folder}")
+            self.notify(f"submitted {_count(len(level), 'cell')} as SLURM job {array} ({self.resources()}{after}); "
+                        f"follow it with: squeue -j {array}; logs: {folder}")
         return {c.key: (c, jobs[c.key]) for level in levels for c in level}
 
     def _refusal(self, stderr: str, cancelled: Sequence[str]) -> str:
