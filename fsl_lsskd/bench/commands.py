@@ -137,6 +137,11 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
     bench = load_filtered(benchmark, methods, backbones, datasets, seeds, data_paths, fractions)
     click.echo(f"benchmark {bench.name}: {bench.description}")
     log.info("resolved config: %s", json.dumps(bench.to_dict(), sort_keys=True, default=str))
+    launcher_obj = None
+    if launcher != "inline" and not dry_run:  # its errors (no sbatch, resources beyond the nodes) come first
+        from .launch import make_launcher
+
+        launcher_obj = make_launcher(launcher, bench, slurm_options, notify=click.echo)  # job ids, waits
     # names, settings, --out and the data against the protocols, before anything is trained or logged
     notes = validate_benchmark(bench, data=True, out_root=None if dry_run else out_root, fetch=not dry_run)
     for n in notes:
@@ -144,11 +149,6 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
     if dry_run:
         _dry_run(bench, shard_spec)
         return
-    launcher_obj = None
-    if launcher != "inline":
-        from .launch import make_launcher
-
-        launcher_obj = make_launcher(launcher, bench, slurm_options)
     _run(bench, out_root, rerun, shard_spec, launcher_obj, command=" ".join(shlex.quote(a) for a in sys.argv))
 
 

@@ -43,7 +43,7 @@ import json
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -186,12 +186,17 @@ class VariantSpec:
 @dataclass(frozen=True)
 class SlurmSpec:
     """SLURM resources of one training job (``fsl-bench run --launcher slurm``; submitit's executor
-    parameters)."""
+    parameters). ``cpus_per_task`` and ``mem_gb`` left unset mean :attr:`DEFAULT_CPUS` CPUs and
+    :attr:`DEFAULT_MEM_GB` GB, lowered to what the partition's largest node has (the run says so); a value that
+    is set and exceeds every node is refused (:func:`fsl_lsskd.bench.launch.fit_to_partition`)."""
+
+    DEFAULT_CPUS: ClassVar[int] = 4
+    DEFAULT_MEM_GB: ClassVar[int] = 16
 
     partition: Optional[str] = None
     gpus_per_node: int = 0
-    cpus_per_task: int = 4
-    mem_gb: int = 16
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
     timeout_min: int = 240
     array_parallelism: int = 64
     additional: Mapping[str, Any] = field(default_factory=dict)
