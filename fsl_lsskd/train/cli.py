@@ -61,7 +61,6 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
     from ..utils import EpochBar
     from .checks import check_train_config
     from .config import TrainConfig, parse_set_options
-    from .engine import train
 
     validation = parse_protocol(val_n_way, val_n_shot, val_n_query, val_n_episodes, "val", allow_zero=True)
     options = dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)
@@ -74,7 +73,9 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
                       validation=validation[0] if validation else None,
                       experiment=experiment, run_name=run_name, export=not no_export, num_threads=threads,
                       mlflow=not no_mlflow, sync_bn=not no_sync_bn)
-    check_train_config(cfg)  # names, sizes, --out, val split capacity: before decoding data or opening a run
+    check_train_config(cfg)  # names, data, sizes, --out, val split capacity: before decoding data or opening a run
+    from .engine import train  # torch: after the checks, which answer a typo or a missing archive at once
+
     bar = EpochBar(disable=None)
     try:
         res = train(cfg, on_epoch=bar)
