@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 
 from ..eval.base import mean_ci
+from ..progress import announce
 from ..utils import atomic_write_text
 from .stats import excludes_zero, hierarchical_bootstrap, hierarchical_bootstrap_stat
 
@@ -604,4 +605,5 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
         path = out_stem.with_suffix(f".{ext}")
         atomic_write_text(path, (header + "\n" + text) if ext == "md" and header else text)
         paths.append(path)
+    announce(f"figures of {out_stem.name}")
     return paths + write_figures(results, out_stem)

@@ -58,7 +58,6 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
       torchrun --standalone --nproc_per_node 2 $(which fsl-bench) train --method pskd \\
         --dataset tiny_imagenet --archive tiny-imagenet-200.zip --batch-size 128 --out runs/pskd-2proc
     """
-    from ..utils import EpochBar
     from .checks import check_train_config
     from .config import TrainConfig, parse_set_options
 
@@ -76,11 +75,7 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
     check_train_config(cfg)  # names, data, sizes, --out, val split capacity: before decoding data or opening a run
     from .engine import train  # torch: after the checks, which answer a typo or a missing archive at once
 
-    bar = EpochBar(disable=None)
-    try:
-        res = train(cfg, on_epoch=bar)
-    finally:
-        bar.close()
+    res = train(cfg)  # shows the epochs and batches (bars on a terminal, timestamped lines in a log)
     if res.rank != 0:  # one report per run, not per process
         return
     if res.already_finished:
