@@ -72,9 +72,12 @@ def main(verbose: int) -> None:
       fsl-bench ls
       fsl-bench data verify tiny_imagenet --archive tiny-imagenet-200.zip
     """
+    from .progress import configure
+
     _quiet_third_party()
     level = logging.WARNING - 10 * min(verbose, 2)  # warnings by default, -v info, -vv debug
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure()  # progress on stderr: bars on a terminal, else timestamped lines (FSL_BENCH_PROGRESS overrides)
 
 
 def summary_line(obj) -> str:

@@ -1,10 +1,14 @@
 """Name -> component registries for datasets, backbones, methods and readouts; they fill themselves.
 
 A component is added by ONE file in its package that decorates one class with
-``@REGISTRY.register("name")``. Each registry knows its package: the first lookup (``get``, ``names``,
-``in``, iteration) imports every public module of that package (names without a leading underscore), so
-there is no list of modules or names to edit anywhere. Looking up an unknown name raises
-:class:`~fsl_lsskd.errors.UnknownNameError` naming the closest valid name and listing all of them.
+``@REGISTRY.register("name")``. Each registry knows its package and finds its names without importing anything:
+it reads the source of every public module of the package (names without a leading underscore) for
+``REGISTRY.register("literal name")`` calls, so there is no list of modules or names to edit anywhere, and
+listing names, checking a name and naming the valid ones in an error cost milliseconds (the components import
+torch, timm and learn2learn). ``get(name)`` imports the one module that registers ``name``.
+``tests/test_registry_cli.py`` checks that the names found in the sources are exactly what importing every
+module registers. Looking up an unknown name raises :class:`~fsl_lsskd.errors.UnknownNameError` naming the
+closest valid name and listing all of them.
 
 Backbones are timm models: the few-shot standards register in timm's own registry (``@register_model``)
 and in :data:`BACKBONES`, which lists them for ``fsl-bench ls``; any other timm CNN name is accepted by
@@ -12,11 +16,15 @@ and in :data:`BACKBONES`, which lists them for ``fsl-bench ls``; any other timm 
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import importlib.util
+import json
 import pkgutil
 import threading
-from typing import Callable, Dict, Generic, Iterator, List, Optional, TypeVar
+from pathlib import Path
+from typing import Callable, Dict, FrozenSet, Generic, Iterator, List, Optional, TypeVar
 
 from .errors import UnknownNameError
 
@@ -31,28 +39,56 @@ def import_submodules(package: str) -> None:
             importlib.import_module(f"{package}.{info.name}")
 
 
-class Registry(Generic[T]):
-    """A named registry of components of one ``kind`` ("method", "dataset", ...), filled by importing
-    ``package`` on first use."""
+def registered_in_source(package: str, symbol: str) -> Dict[str, str]:
+    """``{name: module}`` of every ``symbol.register("name")`` call in the public modules of ``package``, read
+    from their source files; nothing is imported but ``package``'s parent (``fsl_lsskd``)."""
+    spec = importlib.util.find_spec(package)  # imports the parent package only, not ``package`` itself
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{package} is not a package")
+    found: Dict[str, str] = {}
+    for info in pkgutil.iter_modules(spec.submodule_search_locations):
+        if info.name.startswith("_"):
+            continue
+        module = f"{package}.{info.name}"
+        mod_spec = info.module_finder.find_spec(module)  # the file, without importing the package
+        if mod_spec is None or not mod_spec.origin or not mod_spec.origin.endswith(".py"):
+            continue
+        source = Path(mod_spec.origin).read_text(encoding="utf-8")
+        if f"{symbol}.register(" not in source:
+            continue
+        for node in ast.walk(ast.parse(source, filename=mod_spec.origin)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == symbol and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                found[node.args[0].value] = module
+    return found
 
-    def __init__(self, kind: str, package: Optional[str] = None) -> None:
+
+class Registry(Generic[T]):
+    """A named registry of components of one ``kind`` ("method", "dataset", ...) registered by the modules of
+    ``package`` through the module-level name ``symbol`` (``METHODS``): names come from the sources
+    (:func:`registered_in_source`), a component from importing its module on first :meth:`get`."""
+
+    def __init__(self, kind: str, package: Optional[str] = None, symbol: Optional[str] = None) -> None:
         self.kind = kind
         self.package = package
+        self.symbol = symbol
         self._items: Dict[str, T] = {}
-        self._loaded = package is None
+        self._modules: Optional[Dict[str, str]] = None if package else {}
         self._lock = threading.RLock()
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        with self._lock:
-            if not self._loaded:
-                self._loaded = True  # set first: modules of the package may look names up while importing
-                try:
-                    import_submodules(self.package)
-                except BaseException:
-                    self._loaded = False
-                    raise
+    def modules(self) -> Dict[str, str]:
+        """``{name: module that registers it}`` from the package's sources (read once)."""
+        if self._modules is None:
+            with self._lock:
+                if self._modules is None:
+                    self._modules = registered_in_source(self.package, self.symbol)
+        return self._modules
+
+    def load_all(self) -> None:
+        """Import every public module of the package (what registers is then in the registry)."""
+        if self.package:
+            import_submodules(self.package)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register ``obj`` under ``name`` (a second, different object under one name is an error)."""
@@ -69,8 +105,10 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        """The component registered as ``name``; :class:`UnknownNameError` lists the valid names."""
-        self._load()
+        """The component registered as ``name`` (importing its module); :class:`UnknownNameError` lists the valid
+        names."""
+        if name not in self._items and name in self.modules():
+            importlib.import_module(self.modules()[name])
         try:
             return self._items[name]
         except KeyError:
@@ -79,31 +117,29 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str, also: str = "") -> str:
         """``unknown <kind> 'x'. Did you mean 'y'? Valid <kind>s: ...`` (``also``: extra valid names, e.g.
         "or any timm CNN name")."""
-        self._load()
-        close = difflib.get_close_matches(str(name), self._items, n=1)
+        names = self.names()
+        close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {', '.join(sorted(self._items))}{also}"
+        return f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {', '.join(names)}{also}"
 
     def names(self) -> List[str]:
-        self._load()
-        return sorted(self._items)
+        """Every registered name, sorted (nothing is imported)."""
+        return sorted(set(self.modules()) | set(self._items))
 
     def __contains__(self, name: object) -> bool:
-        self._load()
-        return name in self._items
+        return name in self._items or name in self.modules()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        self._load()
-        return len(self._items)
+        return len(self.names())
 
 
-DATASETS: Registry = Registry("dataset", "fsl_lsskd.data")
-METHODS: Registry = Registry("method", "fsl_lsskd.methods")
-READOUTS: Registry = Registry("readout", "fsl_lsskd.eval")
-BACKBONES: Registry = Registry("backbone", "fsl_lsskd.backbones")
+DATASETS: Registry = Registry("dataset", "fsl_lsskd.data", "DATASETS")
+METHODS: Registry = Registry("method", "fsl_lsskd.methods", "METHODS")
+READOUTS: Registry = Registry("readout", "fsl_lsskd.eval", "READOUTS")
+BACKBONES: Registry = Registry("backbone", "fsl_lsskd.backbones", "BACKBONES")
 
 ALL = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "readouts": READOUTS}
 
@@ -111,17 +147,15 @@ ALL = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "readou
 def check_names(*, where: str = "", **names_by_kind) -> None:
     """Raise :class:`UnknownNameError` for the first unregistered name, e.g.
     ``check_names(methods=["ce"], readouts=["protonet"], where="bench.yaml: `methods`")``; ``where`` prefixes
-    the message. Backbones also accept any timm CNN name (:func:`fsl_lsskd.backbones.check_backbone_name`)."""
+    the message. Backbones also accept any timm CNN name (:func:`fsl_lsskd.backbones.check_backbone_name`).
+    Imports no component."""
     prefix = f"{where}: " if where else ""
     for kind, names in names_by_kind.items():
         for name in names or ():
-            if kind == "backbones" and is_backbone_name(name):
-                continue
-            try:
-                ALL[kind].get(name)
-            except UnknownNameError:
-                also = TIMM_HINT if kind == "backbones" else ""
-                raise UnknownNameError(f"{prefix}{ALL[kind].unknown_message(name, also=also)}") from None
+            if name in ALL[kind] or (kind == "backbones" and is_backbone_name(name)):
+                continue  # nothing imported for a registered name (timm only for an unregistered backbone)
+            also = TIMM_HINT if kind == "backbones" else ""
+            raise UnknownNameError(f"{prefix}{ALL[kind].unknown_message(name, also=also)}")
 
 
 TIMM_HINT = (", or any timm CNN name (e.g. resnet18, efficientnet_b0; list them with "
@@ -130,7 +164,38 @@ TIMM_HINT = (", or any timm CNN name (e.g. resnet18, efficientnet_b0; list them 
 
 def is_backbone_name(name: str) -> bool:
     """A registered few-shot backbone or any timm model name (whether a timm model is a usable CNN is decided
-    by :func:`fsl_lsskd.backbones.create_backbone`)."""
+    by :func:`fsl_lsskd.backbones.create_backbone`). Imports nothing for a registered name, and timm only when
+    :func:`timm_model_names` has no cached list for the installed timm."""
+    if name in BACKBONES:
+        return True
+    return str(name).split(".", 1)[0] in timm_model_names()  # timm.is_model: the name without a pretrained tag
+
+
+def timm_model_names() -> FrozenSet[str]:
+    """timm's architecture names (``timm.list_models()``), cached per timm version in
+    ``$FSL_BENCH_CACHE/timm/models-<version>.json``, so a backbone name is checked without importing timm and
+    torch (seconds) once the cache exists; the first call imports timm and writes it (or only reads, when the
+    cache directory cannot be written)."""
+    from importlib import metadata
+
+    from .utils import atomic_write_text, cache_dir
+
+    try:
+        version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        version = None
+    path = cache_dir() / "timm" / f"models-{version}.json" if version else None
+    if path is not None and path.is_file():
+        try:
+            return frozenset(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass  # unreadable or half-written by an old version: rebuilt below
     import timm
 
-    return name in BACKBONES or timm.is_model(name)
+    names = frozenset(timm.list_models())
+    if path is not None and getattr(timm, "__version__", version) == version:
+        try:
+            atomic_write_text(path, json.dumps(sorted(names)))
+        except OSError:
+            pass
+    return names

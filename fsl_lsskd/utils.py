@@ -227,30 +227,3 @@ def derived_seed(seed: int, epoch: int, stream: int = 0, rank: int = 0) -> int:
 def project_root() -> Path:
     """The repository root (holds ``splits/`` and ``benchmarks/``) when running from a checkout."""
     return Path(__file__).resolve().parent.parent
-
-
-class EpochBar:
-    """A tqdm bar over one training run's epochs, fed by ``train(on_epoch=...)``; opened at the first call
-    (which carries the epochs a resumed checkpoint already has), closed by :meth:`close`."""
-
-    SHOWN = ("train_loss", "val_fewshot_acc")
-
-    def __init__(self, **tqdm_kwargs) -> None:
-        self.kwargs = tqdm_kwargs
-        self.bar = None
-
-    def __call__(self, done: int, total: int, metrics) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=done, desc="epochs", unit="epoch", **self.kwargs)
-        else:
-            self.bar.update(done - self.bar.n)
-        shown = {k: f"{metrics[k]:.4g}" for k in self.SHOWN if k in metrics}
-        if shown:
-            self.bar.set_postfix(shown)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

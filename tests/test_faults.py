@@ -78,7 +78,10 @@ def assert_user_error(res, *fragments):
 
 
 def assert_nothing_written(before: set, *roots: Path):
-    new = snapshot(*roots) - before
+    # the one exception: timm's model names, cached whole (atomically) per timm version when a backbone name that
+    # is not registered here is checked (fsl_lsskd.registry.timm_model_names); no result and no data
+    index = cache_dir() / "timm"
+    new = {p for p in snapshot(*roots) - before if p != str(index) and not p.startswith(str(index / "models-"))}
     assert not new, f"files written by a failed command: {sorted(new)}"
 
 

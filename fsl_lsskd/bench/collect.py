@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 
 
 from ..errors import ConfigError
+from ..progress import track
 from ..protocol import EpisodeProtocol
 from .config import Benchmark
 from .grid import Cell, expand, experiment_name, training_config, with_teachers
@@ -98,7 +99,7 @@ def collect(bench: Benchmark, store=None, data=None) -> ResultSet:
     cache: Dict[str, Any] = {}
     sources = set()
     episode_sources: Dict[tuple, Any] = {}
-    for cell in cells:
+    for cell in track(cells, f"reading the results of {bench.name}", "cell", announce=False, leave=False):
         rec = matched.get(cell.key)
         if rec is None:
             continue

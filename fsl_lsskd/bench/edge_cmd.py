@@ -45,29 +45,32 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
       fsl-bench edge benchmarks/cpu_tiny_imagenet.yaml --data tiny_imagenet=tiny-imagenet-200.zip
       fsl-bench edge benchmarks/smoke.yaml --threads 1 --batch-sizes 1 --runs 200
     """
-    from ..edge.report import EdgeSettings, edge_report, jsonable
     from ..errors import ConfigError
     from ..record import KIND_EDGE, check_no_legacy, git_commit, open_store
+    from ..registry import check_names
     from ..utils import check_writable_dir
-    from .collect import match_cells
     from .commands import load_filtered
-    from .edge_tables import EdgeCell, edge_metrics, write_edge_files
-    from .grid import expand
-    from .runner import DataCache
 
-    settings = EdgeSettings(latency=latency_settings(threads, batch_sizes, runs, warmup, max_seconds),
-                            calibration_images=int(calibration_images),
-                            readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()))
+    # the options, the benchmark file and the store first: a mistake is answered before torch is imported
+    latency = latency_settings(threads, batch_sizes, runs, warmup, max_seconds)
     if calibration_images < 1:
         raise ConfigError(f"--calibration-images {calibration_images}: need at least 1 (e.g. 512)")
-    from ..eval.scoring import ReadoutSpec
-
-    for r in settings.readouts:  # an unknown readout: exit 2 naming the valid ones, before any work
-        ReadoutSpec.parse(r)
+    readout_names = tuple(r.strip() for r in readouts.split(",") if r.strip())
+    check_names(readouts=readout_names)  # an unknown readout: exit 2 naming the valid ones, before any work
     bench = load_filtered(benchmark, methods, None, None, seeds, data_paths)
     check_writable_dir(out_dir, "--out")
     store = open_store(create=False)
     check_no_legacy(store)
+    from ..edge.report import EdgeSettings, edge_report, jsonable
+    from ..eval.scoring import ReadoutSpec
+    from .collect import match_cells
+    from .edge_tables import EdgeCell, edge_metrics, write_edge_files
+    from .grid import expand
+    from .runner import DataCache
+
+    for r in readout_names:
+        ReadoutSpec.parse(r)
+    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images), readouts=readout_names)
     matched = match_cells(bench, store)
     cells = [c for c in expand(bench) if c.key in matched]
     if not cells:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 
 from ..eval.base import mean_ci
+from ..progress import announce
 from ..utils import atomic_write_text
 from .stats import (NOT_DECIDED, ZERO_TOL, SeedInterval, class_interval, hierarchical_bootstrap_stat, t_interval,
                     verdict)
@@ -700,6 +701,7 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
     for path, text in files.items():
         atomic_write_text(path, text)
         paths.append(path)
+    announce(f"figures of {out_stem.name}")
     return paths + write_figures(results, out_stem, baseline=baselines[0] if baselines else "ce")
 
 

@@ -1,10 +1,11 @@
 """Up-front checks of a benchmark (``fsl-bench run``), so bad input fails in seconds, before anything is trained,
-decoded, cached or logged: every name is registered (the message lists the valid ones), every method's settings
-build its config, every readout's settings are valid, the data exists and every training dataset can host the
-evaluation protocols and the validation episodes (counted from the split files and the source's inventory, never
-by decoding), and the output directory can be written. The checks themselves live beside what they check
-(:func:`fsl_lsskd.registry.check_names`, :func:`fsl_lsskd.protocol.check_capacity`, ...); this module applies
-them to a benchmark and names the file and key to change.
+decoded, cached or logged: every name is registered (the message lists the valid ones) and every dataset's files
+are found (both before torch is imported), every method's settings build its config, every readout's settings
+are valid, every training dataset can host the evaluation protocols and the validation episodes (counted from the
+split files and the source's inventory, never by decoding), and the output directory can be written. The checks
+themselves live beside what they check (:func:`fsl_lsskd.registry.check_names`,
+:func:`fsl_lsskd.protocol.check_capacity`, ...); this module applies them to a benchmark and names the file and
+key to change.
 """
 from __future__ import annotations
 
@@ -67,6 +68,34 @@ def check_readouts(bench: Benchmark) -> None:
                 raise type(exc)(f"{bench.where}: `{where}`: {exc}") from None
 
 
+def check_sources(bench: Benchmark) -> None:
+    """Every dataset of ``bench`` (trained on or scored) is found on this machine: its ``--data`` path, archive or
+    data root exists (nothing is read, decoded or downloaded; a source with ``download: true`` that is missing is
+    left to :func:`check_data`). Cheap, so :func:`validate_benchmark` runs it before the checks that import torch."""
+    from .grid import data_kwargs
+
+    targets = {t for d in bench.datasets for t in bench.eval_datasets(d)}
+    for name in sorted(set(bench.datasets) | targets):
+        source = bench.data.get(name)
+        if source is not None and source.generate:
+            continue
+        try:
+            with benchmark_dataset(name):
+                kwargs = data_kwargs(name, bench)
+                try:
+                    _dataset(name, kwargs)
+                except DataError:
+                    if not kwargs.get("download"):
+                        raise
+        except DataError as exc:
+            raise _in_benchmark(exc, bench, name) from None
+
+
+def _in_benchmark(exc: DataError, bench: Benchmark, name: str) -> DataError:
+    return type(exc)(f"{bench.where}: dataset {name}: {exc} (a path on this machine can also be given as "
+                     f"`fsl-bench run --data {name}=PATH`)")
+
+
 def check_data(bench: Benchmark, data=None, fetch: bool = False) -> List[str]:
     """Every dataset of ``bench`` exists; every training dataset can host the evaluation protocols (on
     ``eval.split``) and the validation episodes (val split). Returns notes for cross-domain targets that
@@ -104,8 +133,7 @@ def check_data(bench: Benchmark, data=None, fetch: bool = False) -> List[str]:
                     counts = {s: split_counts(ds, s) for s in ("val", ev.split)}
                 classes = ds.class_split()
         except DataError as exc:
-            raise type(exc)(f"{bench.where}: dataset {name}: {exc} (a path on this machine can also be given as "
-                            f"`fsl-bench run --data {name}=PATH`)") from None
+            raise _in_benchmark(exc, bench, name) from None
         if name in bench.datasets:
             for p in ev.protocols():
                 check_capacity(counts[ev.split], p, classes[ev.split], where=f"{bench.where}: {name} {ev.split} split",
@@ -195,12 +223,14 @@ def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optiona
     check_names(methods=[k for k in bench.teachers if k not in bench.variants] +
                 [bench.method_of(t.method) for t in bench.teachers.values()], where=f"{where}: `teachers`")
     check_names(backbones=[t.backbone for t in bench.teachers.values() if t.backbone], where=f"{where}: `teachers`")
-    check_readouts(bench)
-    check_method_settings(bench)
-    check_backbones(bench)
     if bench.eval.base and bench.train.heldout <= 0:
         raise ConfigError(f"{where}: `eval.base` scores the held-out base images, but `train.heldout` is 0: set "
                           f"train.heldout (e.g. 0.1) or drop eval.base")
     if out_root is not None:
         check_writable_dir(out_root, "--out")
+    if data:  # a missing archive is reported before the checks below import torch and timm (seconds)
+        check_sources(bench)
+    check_readouts(bench)
+    check_method_settings(bench)
+    check_backbones(bench)
     return check_data(bench, fetch=fetch) if data else []

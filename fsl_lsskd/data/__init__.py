@@ -2,14 +2,25 @@
 
 ``get_dataset(name, root=None, archive=None, download=False, cache_dir=None, **kw)`` returns a
 :class:`~fsl_lsskd.data.base.FewShotDataset`; ``ds.load_split("train")`` a :class:`SplitData`. Datasets are
-found in :data:`fsl_lsskd.registry.DATASETS`, which imports every public module of this package.
+found in :data:`fsl_lsskd.registry.DATASETS`, which reads their names from the sources of this package.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from .base import SPLITS, CachedDataset, FewShotDataset, SplitData, check_min_images
+if TYPE_CHECKING:
+    from .base import FewShotDataset
+
+_LAZY = {"SPLITS", "CachedDataset", "FewShotDataset", "SplitData", "check_min_images"}
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the package (`fsl-bench data --help`) must not import numpy
+    if name in _LAZY:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
 
 
 def get_dataset(name: str, root: Optional[os.PathLike] = None, archive: Optional[os.PathLike] = None,

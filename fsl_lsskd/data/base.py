@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..options import dataset_option as opt
+from ..progress import announce
 from ..utils import atomic_path, atomic_write_text, cache_dir as default_cache_dir
 from .duplicates import HASH_BYTES, ImageRef, find_duplicates, pixel_hash, pixel_hashes
 from .sources import content_fingerprint, source_identity
@@ -255,6 +256,7 @@ class CachedDataset(FewShotDataset):
     def _decode_and_cache(self, split: str, names: List[str], npy: Path, meta_path: Path) -> SplitData:
         self.check_classes_present(names)
         log.info("decoding %s %s (%d classes) from %s", self.name, split, len(names), self.source)
+        announce(f"decoding {self.name} {split} ({len(names)} classes) from {self.source} into the cache (once)")
         arrays = self.decode_classes(names)
         empty = [n for n, a in zip(names, arrays) if len(a) == 0]
         if empty:

@@ -71,25 +71,29 @@ def export_cmd(checkpoint: Path, out_dir: Path, onnx_: bool, int8: bool, calibra
       fsl-bench export runs/x/model --out runs/x/edge --int8 --measure latency,accuracy \\
           --archive tiny-imagenet-200.zip --threads 1 --batch-sizes 1
     """
-    from ..checkpoint import export_backbone, load_backbone
-    from ..errors import ConfigError
+    from ..errors import CheckpointError, ConfigError
     from ..utils import check_writable_dir
+    from .report import MEASURES
 
     wanted = [m.strip() for m in measure.split(",") if m.strip()]
-    from .report import MEASURES, EdgeSettings, edge_report
-
     bad = sorted(set(wanted) - set(MEASURES))
     if bad:
         raise ConfigError(f"--measure {measure!r}: unknown {', '.join(bad)}; choose from {', '.join(MEASURES)}")
-    settings = EdgeSettings(latency=latency_settings(threads, batch_sizes, runs, warmup, max_seconds),
-                            calibration_images=int(calibration_images),
-                            readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()))
+    latency = latency_settings(threads, batch_sizes, runs, warmup, max_seconds)
     protocols = parse_protocol(n_way, n_shot, n_query, n_episodes) if "accuracy" in wanted else []
     if calibration_images < 1:
         raise ConfigError(f"--calibration-images {calibration_images}: need at least 1 (e.g. 512)")
+    if not Path(checkpoint).exists():  # before torch is imported (seconds)
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a model directory (OUT/model of "
+                              f"`fsl-bench train`), a training checkpoint (last.pt) or an export")
     check_writable_dir(out_dir, "--out")
     if "latency" in wanted and not allow_load:
-        check_quiet(settings.latency)  # fail fast, before minutes of export and scoring
+        check_quiet(latency)  # fail fast, before minutes of export and scoring
+    from ..checkpoint import export_backbone, load_backbone
+    from .report import EdgeSettings, edge_report
+
+    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images),
+                            readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()))
     net, meta = load_backbone(checkpoint)
     edge = onnx_ or int8 or bool(wanted)
     needs_data = int8 or "accuracy" in wanted

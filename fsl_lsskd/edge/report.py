@@ -16,7 +16,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..checkpoint import EXPORT_WEIGHTS, load_backbone
 from ..errors import ConfigError
 from ..protocol import EpisodeProtocol, can_host
 from ..utils import PathLike, atomic_path, atomic_write_text, make_dir
@@ -68,6 +67,7 @@ def build_onnx(export_dir: PathLike, out_dir: PathLike, *, images_split=None, tr
     Returns ``{"model": {...}, "files": {pytorch, onnx_fp32[, onnx_int8]}, "parity": {...}[, "int8": {...}]}``."""
     import torch
 
+    from ..checkpoint import EXPORT_WEIGHTS, load_backbone
     from .onnx_export import OnnxBackbone, export_onnx, max_difference, parity
 
     out = make_dir(out_dir)
@@ -157,6 +157,7 @@ def edge_report(export_dir: PathLike, out_dir: PathLike, *, eval_split=None, tra
     report["notes"] = []
     arrays: Dict[str, np.ndarray] = {}
     if "accuracy" in measure:
+        from ..checkpoint import load_backbone
         from ..eval.episodes import class_offsets
 
         _, counts = class_offsets(eval_split.labels, eval_split.num_classes)

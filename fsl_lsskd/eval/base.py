@@ -51,6 +51,8 @@ class EpisodeInputs:
             None when the scorer has no training checkpoint (e.g. an exported backbone).
         mean, std: per-channel normalisation; image_size: the backbone's input size.
         device: where to compute.
+        progress: ``progress(n)`` when ``n`` more episodes are scored (progress display only; readouts call
+            :meth:`done`, those that do not are counted when they return).
     """
 
     rows: np.ndarray
@@ -64,6 +66,12 @@ class EpisodeInputs:
     std: Tuple[float, ...] = (0.25, 0.25, 0.25)
     image_size: int = 32
     device: Any = "cpu"
+    progress: Optional[Callable[[int], None]] = None
+
+    def done(self, n: int = 1) -> None:
+        """``n`` more episodes are scored (for the progress display)."""
+        if self.progress is not None:
+            self.progress(int(n))
 
     @property
     def n_way(self) -> int:

@@ -17,11 +17,9 @@ def _names(text: str):
 
 def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool, dataset: str, data: dict,
             split: str, image_size: Optional[int], seed: int = 0, protocols: Sequence = ()):
-    """(model, meta, split data, dataset object) for the CLI commands. Every protocol is checked against the
-    split's per-class counts before anything is decoded or cached."""
-    import torch
-
-    from ..checkpoint import load_backbone
+    """(model, meta, split data, dataset object) for the CLI commands. The options, the checkpoint's path, the
+    data's location and every protocol against the split's per-class counts are checked before torch is imported
+    and before anything is decoded or cached."""
     from ..data import get_dataset
     from ..data.base import split_counts
     from ..protocol import check_capacity
@@ -33,12 +31,18 @@ def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool
         raise ConfigError("--checkpoint and --untrained are exclusive; pass one")
     if untrained and not backbone:
         raise ConfigError("--untrained needs --backbone NAME")
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise ConfigError(f"--checkpoint {checkpoint} does not exist; pass an exported backbone, a model directory "
+                          f"or a training checkpoint, or use --untrained")
     ds = get_dataset(dataset, **data)
     counts = split_counts(ds, split)
     for p in protocols:
         check_capacity(counts, p, ds.class_split()[split], where=f"{dataset} {split}",
                        fix=f"lower --n-way/--n-shot/--n-query (at most {int(min(counts))} images per class in all)")
+    import torch
+
     from ..backbones import check_image_size
+    from ..checkpoint import load_backbone
 
     if untrained:
         check_image_size(backbone, int(image_size or ds.image_size))
@@ -107,11 +111,9 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
 
     from ..registry import check_names
     from ..utils import check_writable_dir
-    from .scoring import ReadoutSpec, evaluate as run_eval, needs_method
 
     protocols = parse_protocol(n_way, n_shot, n_query, n_episodes)
-    specs = [ReadoutSpec.parse(r) for r in _names(readouts)]  # unknown names fail before any loading
-    check_names(datasets=[dataset])
+    check_names(readouts=_names(readouts), datasets=[dataset])  # a typo fails at once, nothing imported
     if out is not None:
         check_writable_dir(out, "--out")
     data = {"archive": archive, "root": data_root, "download": download,
@@ -119,6 +121,9 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     t0 = time.perf_counter()
     model, meta, split_data, ds = prepare(backbone, checkpoint, untrained, dataset, data, split, image_size, seed,
                                           protocols)
+    from .scoring import ReadoutSpec, evaluate as run_eval, needs_method
+
+    specs = [ReadoutSpec.parse(r) for r in _names(readouts)]
     if meta.get("dataset") == dataset:  # trained on this dataset: a WARNING when scored images are training images
         from ..data.duplicates import check_leakage
 

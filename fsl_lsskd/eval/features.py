@@ -90,13 +90,17 @@ def prepare_images(images: np.ndarray, mean: Sequence[float], std: Sequence[floa
 @torch.inference_mode()
 def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
                      image_size: Optional[int] = None, batch_size: int = 256, device="cpu",
-                     fuse: bool = True) -> np.ndarray:
+                     fuse: bool = True, desc: Optional[str] = None) -> np.ndarray:
     """Pooled features ``[N, D]`` float32 of uint8 ``[N,H,W,3]`` images (resized to ``image_size`` with
     antialiasing when it differs, normalised with ``mean``/``std``). ``fuse`` folds Conv+BatchNorm first
-    (:func:`inference_network`); pass False for a model that is already folded."""
+    (:func:`inference_network`); pass False for a model that is already folded. ``desc`` names the step in the
+    progress display (:mod:`fsl_lsskd.progress`; shown when it lasts, none without ``desc``)."""
+    from ..progress import Progress
+
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     out = []
     net = None
+    bar = Progress(len(images), desc, "image", announce=False, leave=False) if desc else None
     for i in range(0, len(images), batch_size):
         x = prepare_images(images[i:i + batch_size], mean, std, image_size, device)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -107,6 +111,10 @@ def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float]
             raise ValueError(f"backbone returned {tuple(f.shape)}; expected pooled [B, D] features "
                              "(create it with num_classes=0)")
         out.append(f.float().cpu())
+        if bar is not None:
+            bar.update(len(x))
+    if bar is not None:
+        bar.close()
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "num_features", 0)), np.float32)
 
 
@@ -173,7 +181,8 @@ def split_features(model: nn.Module, split, mean: Sequence[float], std: Sequence
                     return feats
             except (OSError, ValueError):
                 log.warning("unreadable feature cache %s; recomputing", path)
-    feats = extract_features(model, split.images, mean, std, size, batch_size, device)
+    feats = extract_features(model, split.images, mean, std, size, batch_size, device,
+                             desc=f"features {split.dataset} {split.split}")
     if path is not None:
         with atomic_path(path, suffix=".npy") as tmp:
             with open(tmp, "wb") as fh:

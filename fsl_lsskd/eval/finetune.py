@@ -240,6 +240,7 @@ class FinetuneReadout(Readout):
                 logits = head(l2_normalize(model(x_qry))).double() / float(cfg.temperature)
             correct[e] = (logits.argmax(1) == query_y).double().mean().item()
             probs[e] = torch.softmax(logits, 1).float().cpu().numpy()
+            inputs.done(1)
         log.info("finetune: %d episodes, mean acc %.4f (%d steps, last stage %s)", E,
                  correct.mean() if E else float("nan"), cfg.steps, last_stage_name(model))
         return ReadoutOutput(correct, probs)

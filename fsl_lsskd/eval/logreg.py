@@ -53,4 +53,5 @@ class LogRegReadout(Readout):
             p = fit_predict_sklearn(xs, np.repeat(np.arange(W), S), xq, float(self.config.C))
             probs[e] = p
             correct[e] = float(np.mean(p.argmax(1) == yq))
+            inputs.done(1)
         return ReadoutOutput(correct, probs)

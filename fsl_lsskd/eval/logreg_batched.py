@@ -160,4 +160,5 @@ class LogRegBatchedReadout(Readout):
             logits = xq @ Wt.transpose(1, 2) + b[:, None]
             correct.append((logits.argmax(-1) == yq).to(torch.float64).mean(-1).cpu())
             probs.append(torch.softmax(logits, -1).to(torch.float32).cpu())
+            inputs.done(e)
         return ReadoutOutput(torch.cat(correct).numpy(), torch.cat(probs).numpy())

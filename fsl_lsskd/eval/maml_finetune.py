@@ -86,6 +86,7 @@ class MAMLFinetuneReadout(Readout):
                                              inner_lr=self.config.inner_lr)
             acc[e] = (logits.argmax(1) == query_y).double().mean().item()
             probs[e] = torch.softmax(logits.float(), 1).cpu().numpy()
+            inputs.done(1)
         log.info("maml_finetune: %d episodes, mean acc %.4f", E, acc.mean() if E else float("nan"))
         return ReadoutOutput(acc, probs)
 

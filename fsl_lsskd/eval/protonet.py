@@ -57,6 +57,7 @@ class ProtoNetReadout(Readout):
             labels = torch.arange(inputs.n_way, device=q.device).repeat_interleave(inputs.n_query)
             correct.append((logits.argmax(-1) == labels).to(torch.float64).mean(-1).cpu())
             probs.append(torch.softmax(logits, -1).to(torch.float32).cpu())
+            inputs.done(qry.shape[0])
         return ReadoutOutput(torch.cat(correct).numpy(), torch.cat(probs).numpy())
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
+from ..progress import Progress
 from ..protocol import EpisodeProtocol, unique
 from ..registry import READOUTS
 from .base import EpisodeInputs, Readout, ScoreResult, query_labels
@@ -141,19 +142,26 @@ def evaluate(backbone: nn.Module, split, *, protocols: Sequence[Union[EpisodePro
     embed = make_embedder(backbone, mean, std, size, device) if any(r.uses_images() for _, r in built) else None
     info = {"dataset": split.dataset, "split": split.split, "image_size": size, "fingerprint": split.fingerprint}
     results = []
+    total = sum(min(len(ep), r.episode_limit() or len(ep)) for ep in episodes.values() for _, r in built)
+    bar = Progress(total, f"scoring {split.dataset} {split.split}", "episode", announce=False, leave=False)
     for protocol in protocols:
         ep = episodes[protocol]
         rows_all = ep.rows(offsets)
         for spec, readout in built:
             limit = readout.episode_limit()
             rows = rows_all[:limit] if limit else rows_all
+            bar.set_postfix(_what=f"{protocol.key} {spec.label}")
+            start = bar.n
             t0 = time.perf_counter()
             out = readout.predict(EpisodeInputs(rows=rows, n_shot=protocol.n_shot, features=feats,
                                                 images=split.images, embed=embed, backbone=backbone, method=method,
-                                                mean=tuple(mean), std=tuple(std), image_size=size, device=device))
+                                                mean=tuple(mean), std=tuple(std), image_size=size, device=device,
+                                                progress=bar.update))
+            bar.update(max(start + len(rows) - bar.n, 0))  # what a readout did not report
             res = _result(spec, protocol, rows, out, ep, time.perf_counter() - t0, info)
             log.info("%s %s: %.2f +- %.2f %%", protocol.key, spec.label, res.mean, res.ci95)
             results.append(res)
+    bar.close()
     return results
 
 

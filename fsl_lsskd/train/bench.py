@@ -8,17 +8,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, Iterable
+from typing import TYPE_CHECKING, Dict, Iterable
 
 import click
-import numpy as np
-import torch
 
 from ..options import dataset_kwargs, dataset_options
+
+if TYPE_CHECKING:  # torch and numpy load when the benchmark runs, not for `fsl-bench bench train --help`
+    import numpy as np
 
 
 def _time_steps(method, batches: Iterable, steps: int, warmup: int, lr: float = 0.05) -> float:
     """images/s over ``steps`` optimiser steps after ``warmup`` steps (data loading included)."""
+    import torch
+
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=lr, momentum=0.9,
                           weight_decay=5e-4)
     method.train()
@@ -56,8 +59,9 @@ def _time_data(batches: Iterable, n: int, warmup: int = 2) -> float:
     return 1e3 * (time.perf_counter() - t0) / n
 
 
-class _PILDataset(torch.utils.data.Dataset):
-    """What rfs/PS-KD do: keep the decoded images, make a PIL image per item, apply PIL transforms."""
+class _PILDataset:
+    """What rfs/PS-KD do: keep the decoded images, make a PIL image per item, apply PIL transforms (a map-style
+    dataset of ``torch.utils.data.DataLoader``: ``__len__`` and ``__getitem__``)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -72,6 +76,7 @@ class _PILDataset(torch.utils.data.Dataset):
 
 
 def _reference_batches(images, labels, mean, std, batch_size, workers, seed):
+    import torch
     from torchvision import transforms
 
     from ..methods.base import Batch
@@ -91,6 +96,8 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
                     steps: int = 50, warmup: int = 5, workers=(0, 2), methods=("pskd", "byot", "lsskd"),
                     seed: int = 0) -> Dict[str, object]:
     """The benchmark as a dict (see module docstring)."""
+    import torch
+
     from ..backbones import create_backbone
     from ..registry import METHODS
     from .loader import TrainLoader
@@ -165,6 +172,8 @@ def bench_train(dataset, archive, data_root, download, split_file, train_per_cla
       fsl-bench bench train --dataset tiny_imagenet --archive tiny-imagenet-200.zip \\
           --backbone conv4 --image-size 32 --steps 50
     """
+    import torch
+
     from ..data import get_dataset
     from ..utils import atomic_write_text
 

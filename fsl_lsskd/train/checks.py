@@ -6,7 +6,6 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from ..checkpoint import read_training_state
 from ..errors import DataError
 from ..protocol import check_capacity
 from ..registry import check_names
@@ -25,31 +24,35 @@ def check_resume_checkpoint(out_dir: Path) -> None:
         with zipfile.ZipFile(path):
             return
     except (zipfile.BadZipFile, OSError):
+        from ..checkpoint import read_training_state
+
         read_training_state(path)  # raises CheckpointError naming the fix
 
 
 def check_train_config(cfg: TrainConfig) -> None:
     """Raise a :class:`~fsl_lsskd.errors.UserError` (exit 2) for anything wrong with ``cfg`` that can be found
-    without training."""
-    from ..backbones import check_image_size
+    without training. A name or the data's location is checked before anything imports torch (seconds)."""
     from ..data import get_dataset
-    from ..data.base import split_counts
     from ..utils import check_writable_dir
 
     check_names(methods=[cfg.method], datasets=[cfg.dataset], backbones=[cfg.backbone])
+    check_writable_dir(cfg.out_dir, "--out")
+    kw = cfg.data_kwargs()
+    ds = None
+    if kw.pop("download", False):
+        try:  # no download in the checks (every torchrun process runs them): the engine fetches, rank 0 first
+            ds = get_dataset(cfg.dataset, **kw)
+        except DataError:
+            pass  # not fetched yet: the engine downloads it, then validation checks the val split itself
+    else:
+        ds = get_dataset(cfg.dataset, **kw)  # finds the archive or folder; decodes nothing
+    from ..backbones import check_image_size
+    from ..data.base import split_counts
+
     resolved_method_config(cfg)
     check_image_size(cfg.backbone, cfg.image_size)
-    check_writable_dir(cfg.out_dir, "--out")
     check_resume_checkpoint(Path(cfg.out_dir))
-    if cfg.validation is not None:
-        kw = cfg.data_kwargs()
-        if kw.pop("download", False):
-            try:  # no download in the checks (every torchrun process runs them): the engine fetches, rank 0 first
-                ds = get_dataset(cfg.dataset, **kw)
-            except DataError:
-                return  # not fetched yet: the engine downloads it, then validation checks the val split itself
-        else:
-            ds = get_dataset(cfg.dataset, **kw)
+    if cfg.validation is not None and ds is not None:
         check_capacity(split_counts(ds, "val"), cfg.validation, ds.class_split()["val"],
                        where=f"{cfg.dataset} val split (validation: {cfg.validation.key} x{cfg.validation.n_episodes} "
                              f"every epoch)",

@@ -58,10 +58,8 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
       torchrun --standalone --nproc_per_node 2 $(which fsl-bench) train --method pskd \\
         --dataset tiny_imagenet --archive tiny-imagenet-200.zip --batch-size 128 --out runs/pskd-2proc
     """
-    from ..utils import EpochBar
     from .checks import check_train_config
     from .config import TrainConfig, parse_set_options
-    from .engine import train
 
     validation = parse_protocol(val_n_way, val_n_shot, val_n_query, val_n_episodes, "val", allow_zero=True)
     options = dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)
@@ -74,12 +72,10 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
                       validation=validation[0] if validation else None,
                       experiment=experiment, run_name=run_name, export=not no_export, num_threads=threads,
                       mlflow=not no_mlflow, sync_bn=not no_sync_bn)
-    check_train_config(cfg)  # names, sizes, --out, val split capacity: before decoding data or opening a run
-    bar = EpochBar(disable=None)
-    try:
-        res = train(cfg, on_epoch=bar)
-    finally:
-        bar.close()
+    check_train_config(cfg)  # names, data, sizes, --out, val split capacity: before decoding data or opening a run
+    from .engine import train  # torch: after the checks, which answer a typo or a missing archive at once
+
+    res = train(cfg)  # shows the epochs and batches (bars on a terminal, timestamped lines in a log)
     if res.rank != 0:  # one report per run, not per process
         return
     if res.already_finished:

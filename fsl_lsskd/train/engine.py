@@ -30,6 +30,7 @@ import torch
 from ..checkpoint import (MODEL_META, load_method, read_model_meta, read_training_state,
                           save_model, save_training_state)
 from ..errors import ConfigError, TrainingDiverged
+from ..progress import Progress, announce
 from ..utils import atomic_path, atomic_write_text, check_writable_dir, make_dir
 from .config import TrainConfig, build_method_config, diff_keys, method_class, train_id, training_identity
 from .loader import TrainLoader, epoch_seed
@@ -258,8 +259,11 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
             the training run under an invocation run; ``tags`` are added to it.
         stop_after_epoch: stop after that many completed epochs (like a kill; nothing finished), for time-sliced
             runs.
-        on_epoch: ``on_epoch(epochs_done, epochs, metrics)`` on rank 0 after each epoch's resume state is written
-            (progress bars), and once before the first epoch with the epochs already done.
+        on_epoch: ``on_epoch(epochs_done, epochs, metrics)`` on rank 0 after each epoch's resume state is written,
+            and once before the first epoch with the epochs already done.
+
+    Rank 0 shows its progress (:mod:`fsl_lsskd.progress`): the data loading, every epoch (loss, images/s, ETA of
+    the run) and, on a terminal or every 30 s in a log, the batches of the epoch (running loss, images/s, ETA).
 
     Resumes from ``cfg.out_dir/last.pt`` when it exists and has the same training identity; returns at once when
     ``out_dir`` already holds the finished model of this identity. A different identity raises
@@ -321,6 +325,10 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
     # only once the run starts writing, so a run that fails on its data or settings leaves no empty --out behind
     check_writable_dir(out, "--out")
     ckpt_path = out / CHECKPOINT_NAME
+    label = f"training {cfg.method} {cfg.backbone} {cfg.dataset} seed {cfg.seed}"
+    if dctx.is_main:
+        announce(f"{label}: loading the data" + (" (decoded into the cache on a dataset's first use)"
+                                                 if train_data is None else ""))
     with dctx.main_first():  # rank 0 decodes the dataset cache, then the other ranks read it
         data = prepare_data(cfg, train_data, val_data, mean, std)
     identity, tid = identity_of(cfg, data.fingerprint)
@@ -389,7 +397,10 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
     else:
         store = None
 
+    epochs_bar = None
     try:
+        if dctx.is_main:
+            epochs_bar = Progress(mcfg.epochs, label, "epoch", initial=start_epoch, interval=0, rate=False)
         if on_epoch is not None and dctx.is_main:
             on_epoch(start_epoch, mcfg.epochs, dict(history[-1]) if history else {})
         with torch.random.fork_rng(devices=[]):
@@ -397,7 +408,7 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
                     break
                 metrics = _run_epoch(run_cfg, method, loader, optimizer, scheduler, scaler, epoch, data, step_fn,
-                                     dctx, validator)
+                                     dctx, validator, epochs=mcfg.epochs)
                 if dctx.is_main:
                     state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
@@ -408,6 +419,7 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
                         store.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
                     log.info("epoch %d/%d %s", epoch + 1, mcfg.epochs,
                              " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                    epochs_bar.update(1, **epoch_postfix(metrics))
                     if on_epoch is not None:
                         on_epoch(epoch + 1, mcfg.epochs, metrics)
                 # rank 0's metrics (with validation) once its checkpoint is written: one history everywhere
@@ -419,6 +431,9 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
         if store is not None and run_id is not None:  # a killed run is resumed into the same run later
             store.fail(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        if epochs_bar is not None:
+            epochs_bar.close()
     # the other ranks return once rank 0 has written everything
     run_id, model_dir, export_dir = dctx.broadcast_object((run_id, model_dir, export_dir))
     final = dict(history[-1]) if history else {}
@@ -444,10 +459,29 @@ def _finish(cfg: TrainConfig, method, meta: Dict[str, Any], history, run_id, out
     return model_dir, export_dir
 
 
+def epoch_postfix(metrics: Dict[str, float]) -> Dict[str, Any]:
+    """What an epoch's progress line shows of its metrics: loss, validation and held-out accuracy, images/s."""
+    shown: Dict[str, Any] = {}
+    for key, name in (("train_loss", "loss"), ("val_fewshot_acc", "val_acc"), ("heldout_base_acc", "base_acc")):
+        if key in metrics:
+            shown[name] = float(metrics[key])
+    if "images_per_s" in metrics:
+        shown["_ips"] = f"{metrics['images_per_s']:.0f} img/s"
+    return shown
+
+
+def steps_per_epoch(method, loader) -> int:
+    """Optimiser steps in one epoch: the loader's batches, or an episodic method's episode batches."""
+    per = getattr(method, "batches_per_epoch", None)
+    return int(per()) if callable(per) else len(loader)
+
+
 def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, scheduler, scaler, epoch: int,
-               data: PreparedData, step_fn=None, dctx=None, validator: Optional[Validator] = None) -> Dict[str, float]:
+               data: PreparedData, step_fn=None, dctx=None, validator: Optional[Validator] = None,
+               epochs: Optional[int] = None) -> Dict[str, float]:
     """One epoch: train (``step_fn`` = the method's step, DDP-wrapped on several processes, under autocast),
-    reduce the metrics over the ranks, then validate (rank 0). Metric ``epoch`` counts from 1."""
+    reduce the metrics over the ranks, then validate (rank 0). Metric ``epoch`` counts from 1. Rank 0 shows the
+    progress of the batches (``epochs``: the run's number of epochs, for its description); it only reads."""
     from .distributed import DistContext, nonfinite_losses, shard_tasks
 
     dctx = dctx if dctx is not None else DistContext(device=loader.device)
@@ -462,6 +496,10 @@ def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, schedul
     n_images, n_steps = 0, 0
     t0 = time.perf_counter()
     task_size = getattr(method.config, "task_size", 0)
+    bar = None
+    if dctx.is_main:
+        bar = Progress(steps_per_epoch(method, loader), f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""),
+                       "batch", announce=False, leave=False, rate=False)
     for step, batch in enumerate(method.iter_batches(loader, epoch)):
         if dctx.enabled and method.episodic:  # every rank sampled the same tasks; keep this rank's share
             batch = shard_tasks(batch, task_size, dctx)
@@ -483,7 +521,12 @@ def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, schedul
         n_steps += 1
         for k, v in outputs.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach().float()) * bs
+        if bar is not None:  # this rank's running mean loss and images/s
+            bar.update(1, loss=sums["loss"] / n_images,
+                       _ips=f"{n_images * dctx.world_size / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
     train_time = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
     scheduler.step()
     if dctx.enabled:  # global means: sums and image counts over the ranks, the slowest rank's time
         keys = sorted(sums)
