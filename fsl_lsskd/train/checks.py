@@ -42,6 +42,10 @@ def check_train_config(cfg: TrainConfig) -> None:
     check_writable_dir(cfg.out_dir, "--out")
     check_resume_checkpoint(Path(cfg.out_dir))
     if cfg.validation is not None:
+        from ..eval.episodes import check_episode_memory
+
+        check_episode_memory([cfg.validation], "--val-n-episodes", probabilities=False,
+                             fix="lower --val-n-episodes (the default is 200; 0 disables validation)")
         kw = cfg.data_kwargs()
         if kw.pop("download", False):
             try:  # no download in the checks (every torchrun process runs them): the engine fetches, rank 0 first
