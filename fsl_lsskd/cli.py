@@ -1,12 +1,14 @@
 """The ``fsl-bench`` command line. Subcommands load lazily so ``fsl-bench --help`` does not import torch.
 
 Every :class:`~fsl_lsskd.errors.UserError` ends the command with its message on stderr and exit code 2, and so
-does an ``OSError`` meaning an output cannot be written (disk full, read-only, permission denied).
+does an output or MLflow store that cannot be written (disk full, read-only, permission denied). Ctrl-C ends it
+with exit code 130, SIGTERM with 143, both after marking its MLflow runs KILLED.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Dict
 
@@ -42,23 +44,47 @@ class LazyGroup(LazyCommands):
     lazy_commands = COMMANDS
 
     def invoke(self, ctx: click.Context):
-        from .errors import UserError
+        from .errors import Terminated, UserError
+        from .record import store_error
         from .utils import output_error
 
+        previous = _on_sigterm_raise()
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:  # Ctrl-C is not a crash: no traceback, the shell's code for SIGINT
-            click.echo("\ninterrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM is not a crash: no traceback, the shell's code
+            terminated = isinstance(exc, Terminated)
+            click.echo("\nterminated (SIGTERM)" if terminated else "\ninterrupted", err=True)
+            ctx.exit(143 if terminated else 130)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
-        except OSError as exc:  # disk full / read-only / permission denied outside the atomic writers
-            err = output_error(exc)
+        except Exception as exc:  # a store or an output that cannot be written: disk full, read-only, denied
+            err = store_error(exc) or (output_error(exc) if isinstance(exc, OSError) else None)
             if err is None:
                 raise
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm_raise():
+    """In the main thread, make SIGTERM raise :class:`~fsl_lsskd.errors.Terminated` (a KeyboardInterrupt), so a
+    killed command ends like Ctrl-C: its MLflow runs are marked KILLED, not left RUNNING. Returns the previous
+    handler (None when not installed)."""
+    import threading
+
+    from .errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -47,3 +47,8 @@ class OutputError(UserError):
 
 class TrainingDiverged(FslError):
     """Loss became NaN or inf."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (``kill``, a job scheduler's stop): raised in the main thread by the CLI's
+    handler so it shuts down as on Ctrl-C (runs marked KILLED, nothing half-written), with exit code 143."""

@@ -11,15 +11,16 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import click
 
+from .bounds import COUNT, COUNT_OR_ZERO, SIZE
 from .errors import ConfigError
 
 
 def dataset_options(default_dataset: Optional[str] = "tiny_imagenet", required: bool = False, argument: bool = False):
     """Decorator adding the dataset options (``dataset`` as an argument when ``argument``)."""
     def deco(f):
-        f = click.option("--folder-image-size", type=int, default=None,
+        f = click.option("--folder-image-size", type=SIZE, default=None,
                          help="image_folder: decode images at this size (square; default 64).")(f)
-        f = click.option("--train-per-class", type=int, default=None,
+        f = click.option("--train-per-class", type=COUNT, default=None,
                          help="Read only the first N train images of every class, in the official order (e.g. "
                               "100 rebuilds the published Tiny ImageNet subset from tiny-imagenet-200.zip).")(f)
         f = click.option("--split-file", type=click.Path(path_type=Path), default=None,
@@ -103,16 +104,18 @@ def dataset_kwargs(dataset: Optional[str], split_file=None, train_per_class=None
 
 
 def protocol_options(prefix: str = "", default_way: int = 5, default_shot: str = "1,5", default_query: int = 15,
-                     default_episodes: int = 2000, help_episodes: str = "Episodes per protocol."):
-    """Decorator adding ``--[prefix-]n-way/n-shot/n-query/n-episodes`` (``n-way`` and ``n-shot`` accept lists)."""
+                     default_episodes: int = 2000, help_episodes: str = "Episodes per protocol.",
+                     zero_disables: bool = False):
+    """Decorator adding ``--[prefix-]n-way/n-shot/n-query/n-episodes`` (``n-way`` and ``n-shot`` accept lists;
+    ``n-episodes`` and ``n-query`` are counts >= 1, or ``n-episodes`` >= 0 when ``zero_disables``)."""
     dash = f"{prefix}-" if prefix else ""
     under = f"{prefix}_" if prefix else ""
 
     def deco(f):
         f = click.option(f"--{dash}n-episodes", f"{under}n_episodes", default=default_episodes, show_default=True,
-                         type=int, help=help_episodes)(f)
-        f = click.option(f"--{dash}n-query", f"{under}n_query", default=default_query, show_default=True, type=int,
-                         help="Query images per class.")(f)
+                         type=COUNT_OR_ZERO if zero_disables else COUNT, help=help_episodes)(f)
+        f = click.option(f"--{dash}n-query", f"{under}n_query", default=default_query, show_default=True,
+                         type=COUNT, help="Query images per class.")(f)
         f = click.option(f"--{dash}n-shot", f"{under}n_shot", default=default_shot, show_default=True,
                          help="Support images per class (comma list).")(f)
         f = click.option(f"--{dash}n-way", f"{under}n_way", default=str(default_way), show_default=True,

@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
+from .bounds import SEED_LIMIT, SEED_RULE
 from .errors import ProtocolError
 
 PUBLISHED_SEED = 0
@@ -23,7 +24,7 @@ class EpisodeProtocol:
     """``n_way``-way ``n_shot``-shot episodes with ``n_query`` queries per class; ``n_episodes`` of them,
     drawn from ``seed`` (RFS sampling; :mod:`fsl_lsskd.eval.episodes`).
 
-    Raises :class:`ProtocolError` for values below 1 (``n_way`` below 2)."""
+    Raises :class:`ProtocolError` for values below 1 (``n_way`` below 2) and seeds outside ``[0, 2**32)``."""
 
     n_way: int = 5
     n_shot: int = 1
@@ -41,8 +42,8 @@ class EpisodeProtocol:
         for name in ("n_shot", "n_query", "n_episodes"):
             if getattr(self, name) < 1:
                 raise ProtocolError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ProtocolError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ProtocolError(f"seed {self.seed}: {SEED_RULE}")
 
     @property
     def images_per_class(self) -> int:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from .errors import UserError
-from .utils import project_root
+from .utils import pid_alive, project_root
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ TAG_SCORE_ID = "fsl.score_id"
 TAG_BENCHMARK = "fsl.benchmark"
 TAG_TEACHER = "fsl.teacher_train_id"
 TAG_COMMIT = "fsl.git_commit"
+TAG_HOST, TAG_PID = "fsl.host", "fsl.pid"  # where an invocation runs (a killed one is closed by the next)
 COMPLETE = "complete"
 KIND_INVOCATION, KIND_TRAIN, KIND_SCORE, KIND_EDGE = "invocation", "train", "score", "edge"
 # record format 1
@@ -82,6 +83,9 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs every SQL error with its statement, parameters and chained tracebacks before raising it again;
+    # the raised error is reported (a store that cannot be written: :func:`store_error`, one line)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def store_uri() -> str:
@@ -100,6 +104,59 @@ def describe_store() -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return f"{store_uri()} (MLFLOW_TRACKING_URI)"
     return f"{sqlite_path(store_uri())} (the default ./mlflow.db: MLFLOW_TRACKING_URI is unset)"
+
+
+#: SQLite's messages for a store it cannot write (the database file or its directory is read-only)
+_READ_ONLY_TEXT = ("attempt to write a readonly database", "readonly database", "unable to open database file")
+
+
+def _in_store(filename) -> bool:
+    """Whether ``filename`` is one of the local store's files: the SQLite database with its lock and journal, or
+    a file under an artifact root beside it or in the working directory (``mlruns/``)."""
+    path = Path(os.fsdecode(filename)).absolute()
+    db = sqlite_path(store_uri())
+    roots = [Path.cwd() / "mlruns"] + ([db.parent / "mlruns"] if db is not None else [])
+    if db is not None and path.parent == db.absolute().parent and path.name.startswith(db.name):
+        return True
+    return any(path.is_relative_to(r.absolute()) for r in roots)
+
+
+def store_error(exc: BaseException) -> Optional[UserError]:
+    """An :class:`~fsl_lsskd.errors.OutputError` (one line) when ``exc`` means the store cannot be written: its
+    disk is full (SQLite's "database or disk is full", or an artifact write failing with ENOSPC: the free space is
+    named) or it is read-only (SQLite's "readonly database", its lock or artifact folder refused). The fix names
+    MLFLOW_TRACKING_URI. None for any other error."""
+    import errno as _errno
+
+    from .errors import OutputError
+    from .utils import WRITE_ERRNOS, free_space, full_disk_cause
+
+    chain, e, seen = [], exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    db = sqlite_path(store_uri())
+    where = str(db.parent) if db is not None else store_uri()
+    oserr = next((c for c in chain if isinstance(c, OSError) and c.errno in WRITE_ERRNOS and c.filename
+                  and _in_store(c.filename)), None)
+    text = " ".join(str(c).lower() for c in chain)
+    is_sql = any(type(c).__module__.startswith(("sqlite3", "sqlalchemy", "mlflow")) for c in chain)
+    if oserr is not None:
+        filename = Path(os.fsdecode(oserr.filename))
+        where = str(filename.parent if not filename.is_dir() else filename)
+    if (oserr is not None and oserr.errno in (_errno.ENOSPC, _errno.EDQUOT)) or (
+            is_sql and full_disk_cause(exc) is not None):
+        return OutputError(f"cannot write the MLflow store {describe_store()}: no space left on the device holding "
+                           f"{where} ({free_space(where)} free). Free disk space there, or point "
+                           f"MLFLOW_TRACKING_URI at a store on another disk, and run the command again (nothing "
+                           f"finished was lost: the same command resumes)")
+    if oserr is not None or (is_sql and any(s in text for s in _READ_ONLY_TEXT)):
+        return OutputError(f"cannot write the MLflow store {describe_store()}: {where} is read-only or not writable "
+                           f"by this user. Commands that only read it (fsl-bench table, run --dry-run) work as it is; "
+                           f"to write, copy mlflow.db and mlruns/ to a writable directory and point "
+                           f"MLFLOW_TRACKING_URI at the copy (MLFLOW_TRACKING_URI=sqlite:////path/to/copy/mlflow.db)")
+    return None
 
 
 @contextlib.contextmanager
@@ -269,6 +326,26 @@ class Store:
         """The newest run of ``train_id`` that did not finish (a killed run to resume into), or None."""
         rec = self.trainings([train_id], complete_only=False).get(train_id)
         return rec if rec is not None and not rec.complete else None
+
+    def close_unfinished(self, train_id: str, keep: Optional[str] = None, status: str = "KILLED") -> List[str]:
+        """End every training run of ``train_id`` that MLflow still shows RUNNING, but ``keep``, as ``status``
+        (a run whose process was killed: SIGKILL, ``scancel``, a lost node); returns their ids. Call it only while
+        holding the cell (:func:`fsl_lsskd.bench.runner.cell_claim`): a run of the cell still RUNNING then belongs
+        to no live process."""
+        query = f"tags.`{TAG_KIND}` = '{KIND_TRAIN}' and tags.`{TAG_TRAIN_ID}` = '{train_id}'"
+        closed = []
+        for run in self._search(query):
+            if run.info.status == "RUNNING" and run.info.run_id != keep:
+                self.client.set_terminated(run.info.run_id, status)
+                closed.append(run.info.run_id)
+        if closed:
+            log.info("training %s: closed %d run(s) left RUNNING by a killed process as %s: %s", train_id,
+                     len(closed), status, ", ".join(closed))
+        return closed
+
+    def has_metrics(self, run_id: str) -> bool:
+        """Whether run ``run_id`` logged any metric (a training run: finished at least one epoch)."""
+        return bool(self.client.get_run(run_id).data.metrics)
 
     def start_training(self, experiment: str, run_name: str, train_id: str, identity: Mapping[str, Any],
                        tags: Optional[Mapping[str, str]] = None, params: Optional[Mapping[str, Any]] = None,
@@ -441,9 +518,22 @@ class Store:
 
     # ---------------------------------------------------------------- invocations
     def start_invocation(self, experiment: str, name: str, tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id(experiment), run_name=name,
+        """Open the invocation run of one ``fsl-bench run`` (tagged with this host and process id), after ending
+        as KILLED the invocation runs of ``experiment`` that a killed process (SIGKILL, a lost shell) left RUNNING
+        on this host."""
+        import socket
+
+        eid = self.experiment_id(experiment)
+        host = socket.gethostname()
+        for run in self._search(f"tags.`{TAG_KIND}` = '{KIND_INVOCATION}' and tags.`{TAG_HOST}` = '{host}'", [eid]):
+            pid = run.data.tags.get(TAG_PID, "")
+            if run.info.status == "RUNNING" and pid.isdigit() and not pid_alive(int(pid)):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                log.info("closed invocation run %s of killed process %s as KILLED", run.info.run_id, pid)
+        run = self.client.create_run(eid, run_name=name,
                                      tags={TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_INVOCATION,
-                                           TAG_COMMIT: git_commit(), **dict(tags)})
+                                           TAG_COMMIT: git_commit(), TAG_HOST: host, TAG_PID: str(os.getpid()),
+                                           **dict(tags)})
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
@@ -467,7 +557,8 @@ def _local_artifact_path(uri: str) -> Optional[Path]:
 
 def open_store(create: bool = True) -> Store:
     """The store at :func:`store_uri`. ``create=False`` (reading commands) raises :class:`StoreNotFound`
-    instead of creating a missing local SQLite store."""
+    instead of creating a missing local SQLite store, and opens an existing one without taking the write lock
+    (:func:`store_lock`), so a store on a read-only share or directory can be read."""
     quiet_mlflow()
     uri = store_uri()
     db = sqlite_path(uri)
@@ -478,10 +569,13 @@ def open_store(create: bool = True) -> Store:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    if db is not None:
+    if db is not None and create:
         with store_lock():  # table creation of a fresh SQLite store, serialised
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
+    elif db is not None:  # an existing store, read: no lock (it may be on a read-only share)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
     else:
         client = MlflowClient(tracking_uri=uri)
     mlflow.set_tracking_uri(uri)

@@ -51,10 +51,55 @@ def md5_file(path: PathLike, chunk: int = 1 << 20) -> str:
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def output_error(exc: OSError, path: Optional[PathLike] = None) -> Optional["OutputError"]:
-    """An :class:`~fsl_lsskd.errors.OutputError` naming the directory and the fix for an ``OSError`` that
-    means the location cannot be written (disk full, quota, read-only file system, permission denied);
-    ``None`` for any other error."""
+#: messages of writers that report a full disk without an errno (safetensors' Rust writer, SQLite)
+_FULL_DISK_TEXT = ("no space left on device", "os error 28", "database or disk is full")
+
+
+def free_space(path: PathLike) -> str:
+    """Free space of the file system holding ``path`` (its nearest existing ancestor) for this user, e.g.
+    ``12.3 MiB``; ``unknown`` when it cannot be read."""
+    from .bounds import format_bytes
+
+    free = _free_bytes(path)
+    return "unknown" if free is None else format_bytes(free)
+
+
+def _free_bytes(path: PathLike) -> Optional[int]:
+    try:
+        st = os.statvfs(_existing_ancestor(Path(path)))
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize  # root may use the reserved blocks
+
+
+def full_disk_cause(exc: BaseException, written: Optional[PathLike] = None) -> Optional[OSError]:
+    """An ``OSError(ENOSPC)`` when ``exc`` means a write ran out of disk space, else None. Writers say so
+    differently: an ``OSError`` with errno ENOSPC/EDQUOT anywhere in the exception chain (``torch.save`` to a file
+    object raises ``RuntimeError: [enforce fail at inline_container.cc...]`` from it), a message naming the full
+    disk (safetensors, SQLite), or, for a failed write of ``written`` (a partly written file, still on disk), a
+    file system left with less than 1 MiB free (``numpy.save`` raises ``OSError("N requested and M written")``
+    without an errno)."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if any(text in str(e).lower() for text in _FULL_DISK_TEXT):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(written) if written else None)
+        e = e.__cause__ or e.__context__
+    if written is not None:
+        free = _free_bytes(Path(written).parent)
+        if free is not None and free < (1 << 20):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(written))
+    return None
+
+
+def output_error(exc: OSError, path: Optional[PathLike] = None, elsewhere: str = "") -> Optional["OutputError"]:
+    """An :class:`~fsl_lsskd.errors.OutputError` (one line) naming the directory and the fix for an ``OSError``
+    that means the location cannot be written (disk full, with the free space left; quota; read-only file
+    system; permission denied); ``None`` for any other error. ``elsewhere`` replaces the default advice on
+    where else to write (``--out``, ``$FSL_BENCH_CACHE``)."""
     from .errors import OutputError
 
     if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
@@ -62,12 +107,13 @@ def output_error(exc: OSError, path: Optional[PathLike] = None) -> Optional["Out
     target = Path(path if path is not None else (exc.filename or ""))
     where = str(target) if str(target) not in ("", ".") else "an output file"
     folder = _existing_ancestor(target if target.is_dir() else target.parent)  # the one that refused
-    elsewhere = (f"or choose another directory (--out for outputs, ${CACHE_ENV} for the data and feature "
-                 f"cache) and run the command again")
+    elsewhere = elsewhere or (f"or choose another directory (--out for outputs, ${CACHE_ENV} for the data and "
+                              f"feature cache) and run the command again")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         reason = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                   errno.EFBIG: "file too large"}[exc.errno]
-        msg = f"cannot write {where}: {reason} on the device holding {folder}. Free disk space there {elsewhere}"
+        msg = (f"cannot write {where}: {reason} on the device holding {folder} ({free_space(folder)} free). "
+               f"Free disk space there {elsewhere}")
     elif exc.errno == errno.EROFS:
         msg = f"cannot write {where}: {folder} is on a read-only file system. Mount it read-write {elsewhere}"
     else:
@@ -132,7 +178,8 @@ def _temp_prefix(dest: Path) -> str:
     return f".{dest.name}.{socket.gethostname()}~{os.getpid()}~"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,7 +200,7 @@ def remove_stale_temps(dest: PathLike) -> int:
         if len(fields) < 3 or fields[0] != host or not fields[1].isdigit():
             continue
         pid = int(fields[1])
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             p.unlink(missing_ok=True)
             removed += 1
             log.info("removed %s, left by killed process %d", p, pid)
@@ -177,8 +224,14 @@ def atomic_path(dest: PathLike, suffix: str = "") -> Iterator[Path]:
             yield tmp_path
             os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
             os.replace(tmp_path, dest)
-        except BaseException:
+        except BaseException as exc:
+            # a writer that reports a full disk in its own way (torch, safetensors, numpy): told before the
+            # partial file is removed, then raised as the ENOSPC it is (output_errors names the directory)
+            known = isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
+            full = full_disk_cause(exc, tmp_path) if isinstance(exc, Exception) and not known else None
             tmp_path.unlink(missing_ok=True)
+            if full is not None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(dest)) from exc
             raise
 
 
@@ -201,10 +254,13 @@ def atomic_write_text(dest: PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj: object, dest: PathLike) -> None:
+    """``torch.save`` atomically (:func:`atomic_path`). Written through a Python file object, so a full disk
+    surfaces as the ``OSError(ENOSPC)`` it is (torch's C++ writer given a path only says "unexpected pos")."""
     import torch
 
     with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

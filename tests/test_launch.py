@@ -127,7 +127,7 @@ echo "Submitted batch job $((1000 + n))"
 """
 
 
-def test_slurm_submission_arrays_dependencies_and_resources(tmp_path, cifar_archive, monkeypatch):
+def test_slurm_submission_arrays_dependencies_and_resources(tmp_path, store, cifar_archive, monkeypatch):
     """Without a cluster (a stand-in sbatch records what it is given): one array per dependency level with the
     benchmark's resources and --slurm overrides, students after their teachers' jobs, and clear errors."""
     from fsl_lsskd.bench.config import load_benchmark
@@ -141,7 +141,11 @@ def test_slurm_submission_arrays_dependencies_and_resources(tmp_path, cifar_arch
     assert [sorted(c.row for c in lv) for lv in levels] == [["ce", "ce", "pskd", "pskd"], ["kd", "kd"]]
     spec = apply_options(bench.launcher.slurm, ["timeout_min=30", "account=proj"])
     assert spec.timeout_min == 30 and spec.partition == "gpu" and spec.additional == {"account": "proj"}
-    res = cli("run", tmp_path / "g.yaml", "--launcher", "slurm")  # no SLURM on this machine
+    nothing = tmp_path / "no-slurm"  # a PATH without sbatch, whether or not this machine has SLURM
+    nothing.mkdir()
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(nothing))
+    res = cli("run", tmp_path / "g.yaml", "--launcher", "slurm")
     assert res.exit_code == 2 and "needs SLURM's sbatch and srun" in res.output, res.output
 
     bindir, recorded = tmp_path / "bin", tmp_path / "recorded"
@@ -150,7 +154,10 @@ def test_slurm_submission_arrays_dependencies_and_resources(tmp_path, cifar_arch
     for name, text in (("sbatch", FAKE_SBATCH), ("srun", "#!/bin/sh\nexit 0\n")):
         (bindir / name).write_text(text)
         (bindir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{path}")  # the fakes first: a real sbatch comes later
+    import shutil
+
+    assert shutil.which("sbatch") == str(bindir / "sbatch")
     monkeypatch.setenv("FAKE_SLURM_DIR", str(recorded))
     launcher = make_launcher("slurm", bench, ["mem_gb=64", "account=proj"])
     jobs = launcher.submit_slurm(levels, lambda c: TrainJob(bench, c, str(tmp_path / "runs"), "sqlite:///x.db",

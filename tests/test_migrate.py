@@ -1,6 +1,6 @@
 """A store written in record format 1 (fsl-bench before train-once-score-many) is refused with a message naming
 `fsl-bench store migrate`; after migration the same grid reuses every cell whose training did not change (CE,
-whose weights the current code reproduces bit for bit) and retrains the others (PS-KD: its training changed)."""
+whose weights the current code reproduces up to float rounding) and retrains the others (PS-KD: its training changed)."""
 from __future__ import annotations
 
 import sqlite3
@@ -78,8 +78,11 @@ def test_legacy_store_is_refused_then_migrated_and_reused(legacy_store):
     res = cli("table", bench, "--out", legacy_store / "r")
     assert res.exit_code == 0 and "| ce | conv4 |" in res.output and "| pskd | conv4 |" in res.output
 
-    # the reuse is honest: today's code trains CE on the same data to exactly the migrated weights, at the thread
-    # count the fixture was trained with (2: float sums depend on it, like the device; neither is in the identity)
+    # the reuse is honest: today's code trains CE on the same data to the migrated weights, up to float rounding.
+    # The fixture was trained on another CPU: float sums differ between CPU vendors and kernels as they do between
+    # thread counts, and 1 epoch of SGD with BatchNorm carries the difference into every weight. Measured on one
+    # machine: 1 vs 2 threads moved each tensor by at most 0.6 % of its largest magnitude, another seed by ~100 %.
+    # Stated tolerance: 5 % of each tensor's largest magnitude (+1e-6 for the conv biases BatchNorm cancels, ~1e-9).
     from fsl_lsskd.bench.config import load_benchmark
     from fsl_lsskd.bench.grid import expand, training_config
     from fsl_lsskd.train.engine import train
@@ -95,4 +98,12 @@ def test_legacy_store_is_refused_then_migrated_and_reused(legacy_store):
     assert res.train_id == migrated["ce"].train_id
     old = load_file(str(store.fetch_dir(migrated["ce"].run_id, "model", legacy_store / "dl") / "model.safetensors"))
     new = load_file(str(res.model_dir / "model.safetensors"))
-    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert old.keys() == new.keys()
+    for k in old:
+        assert old[k].shape == new[k].shape and old[k].dtype == new[k].dtype, k
+        if not old[k].is_floating_point():  # counters (num_batches_tracked): exact
+            assert torch.equal(old[k], new[k]), k
+            continue
+        scale = float(old[k].abs().max())
+        diff = float((new[k] - old[k]).abs().max())
+        assert diff <= 0.05 * scale + 1e-6, f"{k}: max |new - old| = {diff:.3g}, largest |old| = {scale:.3g}"

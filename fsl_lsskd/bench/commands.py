@@ -183,13 +183,16 @@ def _run(bench, out_root: Path, rerun: bool, shard_spec, launcher, command: str)
     try:
         outcomes = run_benchmark(bench, out_root, rerun=rerun, shard_spec=shard_spec, on_event=on_event,
                                  launcher=launcher)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (fsl_lsskd.errors.Terminated)
+        from ..errors import Terminated
+
         bar.close()
         done = [o for o in state if o.status not in ("failed", "busy")]
-        click.echo(f"\ninterrupted: {_cells(len(trained))} trained and {len(done)} of {n_cells} scored in this run; the "
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        click.echo(f"\n{how}: {_cells(len(trained))} trained and {len(done)} of {n_cells} scored in this run; the "
                    f"interrupted cell keeps its last epoch in {out_root}/cells/ and resumes from it.\nresume with: "
                    f"{command}", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     finally:
         bar.close()
     _summary(outcomes)

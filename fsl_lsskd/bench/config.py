@@ -51,8 +51,67 @@ from ..errors import ConfigError
 from ..protocol import EpisodeProtocol, protocol_grid, unique
 
 
+#: The bounds of every number and name a benchmark file sets (:mod:`fsl_lsskd.bounds`), by class and field:
+#: ``count`` an integer >= 1, ``count0`` >= 0, ``positive`` a number > 0, ``size`` an image size >= 1 pixel,
+#: ``seed`` in [0, 2**32), ``name`` one file-name component; lists and mappings are checked item by item.
+BOUNDS: Dict[str, Dict[str, str]] = {
+    "DataSource": {"generate": "count", "train_per_class": "count", "image_size": "size"},
+    "TrainSpec": {"epochs": "count", "batch_size": "count"},
+    "CurveSpec": {"n_way": "count", "n_shot": "count", "n_query": "count", "n_episodes": "count"},
+    "TargetSpec": {"n_way": "count", "n_shot": "count", "n_query": "count", "n_episodes": "count"},
+    "EvalSpec": {"n_way": "count", "n_shot": "count", "n_query": "count", "n_episodes": "count",
+                 "image_episodes": "count"},
+    "SlurmSpec": {"gpus_per_node": "count0", "cpus_per_task": "count", "mem_gb": "count", "timeout_min": "count",
+                  "array_parallelism": "count"},
+    "LocalSpec": {"parallel": "count", "timeout_min": "positive", "signal_delay_s": "count0"},
+    "Benchmark": {"name": "name", "seeds": "seed", "method_seeds": "seed", "image_size": "size",
+                  "variants": "name"},
+}
+
+
+def _check_bound(value: Any, kind: str, key: str) -> None:
+    """``value`` of field ``key`` within bound ``kind`` (:data:`BOUNDS`); None passes (unset)."""
+    from ..bounds import check_count, check_name, check_seed, check_size
+
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if kind == "name":  # the keys are the names (variants: their row names name files)
+                check_name(k, f"{key}: the name")
+            else:
+                _check_bound(v, kind, f"{key}.{k}")
+        return
+    if isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _check_bound(v, kind, f"{key}[{i}]")
+        return
+    if kind == "count":
+        check_count(value, key)
+    elif kind == "count0":
+        check_count(value, key, minimum=0)
+    elif kind == "size":
+        check_size(value, key)
+    elif kind == "seed":
+        check_seed(value, key)
+    elif kind == "name":
+        check_name(value, key)
+    elif kind == "positive":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{key} must be a number > 0, got {value!r}")
+
+
+class _Checked:
+    """Checks its fields against :data:`BOUNDS` when built (from a file, by ``dataclasses.replace`` or by
+    ``--slurm KEY=VALUE``): a value out of bounds raises :class:`ConfigError` naming the key and the limit."""
+
+    def __post_init__(self) -> None:
+        for key, kind in BOUNDS.get(type(self).__name__, {}).items():
+            _check_bound(getattr(self, key), kind, key)
+
+
 @dataclass(frozen=True)
-class DataSource:
+class DataSource(_Checked):
     """Where a dataset's files come from: an archive, a data root, or generated in official format; plus the
     options that select content (``split_file`` of an image folder, ``train_per_class`` images of every
     class in the official order, ``image_size`` a folder's images are decoded at)."""
@@ -66,9 +125,15 @@ class DataSource:
     train_per_class: Optional[int] = None
     image_size: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.generate is not None and len(self.generate) != 2:
+            raise ConfigError(f"generate must be [train images per class, test images per class] (e.g. [6, 2]), "
+                              f"got {list(self.generate)}")
+
 
 @dataclass(frozen=True)
-class TrainSpec:
+class TrainSpec(_Checked):
     """The training budget and how it runs. ``validation``: the episodes scored on the val split every epoch
     (``null`` disables); ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast (part of the training
     identity)."""
@@ -87,7 +152,7 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
-class CurveSpec:
+class CurveSpec(_Checked):
     """Way/shot curves: the protocols ``n_way x n_shot`` (those a split can host) scored with ``readouts``."""
 
     n_way: Tuple[int, ...] = (5, 10, 20)
@@ -101,7 +166,7 @@ class CurveSpec:
 
 
 @dataclass(frozen=True)
-class TargetSpec:
+class TargetSpec(_Checked):
     """Overrides for one scored target (``eval.targets``), e.g. ``{n_query: 6}`` for a dataset with few images
     per class, ``readouts: [protonet]`` to score it with fewer readouts than the training dataset; unset keys
     take ``eval``'s values (``readouts``: ``eval.readouts`` plus the row's ``extra_readouts``)."""
@@ -114,7 +179,7 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
-class EvalSpec:
+class EvalSpec(_Checked):
     """What every trained cell is scored with (module docstring)."""
 
     split: str = "test"
@@ -184,7 +249,7 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
-class SlurmSpec:
+class SlurmSpec(_Checked):
     """SLURM resources of one training job (``fsl-bench run --launcher slurm``; submitit's executor
     parameters). ``cpus_per_task`` and ``mem_gb`` left unset mean :attr:`DEFAULT_CPUS` CPUs and
     :attr:`DEFAULT_MEM_GB` GB, lowered to what the partition's largest node has (the run says so); a value that
@@ -203,7 +268,7 @@ class SlurmSpec:
 
 
 @dataclass(frozen=True)
-class LocalSpec:
+class LocalSpec(_Checked):
     """``fsl-bench run --launcher local``: at most ``parallel`` cell jobs at once on this machine;
     ``timeout_min`` per job (then it is requeued and resumes; default one week), the requeue signal
     ``signal_delay_s`` seconds before it."""
@@ -222,7 +287,7 @@ class LauncherSpec:
 
 
 @dataclass(frozen=True)
-class Benchmark:
+class Benchmark(_Checked):
     name: str
     description: str = ""
     datasets: Tuple[str, ...] = ()
@@ -361,7 +426,11 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     if unknown:
         hint = f"; renamed: use {_RENAMED[unknown[0]]}" if unknown[0] in _RENAMED else ""
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(names))}){hint}")
-    return cls(**{k: _coerce(v, hints[k], _join(where, k)) for k, v in raw.items()})
+    values = {k: _coerce(v, hints[k], _join(where, k)) for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # a bound (:data:`BOUNDS`): name the file and the key's path
+        raise ConfigError(f"{_join(where, str(exc))}") from None
 
 
 def _join(where: str, key: str) -> str:

@@ -10,6 +10,7 @@ from typing import List
 
 import click
 
+from ..bounds import COUNT
 from ..edge.cli import check_quiet, latency_options, latency_settings
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 @click.option("--seeds", help="Comma-separated subset of the file's seeds.")
 @click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
               help="Where dataset NAME's archive or folder is on this machine (repeatable).")
-@click.option("--calibration-images", default=512, show_default=True, type=int,
+@click.option("--calibration-images", default=512, show_default=True, type=COUNT,
               help="Training images (seeded sample of the cell's training split) that calibrate int8.")
 @click.option("--readouts", default="protonet,logreg_batched", show_default=True,
               help="Readouts scored on the benchmark's main protocols for every engine.")

@@ -163,13 +163,42 @@ def data_kwargs(dataset: str, bench: Benchmark) -> Dict[str, Any]:
 
 
 GENERATORS = ("tiny_imagenet", "cifar_fs")
+#: (classes, image size) of the datasets the official-format writers generate (:mod:`fsl_lsskd.data.fake`)
+GENERATED_SHAPE = {"tiny_imagenet": (200, 64), "cifar_fs": (100, 32)}
+
+
+def generated_bytes(dataset: str, sizes: Tuple[int, int]) -> int:
+    """Memory a ``generate: [a, b]`` source needs (a lower bound): its decoded images, uint8
+    ``[classes * (a + b), S, S, 3]``, plus the writer's float64 working array of one class's ``max(a, b)``
+    images (:func:`fsl_lsskd.data.fake.class_images`)."""
+    classes, size = GENERATED_SHAPE[dataset]
+    per_image = size * size * 3
+    return classes * (int(sizes[0]) + int(sizes[1])) * per_image + max(int(s) for s in sizes) * per_image * 8
+
+
+def check_generated(dataset: str, sizes: Tuple[int, int], where: str = "generate") -> None:
+    """Refuse (:class:`ConfigError`, with the estimate) a ``generate: [a, b]`` source whose sizes are not counts
+    >= 1 or whose images would not fit in the available memory (:func:`generated_bytes`); before anything is
+    generated or allocated."""
+    from ..bounds import check_count, check_memory
+
+    if len(sizes) != 2:
+        raise ConfigError(f"{where} must be [train images per class, test images per class], got {list(sizes)}")
+    a, b = (check_count(s, f"{where}[{i}] (images per class)") for i, s in enumerate(sizes))
+    classes, size = GENERATED_SHAPE[dataset]
+    check_memory(generated_bytes(dataset, (a, b)),
+                 f"{where} [{a}, {b}]: {classes} classes of {a + b:,} generated {size}x{size} images each",
+                 f"lower {where} (a few images per class suffice for a test run, e.g. [6, 2])")
 
 
 def generated_archive(dataset: str, sizes: tuple) -> Path:
-    """Generate (once, into the cache) a small dataset in the official archive format."""
+    """Generate (once, into the cache) a small dataset in the official archive format; sizes are checked first
+    (:func:`check_generated`)."""
     from ..data import fake
     from ..utils import atomic_write_text, cache_dir, make_dir
 
+    if dataset in GENERATED_SHAPE:
+        check_generated(dataset, tuple(sizes))
     out = cache_dir() / "generated" / f"{dataset}-{'x'.join(map(str, sizes))}"
     writers = {
         "tiny_imagenet": lambda d, a, b: fake.write_fake_tiny_imagenet(d, per_class_train=a, per_class_val=b, seed=0),

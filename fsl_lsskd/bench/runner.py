@@ -221,14 +221,10 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                 n, notes = score_cell(bench, cell, plan, finished[plan.tid(cell)], store, data, rerun=rerun)
             except UserError:
                 raise
-            except OSError as exc:
-                err = output_error(exc)
-                if err is not None:
-                    raise err from exc
-                log.exception("scoring %s failed", cell.label)
-                o.status, o.error = "failed", f"scoring: {type(exc).__name__}: {exc}"
-                n, notes = 0, []
             except Exception as exc:  # noqa: BLE001 - a crashed readout must not cost the rest of the grid
+                err = unwritable(exc)
+                if err is not None:  # but a full or read-only store or output stops it
+                    raise err from exc
                 log.exception("scoring %s failed", cell.label)
                 o.status, o.error = "failed", f"scoring: {type(exc).__name__}: {exc}"
                 n, notes = 0, []
@@ -253,6 +249,15 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
                                        ("trained", "resumed", "rescored", "reused", "failed", "busy")})
         store.end_run(parent, status)
     return [outcomes[c.key] for c in cells if c.key in outcomes]
+
+
+def unwritable(exc: BaseException) -> Optional[UserError]:
+    """The one-line :class:`~fsl_lsskd.errors.OutputError` of an error that means the MLflow store
+    (:func:`fsl_lsskd.record.store_error`) or an output (:func:`fsl_lsskd.utils.output_error`) cannot be
+    written, which stops the grid (every later cell would fail the same way); None for a crash of the cell."""
+    from ..record import store_error
+
+    return store_error(exc) or (output_error(exc) if isinstance(exc, OSError) else None)
 
 
 def teacher_model_dir(store, teacher_tid: str, out_root: Path) -> Path:
@@ -287,30 +292,34 @@ def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, 
             if cell.teacher is not None:
                 teacher_dir = teacher_model_dir(store, plan.tid(cell.teacher), out_root)
             cfg = training_config(bench, cell, cell_dir / "run", teacher_dir, data=plan.data.kwargs(cell.dataset))
-            if rerun and restart and (cell_dir / "run").exists():
+            restarted = rerun and restart
+            if restarted and (cell_dir / "run").exists():
                 shutil.rmtree(cell_dir / "run")
+            # a killed run of this cell (SIGKILL, scancel, a lost node) is left RUNNING: continue in it when it
+            # died before logging an epoch and no resume state names another run, and end the others as KILLED
+            # (the resume state's run, if any, is reopened by the engine); we hold the cell, so none is alive
             unfinished = store.unfinished_training(tid)
+            reuse = (unfinished.run_id if unfinished is not None and not restarted
+                     and not store.has_metrics(unfinished.run_id) else None)
+            store.close_unfinished(tid, keep=reuse)
             tags = {"fsl.benchmark": bench.name, "fsl.row": cell.row, "fsl.role": cell.role}
             res = train(cfg, store=store, parent_run_id=parent_run_id, tags=tags, on_epoch=on_epoch,
                         train_data=plan.data.split(cell.dataset, "train"),
                         val_data=plan.data.split(cell.dataset, "val") if cfg.validation is not None else None,
-                        mean=plan.data.dataset(cell.dataset).mean, std=plan.data.dataset(cell.dataset).std)
+                        mean=plan.data.dataset(cell.dataset).mean, std=plan.data.dataset(cell.dataset).std,
+                        resume_run_id=reuse)
             if res.train_id != tid:  # the plan and the engine computed the identity by the same function
                 raise RuntimeError(f"{cell.label}: trained {res.train_id}, planned {tid}")
-            resumed = res.resumed_from_epoch > 0 or (unfinished is not None and res.run_id == unfinished.run_id)
+            resumed = res.resumed_from_epoch > 0  # a reused run that had no epoch trained from scratch
         shutil.rmtree(cell_dir, ignore_errors=True)  # the finished files are in the store
         return CellOutcome(cell, "resumed" if resumed else "trained", tid, res.run_id,
                            seconds=time.perf_counter() - t0)
     except UserError:
         raise  # bad data/config: every later cell would fail the same way
-    except OSError as exc:  # an output that cannot be written (full disk, read-only) stops the grid too
-        err = output_error(exc)
-        if err is not None:
-            raise err from exc
-        log.exception("cell %s failed", cell.label)
-        return CellOutcome(cell, "failed", tid, error=f"{type(exc).__name__}: {exc}",
-                           seconds=time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a diverged or crashed cell must not cost the rest of the grid
+        err = unwritable(exc)
+        if err is not None:  # but an output or store that cannot be written (full disk, read-only) stops it
+            raise err from exc
         log.exception("cell %s failed", cell.label)
         return CellOutcome(cell, "failed", tid, error=f"{type(exc).__name__}: {exc}",
                            seconds=time.perf_counter() - t0)

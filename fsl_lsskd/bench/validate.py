@@ -96,6 +96,34 @@ def _in_benchmark(exc: DataError, bench: Benchmark, name: str) -> DataError:
                      f"`fsl-bench run --data {name}=PATH`)")
 
 
+def check_sizes(bench: Benchmark) -> None:
+    """Every size the benchmark asks for fits in this machine's memory, before anything is generated, decoded or
+    allocated (:mod:`fsl_lsskd.bounds`): the generated data (``data.NAME.generate``), the evaluation episodes
+    (``eval``, its curves and targets) and the validation episodes (``train.validation``). Raises
+    :class:`ConfigError` with the estimate."""
+    from ..eval.episodes import check_episode_memory
+    from .grid import GENERATED_SHAPE, check_generated
+
+    for name, source in sorted(bench.data.items()):
+        if source.generate and name in GENERATED_SHAPE:
+            try:
+                check_generated(name, tuple(source.generate), f"data.{name}.generate")
+            except ConfigError as exc:
+                raise ConfigError(f"{bench.where}: {exc}") from None
+    ev = bench.eval
+    targets = {t for d in bench.datasets for t in bench.eval_datasets(d)}
+    groups = [("eval.n_episodes", ev.protocols() + (ev.curves.protocols() if ev.curves else []))]
+    groups += [(f"eval.targets.{t}.n_episodes", ev.target_protocols(t)) for t in sorted(targets) if t in ev.targets]
+    val = bench.train.validation_protocol()
+    if val is not None:
+        groups.append(("train.validation.n_episodes", [val]))
+    for option, protocols in groups:
+        try:
+            check_episode_memory(protocols, option, probabilities=option != "train.validation.n_episodes")
+        except ConfigError as exc:
+            raise ConfigError(f"{bench.where}: {exc}") from None
+
+
 def check_data(bench: Benchmark, data=None, fetch: bool = False) -> List[str]:
     """Every dataset of ``bench`` exists; every training dataset can host the evaluation protocols (on
     ``eval.split``) and the validation episodes (val split). Returns notes for cross-domain targets that
@@ -226,6 +254,7 @@ def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optiona
     if bench.eval.base and bench.train.heldout <= 0:
         raise ConfigError(f"{where}: `eval.base` scores the held-out base images, but `train.heldout` is 0: set "
                           f"train.heldout (e.g. 0.1) or drop eval.base")
+    check_sizes(bench)
     if out_root is not None:
         check_writable_dir(out_root, "--out")
     if data:  # a missing archive is reported before the checks below import torch and timm (seconds)

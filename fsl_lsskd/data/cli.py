@@ -8,6 +8,7 @@ from typing import Any, Dict
 
 import click
 
+from ..bounds import COUNT, SEED
 from ..options import dataset_kwargs, dataset_options
 
 
@@ -146,7 +147,7 @@ _KIND = {"across_splits": "across splits", "across_classes": "across classes", "
 
 @data.command("verify")
 @_source_options
-@click.option("--min-images", type=int, default=20, show_default=True,
+@click.option("--min-images", type=COUNT, default=20, show_default=True,
               help="Report classes with fewer images than this (shot + query).")
 @click.option("--strict", is_flag=True, help="Exit 2 (instead of a warning) when classes have too few images or "
               "when images of one split also occur in another.")
@@ -210,10 +211,10 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
               help="tiny_imagenet: directory holding it; image_folder: the folder of class folders.")
 @click.option("--download", is_flag=True, help="tiny_imagenet: download the official archive into --data-root "
               "(default <cache>/downloads) when it is not found there; checks the official md5.")
-@click.option("--seed", type=int, default=None, help="Permutation seed (default: 0; for tiny_imagenet the "
+@click.option("--seed", type=SEED, default=None, help="Permutation seed (default: 0; for tiny_imagenet the "
               "published split's).")
 @click.option("--ratios", default=None, help="image_folder: class shares train,val,test (default 0.6,0.2,0.2).")
-@click.option("--min-images", type=int, default=None,
+@click.option("--min-images", type=COUNT, default=None,
               help="image_folder: fewest images a class may have (default 20: 5 shot + 15 query).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="tiny_imagenet: output directory (default: splits/tiny_imagenet, which also updates "
@@ -314,7 +315,7 @@ def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -
 @data.command("bench")
 @_source_options
 @click.option("--split", "split_name", default="train", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--repeats", type=COUNT, default=3, show_default=True)
 def bench_cmd(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download, check_md5,
               split_name, repeats) -> None:
     """Time loading a split by decoding the archive vs from the uint8 cache (a temporary cache dir).

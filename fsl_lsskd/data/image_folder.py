@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError
 from ..options import dataset_option as opt
 from ..registry import DATASETS
-from .base import CachedDataset
+from .base import DEFAULT_MIN_IMAGES, CachedDataset
 from .duplicates import pixel_hash
 from .sources import files_identity
 from .splits import load_split_file
@@ -125,6 +125,16 @@ def list_class_files(root: Path) -> Dict[str, List[Path]]:
     return files
 
 
+def _refuse_other_dataset(root: Path) -> None:
+    """Raise :func:`~fsl_lsskd.data.identify.wrong_dataset_error` when ``root`` is another dataset's archive or
+    extracted folder (an image folder has no markers of its own)."""
+    from .identify import IMAGE_FOLDER, identify, wrong_dataset_error
+
+    err = wrong_dataset_error(root, IMAGE_FOLDER, identify(root))
+    if err is not None:
+        raise err
+
+
 @DATASETS.register("image_folder")
 class ImageFolder(CachedDataset):
     """A user's folder ``root/<class>/<images>`` with a class split file; images resized to ``image_size``."""
@@ -149,6 +159,10 @@ class ImageFolder(CachedDataset):
             raise DataError(f"image_folder needs {opt('data_root', 'DIR')} (a folder with one sub-folder of images "
                             "per class)")
         self.source = Path(folder).expanduser()
+        if self.source.is_file():  # an archive: another dataset's, or a zip of an image folder
+            _refuse_other_dataset(self.source)
+            raise DataError(f"data root {self.source} is a file; image_folder reads a folder: extract it and pass "
+                            f"{opt('data_root', 'DIR')} with DIR/<class>/<images>")
         if not self.source.is_dir():
             raise DataError(f"data root {self.source} does not exist or is not a directory; pass "
                             f"{opt('data_root', 'DIR')} with DIR/<class>/<images>")
@@ -167,6 +181,33 @@ class ImageFolder(CachedDataset):
     def class_split(self) -> Dict[str, List[str]]:
         return self._split
 
+    def check_classes_present(self, names: Sequence[str]) -> None:
+        """As :meth:`CachedDataset.check_classes_present`; a root that is another dataset's extracted folder (e.g.
+        ``tiny-imagenet-200/``, whose sub-folders are not classes) is named as such."""
+        try:
+            super().check_classes_present(names)
+        except DataError:
+            _refuse_other_dataset(self.source)
+            raise
+
+    def verify(self, min_images: int = DEFAULT_MIN_IMAGES, decode: bool = True) -> Dict[str, object]:
+        """As :meth:`CachedDataset.verify`; when the split names classes the root lacks and the root is another
+        dataset's extracted folder, that is named instead (before anything is decoded)."""
+        inv = self.inventory()
+        if any(c not in inv for names in self._split.values() for c in names):
+            _refuse_other_dataset(self.source)
+        return super().verify(min_images, decode)
+
+    def files(self) -> Dict[str, List[Path]]:
+        """Class -> image files (:func:`list_class_files`), listed once per dataset object."""
+        if self._files is None:
+            try:
+                self._files = list_class_files(self.source)
+            except DataError:
+                _refuse_other_dataset(self.source)
+                raise
+        return self._files
+
     def cache_extra(self) -> str:
         f = self.split_file if self.split_file.is_file() else None
         return hashlib.sha256(f.read_bytes()).hexdigest() if f else repr(self._split)
@@ -180,11 +221,6 @@ class ImageFolder(CachedDataset):
             "utf-8", "surrogateescape")).hexdigest()
         return f"folder:{layout}:{files_identity(self.source, listed)}"
 
-    def files(self) -> Dict[str, List[Path]]:
-        """Class -> image files (:func:`list_class_files`), listed once per dataset object."""
-        if self._files is None:
-            self._files = list_class_files(self.source)
-        return self._files
 
     def inventory(self) -> Dict[str, Dict[str, int]]:
         return {c: {"all": len(v)} for c, v in self.files().items()}

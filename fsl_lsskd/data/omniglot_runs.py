@@ -30,7 +30,7 @@ from ..errors import DataError
 from ..protocol import EpisodeProtocol
 from ..registry import DATASETS
 from .base import CachedDataset
-from .sources import check_md5, resolve_source
+from .sources import check_md5, refuse_other_dataset, resolve_source
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/one-shot-classification/all_runs.zip"
 MD5 = "e8996daecdf12afeeb4a53a179f06b19"
@@ -91,6 +91,7 @@ class OmniglotRuns(CachedDataset):
         with z:
             tops = [n[: -len("run01/class_labels.txt")] for n in z.namelist() if n.endswith("run01/class_labels.txt")]
             if not tops:
+                refuse_other_dataset(self.source, ARCHIVE_NAME, z.namelist())  # another dataset's zip: say which
                 raise DataError(f"{self.source} has no run01/class_labels.txt: it is not Omniglot's all_runs.zip; "
                                 f"download {URL}")
             prefix = min(tops, key=len)

@@ -72,7 +72,9 @@ def resolve_source(label: str, root: Optional[os.PathLike], archive: Optional[os
                 return p
             if is_folder(p / folder_name):
                 return p / folder_name
+            refuse_other_dataset(p, official_name)
             raise DataError(f"{p} is not an extracted {label} folder (no {folder_name}/ layout inside); {hint}")
+        _check_archive_kind(p, official_name)
         return p
     explicit = root is not None
     r = Path(root).expanduser() if explicit else default_cache_dir() / "downloads"
@@ -89,6 +91,49 @@ def resolve_source(label: str, root: Optional[os.PathLike], archive: Optional[os
         r.mkdir(parents=True, exist_ok=True)
         return download(url, r / official_name, md5)
     raise DataError(f"no {label} data found in {r} (looked for {official_name}, {folder_name}/, {archive_glob}); {hint}")
+
+
+def refuse_other_dataset(path: Path, official_name: str, names: Optional[Iterable[str]] = None,
+                         tar_members: Optional[int] = None) -> None:
+    """Raise :func:`~fsl_lsskd.data.identify.wrong_dataset_error` when archive or folder ``path`` holds another
+    dataset's files than the dataset whose official archive is ``official_name``: identified from ``names`` (its
+    member names, when the reader has them) or by reading ``path`` (a tar: its first ``tar_members`` headers)."""
+    from .identify import identify, layout_of, match, wrong_dataset_error
+
+    expected = layout_of(official_name)
+    if expected is None:
+        return
+    if names is not None:
+        found = match(names)
+    else:
+        found = identify(path, tar_members) if tar_members else identify(path)
+    err = wrong_dataset_error(path, expected, found)
+    if err is not None:
+        raise err
+
+
+def _check_archive_kind(path: Path, official_name: str) -> None:
+    """An archive of another kind than the official one (a tar where a zip is expected, or the reverse) is
+    looked into, and refused when it holds another dataset (:mod:`fsl_lsskd.data.identify`); a tar of the
+    expected kind is checked by its first member's name (one header: its top-level folder). Anything else is
+    left to the reader, whose messages name a corrupt or truncated file."""
+    import tarfile
+    import zipfile
+
+    want_zip = official_name.endswith(".zip")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError:
+        return
+    if want_zip != is_zip:
+        refuse_other_dataset(path, official_name)
+    elif not want_zip:
+        try:
+            is_tar = tarfile.is_tarfile(path)
+        except Exception:  # noqa: BLE001 - a corrupt stream: the reader names it
+            return
+        if is_tar:
+            refuse_other_dataset(path, official_name, tar_members=1)
 
 
 def stat_line(rel: str, st: os.stat_result) -> str:

@@ -25,7 +25,7 @@ from ..options import dataset_option as opt
 from ..registry import DATASETS
 from .base import CachedDataset
 from .duplicates import pixel_hash
-from .sources import check_md5, resolve_source
+from .sources import check_md5, refuse_other_dataset, resolve_source
 from .splits import standard_split
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -62,6 +62,7 @@ class _Source:
                                 f"({URL}, md5 {MD5}) or pass the extracted folder") from None
             tops = [n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt")]
             if not tops:
+                refuse_other_dataset(path, ARCHIVE_NAME, names)  # another dataset's zip: say which
                 raise DataError(f"archive {path} has no wnids.txt: it is not tiny-imagenet-200.zip; download {URL}")
             self.prefix = min(tops, key=len)
             self.names = [n[len(self.prefix):] for n in names if n.startswith(self.prefix)]

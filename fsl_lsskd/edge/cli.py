@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..bounds import COUNT, COUNT_OR_ZERO
 from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_options
 
 
@@ -15,10 +16,10 @@ def latency_options(f):
     f = click.option("--allow-load", is_flag=True,
                      help="Publish latency figures even when the load guard finds the machine busy (they are "
                           "marked under_load: true); without it the command stops with exit code 2.")(f)
-    f = click.option("--max-seconds", default=15.0, show_default=True, type=float,
+    f = click.option("--max-seconds", default=15.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
                      help="Time cap of the timed runs of one figure (engine, batch, threads).")(f)
-    f = click.option("--warmup", default=20, show_default=True, type=int, help="Untimed runs before timing.")(f)
-    f = click.option("--runs", default=300, show_default=True, type=int,
+    f = click.option("--warmup", default=20, show_default=True, type=COUNT_OR_ZERO, help="Untimed runs before timing.")(f)
+    f = click.option("--runs", default=300, show_default=True, type=COUNT,
                      help="Timed runs per figure (fewer when --max-seconds ends them; p99 needs >= 100).")(f)
     f = click.option("--batch-sizes", default="1,64", show_default=True, help="Comma list of batch sizes.")(f)
     f = click.option("--threads", default="1,all", show_default=True,
@@ -40,7 +41,7 @@ def latency_settings(threads: str, batch_sizes: str, runs: int, warmup: int, max
               "against PyTorch on real images of the dataset when one is given.")
 @click.option("--int8", is_flag=True, help="Also write OUT/backbone_int8.onnx: ONNX Runtime static quantisation "
               "(QDQ, per-channel) calibrated on training images of the dataset (implies --onnx).")
-@click.option("--calibration-images", default=512, show_default=True, type=int,
+@click.option("--calibration-images", default=512, show_default=True, type=COUNT,
               help="Training images (seeded sample) that calibrate int8.")
 @click.option("--measure", default="", help="Comma list: latency (PyTorch/ONNX fp32/int8, per batch size and "
               "threads, with the load guard), accuracy (few-shot accuracy of every engine on the same episodes). "

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import click
 
+from ..bounds import COUNT, SEED, SIZE
 from ..errors import ConfigError
 from ..options import dataset_kwargs, dataset_options, int_list, parse_protocol, protocol_options
 
@@ -82,13 +83,13 @@ def write_outputs(out: Path, results, header: dict) -> None:
 @click.option("--untrained", is_flag=True, help="Randomly initialised backbone (seeded by --seed).")
 @dataset_options(default_dataset=None, required=True)
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
-@click.option("--image-size", type=int, help="Input size of the backbone (default: checkpoint meta, else the "
+@click.option("--image-size", type=SIZE, help="Input size of the backbone (default: checkpoint meta, else the "
               "dataset's).")
 @protocol_options()
 @click.option("--readouts", default="protonet,logreg_batched", show_default=True,
               help="Comma list of readouts (`fsl-bench ls`): protonet, logreg_batched, logreg, maml_finetune, ...")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Init seed for --untrained.")
+@click.option("--batch-size", default=256, show_default=True, type=COUNT, help="Images per forward pass.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Init seed for --untrained.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Do not read/write the feature cache.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write summary.json, accuracies.npz/.csv here.")
@@ -109,11 +110,15 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     """
     import time
 
-    from ..registry import check_names
+    from ..registry import READOUTS, check_names
     from ..utils import check_writable_dir
+    from .episodes import check_episode_memory
 
     protocols = parse_protocol(n_way, n_shot, n_query, n_episodes)
     check_names(readouts=_names(readouts), datasets=[dataset])  # a typo fails at once, nothing imported
+    # probabilities counted for every readout (conservative): knowing which readouts are probabilistic would
+    # import them, and this check runs before any heavy import
+    check_episode_memory(protocols, "--n-episodes", probabilities=True)
     if out is not None:
         check_writable_dir(out, "--out")
     data = {"archive": archive, "root": data_root, "download": download,
@@ -176,11 +181,11 @@ def _load_whole_method(checkpoint: Path, device: str, readouts: Sequence[str]):
 @click.option("--checkpoint", type=click.Path(path_type=Path))
 @dataset_options(default_dataset="tiny_imagenet")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
-@click.option("--image-size", default=32, show_default=True)
+@click.option("--image-size", default=32, show_default=True, type=SIZE)
 @click.option("--n-shot", default="1,5", show_default=True)
-@click.option("--n-episodes", default=2000, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Init seed of the untrained backbone.")
-@click.option("--threads", type=int, help="torch.set_num_threads (default: torch's).")
+@click.option("--n-episodes", default=2000, show_default=True, type=COUNT)
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Init seed of the untrained backbone.")
+@click.option("--threads", type=COUNT, help="torch.set_num_threads (default: torch's).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 def bench_eval(backbone, checkpoint, dataset, archive, data_root, download, split_file, train_per_class,
                folder_image_size, split, image_size, n_shot, n_episodes, seed, threads, out):
@@ -198,6 +203,10 @@ def bench_eval(backbone, checkpoint, dataset, archive, data_root, download, spli
     from ..errors import FslError
     from .bench import run_benchmark
 
+    from ..protocol import protocol_grid
+    from .episodes import check_episode_memory
+
+    check_episode_memory(protocol_grid(5, int_list(n_shot, "--n-shot"), 15, n_episodes), "--n-episodes")
     if threads:
         torch.set_num_threads(threads)
     data = {"archive": archive, "root": data_root, "download": download,

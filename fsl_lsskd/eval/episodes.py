@@ -44,6 +44,11 @@ CURVE_WAYS = (5, 10, 20)
 CURVE_SHOTS = (1, 2, 5, 10, 20)
 CURVE_EPISODES = 600  # RFS's n_test_runs; the curves' CIs are tight enough at this count
 
+#: dtypes of the episode arrays: class positions, image positions, and the split rows scoring maps them to
+CLASS_DTYPE, IMAGE_DTYPE, ROW_DTYPE = np.int16, np.uint16, np.int64
+#: dtypes of a probabilistic readout's query probabilities, and of the copy the calibration metrics take
+PROB_DTYPE, PROB_METRIC_DTYPE = np.float32, np.float64
+
 # Per-class image counts of the official data (and of a Tiny ImageNet subset with train_per_class: 100).
 VARIANTS: Dict[Tuple[str, str], Dict[str, Tuple[int, ...]]] = {
     ("cifar_fs", "full"): {"val": (600,) * 16, "test": (600,) * 20},
@@ -94,21 +99,63 @@ class Episodes:
 
     def rows(self, class_offsets: np.ndarray) -> np.ndarray:
         """Map to split rows: ``offsets[class] + image position`` -> int64 ``[E, n_way, n_shot+n_query]``."""
-        return np.asarray(class_offsets, dtype=np.int64)[self.classes.astype(np.int64)][..., None] \
-            + self.images.astype(np.int64)
+        return np.asarray(class_offsets, dtype=ROW_DTYPE)[self.classes.astype(ROW_DTYPE)][..., None] \
+            + self.images.astype(ROW_DTYPE)
+
+
+def episode_array_bytes(protocol: EpisodeProtocol) -> int:
+    """Bytes of the episode arrays of ``protocol``: class positions ``[E, n_way]`` (:data:`CLASS_DTYPE`) and
+    image positions ``[E, n_way, n_shot + n_query]`` (:data:`IMAGE_DTYPE`)."""
+    e, w, k = protocol.n_episodes, protocol.n_way, protocol.images_per_class
+    return e * w * np.dtype(CLASS_DTYPE).itemsize + e * w * k * np.dtype(IMAGE_DTYPE).itemsize
+
+
+def readout_bytes(protocol: EpisodeProtocol, probabilities: bool = True) -> int:
+    """Bytes one readout holds at once while it scores ``protocol``'s episodes: the split rows
+    ``[E, n_way, n_shot + n_query]`` (:data:`ROW_DTYPE`), the per-episode accuracy (float64) and, when
+    ``probabilities``, the query probabilities ``[E, n_way * n_query, n_way]`` (:data:`PROB_DTYPE`) with the
+    copy the calibration metrics take (:data:`PROB_METRIC_DTYPE`)."""
+    e, w, k, q = protocol.n_episodes, protocol.n_way, protocol.images_per_class, protocol.n_query
+    out = e * w * k * np.dtype(ROW_DTYPE).itemsize + e * 8
+    if probabilities:
+        out += e * w * q * w * (np.dtype(PROB_DTYPE).itemsize + np.dtype(PROB_METRIC_DTYPE).itemsize)
+    return out
+
+
+def check_episode_memory(protocols: Sequence[EpisodeProtocol], option: str = "n_episodes",
+                         probabilities: bool = True, fix: str = "") -> None:
+    """Refuse, before anything is decoded or allocated, protocols whose episodes cannot be scored in this
+    machine's available memory (:func:`fsl_lsskd.bounds.check_memory`): the episode arrays of every protocol
+    (:func:`episode_array_bytes`, all held at once) plus what one readout holds for the largest
+    (:func:`readout_bytes`). Raises :class:`~fsl_lsskd.errors.ConfigError` with the estimate; ``option`` names
+    the setting to lower (``--n-episodes``, ``eval.n_episodes``)."""
+    from ..bounds import check_memory
+
+    protocols = list(protocols)
+    if not protocols:
+        return
+    need = sum(episode_array_bytes(p) for p in protocols) + max(readout_bytes(p, probabilities) for p in protocols)
+    big = max(protocols, key=lambda p: (p.n_episodes, readout_bytes(p, probabilities)))
+    held = "image positions, split rows" + (" and query probabilities" if probabilities else "")
+    what = (f"{option} {big.n_episodes}: {big.n_episodes:,} episodes of {big.label} with {big.n_query} queries per "
+            f"class ({held}{', with the other protocols' if len(protocols) > 1 else ''})")
+    check_memory(need, what, fix or f"lower {option} (the published protocols use {PUBLISHED_EPISODES:,} "
+                                     f"episodes; {CURVE_EPISODES} for the way/shot curves)")
 
 
 def generate_episodes(protocol: EpisodeProtocol, counts: Sequence[int]) -> Episodes:
     """Episodes as a pure function of ``protocol`` and the per-class ``counts``
-    (``numpy.random.default_rng(protocol.seed)``). Raises :class:`ProtocolError` when the counts cannot host it."""
+    (``numpy.random.default_rng(protocol.seed)``). Raises :class:`ProtocolError` when the counts cannot host it,
+    and :class:`~fsl_lsskd.errors.ConfigError` when its episodes would not fit in the available memory."""
     counts = tuple(int(c) for c in counts)
     check_capacity(counts, protocol)
-    if max(counts) > np.iinfo(np.uint16).max or len(counts) > np.iinfo(np.int16).max:
+    if max(counts) > np.iinfo(IMAGE_DTYPE).max or len(counts) > np.iinfo(CLASS_DTYPE).max:
         raise ProtocolError("episode files store uint16 image / int16 class positions; split too large")
+    check_episode_memory([protocol], probabilities=False)
     rng = np.random.default_rng(protocol.seed)
     k = protocol.images_per_class
-    classes = np.empty((protocol.n_episodes, protocol.n_way), dtype=np.int16)
-    images = np.empty((protocol.n_episodes, protocol.n_way, k), dtype=np.uint16)
+    classes = np.empty((protocol.n_episodes, protocol.n_way), dtype=CLASS_DTYPE)
+    images = np.empty((protocol.n_episodes, protocol.n_way, k), dtype=IMAGE_DTYPE)
     num_classes = len(counts)
     for e in range(protocol.n_episodes):
         cls = rng.choice(num_classes, size=protocol.n_way, replace=False)

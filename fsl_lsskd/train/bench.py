@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Dict, Iterable
 
 import click
 
+from ..bounds import COUNT, COUNT_OR_ZERO, SIZE
 from ..options import dataset_kwargs, dataset_options
 
 if TYPE_CHECKING:  # torch and numpy load when the benchmark runs, not for `fsl-bench bench train --help`
@@ -154,13 +155,13 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
 @click.command("train")
 @dataset_options(default_dataset="tiny_imagenet")
 @click.option("--backbone", default="conv4", show_default=True)
-@click.option("--image-size", default=32, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--steps", default=50, show_default=True, type=int, help="Timed steps per pipeline.")
-@click.option("--warmup", default=5, show_default=True, type=int)
+@click.option("--image-size", default=32, show_default=True, type=SIZE)
+@click.option("--batch-size", default=64, show_default=True, type=COUNT)
+@click.option("--steps", default=50, show_default=True, type=COUNT, help="Timed steps per pipeline.")
+@click.option("--warmup", default=5, show_default=True, type=COUNT_OR_ZERO)
 @click.option("--workers", default="0,2", show_default=True, help="DataLoader workers tried for the reference.")
 @click.option("--methods", default="pskd,byot,lsskd", show_default=True, help="Methods timed relative to CE.")
-@click.option("--threads", type=int, help="torch.set_num_threads (default: torch's).")
+@click.option("--threads", type=COUNT, help="torch.set_num_threads (default: torch's).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 def bench_train(dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, backbone,
                 image_size, batch_size, steps, warmup, workers, methods, threads, json_out) -> None:

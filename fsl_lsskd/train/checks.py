@@ -52,6 +52,11 @@ def check_train_config(cfg: TrainConfig) -> None:
     resolved_method_config(cfg)
     check_image_size(cfg.backbone, cfg.image_size)
     check_resume_checkpoint(Path(cfg.out_dir))
+    if cfg.validation is not None:
+        from ..eval.episodes import check_episode_memory
+
+        check_episode_memory([cfg.validation], "--val-n-episodes", probabilities=False,
+                             fix="lower --val-n-episodes (the default is 200; 0 disables validation)")
     if cfg.validation is not None and ds is not None:
         check_capacity(split_counts(ds, "val"), cfg.validation, ds.class_split()["val"],
                        where=f"{cfg.dataset} val split (validation: {cfg.validation.key} x{cfg.validation.n_episodes} "

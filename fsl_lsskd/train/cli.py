@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..bounds import COUNT, SEED, SIZE
 from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_options
 
 
@@ -12,10 +13,10 @@ from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_
 @click.option("--method", default="ce", show_default=True, help="Registered method (see `fsl-bench ls`).")
 @click.option("--backbone", default="conv4", show_default=True, help="Backbone (few-shot standard or timm name).")
 @dataset_options(default_dataset="tiny_imagenet")
-@click.option("--image-size", default=32, show_default=True, type=int, help="Training resolution.")
-@click.option("--epochs", type=int, help="Override the method's epochs.")
-@click.option("--batch-size", type=int, help="Override the method's batch size.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--image-size", default=32, show_default=True, type=SIZE, help="Training resolution.")
+@click.option("--epochs", type=COUNT, help="Override the method's epochs.")
+@click.option("--batch-size", type=COUNT, help="Override the method's batch size.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--fraction", default=1.0, show_default=True, type=float,
               help="Limited-data protocol: share of every base class (0.25/0.5/0.75/1.0).")
 @click.option("--heldout", default=0.1, show_default=True, type=float,
@@ -23,11 +24,12 @@ from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision (fp16 uses a gradient scaler).")
 @protocol_options(prefix="val", default_shot="5", default_episodes=200,
-                  help_episodes="Validation episodes (ProtoNet on the val split) per epoch; 0 disables.")
+                  help_episodes="Validation episodes (ProtoNet on the val split) per epoch; 0 disables.",
+                  zero_disables=True)
 @click.option("--teacher", type=click.Path(path_type=Path), help="Teacher model directory (KD methods): "
               "<teacher out>/model.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--threads", type=int, help="torch.set_num_threads.")
+@click.option("--threads", type=COUNT, help="torch.set_num_threads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: resume state while training (resumes from OUT/last.pt), then OUT/model and "
                    "OUT/export.")

@@ -78,6 +78,10 @@ class TrainConfig:
     sync_bn: bool = True
 
     def __post_init__(self) -> None:
+        from ..bounds import check_seed, check_size
+
+        check_seed(self.seed, "seed")
+        check_size(self.image_size, "image_size")
         if not 0.0 < float(self.fraction) <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1] (the protocol uses {FRACTIONS}), got {self.fraction}")
         if not 0.0 <= float(self.heldout) < 1.0:

@@ -247,7 +247,8 @@ def default_validator(cfg: TrainConfig, data: PreparedData) -> Optional[Validato
 def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=None, teacher=None,
           validator: Optional[Validator] = None, store=None, parent_run_id: Optional[str] = None,
           tags: Optional[Dict[str, str]] = None, stop_after_epoch: Optional[int] = None,
-          on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> TrainResult:
+          on_epoch: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
+          resume_run_id: Optional[str] = None) -> TrainResult:
     """Train ``cfg.method`` and return a :class:`TrainResult`.
 
     Args:
@@ -256,7 +257,9 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
         validator: ``validator(backbone) -> metrics`` run every epoch on rank 0 (default
             :func:`default_validator`); its metrics are logged and shown.
         store: a :class:`fsl_lsskd.record.Store` (default: opened when ``cfg.mlflow``); ``parent_run_id`` nests
-            the training run under an invocation run; ``tags`` are added to it.
+            the training run under an invocation run; ``tags`` are added to it; ``resume_run_id`` is an unfinished
+            run of this training identity to continue in when there is no resume state (a run killed before its
+            first epoch's state was written), instead of starting a second run.
         stop_after_epoch: stop after that many completed epochs (like a kill; nothing finished), for time-sliced
             runs.
         on_epoch: ``on_epoch(epochs_done, epochs, metrics)`` on rank 0 after each epoch's resume state is written,
@@ -280,7 +283,7 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
     with distributed.process_group(cfg.device) as dctx:
         return _train(cfg, dctx, train_data=train_data, val_data=val_data, mean=mean, std=std, teacher=teacher,
                       validator=validator, store=store, parent_run_id=parent_run_id, tags=tags,
-                      stop_after_epoch=stop_after_epoch, on_epoch=on_epoch)
+                      stop_after_epoch=stop_after_epoch, on_epoch=on_epoch, resume_run_id=resume_run_id)
 
 
 def _setup_distributed(cfg: TrainConfig, method, dctx) -> None:
@@ -316,7 +319,7 @@ def finished_model(out: Path, tid: str, identity: Dict[str, Any]) -> bool:
 
 
 def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, validator, store, parent_run_id,
-           tags, stop_after_epoch, on_epoch) -> TrainResult:
+           tags, stop_after_epoch, on_epoch, resume_run_id=None) -> TrainResult:
     from . import distributed
 
     run_cfg = replace(cfg, device=str(dctx.device)) if dctx.enabled else cfg  # cuda -> cuda:LOCAL_RANK
@@ -353,7 +356,7 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones(mcfg), gamma=mcfg.lr_gamma)
     scaler = torch.amp.GradScaler(torch.device(run_cfg.device).type, enabled=cfg.precision == "fp16")
 
-    start_epoch, history, run_id = 0, [], None
+    start_epoch, history, run_id = 0, [], resume_run_id
     if ckpt_path.exists():
         ckpt = read_training_state(ckpt_path, map_location=run_cfg.device)
         old = ckpt["meta"].get("identity", {})
