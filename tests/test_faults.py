@@ -463,7 +463,7 @@ def fake_results(monkeypatch):
     from fsl_lsskd.bench import collect
     from fsl_lsskd.bench.tables import ResultSet
 
-    def fake_collect(bench, store=None):
+    def fake_collect(bench, store=None, data=None):
         rs = ResultSet()
         rng = np.random.default_rng(0)
         for m in ("ce", "lsskd"):

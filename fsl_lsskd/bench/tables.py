@@ -806,8 +806,8 @@ def headline(results: ResultSet, caption: str, baseline: str = "ce") -> Dict[str
     cls_text = (f"± classes: half the 95% interval when the {n_cls} test classes are resampled (Lafargue et al. "
                 f"2024): how much the choice of test classes alone moves the number, for the same trained networks."
                 if n_cls else "± classes: not available (episodes generated from data that is not at hand).")
-    legend = (f"In-domain 5-way 1- and 5-shot accuracy (%) with the ProtoNet readout on {n_ep} published "
-                  f"episodes. Accuracy: mean over seeds ± half the 95% t-interval over training "
+    legend = (f"In-domain 5-way 1- and 5-shot accuracy (%) with the ProtoNet readout on the same {n_ep} "
+                  f"episodes for every method. Accuracy: mean over seeds ± half the 95% t-interval over training "
                   f"seeds (df = seeds − 1). Δ: paired difference to `{baseline}` on the same episodes and seeds, "
                   f"[95% t-interval over the per-seed differences]. {cls_text} Verdict: better / worse when the "
                   f"seed-level interval excludes 0, no evidence of a difference when it contains 0; one seed decides "
