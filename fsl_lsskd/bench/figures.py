@@ -1,7 +1,8 @@
 """Figures of a :class:`~fsl_lsskd.bench.tables.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
 
 One colour per method in every figure of every benchmark (:func:`method_colour`); accuracy in percent;
-error bars and bands are the 95% t-intervals over training seeds (:mod:`fsl_lsskd.bench.stats`; none for one seed); epochs count from 1.
+error bars and bands are the 95% t-intervals over training seeds (:mod:`fsl_lsskd.bench.stats`; none for one
+seed); epochs count from 1.
 
 - ``<stem>_accuracy``: accuracy per method, one panel per readout, one row of panels per (training data,
   target, protocol); panels of a row share the y axis.

@@ -1,16 +1,21 @@
-"""Uncertainty over episodes *and* training seeds.
+"""Uncertainty at the unit that decides (``docs/statistics.md``).
 
-The per-episode t-interval (RFS) treats one trained network as fixed; a second training seed of the same
-method can move the mean by more than that interval. :func:`hierarchical_bootstrap` resamples both levels
-(seeds with replacement, then episodes with replacement within every drawn seed; Davison & Hinkley 1997,
-§3.8; Field & Welsh 2007), so its percentile interval includes the variation between training runs. With one
-seed it reduces to the episode bootstrap. All intervals are 95%.
+- :func:`t_interval` / :func:`verdict`: the t-interval over training seeds (df = seeds - 1) that every decision
+  uses (better / worse / no evidence of a difference / not decided), for a seed mean or a paired difference;
+- :func:`class_interval`: how far another draw of test classes would move a mean over episodes (Lafargue et al.
+  2024), shown beside it, never a decision;
+- :func:`hierarchical_bootstrap_stat`: a bootstrap over seeds, then episodes (Davison & Hinkley 1997, §3.8), for
+  statistics with no closed form (the calibration tables' ECE interval: for reading, nothing is marked on it);
+  :func:`hierarchical_bootstrap` is its mean, the interval the tables used to decide on and that
+  ``tests/test_statistics.py`` shows too narrow for few seeds.
+
+All intervals are 95%.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import numpy as np
 
@@ -55,15 +60,6 @@ def hierarchical_bootstrap_stat(x: np.ndarray, stat: Callable[[np.ndarray], floa
         i = rng.integers(0, E, size=(S, E))
         vals[b] = stat(x[s[:, None], i].reshape((S * E,) + x.shape[2:]))
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
-
-
-def excludes_zero(lo: float, hi: float) -> Optional[int]:
-    """+1 when an interval lies above 0, -1 below, None when it contains 0."""
-    if lo > 0:
-        return 1
-    if hi < 0:
-        return -1
-    return None
 
 
 # --- Inference at the unit that decides: training seeds (t, df = seeds - 1) and test classes (random effects) ---

@@ -27,7 +27,7 @@ import numpy as np
 from ..eval.base import mean_ci
 from ..progress import announce
 from ..utils import atomic_write_text
-from .stats import (NOT_DECIDED, ZERO_TOL, SeedInterval, class_interval, hierarchical_bootstrap_stat, t_interval,
+from .stats import (NOT_DECIDED, SeedInterval, class_interval, hierarchical_bootstrap_stat, t_interval,
                     verdict)
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,11 @@ class Series:
 
     def summary(self, key: str = "accuracy") -> Tuple[float, float, float, float]:
         """``(mean, episode CI half-width, seed lo, seed hi)`` of ``key``: the seed interval is the t-interval over
-        the seeds' means (:meth:`seed_interval`; NaN bounds for one seed)."""
+        the seeds' means (:func:`~fsl_lsskd.bench.stats.t_interval`; NaN bounds for one seed)."""
         x = self.stacked(key)
         m, h = mean_ci(x.mean(0))
         iv = t_interval(x.mean(1))
         return m, h, iv.lo, iv.hi
-
-    def seed_interval(self, key: str = "accuracy") -> SeedInterval:
-        """The t-interval over training seeds of the seeds' mean ``key`` (on the episodes every seed has)."""
-        return t_interval(self.stacked(key).mean(1))
 
     def seed_means(self, key: str = "accuracy") -> Dict[int, float]:
         return {s: float(np.mean(self.per_seed[s][key])) for s in self.seeds}
@@ -141,8 +137,6 @@ class ResultSet:
 
 
 def _column_order(c: Column):
-    import re
-
     m = re.match(r"(\d+)w(\d+)s(\d+)q", c[2])
     shape = tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
     return (c[0], c[1], shape, c[3])
@@ -672,6 +666,7 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
     head = headline(results, caption, baseline=baselines[0] if baselines else "ce")
     name = out_stem.name
     appendix = out_stem.with_name(f"{name}_appendix")
+    headline_csv = out_stem.with_name(f"{name}_headline.csv")
     files: Dict[Path, str] = {}
     if head["md"]:
         files[out_stem.with_suffix(".md")] = (
@@ -679,7 +674,7 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
             f"Verdicts (generated from the numbers above):\n\n{head['verdicts']}\n"
             f"Every column, paired differences, readout effects, curves, calibration and base classes: "
             f"[{name}_appendix.md]({name}_appendix.md) (LaTeX: {name}_appendix.tex; CSV: {name}.csv).\n")
-        files[out_stem.with_name(f"{name}_headline.csv")] = head["csv"]
+        files[headline_csv] = head["csv"]
         files[out_stem.with_suffix(".tex")] = head["tex"]
         files[appendix.with_suffix(".md")] = (header + "\n" if header else "") + rendered["md"]
         files[appendix.with_suffix(".tex")] = rendered["tex"]
@@ -694,7 +689,7 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
                                                 f"{head['verdicts']}")
         if updated != text:
             files[readme] = updated
-    for stale in (appendix.with_suffix(".md"), appendix.with_suffix(".tex"), out_stem.with_name(f"{name}_headline.csv")):
+    for stale in (appendix.with_suffix(".md"), appendix.with_suffix(".tex"), headline_csv):
         if stale not in files and stale.exists():
             stale.unlink()  # a previous run's headline files, for results that no longer have one
     paths = []

@@ -110,7 +110,7 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     """
     import time
 
-    from ..registry import READOUTS, check_names
+    from ..registry import check_names
     from ..utils import check_writable_dir
     from .episodes import check_episode_memory
 
