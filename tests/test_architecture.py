@@ -23,15 +23,24 @@ LAYERS = [
     {"eval"},
     {"train"},
     {"edge"},
-    {"bench"},
+    {"bench"},            # planning and running a grid: config, grid, runner, launch, validate
+    {"report"},           # tables, figures, statistics: may read bench.config/bench.grid, never the reverse
+    {"bench.commands"},   # bench's click commands and the store readers that build a ResultSet (BENCH_COMMANDS)
     {"cli", "migrate", "__init__", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
+#: The modules of ``bench`` above ``report``: the click commands, and the readers of a store into a ResultSet
+#: (``collect``, ``publish``: to move into ``report`` later). Every other ``bench`` module is the grid package.
+BENCH_COMMANDS = {"commands", "edge_cmd", "cli", "collect", "publish"}
+
 
 def _unit(module: str) -> str:
-    """``fsl_lsskd.eval.scoring`` -> ``eval``; ``fsl_lsskd.errors`` -> ``errors``."""
+    """``fsl_lsskd.eval.scoring`` -> ``eval``; ``fsl_lsskd.errors`` -> ``errors``; ``fsl_lsskd.bench.commands``
+    -> ``bench.commands`` (:data:`BENCH_COMMANDS`), ``fsl_lsskd.bench.grid`` -> ``bench``."""
     parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "bench" and parts[2] in BENCH_COMMANDS:
+        return "bench.commands"
     return parts[1] if len(parts) > 1 else "__init__"
 
 

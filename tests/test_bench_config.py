@@ -6,8 +6,8 @@ import pytest
 
 from fsl_lsskd.bench.config import load_benchmark
 from fsl_lsskd.bench.grid import expand, shard, training_config, with_teachers
-from fsl_lsskd.bench.stats import hierarchical_bootstrap
-from fsl_lsskd.bench.tables import (ResultSet, mean_ci, paired_vs, readout_effects, reference_readout, render,
+from fsl_lsskd.report.stats import hierarchical_bootstrap
+from fsl_lsskd.report.tables import (ResultSet, mean_ci, paired_vs, readout_effects, reference_readout, render,
                                     variant_effects)
 from fsl_lsskd.errors import ConfigError
 
@@ -321,7 +321,7 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
 
     from matplotlib.axes import Axes
 
-    from fsl_lsskd.bench import figures
+    from fsl_lsskd.report import figures
 
     rs = ResultSet()
     for frac in ("@25%", "@50%", "@75%", ""):
@@ -358,7 +358,7 @@ def test_fractions_figure_leaves_a_gap_where_a_row_has_no_cell(tmp_path, monkeyp
 
 def test_fractions_figure_needs_more_than_one_fraction(tmp_path):
     """A grid trained on full data only (every point at 100 %) gets no fractions figure."""
-    from fsl_lsskd.bench import figures
+    from fsl_lsskd.report import figures
 
     rs = ResultSet()
     for method in ("ce", "pskd"):
@@ -389,8 +389,8 @@ def test_difference_captions_say_when_a_difference_rests_on_one_seed():
 
 def test_interval_bound_that_excludes_zero_never_reads_as_zero():
     """A seed-level interval [-1.60, -0.004] is significant (▼); printed to 2 decimals it read [-1.60, -0.00]."""
-    from fsl_lsskd.bench.stats import SeedInterval
-    from fsl_lsskd.bench.tables import Paired, _interval, _signed
+    from fsl_lsskd.report.stats import SeedInterval
+    from fsl_lsskd.report.tables import Paired, _interval, _signed
 
     assert _signed(-0.004) == "-0.004" and _signed(0.0031) == "+0.003" and _signed(-4e-5) == "-4e-05"
     assert _signed(0.0) == "+0.00" and _signed(-1.6) == "-1.60" and _signed(0.005) == "+0.01"

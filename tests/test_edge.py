@@ -347,7 +347,7 @@ def test_fsl_bench_edge_end_to_end(tmp_path, store, data, monkeypatch):
 def test_edge_tables_aggregate_seeds_with_their_spread(tmp_path):
     """Two seeds of one method: latency is the median of the seeds' percentiles with their range, the int8
     difference is paired per episode with a seed-aware interval and its per-seed range; the CSV keeps each seed."""
-    from fsl_lsskd.bench.edge_tables import EdgeCell, interval, render_csv, render_markdown, write_figure
+    from fsl_lsskd.report.edge_tables import EdgeCell, interval, render_csv, render_markdown, write_figure
 
     machine = {"cpu_model": "Test CPU", "cores": 2, "torch": "x", "onnxruntime": "y"}
     rng = np.random.default_rng(0)

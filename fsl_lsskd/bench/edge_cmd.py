@@ -65,7 +65,7 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
     from ..edge.report import EdgeSettings, edge_report, jsonable
     from ..eval.scoring import ReadoutSpec
     from .collect import match_cells
-    from .edge_tables import EdgeCell, edge_metrics, write_edge_files
+    from ..report.edge_tables import EdgeCell, edge_metrics, write_edge_files
     from .grid import expand
     from .runner import DataCache
 

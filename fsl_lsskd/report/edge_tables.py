@@ -6,7 +6,7 @@ per-episode accuracies). Rows of the Markdown tables are methods (table rows of 
 training seeds: latency figures are the median over seeds of each seed's percentile, with the range over seeds
 when there are several; accuracy differences are the mean over seeds and episodes with a 95% interval (t-interval
 over episodes, :func:`fsl_lsskd.eval.base.mean_ci`, for one seed; the t-interval over the seeds' means,
-:func:`fsl_lsskd.bench.stats.t_interval`, for several). The CSV keeps every figure of every seed, every batch size
+:func:`fsl_lsskd.report.stats.t_interval`, for several). The CSV keeps every figure of every seed, every batch size
 and thread count, with its machine.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _median_range(values: Sequence[Optional[float]], digits: int = 3) -> str:
 
 def interval(x: np.ndarray) -> Tuple[float, float, float]:
     """(mean, low, high) of per-seed, per-episode values ``x [S, E]``: t-interval over episodes for one seed,
-    t-interval over the seeds' means (df = seeds − 1, :func:`~fsl_lsskd.bench.stats.t_interval`) for several."""
+    t-interval over the seeds' means (df = seeds − 1, :func:`~fsl_lsskd.report.stats.t_interval`) for several."""
     from ..eval.base import mean_ci
     from .stats import t_interval
 

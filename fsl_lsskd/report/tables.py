@@ -5,13 +5,13 @@ Every accuracy is in percent. A cell shows the mean over seeds and episodes with
 - ``± e``: the t-interval over episodes of the seed-averaged per-episode accuracy (RFS; the spread of the
   *episodes* only, holding the trained networks and the test classes fixed);
 - ``(seeds ± s)``: half the width of the t-interval over training seeds (df = seeds − 1) of the seeds' mean
-  accuracies (:func:`fsl_lsskd.bench.stats.t_interval`), which includes the variation between training runs.
+  accuracies (:func:`fsl_lsskd.report.stats.t_interval`), which includes the variation between training runs.
 
 Every decision rests on training seeds (``docs/statistics.md``): a column's best value is bold only when the
 paired t-interval over seeds of its difference to the next best excludes 0, and a paired difference is marked
 (▲ better, ▼ worse) only when its paired t-interval over seeds excludes 0. One seed decides nothing ("1 seed:
 not decided"). The headline table (:func:`headline`) adds the test-class interval
-(:func:`fsl_lsskd.bench.stats.class_interval`): how much the test classes alone move a number.
+(:func:`fsl_lsskd.report.stats.class_interval`): how much the test classes alone move a number.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class Series:
 
     def summary(self, key: str = "accuracy") -> Tuple[float, float, float, float]:
         """``(mean, episode CI half-width, seed lo, seed hi)`` of ``key``: the seed interval is the t-interval over
-        the seeds' means (:func:`~fsl_lsskd.bench.stats.t_interval`; NaN bounds for one seed)."""
+        the seeds' means (:func:`~fsl_lsskd.report.stats.t_interval`; NaN bounds for one seed)."""
         x = self.stacked(key)
         m, h = mean_ci(x.mean(0))
         iv = t_interval(x.mean(1))
@@ -171,7 +171,7 @@ class Paired:
 
     @property
     def word(self) -> str:
-        """better / worse / no evidence of a difference / not decided (:func:`~fsl_lsskd.bench.stats.verdict`)."""
+        """better / worse / no evidence of a difference / not decided (:func:`~fsl_lsskd.report.stats.verdict`)."""
         return verdict(self.seed)
 
     @property
@@ -652,7 +652,7 @@ def replace_generated(text: str, name: str, body: str) -> str:
 
 def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
                  header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
-    """Write the tables and figures (:mod:`fsl_lsskd.bench.figures`); returns the paths.
+    """Write the tables and figures (:mod:`fsl_lsskd.report.figures`); returns the paths.
 
     ``<stem>.md`` / ``<stem>.tex``: the headline (:func:`headline`) and its generated verdicts;
     ``<stem>_headline.csv``: its numbers; ``<stem>_appendix.md`` / ``.tex``: every column (:func:`render`);

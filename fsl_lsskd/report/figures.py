@@ -1,7 +1,7 @@
-"""Figures of a :class:`~fsl_lsskd.bench.tables.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
+"""Figures of a :class:`~fsl_lsskd.report.tables.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
 
 One colour per method in every figure of every benchmark (:func:`method_colour`); accuracy in percent;
-error bars and bands are the 95% t-intervals over training seeds (:mod:`fsl_lsskd.bench.stats`; none for one
+error bars and bands are the 95% t-intervals over training seeds (:mod:`fsl_lsskd.report.stats`; none for one
 seed); epochs count from 1.
 
 - ``<stem>_accuracy``: accuracy per method, one panel per readout, one row of panels per (training data,
@@ -140,7 +140,7 @@ HEADLINE_SPAN = 6.0
 
 
 def _headline(results, stem: Path, written: List[Path], baseline: str) -> None:
-    """``<stem>_headline``: the headline's accuracy per method (:func:`~fsl_lsskd.bench.tables.headline_rows`),
+    """``<stem>_headline``: the headline's accuracy per method (:func:`~fsl_lsskd.report.tables.headline_rows`),
     one panel per (training data, shots): every seed as a point, the mean with its 95% t-interval over seeds.
     The axis spans the methods within :data:`HEADLINE_SPAN` points of the baseline; the others are named in the
     panel with their mean, so a one-point difference is visible."""
