@@ -7,9 +7,10 @@ import pytest
 from fsl_lsskd.bench.config import load_benchmark
 from fsl_lsskd.bench.grid import expand, shard, training_config, with_teachers
 from fsl_lsskd.report.stats import hierarchical_bootstrap
-from fsl_lsskd.report.tables import (ResultSet, mean_ci, paired_vs, readout_effects, reference_readout, render,
-                                    variant_effects)
 from fsl_lsskd.errors import ConfigError
+from fsl_lsskd.eval.base import mean_ci
+from fsl_lsskd.report.results import ResultSet, paired_vs, readout_effects, reference_readout, variant_effects
+from fsl_lsskd.report.tables import render
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -390,7 +391,8 @@ def test_difference_captions_say_when_a_difference_rests_on_one_seed():
 def test_interval_bound_that_excludes_zero_never_reads_as_zero():
     """A seed-level interval [-1.60, -0.004] is significant (▼); printed to 2 decimals it read [-1.60, -0.00]."""
     from fsl_lsskd.report.stats import SeedInterval
-    from fsl_lsskd.report.tables import Paired, _interval, _signed
+    from fsl_lsskd.report.results import Paired
+    from fsl_lsskd.report.tables import _interval, _signed
 
     assert _signed(-0.004) == "-0.004" and _signed(0.0031) == "+0.003" and _signed(-4e-5) == "-4e-05"
     assert _signed(0.0) == "+0.00" and _signed(-1.6) == "-1.60" and _signed(0.005) == "+0.01"

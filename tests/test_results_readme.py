@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fsl_lsskd.report.tables import generated_markers
+from fsl_lsskd.report.files import generated_markers
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 NUMBER = re.compile(r"(?<![\w.])[+\-−]?\d+\.\d\d(?![\d.]*\d)")

@@ -8,7 +8,8 @@ import pytest
 
 from fsl_lsskd.report.stats import (BETTER, NO_EVIDENCE, NOT_DECIDED, WORSE, class_interval, hierarchical_bootstrap,
                                    t_interval, verdict)
-from fsl_lsskd.report.tables import ResultSet, headline, paired
+from fsl_lsskd.report.results import ResultSet, paired
+from fsl_lsskd.report.tables import headline
 
 
 def test_t_interval_known_values_and_one_seed():
@@ -143,7 +144,7 @@ def test_headline_table_verdicts_and_one_seed():
 def test_headline_pskd_example_from_the_issue_reads_no_evidence():
     """The issue's example: 3 seeds whose differences are -0.23 on average with a seed-level t-interval
     [-0.65, +0.20] must read 'no evidence of a difference', not ▼."""
-    from fsl_lsskd.report.tables import Paired
+    from fsl_lsskd.report.results import Paired
 
     d = Paired(mean=-0.23, ci95=0.2, seed=t_interval([-0.05, -0.41, -0.23]), per_seed={0: -0.05, 1: -0.41, 2: -0.23})
     assert d.seed.lo < 0 < d.seed.hi and d.word == NO_EVIDENCE and d.verdict is None

@@ -1,4 +1,4 @@
-"""Read a benchmark's finished cells and scores from the store into a :class:`~fsl_lsskd.report.tables.ResultSet`.
+"""Read a benchmark's finished cells and scores from the store into a :class:`~fsl_lsskd.report.results.ResultSet`.
 
 Reading needs no data: a cell's training run is found by its training identity with the data fingerprint (and
 the teacher's id) left out, among the finished training runs of the store; when the store holds the same cell
@@ -18,7 +18,7 @@ from ..progress import track
 from ..protocol import EpisodeProtocol
 from .config import Benchmark
 from .grid import Cell, expand, experiment_name, training_config, with_teachers
-from ..report.tables import ResultSet
+from ..report.results import ResultSet
 
 log = logging.getLogger(__name__)
 

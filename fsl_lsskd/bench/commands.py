@@ -298,7 +298,7 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     from ..utils import check_writable_dir
     from .collect import collect
     from .config import load_benchmark
-    from ..report.tables import write_tables
+    from ..report.files import write_tables
 
     bench = load_benchmark(benchmark) if not data_paths else load_filtered(benchmark, data_paths=data_paths)
     from ..progress import announce

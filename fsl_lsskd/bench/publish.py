@@ -280,7 +280,7 @@ class PublishedStore:
 
 
 def collect_published(bench: Benchmark, directory: Path, data=None):
-    """The :class:`~fsl_lsskd.report.tables.ResultSet` of a published directory (no store; data only to rebuild
+    """The :class:`~fsl_lsskd.report.results.ResultSet` of a published directory (no store; data only to rebuild
     generated episodes' classes, see :func:`~fsl_lsskd.bench.collect.collect`)."""
     from .collect import collect
 

@@ -1,4 +1,4 @@
-"""Figures of a :class:`~fsl_lsskd.report.tables.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
+"""Figures of a :class:`~fsl_lsskd.report.results.ResultSet`, as PNG and PDF (vector), matplotlib Agg.
 
 One colour per method in every figure of every benchmark (:func:`method_colour`); accuracy in percent;
 error bars and bands are the 95% t-intervals over training seeds (:mod:`fsl_lsskd.report.stats`; none for one
@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..utils import atomic_path
-from .tables import _row_name
+from .results import headline_rows, row_name
 
 # stable colours: the registered methods in a fixed order (tab10), variants a lighter shade of their method
 METHOD_ORDER = ("ce", "pskd", "byot", "lsskd", "protonet", "maml", "kd", "hsakd", "hsakd_teacher", "fomaml")
@@ -140,12 +140,10 @@ HEADLINE_SPAN = 6.0
 
 
 def _headline(results, stem: Path, written: List[Path], baseline: str) -> None:
-    """``<stem>_headline``: the headline's accuracy per method (:func:`~fsl_lsskd.report.tables.headline_rows`),
+    """``<stem>_headline``: the headline's accuracy per method (:func:`~fsl_lsskd.report.results.headline_rows`),
     one panel per (training data, shots): every seed as a point, the mean with its 95% t-interval over seeds.
     The axis spans the methods within :data:`HEADLINE_SPAN` points of the baseline; the others are named in the
     panel with their mean, so a one-point difference is visible."""
-    from .tables import headline_rows
-
     lines = headline_rows(results, baseline)
     if not lines:
         return
@@ -173,7 +171,7 @@ def _headline(results, stem: Path, written: List[Path], baseline: str) -> None:
                 err = [[a.mean - a.lo], [a.hi - a.mean]] if a.decided else None
                 ax.errorbar([k + 0.1], [a.mean], yerr=err, fmt="D", capsize=4, elinewidth=1.6, color=colour,
                             markersize=6)
-            ax.set_xticks(range(len(shown)), [f"{_row_name(results, h.row)}\n{h.accuracy.n} seed"
+            ax.set_xticks(range(len(shown)), [f"{row_name(results, h.row)}\n{h.accuracy.n} seed"
                                               f"{'s' if h.accuracy.n != 1 else ''}" for h in shown], fontsize=8)
             if ref is not None:
                 ax.axhline(ref, color="grey", linewidth=0.8, linestyle="--")
@@ -341,7 +339,7 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
                 colour = method_colour(r[0], _base_of(r[0]))
                 counts = sorted({len(pts[x].per_seed) for x in pts})  # a row with fewer seeds says so
                 seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-                label = f"{_row_name(results, r)}, {seeds} seed{'s' if counts[-1] > 1 else ''}"
+                label = f"{row_name(results, r)}, {seeds} seed{'s' if counts[-1] > 1 else ''}"
                 ax.plot(grid, [s[0] for s in col], marker="o", color=colour, label=label)
                 ax.fill_between(grid, [s[1] for s in col], [s[2] for s in col], color=colour, alpha=0.2)
                 xs = sorted(stats)

@@ -1,4 +1,4 @@
-"""Result tables: Markdown, CSV and LaTeX (booktabs) of a :class:`ResultSet`.
+"""Result tables: Markdown, CSV and LaTeX (booktabs) of a :class:`~fsl_lsskd.report.results.ResultSet`.
 
 Every accuracy is in percent. A cell shows the mean over seeds and episodes with two 95% intervals:
 
@@ -15,247 +15,14 @@ not decided"). The headline table (:func:`headline`) adds the test-class interva
 """
 from __future__ import annotations
 
-import logging
 import math
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
-
-import numpy as np
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..eval.base import mean_ci
-from ..progress import announce
-from ..utils import atomic_write_text
-from .stats import (NOT_DECIDED, SeedInterval, class_interval, hierarchical_bootstrap_stat, t_interval,
-                    verdict)
-
-log = logging.getLogger(__name__)
-
-Row = Tuple[str, str]                # (method or variant, backbone)
-Column = Tuple[str, str, str, str]   # (training data label, target dataset, protocol key, readout label)
-
-
-@dataclass
-class Series:
-    """Per-seed arrays of one (row, column): ``accuracy`` (% per episode, or per image for base scores) and,
-    for probabilistic readouts, ``nll``, ``brier``, ``reliability``."""
-
-    per_seed: Dict[int, Dict[str, np.ndarray]] = field(default_factory=dict)
-
-    @property
-    def seeds(self) -> List[int]:
-        return sorted(self.per_seed)
-
-    def stacked(self, key: str = "accuracy", seeds: Optional[Sequence[int]] = None) -> np.ndarray:
-        """``[n_seeds, n_episodes]`` of ``key`` (shortest length when seeds differ)."""
-        seeds = self.seeds if seeds is None else [s for s in self.seeds if s in seeds]
-        arrays = [np.asarray(self.per_seed[s][key]) for s in seeds]
-        n = min(a.shape[0] for a in arrays)
-        if any(a.shape[0] != n for a in arrays):
-            log.warning("seeds have different episode counts; using the first %d", n)
-        return np.stack([a[:n] for a in arrays])
-
-    def has(self, key: str) -> bool:
-        return all(key in d for d in self.per_seed.values())
-
-    def summary(self, key: str = "accuracy") -> Tuple[float, float, float, float]:
-        """``(mean, episode CI half-width, seed lo, seed hi)`` of ``key``: the seed interval is the t-interval over
-        the seeds' means (:func:`~fsl_lsskd.report.stats.t_interval`; NaN bounds for one seed)."""
-        x = self.stacked(key)
-        m, h = mean_ci(x.mean(0))
-        iv = t_interval(x.mean(1))
-        return m, h, iv.lo, iv.hi
-
-    def seed_means(self, key: str = "accuracy") -> Dict[int, float]:
-        return {s: float(np.mean(self.per_seed[s][key])) for s in self.seeds}
-
-    def seed_std(self) -> float:
-        vals = list(self.seed_means().values())
-        return float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
-
-    def ece(self) -> Tuple[float, float, float]:
-        """Pooled ECE (%) over seeds and episodes and its 95% hierarchical-bootstrap interval (seeds, then episodes:
-        an interval for reading, not a decision; nothing is marked on it)."""
-        from ..eval.calibration import ece_from_bins
-
-        rel = self.stacked("reliability")  # [S, E, bins, 3]
-        value = 100.0 * ece_from_bins(rel.sum(axis=(0, 1)))
-        lo, hi = hierarchical_bootstrap_stat(rel, lambda r: 100.0 * ece_from_bins(r.sum(0)), n_boot=500)
-        return value, lo, hi
-
-
-@dataclass
-class ResultSet:
-    """Everything a benchmark's tables and figures show, keyed by row ``(method or variant, backbone)``.
-
-    ``cells[row][column]``: the per-seed per-episode arrays of a column ``(training data label, target dataset,
-    protocol key, readout label)``; ``base[row][data label]``: held-out base-class scores (per image);
-    ``curve_points[row][(data, target, n_way, n_shot, readout)]``: way/shot curve points; ``curves[row][metric]``:
-    training curves ``[(epoch, value)]`` of the first seed; ``episode_classes[(target, protocol key)]``: each
-    episode's test-class ids ``[E, n_way]`` (for the test-class interval; absent when the episodes cannot be
-    recovered without the data); ``meta``: cells found/expected, episode sources."""
-
-    cells: Dict[Row, Dict[Column, Series]] = field(default_factory=dict)
-    base: Dict[Row, Dict[str, Series]] = field(default_factory=dict)
-    curve_points: Dict[Row, Dict[tuple, Series]] = field(default_factory=dict)
-    curves: Dict[Row, Dict[str, List[Tuple[int, float]]]] = field(default_factory=dict)
-    teacher_rows: Set[Row] = field(default_factory=set)
-    variant_of: Dict[str, Tuple[str, Mapping[str, object]]] = field(default_factory=dict)  # row -> (method, settings)
-    meta: Dict[str, object] = field(default_factory=dict)
-    episode_classes: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
-    _curve_from_main: Set[tuple] = field(default_factory=set, repr=False)  # curve points filled by main scores
-
-    def add(self, row: Row, col: Column, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
-        self.cells.setdefault(row, {}).setdefault(col, Series()).per_seed[seed] = dict(arrays)
-
-    def add_base(self, row: Row, data_label: str, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
-        self.base.setdefault(row, {}).setdefault(data_label, Series()).per_seed[seed] = dict(arrays)
-
-    def add_curve(self, row: Row, point: tuple, seed: int, arrays: Mapping[str, np.ndarray],
-                  curve_episodes: bool = True) -> None:
-        """A curve point's per-episode arrays for one seed. A score on the curve's own published episodes
-        (``curve_episodes``) always wins over a main-protocol score of the same way/shot, whatever the order they
-        arrive in (a main-protocol score only fills a point that has no curve score), so a point never mixes
-        two episode sets across seeds."""
-        per_seed = self.curve_points.setdefault(row, {}).setdefault(point, Series()).per_seed
-        key = (row, point, seed)
-        if curve_episodes:
-            per_seed[seed] = dict(arrays)
-            self._curve_from_main.discard(key)
-        elif seed not in per_seed or key in self._curve_from_main:
-            per_seed[seed] = dict(arrays)
-            self._curve_from_main.add(key)
-
-    @property
-    def columns(self) -> List[Column]:
-        return sorted({c for row in self.cells.values() for c in row}, key=_column_order)
-
-    @property
-    def rows(self) -> List[Row]:
-        return sorted(set(self.cells) | set(self.base))
-
-
-def _column_order(c: Column):
-    m = re.match(r"(\d+)w(\d+)s(\d+)q", c[2])
-    shape = tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
-    return (c[0], c[1], shape, c[3])
-
-
-@dataclass
-class Paired:
-    """A method minus a baseline on identical episodes and the seeds both have (points).
-
-    ``seed`` is the paired t-interval over the per-seed differences (df = seeds − 1): every decision uses it.
-    ``lo``/``hi``/``p`` are its bounds and its t-test p (NaN for one seed); ``ci95`` the t-interval over episodes
-    of the seed-averaged difference (episode noise only); ``episodes [E]`` the seed-averaged per-episode
-    difference (for the test-class interval)."""
-
-    mean: float
-    ci95: float
-    seed: SeedInterval
-    per_seed: Dict[int, float]
-    episodes: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-
-    @property
-    def lo(self) -> float:
-        return self.seed.lo
-
-    @property
-    def hi(self) -> float:
-        return self.seed.hi
-
-    @property
-    def p(self) -> float:
-        return self.seed.p
-
-    @property
-    def word(self) -> str:
-        """better / worse / no evidence of a difference / not decided (:func:`~fsl_lsskd.report.stats.verdict`)."""
-        return verdict(self.seed)
-
-    @property
-    def verdict(self) -> Optional[int]:
-        """+1 (▲) / −1 (▼) when the seed-level interval excludes 0, else None (one seed: None)."""
-        return {"better": 1, "worse": -1}.get(self.word)
-
-
-def paired(a: Series, b: Series) -> Optional[Paired]:
-    """``a - b`` on identical episodes (the first ``min`` episodes of each: image-level readouts score a prefix of
-    the published episodes) and the training seeds both have; None when they share no seed."""
-    seeds = sorted(set(a.per_seed) & set(b.per_seed))
-    if not seeds:
-        return None
-    x, y = a.stacked(seeds=seeds), b.stacked(seeds=seeds)
-    n = min(x.shape[1], y.shape[1])
-    diff = x[:, :n] - y[:, :n]
-    m, h = mean_ci(diff.mean(0))
-    per_seed = diff.mean(1)
-    return Paired(m, h, t_interval(per_seed), {s: float(per_seed[i]) for i, s in enumerate(seeds)}, diff.mean(0))
-
-
-def _paired_rows(table: Mapping[Row, Mapping[Any, Series]], reference: Callable[[Row], Optional[Row]],
-                 key: Callable[[Any], Column] = lambda col: col) -> Dict[Row, Dict[Column, Paired]]:
-    """Per row of ``table`` whose ``reference(row)`` is also a row: the paired difference on every column both
-    have (:func:`paired`), keyed by ``key(column)``."""
-    out: Dict[Row, Dict[Column, Paired]] = {}
-    for row, cols in table.items():
-        ref = reference(row)
-        if ref is None or ref not in table:
-            continue
-        for col, res in cols.items():
-            if col in table[ref]:
-                d = paired(res, table[ref][col])
-                if d is not None:
-                    out.setdefault(row, {})[key(col)] = d
-    return out
-
-
-def paired_vs(results: ResultSet, baseline: str = "ce") -> Dict[Row, Dict[Column, Paired]]:
-    """Per row and column, the difference to ``baseline`` (same backbone) over identical episodes, restricted to
-    the training seeds both have."""
-    return _paired_rows(results.cells, lambda row: None if row[0] == baseline else (baseline, row[1]))
-
-
-def reference_readout(label: str) -> Optional[str]:
-    """The readout a readout is compared with on the same checkpoint: a setting's effect against the same readout
-    without settings (``logreg_batched(n_aug_support=5)`` vs ``logreg_batched``); ``finetune`` against
-    ``protonet`` (its head starts as the prototypes: the difference is what fine-tuning adds)."""
-    name = label.split("(", 1)[0]
-    if name == "finetune":
-        return "protonet"
-    return name if "(" in label else None
-
-
-def readout_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
-    """Per row, every column whose readout has a reference (:func:`reference_readout`) in the same training
-    data, target and protocol: the paired difference readout minus reference."""
-    out: Dict[Row, Dict[Column, Paired]] = {}
-    for row, cols in results.cells.items():
-        for col, res in cols.items():
-            ref = reference_readout(col[3])
-            if ref is None or (col[0], col[1], col[2], ref) not in cols:
-                continue
-            d = paired(res, cols[(col[0], col[1], col[2], ref)])
-            if d is not None:
-                out.setdefault(row, {})[col] = d
-    return out
-
-
-def variant_effects(results: ResultSet) -> Dict[Row, Dict[Column, Paired]]:
-    """Per variant row (an ablation: a method with settings, e.g. ``pskd_topk`` = ``pskd`` with
-    ``store_layout: topk``) whose method is a row of the same backbone: the paired difference variant minus method
-    on every column both have, and on base-class top-1 (column ``(data, "base", "top-1", "")``, paired over the
-    same held-out images)."""
-    def method_row(row: Row) -> Optional[Row]:
-        if row[0] not in results.variant_of or row in results.teacher_rows:
-            return None
-        return (results.variant_of[row[0]][0], row[1])
-
-    out = _paired_rows(results.cells, method_row)
-    for row, cols in _paired_rows(results.base, method_row, key=lambda data: (data, "base", "top-1", "")).items():
-        out.setdefault(row, {}).update(cols)
-    return out
+from .results import (HEADLINE_READOUT, Column, HeadlineRow, Paired, ResultSet, Row, Series, _column_order,
+                      headline_rows, paired, paired_vs, readout_effects, reference_readout, row_name,
+                      variant_effects)
+from .stats import NOT_DECIDED
 
 
 def _one_seed_caveat(effects: Mapping[Row, Mapping[Any, Paired]]) -> str:
@@ -298,7 +65,7 @@ def _seeds_per_row(results: ResultSet, per_row: Mapping[Row, Mapping[int, List[C
     for r, by in per_row.items():
         main = max(by, key=lambda n: (len(by[n]), n))  # the count most of the row's columns have
         rest = "; ".join(f"{n} at {', '.join(map(col_label, c))}" for n, c in sorted(by.items()) if n != main)
-        parts.append(f"{_row_name(results, r)} {main}" + (f" ({rest})" if rest else ""))
+        parts.append(f"{row_name(results, r)} {main}" + (f" ({rest})" if rest else ""))
     return " Training seeds per row: " + "; ".join(parts) + "."
 
 
@@ -353,9 +120,6 @@ def _bold_best(series: Mapping[Row, Series]) -> Optional[Row]:
     return best if d is not None and d.verdict == 1 else None
 
 
-def _row_name(results: ResultSet, r: Row) -> str:
-    return r[0] + (" (teacher)" if r in results.teacher_rows else "")
-
 
 def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
            baselines: Sequence[str] = ("ce",)) -> Dict[str, str]:
@@ -398,8 +162,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             csv.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{c[3]},{len(res.per_seed)},{res.stacked().shape[1]},"
                        f"{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{_num(res.seed_std())},{means}")
         pub = [published.get(r[0], {}).get(p, "–") for p in pub_cols]
-        md.append("| " + " | ".join([_row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
-        tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
+        md.append("| " + " | ".join([row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
+        tex_rows.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
                         + " \\\\")
     tex = _tex_table(caption + seed_note, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
                      tex_rows)
@@ -428,8 +192,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                 vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} ({_p_text(d.p)}; "
                             f"seeds {seeds})")
                 vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
-            md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-            prow_tex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
+            md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+            prow_tex.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
         tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [95% t-interval over the "
                                  f"per-seed differences]; triangles: the interval excludes 0.{caveat}",
                                  ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
@@ -454,8 +218,8 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
                 mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
                 seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
                 vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} (seeds {seeds})")
-            md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-            etex.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
+            md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+            etex.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
         tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
                                   "and episodes; [95% t-interval over the per-seed differences]." + caveat,
                                   ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
@@ -557,7 +321,7 @@ def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
                 csv.append(f"{r[0]},{r[1]},{data},{target},{n_way},{k},{readout},{len(res.per_seed)},{m:.4f},{h:.4f},"
                            f"{_num(lo)},{_num(hi)}")
             if any(v != "–" for v in vals):
-                md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+                md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
     return md, csv
 
 
@@ -583,8 +347,8 @@ def _calibration(results: ResultSet, cols: List[Column]) -> Tuple[List[str], str
             br_m, br_h = mean_ci(res.stacked("brier").mean(0))
             vals.append(f"ECE {ece:.2f} [{lo:.2f}, {hi:.2f}]; NLL {nll_m:.3f} ± {nll_h:.3f}; Brier {br_m:.3f} ± "
                         f"{br_h:.3f}")
-        md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-        tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
+        md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+        tex_rows.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
     return md, _tex_table("Calibration of the few-shot readouts (ECE %, NLL, Brier).",
                           ["Method", "Backbone"] + [col_label(c) for c in ccols], tex_rows)
 
@@ -626,137 +390,11 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
             else:
                 vals += ["–", "–", "–"]
                 csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},,,,,,{len(res.per_seed)}")
-        md.append(f"| {_row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-        tex_rows.append(" & ".join([_tex(_row_name(results, r)), _tex(r[1])] + [_tex(v.strip('*')) for v in vals])
+        md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
+        tex_rows.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + [_tex(v.strip('*')) for v in vals])
                         + " \\\\")
     header = ["Method", "Backbone"] + [h for d in labels for h in (f"{d} top-1", "ECE", "NLL", "Brier")]
     return md, _tex_table("Base-class held-out accuracy and calibration." + one_seed, header, tex_rows), csv
-
-
-def generated_markers(name: str) -> Tuple[str, str]:
-    """The comment lines that enclose a benchmark's generated section in a results README."""
-    return (f"<!-- generated by fsl-bench table: {name} headline and verdicts (do not edit) -->",
-            f"<!-- end of generated section: {name} -->")
-
-
-def replace_generated(text: str, name: str, body: str) -> str:
-    """``text`` with the section between :func:`generated_markers` replaced by ``body``; ``text`` unchanged when
-    it has no such section (the README decides where the verdicts go, by holding the markers)."""
-    begin, end = generated_markers(name)
-    if begin not in text or end not in text:
-        return text
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{body.rstrip()}\n{end}{tail}"
-
-
-def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
-                 header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
-    """Write the tables and figures (:mod:`fsl_lsskd.report.figures`); returns the paths.
-
-    ``<stem>.md`` / ``<stem>.tex``: the headline (:func:`headline`) and its generated verdicts;
-    ``<stem>_headline.csv``: its numbers; ``<stem>_appendix.md`` / ``.tex``: every column (:func:`render`);
-    ``<stem>.csv``: every column's numbers. Without an in-domain 5-way ProtoNet column there is no headline and
-    ``<stem>.md`` / ``.tex`` hold the full tables. When ``README.md`` beside them holds the benchmark's generated
-    section (:func:`generated_markers`), the headline and its verdict sentences replace that section, so no
-    verdict there is written by hand."""
-    from .figures import write_figures
-
-    rendered = render(results, published, caption, baselines=baselines)
-    head = headline(results, caption, baseline=baselines[0] if baselines else "ce")
-    name = out_stem.name
-    appendix = out_stem.with_name(f"{name}_appendix")
-    headline_csv = out_stem.with_name(f"{name}_headline.csv")
-    files: Dict[Path, str] = {}
-    if head["md"]:
-        files[out_stem.with_suffix(".md")] = (
-            f"{header}\n# {name}: headline\n\n{head['md']}\n"
-            f"Verdicts (generated from the numbers above):\n\n{head['verdicts']}\n"
-            f"Every column, paired differences, readout effects, curves, calibration and base classes: "
-            f"[{name}_appendix.md]({name}_appendix.md) (LaTeX: {name}_appendix.tex; CSV: {name}.csv).\n")
-        files[headline_csv] = head["csv"]
-        files[out_stem.with_suffix(".tex")] = head["tex"]
-        files[appendix.with_suffix(".md")] = (header + "\n" if header else "") + rendered["md"]
-        files[appendix.with_suffix(".tex")] = rendered["tex"]
-    else:  # no in-domain ProtoNet column to headline: the full tables are the main file
-        files[out_stem.with_suffix(".md")] = (header + "\n" if header else "") + rendered["md"]
-        files[out_stem.with_suffix(".tex")] = rendered["tex"]
-    files[out_stem.with_suffix(".csv")] = rendered["csv"]
-    readme = out_stem.parent / "README.md"
-    if head["md"] and readme.is_file():
-        text = readme.read_text(encoding="utf-8")
-        updated = replace_generated(text, name, f"{head['md']}\nVerdicts (generated from the numbers above):\n\n"
-                                                f"{head['verdicts']}")
-        if updated != text:
-            files[readme] = updated
-    for stale in (appendix.with_suffix(".md"), appendix.with_suffix(".tex"), headline_csv):
-        if stale not in files and stale.exists():
-            stale.unlink()  # a previous run's headline files, for results that no longer have one
-    paths = []
-    for path, text in files.items():
-        atomic_write_text(path, text)
-        paths.append(path)
-    announce(f"figures of {out_stem.name}")
-    return paths + write_figures(results, out_stem, baseline=baselines[0] if baselines else "ce")
-
-
-# --- The headline: one small table a reader scans in a minute, and the verdict sentences generated from it ---
-
-HEADLINE_READOUT = "protonet"
-HEADLINE_SHOTS = (1, 5)
-
-
-@dataclass
-class HeadlineRow:
-    """One (row, training data, shots) line of the headline table.
-
-    ``accuracy``: the t-interval over training seeds of the seeds' mean accuracy (%); ``classes``: the 95%
-    test-class interval of the seed-averaged accuracy (None when the episodes' classes are not known);
-    ``diff``: the paired difference to the baseline (None for the baseline itself or when it has no shared seed);
-    ``diff_classes``: the difference's test-class interval."""
-
-    row: Row
-    data: str
-    shots: int
-    accuracy: SeedInterval
-    classes: Optional[Tuple[float, float]]
-    n_episodes: int
-    diff: Optional[Paired] = None
-    diff_classes: Optional[Tuple[float, float]] = None
-    n_classes: int = 0
-
-
-def _headline_columns(results: ResultSet) -> List[Column]:
-    """The in-domain 5-way 1- and 5-shot ProtoNet columns (the papers' convention), per training data label."""
-    out = []
-    for c in results.columns:
-        data, target, proto, readout = c
-        m = re.match(r"5w(\d+)s\d+q$", proto)
-        if data.split("@")[0] == target and readout == HEADLINE_READOUT and m and int(m.group(1)) in HEADLINE_SHOTS:
-            out.append(c)
-    return out
-
-
-def headline_rows(results: ResultSet, baseline: str = "ce") -> List[HeadlineRow]:
-    """The headline's lines, baseline first within each training data label and shot count."""
-    out = []
-    for col in _headline_columns(results):
-        data, target, proto, _ = col
-        shots = int(re.match(r"5w(\d+)s", proto).group(1))
-        classes = results.episode_classes.get((target, proto))
-        rows = [r for r in results.rows if col in results.cells.get(r, {})]
-        rows.sort(key=lambda r: (r[0] != baseline, r in results.teacher_rows, r))
-        for r in rows:
-            s = results.cells[r][col]
-            x = s.stacked()
-            ref = (baseline, r[1])
-            diff = paired(s, results.cells[ref][col]) if r != ref and col in results.cells.get(ref, {}) else None
-            cls_iv = class_interval(x, classes) if classes is not None else None
-            d_iv = class_interval(diff.episodes, classes) if diff is not None and classes is not None else None
-            out.append(HeadlineRow(r, data, shots, t_interval(x.mean(1)), cls_iv, x.shape[1], diff, d_iv,
-                                   int(np.unique(classes).size) if classes is not None else 0))
-    out.sort(key=lambda h: (h.data, h.shots))
-    return out
 
 
 def _half(iv: Optional[Tuple[float, float]]) -> str:
