@@ -100,6 +100,89 @@ def test_layers_point_one_way_and_private_modules_stay_home():
     assert not private, "\n".join(private)
 
 
+def _module_of(name: str) -> str:
+    """The fsl_lsskd module an imported name lives in: ``fsl_lsskd.report.results.ResultSet`` ->
+    ``fsl_lsskd.report.results``; a package is its ``__init__`` (``fsl_lsskd.report``)."""
+    parts = name.split(".")
+    while parts:
+        base = PKG.parent.joinpath(*parts)
+        if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+            return ".".join(parts)
+        parts = parts[:-1]
+    return name
+
+
+def _graph(key) -> dict:
+    """``{key(module): {key(imported module), ...}}`` over every fsl_lsskd module, lazy imports included;
+    ``key`` maps a module name to a node (or None to leave it out); self-edges are dropped."""
+    out: dict = {}
+    for path in _modules():
+        (me,), imported = _imports(path)
+        src = key(me)
+        if src is None:
+            continue
+        deps = out.setdefault(src, set())
+        for mod in imported:
+            dst = key(_module_of(mod))
+            if dst is not None and dst != src:
+                deps.add(dst)
+    return out
+
+
+def _cycles(graph) -> list:
+    """Every cycle of a directed graph ``{node: {node, ...}}`` found by depth-first search, each as the list of
+    its nodes with the first repeated at the end; empty when the graph is acyclic."""
+    found, state, stack = [], {}, []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == "open":
+                found.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = "done"
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+    return found
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_grid_package_never_imports_report():
+    """config, grid, runner, launch, validate plan and run a grid; reporting reads what they wrote. Only bench's
+    command modules and the store readers (:data:`BENCH_COMMANDS`) may import ``fsl_lsskd.report``."""
+    offenders = []
+    for path in sorted((PKG / "bench").glob("*.py")):
+        (me,), imported = _imports(path)
+        if _unit(me) == "bench":
+            offenders += [f"{me} imports {mod}" for mod in imported if mod.split(".")[:2] == ["fsl_lsskd", "report"]]
+    assert not offenders, "the grid package imports reporting:\n" + "\n".join(offenders)
+
+
+def test_report_modules_import_each_other_without_a_cycle():
+    """Inside ``report`` the imports form a tree (results <- tables, figures <- files), lazy imports included:
+    a cycle hidden in a function body (tables <-> figures, before) is one too."""
+    graph = _graph(lambda m: m if m.startswith("fsl_lsskd.report.") else None)
+    assert graph, "no report module found"
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles among report modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_import_cycle_between_packages():
+    """The packages and top-level modules of fsl_lsskd (the units of :data:`LAYERS`, bench's commands apart from
+    its grid package) import each other without a cycle, also within one layer."""
+    cycles = _cycles(_graph(_unit))
+    assert not cycles, "import cycles between packages:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
 def test_no_file_names_a_path_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     pattern = re.compile(rb"(/work/|/home/[a-z]|/root/|/tmp/pytest|/Users/|C:\\\\)")
