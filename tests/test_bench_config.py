@@ -369,6 +369,44 @@ def test_fractions_figure_needs_more_than_one_fraction(tmp_path):
     assert written == []
 
 
+def test_fractions_figure_panels_do_not_depend_on_the_order_results_load(tmp_path, monkeypatch):
+    """Panels are sorted (base-class top-1 first, then way, shot, query, readout), whatever order the rows and
+    columns were added in: the figure's bytes were once different on every rebuild of the published files."""
+    from matplotlib.axes import Axes
+
+    from fsl_lsskd.report import figures
+
+    cols = [("tiny", "tiny", "5w5s15q", "protonet"), ("tiny", "tiny", "5w1s15q", "protonet"),
+            ("tiny", "tiny", "20w1s15q", "logreg"), ("tiny", "tiny", "5w1s15q", "logreg")]
+
+    def results(order):
+        rs = ResultSet()
+        for method in order:
+            for col in (cols if method == "ce" else cols[::-1]):
+                for frac in ("@25%", ""):
+                    rs.add((method, "conv4"), (f"tiny{frac}",) + col[1:], 0, {"accuracy": np.full(10, 40.0)})
+                    rs.add_base((method, "conv4"), f"tiny{frac}", 0, {"accuracy": np.full(10, 50.0)})
+        return rs
+
+    titles = []
+    real = Axes.set_title
+
+    def set_title(self, label, *args, **kwargs):
+        titles.append(label)
+        return real(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_title", set_title)
+    seen = []
+    for i, order in enumerate((["ce", "pskd"], ["pskd", "ce"])):
+        titles.clear()
+        written = []
+        figures._fractions(results(order), tmp_path / f"grid{i}", written)
+        seen.append((list(titles), [p.read_bytes() for p in written if p.suffix == ".png"]))
+    assert seen[0][0] == ["base-class top-1 (held-out images)", "5-way 1-shot logreg", "5-way 1-shot protonet",
+                          "5-way 5-shot protonet", "20-way 1-shot logreg"]
+    assert seen[0] == seen[1]
+
+
 def test_difference_captions_say_when_a_difference_rests_on_one_seed():
     """With one shared seed a difference is not decided: the caption says so, and only then."""
     rng = np.random.default_rng(7)

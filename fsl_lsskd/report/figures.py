@@ -303,24 +303,48 @@ def _reliability(results, stem: Path, written: List[Path]) -> None:
         fig.tight_layout()
 
 
+#: The title of the fractions figure's base-class panel (drawn first).
+BASE_PANEL = "base-class top-1 (held-out images)"
+
+
+def _fraction_panel_order(key: Tuple[str, tuple]) -> tuple:
+    """The sort key of a fractions panel ``(title, (n_way, n_shot, n_query, readout label))``: the base-class
+    panel first, then the few-shot panels by way, shot and query count (numerically) and readout label."""
+    title, (way, shot, query, readout) = key
+    return (title != BASE_PANEL, way, shot, query, readout)
+
+
 def _fractions(results, stem: Path, written: List[Path]) -> None:
+    """``<stem>_fractions``: accuracy against the share of training data, one panel per base-class score and per
+    (protocol, readout) whose rows span more than one fraction. Panels are sorted by
+    :func:`_fraction_panel_order`: base-class top-1 first, then by (n_way, n_shot, n_query, readout label), so
+    the figure is the same whatever order the results load in; rows within a panel by (method, backbone)."""
     def frac(label: str) -> float:
         m = re.search(r"@([\d.]+)%", label)
         return float(m.group(1)) if m else 100.0
 
+    def shape(proto: str) -> Tuple[int, int, int]:
+        m = re.match(r"(\d+)w(\d+)s(\d+)q", proto)
+        return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
     series = {}
+    order: Dict[str, tuple] = {BASE_PANEL: (BASE_PANEL, (0, 0, 0, ""))}
     for r, by in results.base.items():
         for d, s in by.items():
-            series.setdefault(("base-class top-1 (held-out images)", r), {})[frac(d)] = s
+            series.setdefault((BASE_PANEL, r), {})[frac(d)] = s
     for r, by in results.cells.items():
         for (data, target, proto, readout), s in by.items():
-            series.setdefault((f"{_proto_text(proto)} {readout}", r), {})[frac(data)] = s
+            title = f"{_proto_text(proto)} {readout}"
+            # protocols differing in queries only share a panel (and a title): it sorts by the smallest
+            order[title] = min(order.get(title, (title, (*shape(proto), readout))), (title, (*shape(proto), readout)))
+            series.setdefault((title, r), {})[frac(data)] = s
     panels: Dict[str, Dict[tuple, Dict[float, object]]] = {}
     for (title, r), pts in series.items():
         panels.setdefault(title, {})[r] = pts
     # a panel is drawn when its rows span more than one fraction; then every row is in it, one trained at a single
     # fraction as a point (HSAKD's student at 25 % beside CE's curve), not dropped
-    panels = {t: rows for t, rows in panels.items() if len({x for pts in rows.values() for x in pts}) > 1}
+    panels = {t: panels[t] for t in sorted(panels, key=lambda t: _fraction_panel_order(order[t]))
+              if len({x for pts in panels[t].values() for x in pts}) > 1}
     if not panels:
         return
     n = len(panels)
