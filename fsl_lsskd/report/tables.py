@@ -16,6 +16,7 @@ not decided"). The headline table (:func:`headline`) adds the test-class interva
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..eval.base import mean_ci
@@ -121,11 +122,100 @@ def _bold_best(series: Mapping[Row, Series]) -> Optional[Row]:
 
 
 
+@dataclass
+class Table:
+    """One table of a report, with what each writer needs: :func:`to_markdown`, :func:`to_latex`, :func:`to_csv`.
+
+    - ``intro`` / ``notes``: Markdown lines before / after the table (captions, legends, blank lines included).
+    - ``header`` / ``rows``: the Markdown table's header and rows of cells (text, Markdown emphasis allowed);
+      no ``header``: the table is text only in Markdown (a section's caption, a legend).
+    - ``tex_caption``, ``tex_header``, ``tex_rows``: the LaTeX (booktabs) table: a plain-text caption (escaped by
+      the writer), header and rows of cells already in LaTeX; ``tex_rows`` None: not in the LaTeX file.
+      ``tex_colspec``: the column alignment (default ``ll`` and ``c`` for the other columns);
+      ``tex_gap``: a blank line before it in the LaTeX file.
+    - ``csv``: the lines this table adds to the CSV file (its header line first, when it opens a block).
+
+    Markdown and LaTeX show the same rows, LaTeX often with shorter cells; the CSV has the numbers in long form
+    (one line per row and column) and is not the same table."""
+
+    intro: List[str] = field(default_factory=list)
+    header: List[str] = field(default_factory=list)
+    rows: List[List[str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    tex_caption: str = ""
+    tex_header: List[str] = field(default_factory=list)
+    tex_rows: Optional[List[List[str]]] = None
+    tex_colspec: str = ""
+    tex_gap: bool = False
+    csv: List[str] = field(default_factory=list)
+
+
+def to_markdown(tables: Sequence[Table]) -> str:
+    """The tables as Markdown (pipe tables), lines joined by newlines, no final newline."""
+    lines: List[str] = []
+    for t in tables:
+        lines += t.intro
+        if t.header:
+            lines += ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+            lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+        lines += t.notes
+    return "\n".join(lines)
+
+
+def to_latex(tables: Sequence[Table]) -> str:
+    """The tables that have LaTeX rows, each a booktabs ``table`` environment ending in a newline."""
+    out = []
+    for t in tables:
+        if t.tex_rows is None:
+            continue
+        colspec = t.tex_colspec or "ll" + "c" * (len(t.tex_header) - 2)
+        out.append(("\n" if t.tex_gap else "") + "\n".join(
+            ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(t.tex_caption)}}}",
+             f"\\begin{{tabular}}{{{colspec}}}", "\\toprule", " & ".join(t.tex_header) + " \\\\", "\\midrule",
+             *(" & ".join(r) + " \\\\" for r in t.tex_rows), "\\bottomrule", "\\end{tabular}", "\\end{table}", ""]))
+    return "".join(out)
+
+
+def to_csv(tables: Sequence[Table]) -> str:
+    """The tables' CSV lines joined by newlines, no final newline."""
+    return "\n".join(line for t in tables for line in t.csv)
+
+
+def _tex_cells(cells: Sequence[str]) -> List[str]:
+    return [_tex(c) for c in cells]
+
+
 def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
            baselines: Sequence[str] = ("ce",)) -> Dict[str, str]:
-    """``{"md", "csv", "tex"}``: the accuracy table, paired differences against each baseline, calibration and
-    base-class tables (when the results have them)."""
-    cols, rows = results.columns, results.rows
+    """``{"md", "csv", "tex"}`` of :func:`appendix_tables` (with the note on published columns in Markdown)."""
+    tables = appendix_tables(results, published, caption, baselines)
+    md = to_markdown(tables)
+    if any(m for m in published.values()):
+        md += ("\n\nPublished columns are numbers reported in the cited papers under their own full protocol "
+               "(data, resolution, epochs); they are context, not a like-for-like comparison.")
+    return {"md": md + "\n", "csv": to_csv(tables) + "\n", "tex": to_latex(tables)}
+
+
+def appendix_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
+                    baselines: Sequence[str] = ("ce",)) -> List[Table]:
+    """Every table of the appendix, in order: the accuracy table (every column, published numbers beside),
+    paired differences against each baseline, readout effects, variant effects, way/shot curves, calibration and
+    base classes (each when the results have it)."""
+    cols = results.columns
+    tables = [_accuracy_table(results, published, caption, cols)]
+    for baseline in baselines:
+        tables += _paired_table(results, baseline, cols)
+    tables += _effects_table(results, cols)
+    tables += _variant_table(results)
+    tables += _curve_tables(results)
+    tables += _calibration(results, cols)
+    tables += _base_table(results)
+    return tables
+
+
+def _accuracy_table(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str,
+                    cols: List[Column]) -> Table:
+    rows = results.rows
     summ: Dict[Tuple[Row, Column], Tuple[float, float, float, float]] = {}
     for r in rows:
         for c in cols:
@@ -137,14 +227,16 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
     seed_counts = {r: "/".join(str(n) for n in sorted(seed_cols.get(r, {}))) for r in rows}
     seed_note = (_seeds_per_row(results, seed_cols)
                  + _one_seed_cells_note(any(1 in by for by in seed_cols.values())))
-    md = [caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
-                       "t-interval over training seeds (df = seeds − 1). **Bold**: best, when the paired t-interval "
-                       "over seeds of its difference to the next best excludes 0." + seed_note, ""]
-    head = ["method", "backbone", "seeds"] + [col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols]
-    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv = ["method,backbone,train_data,target,protocol,readout,seeds,episodes,mean,ci95_episodes,seed_ci_lo,"
-           "seed_ci_hi,seed_std,seed_means"]
-    tex_rows = []
+    table = Table(
+        intro=[caption, "", "Cells: mean accuracy (%) ± 95% CI over episodes (t) and, in parentheses, ± half the 95% "
+                            "t-interval over training seeds (df = seeds − 1). **Bold**: best, when the paired "
+                            "t-interval over seeds of its difference to the next best excludes 0." + seed_note, ""],
+        header=["method", "backbone", "seeds"] + [col_label(c) for c in cols] + [f"published: {p}" for p in pub_cols],
+        tex_caption=caption + seed_note, tex_rows=[],
+        tex_header=_tex_cells(["Method", "Backbone"] + [col_label(c) for c in cols]
+                              + [f"published {p}" for p in pub_cols]),
+        csv=["method,backbone,train_data,target,protocol,readout,seeds,episodes,mean,ci95_episodes,seed_ci_lo,"
+             "seed_ci_hi,seed_std,seed_means"])
     for r in [r for r in rows if r in results.cells]:
         cells_md, cells_tex = [], []
         for c in cols:
@@ -159,94 +251,84 @@ def render(results: ResultSet, published: Mapping[str, Mapping[str, str]], capti
             cells_md.append(f"**{txt}**" if bold[c] == r else txt)
             cells_tex.append(f"\\textbf{{{_tex(txt)}}}" if bold[c] == r else _tex(txt))
             means = ";".join(f"{s}:{v:.4f}" for s, v in res.seed_means().items())
-            csv.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{c[3]},{len(res.per_seed)},{res.stacked().shape[1]},"
-                       f"{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{_num(res.seed_std())},{means}")
+            table.csv.append(f"{r[0]},{r[1]},{c[0]},{c[1]},{c[2]},{c[3]},{len(res.per_seed)},"
+                             f"{res.stacked().shape[1]},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{_num(res.seed_std())},"
+                             f"{means}")
         pub = [published.get(r[0], {}).get(p, "–") for p in pub_cols]
-        md.append("| " + " | ".join([row_name(results, r), r[1], seed_counts[r]] + cells_md + pub) + " |")
-        tex_rows.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + cells_tex + [_tex(p) for p in pub])
-                        + " \\\\")
-    tex = _tex_table(caption + seed_note, ["Method", "Backbone"] + [col_label(c) for c in cols] + [f"published {p}" for p in pub_cols],
-                     tex_rows)
-    for baseline in baselines:
-        paired = paired_vs(results, baseline)
-        if not paired:
-            continue
-        pcols = [c for c in cols if any(c in paired[r] for r in paired)]
-        caveat = _one_seed_caveat(paired)
-        title = (f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): mean ± "
-                 f"95% CI over episodes; [95% t-interval over the per-seed differences, df = seeds − 1]; its t-test "
-                 f"p; each seed's difference. ▲/▼: the seed-level interval excludes 0.{caveat}")
-        md += ["", title, "", "| method | backbone | " + " | ".join(col_label(c) for c in pcols) + " |",
-               "|" + "---|" * (len(pcols) + 2)]
-        prow_tex = []
-        for r in sorted(paired):
-            vals, vals_tex = [], []
-            for c in pcols:
-                if c not in paired[r]:
-                    vals.append("–")
-                    vals_tex.append("--")
-                    continue
-                d = paired[r][c]
-                mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
-                seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
-                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} ({_p_text(d.p)}; "
-                            f"seeds {seeds})")
-                vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
-            md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-            prow_tex.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + vals_tex) + " \\\\")
-        tex += "\n" + _tex_table(f"Paired difference to {baseline} (points): mean [95% t-interval over the "
-                                 f"per-seed differences]; triangles: the interval excludes 0.{caveat}",
-                                 ["Method", "Backbone"] + [col_label(c) for c in pcols], prow_tex)
+        table.rows.append([row_name(results, r), r[1], seed_counts[r]] + cells_md + pub)
+        table.tex_rows.append(_tex_cells([row_name(results, r), r[1]]) + cells_tex + _tex_cells(pub))
+    return table
+
+
+def _paired_table(results: ResultSet, baseline: str, cols: List[Column]) -> List[Table]:
+    """The paired differences to ``baseline`` (:func:`paired_vs`); none when no row has one."""
+    diffs = paired_vs(results, baseline)
+    if not diffs:
+        return []
+    pcols = [c for c in cols if any(c in diffs[r] for r in diffs)]
+    caveat = _one_seed_caveat(diffs)
+    table = Table(
+        intro=["", f"Paired difference to `{baseline}` on identical episodes and the seeds both have (points): mean "
+                   f"± 95% CI over episodes; [95% t-interval over the per-seed differences, df = seeds − 1]; its "
+                   f"t-test p; each seed's difference. ▲/▼: the seed-level interval excludes 0.{caveat}", ""],
+        header=["method", "backbone"] + [col_label(c) for c in pcols],
+        tex_caption=f"Paired difference to {baseline} (points): mean [95% t-interval over the per-seed "
+                    f"differences]; triangles: the interval excludes 0.{caveat}",
+        tex_header=_tex_cells(["Method", "Backbone"] + [col_label(c) for c in pcols]), tex_rows=[], tex_gap=True)
+    for r in sorted(diffs):
+        vals, vals_tex = [], []
+        for c in pcols:
+            if c not in diffs[r]:
+                vals.append("–")
+                vals_tex.append("--")
+                continue
+            d = diffs[r][c]
+            mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
+            seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
+            vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} ({_p_text(d.p)}; seeds {seeds})")
+            vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
+        table.rows.append([row_name(results, r), r[1]] + vals)
+        table.tex_rows.append(_tex_cells([row_name(results, r), r[1]]) + vals_tex)
+    return [table]
+
+
+def _effects_table(results: ResultSet, cols: List[Column]) -> List[Table]:
+    """The readout effects (:func:`readout_effects`); none when no readout has a reference."""
     effects = readout_effects(results)
-    if effects:
-        ecols = [c for c in cols if any(c in effects[r] for r in effects)]
-        caveat = _one_seed_caveat(effects)
-        md += ["", "Readout effects on the same checkpoints and episodes (points): each readout minus its reference "
+    if not effects:
+        return []
+    ecols = [c for c in cols if any(c in effects[r] for r in effects)]
+    caveat = _one_seed_caveat(effects)
+    table = Table(
+        intro=["", "Readout effects on the same checkpoints and episodes (points): each readout minus its reference "
                    "(a setting against the same readout without it; finetune against protonet, where its head "
                    "starts); mean ± 95% CI over episodes [95% t-interval over the per-seed differences] (each seed's "
-                   "difference). ▲/▼: the seed-level interval excludes 0." + caveat, "",
-               "| method | backbone | " + " | ".join(f"{col_label(c)} − {reference_readout(c[3])}" for c in ecols)
-               + " |", "|" + "---|" * (len(ecols) + 2)]
-        etex = []
-        for r in sorted(effects):
-            vals = []
-            for c in ecols:
-                d = effects[r].get(c)
-                if d is None:
-                    vals.append("–")
-                    continue
-                mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
-                seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
-                vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} (seeds {seeds})")
-            md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-            etex.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
-        tex += "\n" + _tex_table("Readout effects (points): readout minus its reference on the same checkpoints "
-                                  "and episodes; [95% t-interval over the per-seed differences]." + caveat,
-                                  ["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
-                                                            for c in ecols], etex)
-    v_md, v_tex = _variant_table(results)
-    md += v_md
-    tex += v_tex
-    curve_md, curve_csv = _curve_table(results)
-    md += curve_md
-    csv += curve_csv
-    cal_md, cal_tex = _calibration(results, cols)
-    md += cal_md
-    tex += cal_tex
-    base_md, base_tex, base_csv = _base_table(results)
-    md += base_md
-    tex += base_tex
-    if pub_cols:
-        md += ["", "Published columns are numbers reported in the cited papers under their own full protocol "
-                   "(data, resolution, epochs); they are context, not a like-for-like comparison."]
-    return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv + base_csv) + "\n", "tex": tex}
+                   "difference). ▲/▼: the seed-level interval excludes 0." + caveat, ""],
+        header=["method", "backbone"] + [f"{col_label(c)} − {reference_readout(c[3])}" for c in ecols],
+        tex_caption="Readout effects (points): readout minus its reference on the same checkpoints and episodes; "
+                    "[95% t-interval over the per-seed differences]." + caveat,
+        tex_header=_tex_cells(["Method", "Backbone"] + [f"{col_label(c)} - {reference_readout(c[3])}"
+                                                        for c in ecols]), tex_rows=[], tex_gap=True)
+    for r in sorted(effects):
+        vals = []
+        for c in ecols:
+            d = effects[r].get(c)
+            if d is None:
+                vals.append("–")
+                continue
+            mark = {1: " ▲", -1: " ▼"}.get(d.verdict, "")
+            seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
+            vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} (seeds {seeds})")
+        table.rows.append([row_name(results, r), r[1]] + vals)
+        table.tex_rows.append(_tex_cells([row_name(results, r), r[1]] + vals))
+    return [table]
 
 
-def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
-    """The variant-effects section (:func:`variant_effects`): Markdown lines and a LaTeX table."""
+def _variant_table(results: ResultSet) -> List[Table]:
+    """The variant effects (:func:`variant_effects`); none without a variant row."""
     effects = variant_effects(results)
     if not effects:
-        return [], ""
+        return []
     few = sorted({c for r in effects.values() for c in r if c[1] != "base"}, key=_column_order)
     base = sorted({c for r in effects.values() for c in r if c[1] == "base"})
     vcols = few + base
@@ -255,12 +337,15 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
     def label(c: Column) -> str:
         return f"{c[0]} base top-1" if c[1] == "base" else col_label(c)
 
-    md = ["", "Variant effects (ablations) on identical episodes and the seeds both have (points): each variant minus "
-              "its method with default settings; mean ± 95% CI over episodes (base top-1: over held-out images) "
-              "[95% t-interval over the per-seed differences]; its t-test p; each seed's difference. ▲/▼: the "
-              "seed-level interval excludes 0." + caveat, "",
-          "| variant | backbone | " + " | ".join(label(c) for c in vcols) + " |", "|" + "---|" * (len(vcols) + 2)]
-    rows_tex = []
+    table = Table(
+        intro=["", "Variant effects (ablations) on identical episodes and the seeds both have (points): each variant "
+                   "minus its method with default settings; mean ± 95% CI over episodes (base top-1: over held-out "
+                   "images) [95% t-interval over the per-seed differences]; its t-test p; each seed's difference. "
+                   "▲/▼: the seed-level interval excludes 0." + caveat, ""],
+        header=["variant", "backbone"] + [label(c) for c in vcols],
+        tex_caption="Variant effects (points): each variant minus its method on identical episodes; [95% t-interval "
+                    "over the per-seed differences]; triangles: the interval excludes 0." + caveat,
+        tex_header=_tex_cells(["Variant", "Backbone"] + [label(c) for c in vcols]), tex_rows=[])
     for r in sorted(effects):
         method, settings = results.variant_of[r[0]]
         what = ", ".join(f"{k}: {v}" for k, v in sorted(settings.items()))
@@ -276,38 +361,29 @@ def _variant_table(results: ResultSet) -> Tuple[List[str], str]:
             seeds = "/".join(f"{v:+.2f}" for v in d.per_seed.values())
             vals.append(f"{d.mean:+.2f} ± {d.ci95:.2f} {_interval(d)}{mark} ({_p_text(d.p)}; seeds {seeds})")
             vals_tex.append(_tex(f"{d.mean:+.2f} {_interval(d)}{mark}"))
-        md.append(f"| {name} | {r[1]} | " + " | ".join(vals) + " |")
-        rows_tex.append(" & ".join([_tex(name), _tex(r[1])] + vals_tex) + " \\\\")
-    tex = _tex_table("Variant effects (points): each variant minus its method on identical episodes; [95% t-interval "
-                     "over the per-seed differences]; triangles: the interval excludes 0." + caveat, ["Variant", "Backbone"] + [label(c) for c in vcols],
-                     rows_tex)
-    return md, tex
+        table.rows.append([name, r[1]] + vals)
+        table.tex_rows.append(_tex_cells([name, r[1]]) + vals_tex)
+    return [table]
 
 
-def _tex_table(caption: str, header: List[str], rows: List[str]) -> str:
-    colspec = "ll" + "c" * (len(header) - 2)
-    return "\n".join(["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(caption)}}}",
-                      f"\\begin{{tabular}}{{{colspec}}}", "\\toprule", " & ".join(_tex(h) for h in header) + " \\\\",
-                      "\\midrule", *rows, "\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
-
-
-def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
-    """Way/shot curve points: per (training data, target, readout, n_way) a table of accuracy against n_shot."""
+def _curve_tables(results: ResultSet) -> List[Table]:
+    """Way/shot curve points: the section's caption, then per (training data, target, readout, n_way) a table
+    of accuracy against n_shot (Markdown and CSV only)."""
     if not results.curve_points:
-        return [], []
+        return []
     one_seed = any(len(res.per_seed) == 1 for r in results.curve_points.values() for res in r.values())
-    md = ["", "Way and shot curves (published curve episodes): mean accuracy (%) over seeds and episodes (± half "
-              "the 95% t-interval over training seeds)." + (" A point without (±…) rests on one training seed." if one_seed
-                                                  else "")]
-    csv = ["", "method,backbone,train_data,target,n_way,n_shot,readout,seeds,mean,ci95_episodes,seed_ci_lo,"
-               "seed_ci_hi"]
+    tables = [Table(intro=["", "Way and shot curves (published curve episodes): mean accuracy (%) over seeds and "
+                               "episodes (± half the 95% t-interval over training seeds)."
+                           + (" A point without (±…) rests on one training seed." if one_seed else "")],
+                    csv=["", "method,backbone,train_data,target,n_way,n_shot,readout,seeds,mean,ci95_episodes,"
+                             "seed_ci_lo,seed_ci_hi"])]
     groups = sorted({(p[0], p[1], p[4], p[2]) for r in results.curve_points.values() for p in r})
     for data, target, readout, n_way in groups:
         shots = sorted({p[3] for r in results.curve_points.values() for p in r
                         if (p[0], p[1], p[4], p[2]) == (data, target, readout, n_way)})
         where = data if data.split("@")[0] == target else f"{data}→{target}"
-        md += ["", f"{where}, {n_way}-way, {readout}:", "",
-               "| method | backbone | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|" + "---|" * (len(shots) + 2)]
+        table = Table(intro=["", f"{where}, {n_way}-way, {readout}:", ""],
+                      header=["method", "backbone"] + [f"{k}-shot" for k in shots])
         for r in sorted(results.curve_points):
             pts = results.curve_points[r]
             vals = []
@@ -318,23 +394,27 @@ def _curve_table(results: ResultSet) -> Tuple[List[str], List[str]]:
                     continue
                 m, h, lo, hi = res.summary()
                 vals.append(f"{m:.2f}" + (f" (±{(hi - lo) / 2:.2f})" if len(res.per_seed) > 1 else ""))
-                csv.append(f"{r[0]},{r[1]},{data},{target},{n_way},{k},{readout},{len(res.per_seed)},{m:.4f},{h:.4f},"
-                           f"{_num(lo)},{_num(hi)}")
+                table.csv.append(f"{r[0]},{r[1]},{data},{target},{n_way},{k},{readout},{len(res.per_seed)},{m:.4f},"
+                                 f"{h:.4f},{_num(lo)},{_num(hi)}")
             if any(v != "–" for v in vals):
-                md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-    return md, csv
+                table.rows.append([row_name(results, r), r[1]] + vals)
+        tables.append(table)
+    return tables
 
 
-def _calibration(results: ResultSet, cols: List[Column]) -> Tuple[List[str], str]:
+def _calibration(results: ResultSet, cols: List[Column]) -> List[Table]:
+    """The few-shot readouts' calibration (ECE, NLL, Brier) per column with probabilities; none without."""
     ccols = [c for c in cols if any(c in results.cells[r] and results.cells[r][c].has("reliability")
                                     for r in results.cells)]
     if not ccols:
-        return [], ""
-    md = ["", "Calibration of the few-shot readouts' query probabilities (pooled over seeds and episodes): ECE (%, "
-              "15 equal-width bins, top label) [hierarchical-bootstrap 95% interval over seeds and episodes]; NLL "
-              "(nats) and Brier score (0..2), mean ± 95% CI over episodes. Lower is better.", "",
-          "| method | backbone | " + " | ".join(col_label(c) for c in ccols) + " |", "|" + "---|" * (len(ccols) + 2)]
-    tex_rows = []
+        return []
+    table = Table(
+        intro=["", "Calibration of the few-shot readouts' query probabilities (pooled over seeds and episodes): ECE "
+                   "(%, 15 equal-width bins, top label) [hierarchical-bootstrap 95% interval over seeds and "
+                   "episodes]; NLL (nats) and Brier score (0..2), mean ± 95% CI over episodes. Lower is better.", ""],
+        header=["method", "backbone"] + [col_label(c) for c in ccols],
+        tex_caption="Calibration of the few-shot readouts (ECE %, NLL, Brier).",
+        tex_header=_tex_cells(["Method", "Backbone"] + [col_label(c) for c in ccols]), tex_rows=[])
     for r in [r for r in results.rows if r in results.cells]:
         vals = []
         for c in ccols:
@@ -347,27 +427,30 @@ def _calibration(results: ResultSet, cols: List[Column]) -> Tuple[List[str], str
             br_m, br_h = mean_ci(res.stacked("brier").mean(0))
             vals.append(f"ECE {ece:.2f} [{lo:.2f}, {hi:.2f}]; NLL {nll_m:.3f} ± {nll_h:.3f}; Brier {br_m:.3f} ± "
                         f"{br_h:.3f}")
-        md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-        tex_rows.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + [_tex(v) for v in vals]) + " \\\\")
-    return md, _tex_table("Calibration of the few-shot readouts (ECE %, NLL, Brier).",
-                          ["Method", "Backbone"] + [col_label(c) for c in ccols], tex_rows)
+        table.rows.append([row_name(results, r), r[1]] + vals)
+        table.tex_rows.append(_tex_cells([row_name(results, r), r[1]] + vals))
+    return [table]
 
 
-def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
+def _base_table(results: ResultSet) -> List[Table]:
+    """Base-class held-out accuracy and calibration per training data label; none without base scores."""
     if not results.base:
-        return [], "", []
+        return []
     labels = sorted({d for r in results.base.values() for d in r})
     one_seed = _one_seed_cells_note(any(len(res.per_seed) == 1 for by in results.base.values() for res in by.values()))
-    md = ["", "Base classes (held-out images of the training classes): top-1 accuracy (%) ± 95% CI over images "
-              "(seeds averaged) (seeds ± half the 95% t-interval over training seeds); classifier calibration: ECE "
-              "(%, 15 bins) [hierarchical-bootstrap interval over seeds and images], NLL, Brier. Methods without a "
-              "base classifier (episodic) are scored by the "
-              "nearest class mean (accuracy only)." + one_seed, "",
-          "| method | backbone | " + " | ".join(f"{d} top-1 | {d} ECE | {d} NLL | {d} Brier" for d in labels) + " |",
-          "|" + "---|" * (2 + 4 * len(labels))]
-    csv = ["", "method,backbone,train_data,base_top1,base_top1_ci95,seed_ci_lo,seed_ci_hi,ece,ece_lo,ece_hi,nll,brier,"
-               "seeds"]
-    tex_rows = []
+    table = Table(
+        intro=["", "Base classes (held-out images of the training classes): top-1 accuracy (%) ± 95% CI over images "
+                   "(seeds averaged) (seeds ± half the 95% t-interval over training seeds); classifier calibration: "
+                   "ECE (%, 15 bins) [hierarchical-bootstrap interval over seeds and images], NLL, Brier. Methods "
+                   "without a base classifier (episodic) are scored by the nearest class mean (accuracy only)."
+               + one_seed, ""],
+        header=["method", "backbone"] + [h for d in labels for h in (f"{d} top-1", f"{d} ECE", f"{d} NLL", f"{d} Brier")],
+        tex_caption="Base-class held-out accuracy and calibration." + one_seed,
+        tex_header=_tex_cells(["Method", "Backbone"] + [h for d in labels for h in (f"{d} top-1", "ECE", "NLL",
+                                                                                    "Brier")]),
+        tex_rows=[],
+        csv=["", "method,backbone,train_data,base_top1,base_top1_ci95,seed_ci_lo,seed_ci_hi,ece,ece_lo,ece_hi,nll,"
+                 "brier,seeds"])
     acc_by_label = {d: {r: results.base[r][d].summary() for r in results.base if d in results.base[r]} for d in labels}
     bold = {d: _bold_best({r: results.base[r][d] for r in acc_by_label[d]}) for d in labels}
     for r in sorted(results.base):
@@ -385,16 +468,14 @@ def _base_table(results: ResultSet) -> Tuple[List[str], str, List[str]]:
                 ece, elo, ehi = res.ece()
                 nll_v, br_v = float(res.stacked("nll").mean()), float(res.stacked("brier").mean())
                 vals += [f"{ece:.2f} [{elo:.2f}, {ehi:.2f}]", f"{nll_v:.3f}", f"{br_v:.3f}"]
-                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{ece:.4f},{elo:.4f},{ehi:.4f},"
-                           f"{nll_v:.4f},{br_v:.4f},{len(res.per_seed)}")
+                table.csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},{ece:.4f},{elo:.4f},"
+                                 f"{ehi:.4f},{nll_v:.4f},{br_v:.4f},{len(res.per_seed)}")
             else:
                 vals += ["–", "–", "–"]
-                csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},,,,,,{len(res.per_seed)}")
-        md.append(f"| {row_name(results, r)} | {r[1]} | " + " | ".join(vals) + " |")
-        tex_rows.append(" & ".join([_tex(row_name(results, r)), _tex(r[1])] + [_tex(v.strip('*')) for v in vals])
-                        + " \\\\")
-    header = ["Method", "Backbone"] + [h for d in labels for h in (f"{d} top-1", "ECE", "NLL", "Brier")]
-    return md, _tex_table("Base-class held-out accuracy and calibration." + one_seed, header, tex_rows), csv
+                table.csv.append(f"{r[0]},{r[1]},{d},{m:.4f},{h:.4f},{_num(lo)},{_num(hi)},,,,,,{len(res.per_seed)}")
+        table.rows.append([row_name(results, r), r[1]] + vals)
+        table.tex_rows.append(_tex_cells([row_name(results, r), r[1]] + [v.strip("*") for v in vals]))
+    return [table]
 
 
 def _half(iv: Optional[Tuple[float, float]]) -> str:
@@ -421,64 +502,78 @@ def _verdict_text(h: HeadlineRow, baseline: str) -> str:
 
 
 def headline(results: ResultSet, caption: str, baseline: str = "ce") -> Dict[str, str]:
-    """``{"md", "csv", "tex", "verdicts"}`` of the headline: rows are methods (per training data label), lines
-    the in-domain 5-way 1- and 5-shot ProtoNet accuracy with its interval over training seeds and the number of
-    seeds, the paired difference to ``baseline`` with its seed-level interval and verdict word, and beside each
-    the test-class interval (``docs/statistics.md``). ``verdicts`` is the generated Markdown list of verdict
-    sentences. Empty strings when the results have no such column."""
+    """``{"md", "csv", "tex", "verdicts"}`` of :func:`headline_tables`; ``verdicts`` is the generated Markdown
+    list of verdict sentences (:func:`verdict_sentences`). Empty strings when the results have no headline
+    column."""
     lines = headline_rows(results, baseline)
     if not lines:
         return {"md": "", "csv": "", "tex": "", "verdicts": ""}
+    tables = headline_tables(lines, caption, baseline)
+    return {"md": to_markdown(tables) + "\n", "csv": to_csv(tables) + "\n", "tex": to_latex(tables),
+            "verdicts": verdict_sentences(results, lines, baseline, _headline_namer(lines))}
+
+
+def _headline_namer(lines: Sequence[HeadlineRow]) -> Callable[[HeadlineRow], str]:
+    """A headline line's method name, with ``@<fraction>`` when the headline has several training data labels
+    (a teacher row's name says it is one: ``hsakd_teacher``)."""
+    multi = len({h.data for h in lines}) > 1
+    return lambda h: h.row[0] + (f" @{h.data.split('@')[1]}" if multi and "@" in h.data else "")
+
+
+def headline_tables(lines: Sequence[HeadlineRow], caption: str, baseline: str = "ce") -> List[Table]:
+    """The headline (:func:`~fsl_lsskd.report.results.headline_rows`, not empty) as tables: in Markdown one table
+    per (training data, shots), rows are methods: the in-domain 5-way ProtoNet accuracy with its interval over
+    training seeds and the number of seeds, the paired difference to ``baseline`` with its seed-level interval and
+    verdict word, and beside each the test-class interval (``docs/statistics.md``); the legend after them. In
+    LaTeX one table in the papers' layout, one column pair per shot count. The CSV has every number."""
     multi = len({h.data for h in lines}) > 1
     n_ep = max(h.n_episodes for h in lines)
     n_cls = max(h.n_classes for h in lines)
-
-    def name(h: HeadlineRow) -> str:  # a teacher row's name says it is one (hsakd_teacher)
-        return h.row[0] + (f" @{h.data.split('@')[1]}" if multi and "@" in h.data else "")
-
+    name = _headline_namer(lines)
     cls_text = (f"± classes: half the 95% interval when the {n_cls} test classes are resampled (Lafargue et al. "
                 f"2024): how much the choice of test classes alone moves the number, for the same trained networks."
                 if n_cls else "± classes: not available (episodes generated from data that is not at hand).")
     legend = (f"In-domain 5-way 1- and 5-shot accuracy (%) with the ProtoNet readout on the same {n_ep} "
-                  f"episodes for every method. Accuracy: mean over seeds ± half the 95% t-interval over training "
-                  f"seeds (df = seeds − 1). Δ: paired difference to `{baseline}` on the same episodes and seeds, "
-                  f"[95% t-interval over the per-seed differences]. {cls_text} Verdict: better / worse when the "
-                  f"seed-level interval excludes 0, no evidence of a difference when it contains 0; one seed decides "
-                  f"nothing. Method: docs/statistics.md.")
-    md_caption = f"{caption} {legend}"
+              f"episodes for every method. Accuracy: mean over seeds ± half the 95% t-interval over training "
+              f"seeds (df = seeds − 1). Δ: paired difference to `{baseline}` on the same episodes and seeds, "
+              f"[95% t-interval over the per-seed differences]. {cls_text} Verdict: better / worse when the "
+              f"seed-level interval excludes 0, no evidence of a difference when it contains 0; one seed decides "
+              f"nothing. Method: docs/statistics.md.")
     head = ["method", "seeds", "accuracy", "± classes", f"Δ vs {baseline}", "± classes", "verdict"]
-    md = [caption]
-    csv = ["method,backbone,train_data,n_way,n_shot,readout,seeds,episodes,mean,seed_ci_lo,seed_ci_hi,seed_ci_half,"
-           "class_ci_lo,class_ci_hi,class_ci_half,baseline,diff,diff_seed_ci_lo,diff_seed_ci_hi,diff_p,"
-           "diff_class_ci_lo,diff_class_ci_hi,diff_class_ci_half,verdict,seed_means,diff_seed_values"]
+    tables = [Table(intro=[caption], csv=[
+        "method,backbone,train_data,n_way,n_shot,readout,seeds,episodes,mean,seed_ci_lo,seed_ci_hi,seed_ci_half,"
+        "class_ci_lo,class_ci_hi,class_ci_half,baseline,diff,diff_seed_ci_lo,diff_seed_ci_hi,diff_p,"
+        "diff_class_ci_lo,diff_class_ci_hi,diff_class_ci_half,verdict,seed_means,diff_seed_values"])]
+
+    def iv3(iv: Optional[Tuple[float, float]]) -> List[str]:
+        return [_num(iv[0]), _num(iv[1]), _num((iv[1] - iv[0]) / 2)] if iv else ["", "", ""]
+
     block = None
     for h in lines:
         if (h.data, h.shots) != block:
             block = (h.data, h.shots)
             where = f"{h.data}, " if multi else ""
-            md += ["", f"**{where}5-way {h.shots}-shot** (ProtoNet)", "", "| " + " | ".join(head) + " |",
-                   "|" + "---|" * len(head)]
-        md.append("| " + " | ".join([name(h), str(h.accuracy.n), _acc_text(h), _half(h.classes),
-                                     _diff_text(h), _half(h.diff_classes), _verdict_text(h, baseline)]) + " |")
+            tables.append(Table(intro=["", f"**{where}5-way {h.shots}-shot** (ProtoNet)", ""], header=head))
+        table = tables[-1]
+        table.rows.append([name(h), str(h.accuracy.n), _acc_text(h), _half(h.classes), _diff_text(h),
+                           _half(h.diff_classes), _verdict_text(h, baseline)])
         d = h.diff
         means = ";".join(f"{v:.4f}" for v in h.accuracy.values)
         diffs = ";".join(f"{v:.4f}" for v in d.seed.values) if d else ""
-
-        def iv3(iv: Optional[Tuple[float, float]]) -> List[str]:
-            return [_num(iv[0]), _num(iv[1]), _num((iv[1] - iv[0]) / 2)] if iv else ["", "", ""]
-
-        csv.append(",".join([h.row[0], h.row[1], h.data, "5", str(h.shots), HEADLINE_READOUT, str(h.accuracy.n),
-                             str(h.n_episodes), f"{h.accuracy.mean:.4f}", _num(h.accuracy.lo), _num(h.accuracy.hi),
-                             _num(h.accuracy.half), *iv3(h.classes), baseline, f"{d.mean:.4f}" if d else "",
-                             _num(d.lo) if d else "", _num(d.hi) if d else "", _num(d.p) if d else "",
-                             *iv3(h.diff_classes), _verdict_text(h, baseline), means, diffs]))
+        table.csv.append(",".join([h.row[0], h.row[1], h.data, "5", str(h.shots), HEADLINE_READOUT, str(h.accuracy.n),
+                                   str(h.n_episodes), f"{h.accuracy.mean:.4f}", _num(h.accuracy.lo),
+                                   _num(h.accuracy.hi), _num(h.accuracy.half), *iv3(h.classes), baseline,
+                                   f"{d.mean:.4f}" if d else "", _num(d.lo) if d else "", _num(d.hi) if d else "",
+                                   _num(d.p) if d else "", *iv3(h.diff_classes), _verdict_text(h, baseline), means,
+                                   diffs]))
+    tables[-1].notes = ["", legend]
     # LaTeX (booktabs): the papers' layout, one column per shot count
     shots = sorted({h.shots for h in lines})
     by_name: Dict[str, Dict[int, HeadlineRow]] = {}
     for h in lines:
         by_name.setdefault(name(h), {})[h.shots] = h
-    tex_head = ["Method", "Seeds"] + [x for k in shots for x in (f"{k}-shot", f"$\\Delta$ {k}-shot")]
-    tex_rows = []
+    tex = Table(tex_caption=f"{caption} {legend}", tex_colspec="lc" + "cc" * len(shots), tex_rows=[],
+                tex_header=["Method", "Seeds"] + [x for k in shots for x in (f"{k}-shot", f"$\\Delta$ {k}-shot")])
     for n, by in by_name.items():
         cells = [_tex(n), "/".join(sorted({str(h.accuracy.n) for h in by.values()}))]
         for k in shots:
@@ -486,16 +581,9 @@ def headline(results: ResultSet, caption: str, baseline: str = "ce") -> Dict[str
             if h is None:
                 cells += ["--", "--"]
                 continue
-            verdict_word = _verdict_text(h, baseline)
-            cells += [_tex(_acc_text(h)), _tex(f"{_diff_text(h)} {verdict_word}" if h.diff else "--")]
-        tex_rows.append(" & ".join(cells) + " \\\\")
-    colspec = "lc" + "cc" * len(shots)
-    tex = "\n".join(["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(md_caption)}}}",
-                     f"\\begin{{tabular}}{{{colspec}}}", "\\toprule", " & ".join(tex_head) + " \\\\", "\\midrule",
-                     *tex_rows, "\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
-    md += ["", legend]
-    return {"md": "\n".join(md) + "\n", "csv": "\n".join(csv) + "\n", "tex": tex,
-            "verdicts": verdict_sentences(results, lines, baseline, name)}
+            cells += [_tex(_acc_text(h)), _tex(f"{_diff_text(h)} {_verdict_text(h, baseline)}" if h.diff else "--")]
+        tex.tex_rows.append(cells)
+    return tables + [tex]
 
 
 def verdict_sentences(results: ResultSet, lines: Sequence[HeadlineRow], baseline: str,
