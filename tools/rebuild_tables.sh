@@ -20,7 +20,7 @@ status=0
 t() {
   local name=$1; shift
   local s; s=$(date +%s.%N)
-  if ! "$FSL" table "benchmarks/$name.yaml" --from-results "results/weights/$name" --out "$OUT" "$@" \
+  if ! "$FSL" table "benchmarks/$name.yaml" --from-results "results/weights/$name" --results-dir "$OUT" "$@" \
       > "$OUT/.$name.log" 2>&1; then
     echo "FAILED: fsl-bench table benchmarks/$name.yaml (log: $OUT/.$name.log)"; status=1; return
   fi
