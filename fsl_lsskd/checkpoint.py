@@ -3,7 +3,7 @@
 A finished training run keeps what is needed to use and re-score it, nothing resume-only:
 
 - ``model.safetensors`` + ``model.json``: the trained method's weights (backbone with its final classifier,
-  auxiliary classifiers, MAML's head; per-sample prediction stores and optimiser state dropped) and its meta
+  auxiliary classifiers, MAML's head; per-sample prediction memories and optimiser state dropped) and its meta
   (method, backbone, classes, normalisation, resolved method config, training identity). Rebuilt by
   :func:`load_method` (teachers, fine-tuning readouts, base-class calibration).
 - ``export/backbone.safetensors`` + ``export/backbone.json``: the inference backbone in timm's state-dict
@@ -136,7 +136,7 @@ def build_method(meta: Dict[str, Any], teacher=None):
 
 
 def weights_state(method: nn.Module) -> Dict[str, torch.Tensor]:
-    """The method's state dict without per-sample prediction stores (training-only state)."""
+    """The method's state dict without per-sample prediction memories (training-only state)."""
     from .methods.stores import PredictionStore
 
     stores = [name for name, m in method.named_modules() if isinstance(m, PredictionStore)]
@@ -173,7 +173,7 @@ def read_model_meta(path: PathLike) -> Dict[str, Any]:
 
 def load_method(path: PathLike, device="cpu", teacher=None):
     """Rebuild a trained :class:`~fsl_lsskd.methods.base.Method` (eval mode, on ``device``) from a model
-    directory / ``model.safetensors`` or a training checkpoint (``last.pt``). Prediction stores start empty
+    directory / ``model.safetensors`` or a training checkpoint (``last.pt``). Prediction memories start empty
     (they are training state); everything else must match exactly."""
     path = Path(path)
     if path.is_dir() and (path / MODEL_WEIGHTS).is_file():

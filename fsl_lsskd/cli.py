@@ -96,7 +96,7 @@ def main(verbose: int) -> None:
     \b
     Example:
       fsl-bench ls
-      fsl-bench data verify tiny_imagenet --archive tiny-imagenet-200.zip
+      fsl-bench data verify tiny_imagenet --data tiny_imagenet=tiny-imagenet-200.zip
     """
     from .progress import configure
 

@@ -4,7 +4,7 @@ Record format 1 (fsl-bench before train-once-score-many) kept one run per cell, 
 ``fsl.cell_status=complete``, with the whole resume checkpoint (``checkpoint/last.pt``), the export and the
 evaluation arrays. Migration gives every finished cell run a format-2 training record in place: its training
 identity (computed from the recorded config and data fingerprint, with the method version and data-subset rule
-of the code that trained it), the finished model (``model/``: weights without prediction stores) and a fresh
+of the code that trained it), the finished model (``model/``: weights without prediction memories) and a fresh
 export. Methods whose training maths changed since (a higher ``training_version``) keep their old identity, so
 the next ``fsl-bench run`` trains them again; every other cell is reused. Scores are not migrated: the next
 ``fsl-bench run`` scores the migrated cells (seconds per cell) with the readouts of the current code. The old

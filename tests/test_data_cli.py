@@ -106,7 +106,11 @@ def test_bench_command(fake_cifar):
 
 # ------------------------------------------------------------------------------------- validation errors
 def test_missing_data_root(tmp_path):
-    assert_user_error(run("prepare", "cifar_fs", "--data-root", tmp_path / "nope"), "does not exist", "--archive")
+    # the deprecated spelling still reaches the dataset, whose message names the new one
+    assert_user_error(run("prepare", "cifar_fs", "--data-root", tmp_path / "nope"), "does not exist",
+                      "--data cifar_fs=PATH", "--data cifar_fs=DIR")
+    assert_user_error(run("prepare", "cifar_fs", "--data", f"cifar_fs={tmp_path / 'nope'}"), "does not exist",
+                      "official archive or its extracted folder")
 
 
 def test_wrong_data_root(tmp_path):

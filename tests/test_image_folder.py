@@ -287,7 +287,7 @@ def test_make_split_options_belong_to_their_dataset(tmp_path):
     res = cli("data", "make-split", "image_folder", "--data-root", tmp_path, "--out", tmp_path)
     assert res.exit_code == 2 and "is a directory" in res.output and "split.json" in res.output
     res = cli("data", "make-split", "image_folder", "--out", tmp_path / "s.json")
-    assert res.exit_code == 2 and "--data-root" in res.output
+    assert res.exit_code == 2 and "--data image_folder=DIR" in res.output
     res = cli("data", "make-split", "tiny_imagenet", "--ratios", "0.6,0.2,0.2", "--out", tmp_path / "x")
     assert res.exit_code == 2 and "--ratios applies to image_folder" in res.output
 

@@ -7,20 +7,26 @@
 #   bash tools/rebuild_tables.sh [OUT]
 #
 # CIFAR_FS_ARCHIVE names the CIFAR-100 archive the published cross-domain target was scored on (its episodes are
-# generated from the data, so its test-class interval needs the data); default: ../shared/data's partial archive.
+# generated from the data, so its test-class interval needs the data): the partial
+# cifar-100-python-partial-train1117-test916.tar.gz that the published cpu_tiny_imagenet cells were scored on.
 # FSL_BENCH: the command to run [default: .venv/bin/fsl-bench].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-$(mktemp -d)}
 FSL=${FSL_BENCH:-.venv/bin/fsl-bench}
-CIFAR=${CIFAR_FS_ARCHIVE:-../shared/data/cifar-100-python-partial-train1117-test916.tar.gz}
+CIFAR=${CIFAR_FS_ARCHIVE:-}
+if [ -z "$CIFAR" ] || [ ! -f "$CIFAR" ]; then
+  echo "error: set CIFAR_FS_ARCHIVE to the CIFAR-100 archive the published cross-domain target was scored on" \
+       "(cifar-100-python-partial-train1117-test916.tar.gz); got '${CIFAR}'" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 cp results/README.md "$OUT/README.md"   # table rewrites its generated sections in place
 status=0
 t() {
   local name=$1; shift
   local s; s=$(date +%s.%N)
-  if ! "$FSL" table "benchmarks/$name.yaml" --from-results "results/weights/$name" --out "$OUT" "$@" \
+  if ! "$FSL" table "benchmarks/$name.yaml" --from-results "results/weights/$name" --results-dir "$OUT" "$@" \
       > "$OUT/.$name.log" 2>&1; then
     echo "FAILED: fsl-bench table benchmarks/$name.yaml (log: $OUT/.$name.log)"; status=1; return
   fi

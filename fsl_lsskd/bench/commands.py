@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 
+from ..options import data_option, renamed_option
+
 log = logging.getLogger(__name__)
 
 
@@ -53,16 +55,10 @@ def load_filtered(benchmark: Path, methods=None, backbones=None, datasets=None, 
                           f"seeds these rows have" if why else f"the selection has no cells of {bench.where}")
     bench = filtered
     if data_paths:
-        paths = dict(bench.data_paths)
+        from ..options import parse_data_items
+
         names = set(bench.datasets) | set(bench.eval.datasets)
-        for item in data_paths:
-            name, sep, path = item.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ConfigError(f"--data {item!r}: expected NAME=PATH, e.g. --data cifar_fs=cifar-100-python.tar.gz")
-            if name.strip() not in names:
-                raise ConfigError(f"--data {item!r}: {name.strip()!r} is not a dataset of {benchmark} "
-                                  f"({', '.join(sorted(names))})")
-            paths[name.strip()] = path.strip()
+        paths = {**bench.data_paths, **parse_data_items(data_paths, names, f"a dataset of {benchmark}")}
         bench = dataclasses.replace(bench, data_paths=paths)
     return bench
 
@@ -88,11 +84,11 @@ def fewer_episodes(results) -> List[Tuple[str, int]]:
 @click.option("--datasets", help="Comma-separated subset of the file's datasets.")
 @click.option("--seeds", help="Comma-separated subset of the file's seeds.")
 @click.option("--fractions", help="Comma-separated subset of the file's fractions (limited-data protocol), e.g. 0.25.")
-@click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
-              help="Where dataset NAME's archive or folder is on this machine (repeatable); not part of any id.")
-@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True, help="Run directories of cells being trained: OUT/cells/<train id>/ (deleted when "
-              "a cell finishes: its files go to the MLflow store).")
+@data_option("Where dataset NAME is on this machine (repeatable): NAME=FILE for its official archive, NAME=DIR "
+             "for a directory holding it; not part of any id.")
+@renamed_option("--runs-dir", "out_root", "--out", type=click.Path(file_okay=False, path_type=Path),
+                default=Path("runs"), show_default=True, help="Run directories of cells being trained: "
+                "RUNS_DIR/cells/<train id>/ (deleted when a cell finishes: its files go to the MLflow store).")
 @click.option("--rerun", is_flag=True, help="Train and score every cell again, even if finished in the store.")
 @click.option("--dry-run", is_flag=True, help="Check the benchmark and its data, print the grid (which cells are "
               "trained, which scores are missing) and stop.")
@@ -142,7 +138,7 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
         from .launch import make_launcher
 
         launcher_obj = make_launcher(launcher, bench, slurm_options, notify=click.echo)  # job ids, waits
-    # names, settings, --out and the data against the protocols, before anything is trained or logged
+    # names, settings, --runs-dir and the data against the protocols, before anything is trained or logged
     notes = validate_benchmark(bench, data=True, out_root=None if dry_run else out_root, fetch=not dry_run)
     for n in notes:
         click.echo(f"note: {n}")
@@ -272,17 +268,17 @@ def _dry_run(bench, shard_spec) -> None:
 
 @click.command("table")
 @click.argument("benchmark", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
-              show_default=True, help="Directory for <benchmark>.md/.csv/.tex and the figures (PNG and PDF).")
+@renamed_option("--results-dir", "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path),
+                default=Path("results"), show_default=True,
+                help="Directory for <benchmark>.md/.csv/.tex and the figures (PNG and PDF).")
 @click.option("--baseline", "baselines", multiple=True, default=("ce",), show_default=True,
               help="Method every other method is compared with on identical episodes (paired table); repeat the "
                    "option for several.")
 @click.option("--from-results", "from_results", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Rebuild the tables from a published results directory (results/weights/<benchmark>/) instead "
                    "of the MLflow store.")
-@click.option("--data", "data_paths", multiple=True, metavar="NAME=PATH",
-              help="Where a scored target's data is, for the test-class interval of episodes generated from that "
-                   "data (a partial archive, your own folder); published episode files need no data.")
+@data_option("Where a scored target's data is (NAME=FILE or NAME=DIR), for the test-class interval of episodes "
+             "generated from that data (a partial archive, your own folder); published episode files need no data.")
 def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path], data_paths=()) -> None:
     """Publish result tables (Markdown, CSV, LaTeX) and figures for a benchmark from the MLflow store (read only:
     a missing store is an error naming where it looked, never created).
@@ -290,7 +286,7 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     \b
     Example:
       fsl-bench table benchmarks/smoke.yaml
-      fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --out results --baseline ce --baseline pskd
+      fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --results-dir results --baseline ce --baseline pskd
       fsl-bench table benchmarks/cpu_tiny_imagenet.yaml --from-results results/weights/cpu_tiny_imagenet
     """
     from ..errors import ConfigError
@@ -305,7 +301,7 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     from ..registry import check_names
 
     check_names(methods=[b for b in baselines if b not in bench.variants])  # a typo: the valid names, exit 2
-    check_writable_dir(out_dir, "--out")
+    check_writable_dir(out_dir, "--results-dir")
     data = None
     if data_paths:
         from .runner import DataCache
@@ -347,8 +343,8 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
 
 @click.command("publish")
 @click.argument("benchmark", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the published files [default: results/weights/<benchmark name>].")
+@renamed_option("--published-dir", "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path),
+                default=None, help="Directory of the published files [default: results/weights/<benchmark name>].")
 def publish_cmd(benchmark: Path, out_dir: Optional[Path]) -> None:
     """Publish every finished cell of a benchmark as files: its exported backbone (safetensors + meta) and
     per-episode scores, with a MANIFEST.json (sha256, training identity, commits). `fsl-bench table
@@ -365,7 +361,7 @@ def publish_cmd(benchmark: Path, out_dir: Optional[Path]) -> None:
 
     bench = load_benchmark(benchmark)
     out_dir = out_dir or Path("results") / "weights" / bench.name
-    check_writable_dir(out_dir, "--out")
+    check_writable_dir(out_dir, "--published-dir")
     path = publish(bench, out_dir)
     manifest = json.loads(path.read_text(encoding="utf-8"))
     total = sum(f["bytes"] for e in manifest["cells"] for f in e["files"].values())

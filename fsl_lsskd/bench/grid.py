@@ -146,11 +146,9 @@ def data_kwargs(dataset: str, bench: Benchmark) -> Dict[str, Any]:
     if source.image_size is not None:
         kw["image_size"] = int(source.image_size)
     if dataset in bench.data_paths:
-        path = resolve_path(bench.data_paths[dataset], bench, relative_to_file=False)
-        if not path.exists():
-            raise ConfigError(f"--data {dataset}={bench.data_paths[dataset]}: {path} does not exist; pass the "
-                              f"dataset's official archive or its extracted folder")
-        return {**kw, ("root" if path.is_dir() else "archive"): path}
+        from ..options import data_location
+
+        return {**kw, **data_location(dataset, bench.data_paths[dataset])}
     if source.generate:
         return {**kw, "archive": generated_archive(dataset, tuple(source.generate))}
     if source.download:

@@ -1,7 +1,7 @@
 """Published results: every finished cell's exported backbone and per-episode scores as plain files, and the
 tables rebuilt from them without a store.
 
-``fsl-bench publish BENCHMARK --out results/weights/<benchmark>`` writes, per cell,
+``fsl-bench publish BENCHMARK --published-dir results/weights/<benchmark>`` writes, per cell,
 
 * ``<row>-<backbone>-seed<k>[-<fraction>pct].safetensors``: the exported backbone (``fsl-bench evaluate
   --checkpoint FILE`` loads it; its meta is the ``.json`` beside it: backbone, image size, normalisation,
@@ -223,7 +223,7 @@ class PublishedStore:
         path = self.dir / MANIFEST
         if not self.dir.is_dir():
             raise DataError(f"{self.dir} does not exist: pass the directory `fsl-bench publish` wrote (e.g. "
-                            f"results/weights/<benchmark>; `fsl-bench publish BENCHMARK --out DIR` writes one)")
+                            f"results/weights/<benchmark>; `fsl-bench publish BENCHMARK --published-dir DIR` writes one)")
         if not path.is_file():
             raise DataError(f"{self.dir} has no {MANIFEST}: pass the directory `fsl-bench publish` wrote (e.g. "
                             f"results/weights/<benchmark>)")

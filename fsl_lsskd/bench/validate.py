@@ -256,7 +256,7 @@ def validate_benchmark(bench: Benchmark, *, data: bool = True, out_root: Optiona
                           f"train.heldout (e.g. 0.1) or drop eval.base")
     check_sizes(bench)
     if out_root is not None:
-        check_writable_dir(out_root, "--out")
+        check_writable_dir(out_root, "--runs-dir")
     if data:  # a missing archive is reported before the checks below import torch and timm (seconds)
         check_sources(bench)
     check_readouts(bench)

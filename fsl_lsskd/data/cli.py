@@ -9,7 +9,7 @@ from typing import Any, Dict
 import click
 
 from ..bounds import COUNT, SEED
-from ..options import dataset_kwargs, dataset_options
+from ..options import data_option, dataset_kwargs, dataset_options, with_data_option
 
 
 def _source_options(f):
@@ -33,8 +33,8 @@ def data() -> None:
 
     \b
     Example:
-      fsl-bench data verify tiny_imagenet --archive tiny-imagenet-200.zip
-      fsl-bench data prepare cifar_fs --data-root ~/datasets
+      fsl-bench data verify tiny_imagenet --data tiny_imagenet=tiny-imagenet-200.zip
+      fsl-bench data prepare cifar_fs --data cifar_fs=~/datasets
     """
 
 
@@ -46,9 +46,9 @@ def prepare_cmd(dataset, archive, data_root, split_file, train_per_class, folder
 
     \b
     Example:
-      fsl-bench data prepare cifar_fs --archive cifar-100-python.tar.gz
-      fsl-bench data prepare tiny_imagenet --data-root ~/datasets --download
-      fsl-bench data prepare image_folder --data-root my_images --split-file split.json --folder-image-size 64
+      fsl-bench data prepare cifar_fs --data cifar_fs=cifar-100-python.tar.gz
+      fsl-bench data prepare tiny_imagenet --data tiny_imagenet=~/datasets --download
+      fsl-bench data prepare image_folder --data image_folder=my_images --split-file split.json --folder-image-size 64
     """
     ds = _open(dataset, archive, data_root, download, check_md5, split_file, train_per_class, folder_image_size)
     click.echo(f"{dataset}: source {ds.source}")
@@ -163,9 +163,9 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
 
     \b
     Example:
-      fsl-bench data verify tiny_imagenet --archive tiny-imagenet-200.zip
-      fsl-bench data verify cifar_fs --data-root ~/datasets --min-images 20
-      fsl-bench data verify image_folder --data-root my_images --split-file split.json
+      fsl-bench data verify tiny_imagenet --data tiny_imagenet=tiny-imagenet-200.zip
+      fsl-bench data verify cifar_fs --data cifar_fs=~/datasets --min-images 20
+      fsl-bench data verify image_folder --data image_folder=my_images --split-file split.json
     """
     from ..errors import DataError
 
@@ -176,7 +176,7 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
     if r["missing_classes"]:
         miss = sorted(c for v in r["missing_classes"].values() for c in v)
         problems.append(f"the split names {len(miss)} classes the data lacks ({', '.join(miss[:10])}); fix the "
-                        "split file or point --archive/--data-root at the complete data")
+                        f"split file or point --data {dataset}=PATH at the complete data")
     if r["empty_classes"]:
         empty = [c for v in r["empty_classes"].values() for c in v]
         problems.append(f"{len(empty)} split classes have no images ({', '.join(empty[:10])}); add images to them "
@@ -205,12 +205,12 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
 
 @data.command("make-split")
 @click.argument("dataset", type=click.Choice(["tiny_imagenet", "image_folder"]))
-@click.option("--archive", type=click.Path(path_type=Path), default=None,
-              help="tiny_imagenet: tiny-imagenet-200.zip or its extracted folder.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="tiny_imagenet: directory holding it; image_folder: the folder of class folders.")
-@click.option("--download", is_flag=True, help="tiny_imagenet: download the official archive into --data-root "
-              "(default <cache>/downloads) when it is not found there; checks the official md5.")
+@data_option("Where the data is: tiny_imagenet=FILE (tiny-imagenet-200.zip), tiny_imagenet=DIR (its extracted "
+             "folder or a directory holding it); image_folder=DIR (the folder of class folders).")
+@click.option("--archive", type=click.Path(path_type=Path), default=None, help="Deprecated: use --data NAME=FILE.")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Deprecated: use --data NAME=DIR.")
+@click.option("--download", is_flag=True, help="tiny_imagenet: download the official archive into the --data "
+              "directory (default <cache>/downloads) when it is not found there; checks the official md5.")
 @click.option("--seed", type=SEED, default=None, help="Permutation seed (default: 0; for tiny_imagenet the "
               "published split's).")
 @click.option("--ratios", default=None, help="image_folder: class shares train,val,test (default 0.6,0.2,0.2).")
@@ -219,23 +219,24 @@ def verify_cmd(dataset, archive, data_root, download, split_file, train_per_clas
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="tiny_imagenet: output directory (default: splits/tiny_imagenet, which also updates "
                    "MANIFEST.json); image_folder: the JSON split file to write (required).")
+@with_data_option
 def make_split_cmd(dataset, archive, data_root, download, seed, ratios, min_images, out) -> None:
     """Write a seeded class split: for tiny_imagenet regenerate our (non-standard) 120/40/40 split from
-    wnids.txt; for image_folder split the class folders of --data-root by class shares (0.6/0.2/0.2 by
+    wnids.txt; for image_folder split the class folders of --data image_folder=DIR by class shares (0.6/0.2/0.2 by
     default) into a JSON file {"train": [...], "val": [...], "test": [...]} for --split-file.
 
     \b
     Example:
-      fsl-bench data make-split tiny_imagenet --archive tiny-imagenet-200.zip
-      fsl-bench data make-split tiny_imagenet --archive tiny-imagenet-200.zip --seed 1 --out my_split
-      fsl-bench data make-split image_folder --data-root my_images --out split.json
-      fsl-bench data make-split image_folder --data-root my_images --ratios 0.5,0.25,0.25 --seed 1 --out s.json
+      fsl-bench data make-split tiny_imagenet --data tiny_imagenet=tiny-imagenet-200.zip
+      fsl-bench data make-split tiny_imagenet --data tiny_imagenet=tiny-imagenet-200.zip --seed 1 --out my_split
+      fsl-bench data make-split image_folder --data image_folder=my_images --out split.json
+      fsl-bench data make-split image_folder --data image_folder=my_images --ratios 0.5,0.25,0.25 --seed 1 --out s.json
     """
     from ..errors import ConfigError
 
     if dataset == "image_folder":
         if download:
-            raise ConfigError("image_folder has nothing to download; drop --download and pass --data-root DIR")
+            raise ConfigError("image_folder has nothing to download; drop --download and pass --data image_folder=DIR")
         _make_folder_split(archive, data_root, 0 if seed is None else seed, ratios, min_images, out)
         return
 
@@ -270,9 +271,11 @@ def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -
     from .image_folder import list_class_files
 
     if archive is not None:
-        raise ConfigError("image_folder reads a folder: pass --data-root DIR (DIR/<class>/<images>), not --archive")
+        raise ConfigError(f"image_folder reads a folder: pass --data image_folder=DIR (DIR/<class>/<images>), not "
+                          f"a file ({archive})")
     if data_root is None:
-        raise ConfigError("image_folder needs --data-root DIR: a folder with one sub-folder of images per class")
+        raise ConfigError("image_folder needs --data image_folder=DIR: a folder with one sub-folder of images per "
+                          "class")
     if out is None:
         raise ConfigError("image_folder needs --out FILE: the JSON split file to write (e.g. --out split.json), "
                           "then pass it to train/evaluate as --split-file")
@@ -285,7 +288,7 @@ def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -
         raise ConfigError(f"--min-images must be >= 1, got {least}")
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a directory; pass --data-root DIR with "
+        raise DataError(f"data root {root} does not exist or is not a directory; pass --data image_folder=DIR with "
                         "DIR/<class>/<images>")
     files = list_class_files(root)
     small = [(c, len(v)) for c, v in files.items() if len(v) < least]
@@ -308,7 +311,7 @@ def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -
     val = "" if fewest >= DEFAULT_MIN_IMAGES else (
         f" --val-n-shot 1 --val-n-query {max(1, fewest - 1)}  # val classes have {fewest}+ images, not "
         f"{DEFAULT_MIN_IMAGES}: validation episodes must fit (evaluate: --n-query likewise)")
-    click.echo(f"next: fsl-bench train --dataset image_folder --data-root {shlex.quote(str(root))} --split-file "
+    click.echo(f"next: fsl-bench train --data image_folder={shlex.quote(str(root))} --split-file "
                f"{shlex.quote(str(out))} --out RUN_DIR{val}")
 
 

@@ -169,7 +169,7 @@ class ImageFolder(CachedDataset):
         if split_file is None:
             raise DataError(f"image_folder needs {opt('split_file', 'F')}: a JSON file {{\"train\": [...], "
                             "\"val\": [...], \"test\": [...]} or a directory with train.txt/val.txt/test.txt "
-                            "(`fsl-bench data make-split image_folder --data-root DIR --out split.json` writes one)")
+                            "(`fsl-bench data make-split image_folder --data image_folder=DIR --out split.json` writes one)")
         if int(image_size) < 8:
             raise DataError(f"image_size {image_size} is too small; use e.g. {opt('image_size', '64')}")
         self.split_file = Path(split_file)

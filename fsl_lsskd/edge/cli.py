@@ -1,5 +1,6 @@
 """``fsl-bench export``: the timm-format export, and with ``--onnx``/``--int8``/``--measure`` the edge files and
-figures of one backbone (``fsl-bench edge`` does the same for every cell of a benchmark)."""
+figures of one backbone (``fsl-bench edge`` does the same for every cell of a benchmark). The command parses its
+options and calls :func:`fsl_lsskd.edge.export.export_for_edge`."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..bounds import COUNT, COUNT_OR_ZERO
-from ..options import dataset_kwargs, dataset_options, parse_protocol, protocol_options
+from ..options import dataset_options, parse_protocol, protocol_options
 
 
 def latency_options(f):
@@ -61,87 +62,36 @@ def export_cmd(checkpoint: Path, out_dir: Path, onnx_: bool, int8: bool, calibra
     export. --onnx/--int8 add ONNX files; --measure adds latency and accuracy figures (OUT/edge.json).
 
     The dataset (default: the one the backbone was trained on, from its meta) is needed by --int8 (training
-    images calibrate it) and --measure accuracy; pass its --archive or --data-root (and --train-per-class etc.
-    as in training).
+    images calibrate it) and --measure accuracy; say where it is with --data NAME=PATH (and
+    --train-per-class etc. as in training).
 
     \b
     Example:
       fsl-bench export runs/x/model --out runs/x/export
       cd runs/x/export && python -c "$(python -c 'import json; print(json.load(open("backbone.json"))["load_with"])')"
-      fsl-bench export runs/x/model --out runs/x/edge --int8 --archive tiny-imagenet-200.zip --train-per-class 100
+      fsl-bench export runs/x/model --out runs/x/edge --int8 --data tiny_imagenet=tiny-imagenet-200.zip \\
+          --train-per-class 100
       fsl-bench export runs/x/model --out runs/x/edge --int8 --measure latency,accuracy \\
-          --archive tiny-imagenet-200.zip --threads 1 --batch-sizes 1
+          --data tiny_imagenet=tiny-imagenet-200.zip --threads 1 --batch-sizes 1
     """
-    from ..errors import CheckpointError, ConfigError
-    from ..utils import check_writable_dir
-    from .report import MEASURES
+    from .export import export_for_edge
 
     wanted = [m.strip() for m in measure.split(",") if m.strip()]
-    bad = sorted(set(wanted) - set(MEASURES))
-    if bad:
-        raise ConfigError(f"--measure {measure!r}: unknown {', '.join(bad)}; choose from {', '.join(MEASURES)}")
     latency = latency_settings(threads, batch_sizes, runs, warmup, max_seconds)
     protocols = parse_protocol(n_way, n_shot, n_query, n_episodes) if "accuracy" in wanted else []
-    if calibration_images < 1:
-        raise ConfigError(f"--calibration-images {calibration_images}: need at least 1 (e.g. 512)")
-    if not Path(checkpoint).exists():  # before torch is imported (seconds)
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a model directory (OUT/model of "
-                              f"`fsl-bench train`), a training checkpoint (last.pt) or an export")
-    check_writable_dir(out_dir, "--out")
-    if "latency" in wanted and not allow_load:
-        check_quiet(latency)  # fail fast, before minutes of export and scoring
-    from ..checkpoint import export_backbone, load_backbone
-    from .report import EdgeSettings, edge_report
-
-    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images),
-                            readouts=tuple(r.strip() for r in readouts.split(",") if r.strip()))
-    net, meta = load_backbone(checkpoint)
-    edge = onnx_ or int8 or bool(wanted)
-    needs_data = int8 or "accuracy" in wanted
-    train_split = eval_split = None
-    ds = None
-    if edge and (needs_data or archive is not None or data_root is not None or download):
-        name = dataset or meta.get("dataset")
-        if not name:
-            raise ConfigError("the checkpoint's meta names no dataset: pass --dataset NAME with --archive/--data-root")
-        if archive is None and data_root is None and not download:
-            why = "--int8 calibrates on its training images" if int8 else "--measure accuracy scores its episodes"
-            raise ConfigError(f"{why}: pass the {name} data with --archive FILE or --data-root DIR (and "
-                              f"--train-per-class N when the backbone was trained on a subset)")
-        from ..data import get_dataset
-        from ..data.base import split_counts
-        from ..protocol import check_capacity
-
-        ds = get_dataset(name, archive=archive, root=data_root, download=download,
-                         **dataset_kwargs(name, split_file, train_per_class, folder_image_size))
-        counts = split_counts(ds, split)
-        for p in protocols:  # before anything is decoded
-            check_capacity(counts, p, ds.class_split()[split], where=f"{name} {split}",
-                           fix=f"lower --n-way/--n-shot/--n-query (at most {int(min(counts))} images per class)")
-        eval_split = ds.load_split(split)
-        if int8:
-            train_split = ds.load_split("train")
-    extra = {k: meta[k] for k in ("method", "train_id", "dataset", "mean", "std") if k in meta}
-    report = export_backbone(net, meta["backbone"], int(meta["image_size"]), out_dir, extra=extra)
-    click.echo(json.dumps(report, indent=2, default=str))
-    if not edge:
+    result = export_for_edge(
+        checkpoint, out_dir, onnx=onnx_, int8=int8, measure=wanted, calibration_images=calibration_images,
+        dataset=dataset, archive=archive, data_root=data_root, download=download,
+        dataset_options={"split_file": split_file, "train_per_class": train_per_class,
+                         "folder_image_size": folder_image_size},
+        split=split, protocols=protocols, readouts=[r.strip() for r in readouts.split(",") if r.strip()],
+        latency=latency, allow_load=allow_load, on_export=lambda report: click.echo(json.dumps(report, indent=2,
+                                                                                               default=str)))
+    if result.edge is None:
         return
-    mean = meta.get("mean") or (ds.mean if ds is not None else None)
-    std = meta.get("std") or (ds.std if ds is not None else None)
-    rep, _ = edge_report(out_dir, out_dir, eval_split=eval_split, train_split=train_split, protocols=protocols,
-                         mean=mean, std=std, settings=settings, measure=wanted, allow_load=allow_load)
-    for line in summary_lines(rep):
+    for line in summary_lines(result.edge):
         click.echo(line)
     click.echo(f"wrote {out_dir / 'edge.json'}")
-
-
-def check_quiet(settings) -> None:
-    """Raise :class:`~fsl_lsskd.edge.guard.MachineBusy` (exit 2 naming --allow-load) when the load guard trips now."""
-    from .guard import MachineBusy, busy_message, read_load
-
-    reading = read_load(window_s=settings.window_s, busy_max=settings.busy_max, spread_max=settings.spread_max)
-    if reading.under_load:
-        raise MachineBusy(busy_message(reading))
 
 
 def summary_lines(rep) -> list:

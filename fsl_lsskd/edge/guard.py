@@ -164,6 +164,14 @@ def read_load(window_s: float = WINDOW_S, busy_max: float = BUSY_MAX, spread_max
     return reading
 
 
+def check_quiet(settings) -> None:
+    """Raise :class:`MachineBusy` (exit 2 naming --allow-load) when the load guard trips now; ``settings`` is a
+    :class:`~fsl_lsskd.edge.latency.LatencySettings` (its guard window and thresholds)."""
+    reading = read_load(window_s=settings.window_s, busy_max=settings.busy_max, spread_max=settings.spread_max)
+    if reading.under_load:
+        raise MachineBusy(busy_message(reading))
+
+
 def busy_message(reading: LoadReading, what: str = "latency figures") -> str:
     """The error text when the guard trips: what it measured and the way out (``--allow-load``)."""
     return (f"the machine is busy ({'; '.join(reading.reasons) or reading.describe()}): {what} taken now would "

@@ -145,7 +145,7 @@ def edge_report(export_dir: PathLike, out_dir: PathLike, *, eval_split=None, tra
     if bad:
         raise ConfigError(f"--measure {','.join(measure)}: unknown {bad}; choose from {', '.join(MEASURES)}")
     if "accuracy" in measure and eval_split is None:
-        raise ConfigError("accuracy needs the evaluation split: pass the dataset (--dataset/--archive/--data-root)")
+        raise ConfigError("accuracy needs the evaluation split: pass the dataset (--data NAME=PATH)")
     out = make_dir(out_dir)
     report = build_onnx(export_dir, out, images_split=eval_split, train_split=train_split, mean=mean, std=std,
                         settings=settings)

@@ -9,7 +9,7 @@ import click
 
 from ..bounds import COUNT, SEED, SIZE
 from ..errors import ConfigError
-from ..options import dataset_kwargs, dataset_options, int_list, parse_protocol, protocol_options
+from ..options import dataset_kwargs, dataset_options, dataset_protocols, int_list, protocol_options
 
 
 def _names(text: str):
@@ -100,12 +100,15 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     (t-distribution over episodes) per protocol and readout, with calibration (ECE, NLL, Brier) for
     probabilistic readouts.
 
+    A dataset with fixed episodes (omniglot_runs: Omniglot's 20 official runs, 20-way 1-shot with one query)
+    takes its own protocol for the protocol options not given.
+
     \b
     Example:
-      fsl-bench evaluate --backbone resnet12 --untrained --dataset tiny_imagenet \\
-          --archive tiny-imagenet-200.zip --image-size 32 --n-shot 1,5 --readouts protonet,logreg --out eval
-      fsl-bench evaluate --checkpoint runs/ce/export --dataset cifar_fs --archive cifar-100-python.tar.gz
-      fsl-bench evaluate --checkpoint runs/mine/export --dataset image_folder --data-root my_images \\
+      fsl-bench evaluate --backbone resnet12 --untrained --data tiny_imagenet=tiny-imagenet-200.zip \\
+          --image-size 32 --n-shot 1,5 --readouts protonet,logreg --out eval
+      fsl-bench evaluate --checkpoint runs/ce/export --data cifar_fs=cifar-100-python.tar.gz
+      fsl-bench evaluate --checkpoint runs/mine/export --data image_folder=my_images \\
           --split-file split.json
     """
     import time
@@ -114,8 +117,9 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     from ..utils import check_writable_dir
     from .episodes import check_episode_memory
 
-    protocols = parse_protocol(n_way, n_shot, n_query, n_episodes)
-    check_names(readouts=_names(readouts), datasets=[dataset])  # a typo fails at once, nothing imported
+    check_names(datasets=[dataset])
+    protocols = dataset_protocols(dataset, n_way, n_shot, n_query, n_episodes)
+    check_names(readouts=_names(readouts))  # a typo fails at once, nothing imported
     # probabilities counted for every readout (conservative): knowing which readouts are probabilistic would
     # import them, and this check runs before any heavy import
     check_episode_memory(protocols, "--n-episodes", probabilities=True)

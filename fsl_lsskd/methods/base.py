@@ -1,7 +1,7 @@
 """The method contract: a pretraining method is one ``nn.Module`` subclass registered in
 ``fsl_lsskd.registry.METHODS`` (one file in ``fsl_lsskd/methods/``). The engine (``fsl_lsskd.train.engine``)
 owns data, augmentation, optimisation, checkpoints and logging; a method owns its extra modules (auxiliary
-classifiers, heads), its loss and its state (e.g. prediction stores kept as buffers so resume checkpoints
+classifiers, heads), its loss and its state (e.g. prediction memories kept as buffers so resume checkpoints
 carry them). docs/methods.md gives every registered method's loss, sources and defaults."""
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class Method(nn.Module, abc.ABC):
     Args:
         backbone: a timm model created with ``num_classes=num_classes`` (its head is the final classifier).
         num_classes: number of base classes.
-        num_samples: size of the training set (for per-sample stores indexed by ``Batch.index``).
+        num_samples: size of the training set (for per-sample prediction memories indexed by ``Batch.index``).
         config: an instance of ``config_cls``.
         teacher: a frozen teacher ``Method`` for methods with ``needs_teacher``.
     """
@@ -73,7 +73,7 @@ class Method(nn.Module, abc.ABC):
     default_teacher: ClassVar[Optional[str]] = None
     #: methods that use the engine's standard shuffled mini-batches; episodic methods override ``iter_batches``.
     episodic: ClassVar[bool] = False
-    #: train on the short last batch of an epoch too (methods with per-sample prediction stores: every sample
+    #: train on the short last batch of an epoch too (methods with a per-sample prediction memory: every sample
     #: is trained on and stored every epoch); the others drop it, as RFS does
     keeps_last_batch: ClassVar[bool] = False
     #: bumped when the method's training maths change, so finished cells of the old maths are retrained
@@ -109,7 +109,7 @@ class Method(nn.Module, abc.ABC):
 
     def on_step_end(self, batch: Batch, epoch: int) -> None:
         """Hook called after each optimiser step (e.g. PS-KD/LSSKD write the step's detached predictions
-        into their per-sample stores, as PS-KD main.py does after ``optimizer.step()``)."""
+        into their per-sample prediction memories, as PS-KD main.py does after ``optimizer.step()``)."""
 
     def trainable_parameters(self):
         """Parameters the engine's optimiser updates (default: all with ``requires_grad``)."""

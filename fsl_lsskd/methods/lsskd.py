@@ -50,12 +50,12 @@ class LSSKDConfig(HSAKDTeacherConfig):
     #: the 4B rows) or ``sum_rotations`` (the written formula: sum over the 4 rotations of the mean over the
     #: batch, 4x ``mean``)
     aux_rotation_reduction: str = "mean"
-    #: prediction stores: ``auto`` (dense rows while all of them fit ``store_budget_mb``, else the ``store_top_k``
-    #: largest probabilities per row), ``dense`` or ``topk``; docs/methods.md "Prediction stores"
+    #: prediction memories (``store_*``: names kept, they are in training identities): ``auto`` (dense rows while all of them fit ``store_budget_mb``, else the ``store_top_k``
+    #: largest probabilities per row), ``dense`` or ``topk``; docs/methods.md "Prediction memory"
     store_layout: str = "auto"
     store_top_k: int = 20
     store_budget_mb: float = 2048.0
-    final_store_dtype: str = "float32"  # dense stores' dtypes
+    final_store_dtype: str = "float32"  # dense memories' dtypes
     aux_store_dtype: str = "float16"  # N x 4 x 4C per layer
 
     def __post_init__(self) -> None:
@@ -73,7 +73,7 @@ class LSSKD(Method):
     config_cls = LSSKDConfig
     #: every sample is trained on and stored every epoch (PS-KD's reference keeps the short last batch)
     keeps_last_batch = True
-    #: 2: the short last batch is kept; top-k stores beyond a memory budget; aux_rotation_reduction
+    #: 2: the short last batch is kept; top-k prediction memory beyond a memory budget; aux_rotation_reduction
     training_version = 2
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:

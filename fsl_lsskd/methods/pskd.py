@@ -2,7 +2,7 @@
 Progressive Refinement of Targets", ICCV 2021; lgcnsai/PS-KD-Pytorch (main.py, loss/pskd_loss.py).
 
 Targets ``(1 - a_t) * onehot(y) + a_t * P_{t-1}(x)`` with ``a_t = a_T * (t + 1) / E`` (``a_T = 0.8``);
-``P_{t-1}`` is the sample's softmax from the previous epoch, kept in a per-sample store initialised to the
+``P_{t-1}`` is the sample's softmax from the previous epoch, kept in a per-sample prediction memory initialised to the
 one-hot label on first visit and written (detached) after each optimiser step."""
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ class PSKDConfig(MethodConfig):
     lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # epochs 150, 225 of 300
     lr_gamma: float = 0.1
     alpha_T: float = 0.8
-    #: prediction store: ``auto`` (dense rows, the reference, while they fit ``store_budget_mb``; else the
-    #: ``store_top_k`` largest probabilities per sample), ``dense`` or ``topk``; docs/methods.md "Prediction stores"
+    #: prediction memory (``store_*``: names kept, they are in training identities): ``auto`` (dense rows, the reference, while they fit ``store_budget_mb``; else the
+    #: ``store_top_k`` largest probabilities per sample), ``dense`` or ``topk``; docs/methods.md "Prediction memory"
     store_layout: str = "auto"
     store_top_k: int = 20
     store_budget_mb: float = 2048.0
-    store_dtype: str = "float32"  # a dense store's dtype (PS-KD keeps float32 on the CPU)
+    store_dtype: str = "float32"  # a dense memory's dtype (PS-KD keeps float32 on the CPU)
 
     def __post_init__(self) -> None:
         if self.store_layout not in ("auto", "dense", "topk"):
@@ -69,7 +69,7 @@ class PSKD(Method):
     config_cls = PSKDConfig
     #: every sample is trained on and stored every epoch (the reference keeps the short last batch)
     keeps_last_batch = True
-    #: 2: the short last batch is kept; top-k stores beyond a memory budget
+    #: 2: the short last batch is kept; top-k prediction memory beyond a memory budget
     training_version = 2
 
     def __init__(self, backbone, num_classes, num_samples, config=None, teacher=None) -> None:

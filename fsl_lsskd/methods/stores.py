@@ -1,27 +1,29 @@
-"""Per-sample prediction stores (PS-KD, Kim et al. ICCV 2021, lgcnsai/PS-KD-Pytorch main.py
-``all_predictions``; LSSKD's per-layer stores ``[N, 4, 4C]``).
+"""Per-sample prediction memory (PS-KD, Kim et al. ICCV 2021, lgcnsai/PS-KD-Pytorch main.py
+``all_predictions``; LSSKD's per-layer memories ``[N, 4, 4C]``).
 
-A store keeps, for every training sample, the detached softmax the network gave it at its last visit, to build
-the next epoch's soft targets. Two layouts:
+A prediction memory keeps, for every training sample, the detached softmax the network gave it at its last
+visit, to build the next epoch's soft targets. ("Store" in this project means the MLflow record,
+:mod:`fsl_lsskd.record`; the code names here, :class:`PredictionStore` and the methods' ``store_*`` settings and
+buffers, keep their names because they are part of training identities and resume checkpoints.) Two layouts:
 
 - **dense**: the full rows ``[N, *dims]`` in ``dtype`` (the reference: float32 ``[N, C]``);
 - **top-k** (``top_k = k``): for every row, the ``k`` largest probabilities (float16) and their class
   indices (int16, or int32 for more than 32,767 classes); :meth:`get` rebuilds the row with the remaining
   probability mass spread evenly over the other classes, so it still sums to 1 (the maximum-entropy
   completion). Memory per row: ``4k`` bytes instead of ``4K`` (or ``2K`` in float16): at ImageNet-1k size
-  (1.28 M images, K = 1000) PS-KD's store is 0.1 GB at k = 20 instead of 5.1 GB, LSSKD's four auxiliary stores
-  (K = 4000 per rotation) 1.6 GB instead of 157 GB (docs/design.md, "Prediction store memory").
+  (1.28 M images, K = 1000) PS-KD's memory is 0.1 GB at k = 20 instead of 5.1 GB, LSSKD's four auxiliary memories
+  (K = 4000 per rotation) 1.6 GB instead of 157 GB (docs/design.md, "Prediction memory size").
 
 Methods choose with :func:`choose_top_k` (their ``store_layout`` setting): ``auto`` (default) keeps dense rows
 while they fit a memory budget (2 GB: every CPU profile, CIFAR-FS, Tiny ImageNet) and top-k rows beyond it
 (ImageNet-1k). The accuracy effect of top-k against dense is measured in ``results/`` (docs/methods.md,
-"Prediction stores").
+"Prediction memory").
 
-The store's tensors are *persistent buffers*, so a resume checkpoint carries them; the finished model does not
+The memory's tensors are *persistent buffers*, so a resume checkpoint carries them; the finished model does not
 (:func:`fsl_lsskd.checkpoint.weights_state` drops them: they are training state).
 
 Multi-process training (``torchrun``): the engine sets ``gather_across_ranks``; ``put`` then all-gathers the
-indices and rows of every rank's slice before writing, so every rank holds the full, identical store (PS-KD
+indices and rows of every rank's slice before writing, so every rank holds the full, identical memory (PS-KD
 main.py all-gathers ``inputs_index`` and the predictions in DDP the same way)."""
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ LAYOUTS = ("auto", "dense", "topk")
 
 
 def dense_bytes(num_samples: int, dims: Sequence[int], dtype: torch.dtype) -> int:
-    """Bytes of a dense store ``[num_samples, *dims]`` of ``dtype``."""
+    """Bytes of a dense prediction memory ``[num_samples, *dims]`` of ``dtype``."""
     n = int(num_samples)
     for d in dims:
         n *= int(d)
@@ -43,8 +45,8 @@ def dense_bytes(num_samples: int, dims: Sequence[int], dtype: torch.dtype) -> in
 
 
 def choose_top_k(layout: str, top_k: int, budget_mb: float, shapes: Sequence[tuple]) -> int:
-    """The ``top_k`` of a method's stores (0 = dense) from its settings: ``dense``, ``topk``, or ``auto`` = dense
-    while all its dense stores (``shapes``: ``(num_samples, dims, dtype)`` each) fit in ``budget_mb``, else top-k
+    """The ``top_k`` of a method's prediction memories (0 = dense) from its settings: ``dense``, ``topk``, or
+    ``auto`` = dense while all its dense memories (``shapes``: ``(num_samples, dims, dtype)`` each) fit in ``budget_mb``, else top-k
     (a log line says which and why)."""
     import logging
 
@@ -57,7 +59,7 @@ def choose_top_k(layout: str, top_k: int, budget_mb: float, shapes: Sequence[tup
     total = sum(dense_bytes(n, d, dt) for n, d, dt in shapes)
     if total <= budget_mb * 2 ** 20:
         return 0
-    logging.getLogger(__name__).info("prediction stores: %.1f GB dense > %.0f MB budget: keeping the top-%d "
+    logging.getLogger(__name__).info("prediction memory: %.1f GB dense > %.0f MB budget: keeping the top-%d "
                                      "probabilities per row (store_layout: dense keeps full rows)",
                                      total / 2 ** 30, budget_mb, top_k)
     return int(top_k)
@@ -81,13 +83,13 @@ def multi_process() -> bool:
 
 
 class PredictionStore(nn.Module):
-    """Rows ``[N, *dims]`` of stored (detached) probability rows, indexed by dataset index.
+    """A prediction memory: rows ``[N, *dims]`` of stored (detached) probability rows, indexed by dataset index.
 
     Args:
         num_samples: ``N``, the training-set size (``Batch.index`` ranges over ``0..N-1``).
-        dims: shape of one row, e.g. ``(C,)`` for PS-KD or ``(4, 4 * C)`` for an LSSKD auxiliary store; the
+        dims: shape of one row, e.g. ``(C,)`` for PS-KD or ``(4, 4 * C)`` for an LSSKD auxiliary memory; the
             last dimension holds the class probabilities.
-        dtype: storage dtype of a dense store.
+        dtype: storage dtype of a dense memory.
         top_k: keep only the ``top_k`` largest entries of every row (see module docstring); None/0 = dense.
     """
 
@@ -131,7 +133,7 @@ class PredictionStore(nn.Module):
         return rows.scatter_(-1, idx, vals)
 
     def get(self, index: torch.Tensor, default: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Float32 rows ``[B, *dims]`` for ``index`` (on the store's device). Rows never written are replaced by
+        """Float32 rows ``[B, *dims]`` for ``index`` (on the memory's device). Rows never written are replaced by
         the matching rows of ``default`` when given (PS-KD: one-hot targets on first visit), else zeros."""
         index = index.to(self.values.device)
         rows = self._dense_rows(index)

@@ -53,12 +53,12 @@ def train_cmd(method, backbone, dataset, archive, data_root, download, split_fil
 
     \b
     Example:
-      fsl-bench train --method ce --backbone conv4 --dataset tiny_imagenet \\
-        --archive tiny-imagenet-200.zip --image-size 32 --epochs 3 --seed 0 --out runs/x --set lr=0.1
-      fsl-bench train --method ce --dataset image_folder --data-root my_images --split-file split.json \\
+      fsl-bench train --method ce --backbone conv4 --data tiny_imagenet=tiny-imagenet-200.zip \\
+        --image-size 32 --epochs 3 --seed 0 --out runs/x --set lr=0.1
+      fsl-bench train --method ce --data image_folder=my_images --split-file split.json \\
         --out runs/mine
       torchrun --standalone --nproc_per_node 2 $(which fsl-bench) train --method pskd \\
-        --dataset tiny_imagenet --archive tiny-imagenet-200.zip --batch-size 128 --out runs/pskd-2proc
+        --data tiny_imagenet=tiny-imagenet-200.zip --batch-size 128 --out runs/pskd-2proc
     """
     from .checks import check_train_config
     from .config import TrainConfig, parse_set_options

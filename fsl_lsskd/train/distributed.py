@@ -11,7 +11,7 @@ The engine (:func:`fsl_lsskd.train.engine.train`) uses this module as follows:
   split the *tasks* of a meta-batch (:func:`shard_tasks`).
 - :func:`wrap_training_step` wraps the method in DDP, routing ``Method.training_step`` through DDP's
   ``forward`` (DDP only reduces gradients of a backward that follows its own forward; PyTorch Lightning
-  wraps its ``training_step`` the same way). Per-sample prediction stores are excluded from DDP's buffer
+  wraps its ``training_step`` the same way). Per-sample prediction memories are excluded from DDP's buffer
   broadcast: they are kept identical by their own all-gather (:meth:`PredictionStore.put`, as PS-KD's
   official code all-gathers predictions and indices, lgcnsai/PS-KD-Pytorch main.py).
 - :func:`convert_sync_batchnorm` makes BatchNorm use the statistics of the global batch, so N processes
@@ -252,7 +252,7 @@ def enable_store_gather(method: nn.Module, enabled: bool = True) -> int:
 def wrap_training_step(method: nn.Module, ctx: DistContext) -> Callable[[Batch, int], Dict[str, torch.Tensor]]:
     """The callable the engine runs for one step: ``method.training_step`` on one process, a DDP-wrapped
     step on several. DDP broadcasts rank 0's parameters and buffers once (every rank starts equal) and
-    averages gradients in ``backward``; prediction stores are left out (they are large and synced by
+    averages gradients in ``backward``; prediction memories are left out (they are large and synced by
     their own all-gather). ``static_graph``: a method uses the same parameters at every step, but some flags
     leave heads out of the loss (e.g. LSSKD ``ls_aux=false``); DDP then learns the unused ones at the first
     step instead of walking the graph at every step (``find_unused_parameters``)."""

@@ -210,7 +210,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
 def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
     """(method, method config, loader) for ``cfg`` on prepared data; model init seeded by ``cfg.seed`` (the
     same on every rank); the loader yields rank ``dctx.rank``'s slice of each global batch. Methods with
-    per-sample prediction stores train on every sample every epoch (the short last batch is kept, as PS-KD's
+    a per-sample prediction memory train on every sample every epoch (the short last batch is kept, as PS-KD's
     reference does); the others drop it (RFS)."""
     from ..backbones import create_backbone
 
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=No
 
 
 def _setup_distributed(cfg: TrainConfig, method, dctx) -> None:
-    """Global-batch BatchNorm (unless ``cfg.sync_bn`` is off) and all-gathering prediction stores."""
+    """Global-batch BatchNorm (unless ``cfg.sync_bn`` is off) and all-gathering prediction memories."""
     from . import distributed
 
     say = log.info if dctx.is_main else log.debug
@@ -458,7 +458,7 @@ def _finish(cfg: TrainConfig, method, meta: Dict[str, Any], history, run_id, out
     curve = plot_curves(history, out / "training_curves.png")
     if store is not None:
         store.finish_training(run_id, model_dir, export_dir, [out / "config.json"] + ([curve] if curve else []))
-    (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # resume-only state (optimiser, prediction stores)
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # resume-only state (optimiser, prediction memories)
     return model_dir, export_dir
 
 
