@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 
 from ..eval.base import mean_ci
-from .stats import SeedInterval, class_interval, hierarchical_bootstrap_stat, t_interval, verdict
+from .stats import SeedInterval, class_interval, hierarchical_bootstrap_sum, t_interval, verdict
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,19 @@ Column = Tuple[str, str, str, str]   # (training data label, target dataset, pro
 @dataclass
 class Series:
     """Per-seed arrays of one (row, column): ``accuracy`` (% per episode, or per image for base scores) and,
-    for probabilistic readouts, ``nll``, ``brier``, ``reliability``."""
+    for probabilistic readouts, ``nll``, ``brier``, ``reliability``.
+
+    Fill ``per_seed`` through :meth:`put` (as :class:`ResultSet` does): :meth:`summary` and :meth:`ece` are
+    computed once per series and key and kept until the next :meth:`put`, so every table and figure reads the
+    same numbers without recomputing them."""
 
     per_seed: Dict[int, Dict[str, np.ndarray]] = field(default_factory=dict)
+    _memo: Dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def put(self, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Set one seed's arrays (a copy of the mapping) and forget the statistics computed so far."""
+        self.per_seed[seed] = dict(arrays)
+        self._memo.clear()
 
     @property
     def seeds(self) -> List[int]:
@@ -49,11 +59,15 @@ class Series:
 
     def summary(self, key: str = "accuracy") -> Tuple[float, float, float, float]:
         """``(mean, episode CI half-width, seed lo, seed hi)`` of ``key``: the seed interval is the t-interval over
-        the seeds' means (:func:`~fsl_lsskd.report.stats.t_interval`; NaN bounds for one seed)."""
-        x = self.stacked(key)
-        m, h = mean_ci(x.mean(0))
-        iv = t_interval(x.mean(1))
-        return m, h, iv.lo, iv.hi
+        the seeds' means (:func:`~fsl_lsskd.report.stats.t_interval`; NaN bounds for one seed). Computed once
+        (until the next :meth:`put`)."""
+        memo = ("summary", key)
+        if memo not in self._memo:
+            x = self.stacked(key)
+            m, h = mean_ci(x.mean(0))
+            iv = t_interval(x.mean(1))
+            self._memo[memo] = (m, h, iv.lo, iv.hi)
+        return self._memo[memo]
 
     def seed_means(self, key: str = "accuracy") -> Dict[int, float]:
         return {s: float(np.mean(self.per_seed[s][key])) for s in self.seeds}
@@ -64,13 +78,26 @@ class Series:
 
     def ece(self) -> Tuple[float, float, float]:
         """Pooled ECE (%) over seeds and episodes and its 95% hierarchical-bootstrap interval (seeds, then episodes:
-        an interval for reading, not a decision; nothing is marked on it)."""
+        an interval for reading, not a decision; nothing is marked on it). Computed once (until the next
+        :meth:`put`)."""
         from ..eval.calibration import ece_from_bins
 
-        rel = self.stacked("reliability")  # [S, E, bins, 3]
-        value = 100.0 * ece_from_bins(rel.sum(axis=(0, 1)))
-        lo, hi = hierarchical_bootstrap_stat(rel, lambda r: 100.0 * ece_from_bins(r.sum(0)), n_boot=500)
-        return value, lo, hi
+        if ("ece",) not in self._memo:
+            rel = self.stacked("reliability")  # [S, E, bins, 3]: count, sum of confidences, number correct
+            value = 100.0 * ece_from_bins(rel.sum(axis=(0, 1)))
+            # ECE = sum over bins of |correct - confidence| / predictions (ece_from_bins) depends on the resampled
+            # sums only through each bin's correct - confidence and the total count: bootstrap those bins + 1
+            # columns, not all 3 per bin
+            gaps = np.concatenate([rel[..., 2] - rel[..., 1], rel[..., 0].sum(-1, keepdims=True)], axis=-1)
+
+            def ece_of_sums(sums: np.ndarray) -> np.ndarray:  # [b, bins + 1] -> [b] (%)
+                n = sums[:, -1]
+                return 100.0 * np.divide(np.abs(sums[:, :-1]).sum(-1), n, out=np.full(n.shape, np.nan),
+                                         where=n != 0)
+
+            lo, hi = hierarchical_bootstrap_sum(gaps, ece_of_sums, n_boot=500)
+            self._memo[("ece",)] = (value, lo, hi)
+        return self._memo[("ece",)]
 
 
 @dataclass
@@ -117,10 +144,10 @@ class ResultSet:
     _curve_from_main: Set[tuple] = field(default_factory=set, repr=False)  # curve points filled by main scores
 
     def add(self, row: Row, col: Column, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
-        self.cells.setdefault(row, {}).setdefault(col, Series()).per_seed[seed] = dict(arrays)
+        self.cells.setdefault(row, {}).setdefault(col, Series()).put(seed, arrays)
 
     def add_base(self, row: Row, data_label: str, seed: int, arrays: Mapping[str, np.ndarray]) -> None:
-        self.base.setdefault(row, {}).setdefault(data_label, Series()).per_seed[seed] = dict(arrays)
+        self.base.setdefault(row, {}).setdefault(data_label, Series()).put(seed, arrays)
 
     def add_curve(self, row: Row, point: tuple, seed: int, arrays: Mapping[str, np.ndarray],
                   curve_episodes: bool = True) -> None:
@@ -128,13 +155,13 @@ class ResultSet:
         (``curve_episodes``) always wins over a main-protocol score of the same way/shot, whatever the order they
         arrive in (a main-protocol score only fills a point that has no curve score), so a point never mixes
         two episode sets across seeds."""
-        per_seed = self.curve_points.setdefault(row, {}).setdefault(point, Series()).per_seed
+        series = self.curve_points.setdefault(row, {}).setdefault(point, Series())
         key = (row, point, seed)
         if curve_episodes:
-            per_seed[seed] = dict(arrays)
+            series.put(seed, arrays)
             self._curve_from_main.discard(key)
-        elif seed not in per_seed or key in self._curve_from_main:
-            per_seed[seed] = dict(arrays)
+        elif seed not in series.per_seed or key in self._curve_from_main:
+            series.put(seed, arrays)
             self._curve_from_main.add(key)
 
     @property

@@ -4,8 +4,8 @@
   uses (better / worse / no evidence of a difference / not decided), for a seed mean or a paired difference;
 - :func:`class_interval`: how far another draw of test classes would move a mean over episodes (Lafargue et al.
   2024), shown beside it, never a decision;
-- :func:`hierarchical_bootstrap_stat`: a bootstrap over seeds, then episodes (Davison & Hinkley 1997, §3.8), for
-  statistics with no closed form (the calibration tables' ECE interval: for reading, nothing is marked on it);
+- :func:`hierarchical_bootstrap_sum`: a bootstrap over seeds, then episodes (Davison & Hinkley 1997, §3.8), for
+  statistics of sums with no closed form (the calibration tables' ECE interval: for reading, nothing is marked on it);
   :func:`hierarchical_bootstrap` is its mean, the interval the tables used to decide on and that
   ``tests/test_statistics.py`` shows too narrow for few seeds.
 
@@ -47,19 +47,33 @@ def hierarchical_bootstrap(x: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED
     return float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))
 
 
-def hierarchical_bootstrap_stat(x: np.ndarray, stat: Callable[[np.ndarray], float], n_boot: int = N_BOOT,
-                                seed: int = SEED) -> Tuple[float, float]:
-    """As :func:`hierarchical_bootstrap` for any statistic of the resampled ``x [n_seeds, n_items, ...]``
-    (e.g. ECE from summed reliability bins): ``stat`` receives ``[n_seeds * n_items, ...]``."""
+def hierarchical_bootstrap_sum(x: np.ndarray, stat: Callable[[np.ndarray], np.ndarray], n_boot: int = N_BOOT,
+                               seed: int = SEED, chunk: int = 100) -> Tuple[float, float]:
+    """95% percentile interval of a statistic of the *sum* of ``x [n_seeds, n_items, ...]`` over its seeds and items,
+    resampling seeds, then items within each drawn seed (e.g. ECE from summed reliability bins ``[S, E, bins, 3]``):
+    ``stat`` maps the resampled sums ``[b, ...]`` (one per bootstrap draw) to ``[b]`` values. Deterministic
+    (``seed``): each bootstrap sample draws ``rng.integers(0, S, size=S)`` then ``rng.integers(0, E, size=(S, E))``
+    from ``rng = np.random.default_rng(seed)``. Vectorised: a resampled sum is the draw's item counts times ``x``,
+    one matrix product per ``chunk`` of draws, instead of copying ``S * E`` items per draw. Raises ValueError for
+    an ``x`` with fewer than two axes or no item."""
     x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"hierarchical_bootstrap_sum needs x [n_seeds, n_items, ...], got {x.shape}")
     rng = np.random.default_rng(seed)
     S, E = x.shape[:2]
-    vals = np.empty(n_boot)
-    for b in range(n_boot):
-        s = rng.integers(0, S, size=S)
-        i = rng.integers(0, E, size=(S, E))
-        vals[b] = stat(x[s[:, None], i].reshape((S * E,) + x.shape[2:]))
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+    flat_x = x.reshape(S * E, -1)
+    vals = []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        picked = np.empty((b, S, E), dtype=np.int64)  # indices into the S * E items, per draw
+        for k in range(b):
+            seeds = rng.integers(0, S, size=S)
+            picked[k] = seeds[:, None] * E + rng.integers(0, E, size=(S, E))
+        counts = np.bincount((picked.reshape(b, -1) + (np.arange(b) * S * E)[:, None]).ravel(),
+                             minlength=b * S * E).reshape(b, S * E)
+        vals.append(np.asarray(stat((counts @ flat_x).reshape((b,) + x.shape[2:])), dtype=np.float64))
+    v = np.concatenate(vals)
+    return float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))
 
 
 # --- Inference at the unit that decides: training seeds (t, df = seeds - 1) and test classes (random effects) ---
