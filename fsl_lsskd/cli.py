@@ -27,7 +27,8 @@ COMMANDS: Dict[str, str] = {
     "table": "fsl_lsskd.bench.commands:table",
     "publish": "fsl_lsskd.bench.commands:publish_cmd",
     "evaluate": "fsl_lsskd.eval.cli:evaluate",
-    "bench": "fsl_lsskd.bench.cli:bench",
+    "perf": "fsl_lsskd.perf:perf",
+    "bench": "fsl_lsskd.perf:bench",  # deprecated name of `perf` (hidden)
     "store": "fsl_lsskd.migrate:store",
 }
 

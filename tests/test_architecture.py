@@ -24,7 +24,7 @@ LAYERS = [
     {"train"},
     {"edge"},
     {"bench"},
-    {"cli", "migrate", "__init__", "__main__"},
+    {"cli", "perf", "migrate", "__init__", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
