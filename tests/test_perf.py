@@ -131,3 +131,20 @@ def test_former_names_still_work_with_one_deprecation_line(fake_cifar, caplog):
     warned = [rec.getMessage() for rec in caplog.records if "deprecated" in rec.getMessage()]
     assert warned == ["`fsl-bench bench` is deprecated and will be removed: use `fsl-bench perf`",
                       "--episodes is deprecated and will be removed: use --n-episodes"]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_cli_makes_waiting_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """`OMP_WAIT_POLICY=PASSIVE` is set before any subcommand imports torch (OpenMP reads it once); a policy the
+    user set is kept."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys; from fsl_lsskd.cli import main; main.main(['data', '--help'], standalone_mode=False); "
+            "print('POLICY', os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True, timeout=120).stdout
+    assert f"POLICY {expected} False" in out, out

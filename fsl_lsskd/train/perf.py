@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -114,7 +115,6 @@ def compiled_training_step(method):
     """``torch.compile`` of ``method.training_step`` (inductor), with its compiled kernels cached between runs
     under ``$TORCHINDUCTOR_CACHE_DIR`` (default: ``<fsl-bench cache>/inductor``, :func:`fsl_lsskd.utils.cache_dir`).
     The first call compiles (minutes on a CPU); the parameters and the state dict are the method's own."""
-    import os
 
     import torch
 
@@ -201,6 +201,7 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
 
     cells: Dict[tuple, _Timed] = {}
     flops: Dict[tuple, float] = {}
+    errors: List[Dict[str, object]] = []
     probe = next(iter(loader.epoch_batches(0)))
     try:
         for bb in backbones:
@@ -212,7 +213,15 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                             torch.set_num_threads(t)
                             cell = _Timed(make(m, bb), endless(), prec, dev, mode)
                             t0 = time.perf_counter()
-                            cell.steps(max(warmup, 2 if mode == "compile" else 0))
+                            try:
+                                cell.steps(max(warmup, 2 if mode == "compile" else 0))
+                            except Exception as exc:  # a step torch.compile cannot compile: reported, not fatal
+                                if mode != "compile":
+                                    raise
+                                log.warning("torch.compile of %s on %s failed: %s", m, bb, exc)
+                                errors.append({"threads": t, "mode": mode, "backbone": bb, "method": m,
+                                               "precision": prec, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                                continue
                             cell.compile_s = time.perf_counter() - t0 if mode == "compile" else None
                             cells[(t, mode, bb, m, prec)] = cell
         peaks: Dict[int, List[float]] = {t: [] for t in settings}
@@ -247,14 +256,16 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
         rows.append(row)
     return {"device": str(dev), "image_size": image_size, "batch_size": batch_size, "steps": steps,
             "repeats": repeats, "peak_gflops": peak,
-            "peaks": {str(t): {"median": peak_by[t], "samples": peaks[t]} for t in settings}, "cells": rows}
+            "peaks": {str(t): {"median": peak_by[t], "samples": peaks[t]} for t in settings}, "cells": rows,
+            "errors": errors, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
 def format_throughput(res: Dict[str, object]) -> List[str]:
     """The report's lines: the peak, then one row per cell."""
     lines = [f"fp32 matmul peak: {res['peak_gflops']:.1f} GFLOP/s on {res['device']} (the best thread setting's "
              f"median; measured between the timings: "
-             + ", ".join(f"{t} threads {p['median']:.1f}" for t, p in res["peaks"].items()) + ")",
+             + ", ".join(f"{t} threads {p['median']:.1f}" for t, p in res["peaks"].items())
+             + f"; OMP_WAIT_POLICY {res.get('omp_wait_policy', 'unset')})",
              f"{'threads':>7} {'mode':<7} {'backbone':<10} {'method':<7} {'prec':<5} {'img/s':>8} {'MFLOP/img':>10} {'GFLOP/s':>8} "
              f"{'% peak':>7} {'time/CE':>8} {'FLOP/CE':>8} {'time/FLOP':>9}"]
     for r in res["cells"]:
@@ -265,6 +276,9 @@ def format_throughput(res: Dict[str, object]) -> List[str]:
         lines.append(f"{r['threads']:>7} {r['mode']:<7} {r['backbone']:<10} {r['method']:<7} {r['precision']:<5} {r['images_per_s']:>8.1f} "
                      f"{r['flops_per_image'] / 1e6:>10.1f} {r['gflops']:>8.1f} {100 * r['peak_share']:>6.1f}%"
                      + extra + (f"  (goal {100 * goal:.0f}%)" if goal else ""))
+    for e in res.get("errors", ()):
+        lines.append(f"{e['threads']:>7} {e['mode']:<7} {e['backbone']:<10} {e['method']:<7} {e['precision']:<5} "
+                     f"failed: {e['error']}")
     stores = {r["method"]: r["store_bytes_per_sample"] for r in res["cells"] if r.get("store_bytes_per_sample")}
     if stores:
         lines.append("prediction stores: " + ", ".join(f"{m} {b:,} bytes per training image" for m, b in stores.items()))
