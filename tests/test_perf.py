@@ -148,3 +148,41 @@ def test_the_cli_makes_waiting_openmp_threads_sleep_unless_told_otherwise(given,
             "print('POLICY', os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True, timeout=120).stdout
     assert f"POLICY {expected} False" in out, out
+
+
+@pytest.mark.parametrize("method", ["lsskd", "hsakd_teacher"])
+def test_rotated_batch_keeps_the_channels_last_layout_and_the_losses(method, monkeypatch):
+    """The 4B rotated rows of LSSKD/HSAKD are channels_last like CE's batch (rotate_expand); a few optimiser steps
+    give the losses of the former contiguous-NCHW expansion from the same seed, within float tolerance."""
+    import fsl_lsskd.methods.auxiliary as aux
+    from fsl_lsskd.registry import METHODS
+    from fsl_lsskd.train.engine import build_optimizer
+
+    data = _split(per_class=8)
+    loader = TrainLoader(data.images, data.labels, (0.5,) * 3, (0.25,) * 3, batch_size=8, seed=0)
+    batches = list(loader.epoch_batches(0))[:3]
+    x, _ = aux.rotate_expand(batches[0].images, batches[0].labels)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    new = aux.rotate_expand
+
+    def former(images, labels):  # the expansion before: a contiguous NCHW batch
+        x, y = new(images, labels)
+        return x.contiguous(), y
+
+    losses = {}
+    for name, fn in (("former", former), ("channels_last", new)):
+        monkeypatch.setattr(sys.modules[METHODS.get(method).__module__], "rotate_expand", fn)
+        torch.manual_seed(0)
+        cls = METHODS.get(method)
+        m = cls(create_backbone(BACKBONE, num_classes=4, image_size=16), 4, len(data), cls.config_cls())
+        m = m.to(memory_format=torch.channels_last)
+        opt = build_optimizer(m, m.config)
+        losses[name] = []
+        for batch in batches:
+            out = m.training_step(batch, 0)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            m.on_step_end(batch, 0)
+            losses[name].append(float(out["loss"]))
+    np.testing.assert_allclose(losses["channels_last"], losses["former"], rtol=1e-5)
