@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "gpu-check.sh"
-STEPS = ("cuda-tests", "perf-train", "epoch-ce", "epoch-lsskd")
+STEPS = ("cuda-tests", "perf-train", "data-prepare", "epoch-ce", "epoch-lsskd")
 
 
 def _run(out: Path, **env) -> subprocess.CompletedProcess:

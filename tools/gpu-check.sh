@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU readiness check (issue 25), at most 8 minutes on one GPU (each step has its own time limit: 150 + 110 +
-# 60 + 2 x 70 s):
+# GPU readiness check (issue 25), at most 8 minutes on one GPU (each step has its own time limit: 130 + 100 +
+# 45 + 60 + 2 x 70 = 475 s):
 #   1. the CUDA tests (pytest -m cuda tests/test_cuda.py);
 #   2. fp32 vs bf16 autocast training throughput of Conv-4 and ResNet-12 (fsl-bench perf train --device cuda);
 #   3. one epoch of benchmarks/paper_tiny_imagenet.yaml's training setting (ResNet-12 at 64x64, batch 64, bf16,
@@ -80,11 +80,11 @@ step() {
 }
 
 # 1. CUDA tests (about 1-2 min)
-step cuda-tests 150 "$PYTHON" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step cuda-tests 130 "$PYTHON" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 [ -f "$OUT/cuda-tests.log" ] && tail -n 1 "$OUT/cuda-tests.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # 2. fp32 vs bf16 throughput, Conv-4 and ResNet-12 at 32x32 (and the matmul peak in the same run)
-step perf-train 110 "${FSL[@]}" perf train --synthetic 8192 --device cuda --precisions fp32,bf16 \
+step perf-train 100 "${FSL[@]}" perf train --synthetic 8192 --device cuda --precisions fp32,bf16 \
   --backbones conv4,resnet12 --methods ce,lsskd --batch-size 64 --steps 30 --warmup 5 --repeats 2 \
   --json-out "$OUT/perf-train.json"
 [ -f "$OUT/perf-train.log" ] && grep -v '^$' "$OUT/perf-train.log" | sed 's/^/  /' | tee -a "$SUMMARY"
@@ -100,11 +100,14 @@ else
   TRAIN_PER_CLASS=(--train-per-class 100)
   if [ "$DRY" != "1" ] && [ "${CUDA%% *}" = "yes" ] && [ ! -f "$ARCHIVE" ]; then
     mkdir -p "$OUT/data"
-    timeout 60 "$PYTHON" -c "from fsl_lsskd.data.fake import write_fake_tiny_imagenet as w; \
+    timeout 45 "$PYTHON" -c "from fsl_lsskd.data.fake import write_fake_tiny_imagenet as w; \
 w('$OUT/data', per_class_train=100, per_class_val=5)" > "$OUT/data.log" 2>&1 || { FAILED=1; say "FAIL data: see $OUT/data.log"; }
   fi
 fi
 say "paper_tiny_imagenet epoch data: $DATA_NOTE"
+# decoded once into OUT/cache, outside the epochs' time
+step data-prepare 60 env FSL_BENCH_CACHE="$OUT/cache" "${FSL[@]}" data prepare tiny_imagenet --archive "$ARCHIVE" \
+  "${TRAIN_PER_CLASS[@]}"
 for METHOD in ce lsskd; do
   step "epoch-$METHOD" 70 env FSL_BENCH_CACHE="$OUT/cache" "${FSL[@]}" train --method "$METHOD" --backbone resnet12 \
     --dataset tiny_imagenet --archive "$ARCHIVE" "${TRAIN_PER_CLASS[@]}" --image-size 64 --batch-size 64 \
