@@ -45,8 +45,8 @@ def test_perf_train_table_counts_flops_and_ratios():
 @pytest.mark.parametrize("method", ["ce", "lsskd"])
 def test_compiled_training_step_gives_the_eager_losses(method, tmp_path, monkeypatch):
     """`fsl-bench perf train --compile`: the compiled step (inductor fuses and reorders float operations) gives
-    the eager step's losses over a few optimiser steps from the same seed, within float tolerance (slow: the
-    compilation takes minutes on a CPU)."""
+    the eager step's losses from the same seed within float tolerance: 1e-5 relative for the first two steps,
+    1e-3 after (slow: the compilation takes minutes on a CPU). Training does not compile (docs/performance.md)."""
     from fsl_lsskd.registry import METHODS
     from fsl_lsskd.train.engine import build_optimizer
     from fsl_lsskd.train.perf import compiled_training_step
@@ -70,7 +70,10 @@ def test_compiled_training_step_gives_the_eager_losses(method, tmp_path, monkeyp
             opt.step()
             m.on_step_end(batch, 0)
             losses[mode].append(float(out["loss"]))
-    np.testing.assert_allclose(losses["compile"], losses["eager"], rtol=1e-5)
+    # the same weights give the same loss; later steps drift as float sums reassociated by the compiler are
+    # amplified by large early updates (LSSKD's third step: 2e-4 relative here)
+    np.testing.assert_allclose(losses["compile"][:2], losses["eager"][:2], rtol=1e-5)
+    np.testing.assert_allclose(losses["compile"], losses["eager"], rtol=1e-3)
 
 
 def test_perf_train_cli_on_synthetic_images(tmp_path):

@@ -115,7 +115,6 @@ def compiled_training_step(method):
     """``torch.compile`` of ``method.training_step`` (inductor), with its compiled kernels cached between runs
     under ``$TORCHINDUCTOR_CACHE_DIR`` (default: ``<fsl-bench cache>/inductor``, :func:`fsl_lsskd.utils.cache_dir`).
     The first call compiles (minutes on a CPU); the parameters and the state dict are the method's own."""
-
     import torch
 
     from ..utils import cache_dir
@@ -139,13 +138,14 @@ class _Timed:
         self.compile_s: Optional[float] = None
 
     def steps(self, n: int) -> float:
-        """images/s over ``n`` engine steps (data included)."""
+        """images/s over ``n`` engine steps (data included, and the engine's per-step reading of every output,
+        which waits for a GPU as the engine does)."""
         from .engine import autocast
 
         method, opt = self.method, self.optimizer
         method.train()
         _sync(self.device)
-        images, t0 = 0, time.perf_counter()
+        images, t0, sums = 0, time.perf_counter(), {}
         for _ in range(n):
             batch = next(self.batches)
             with autocast(self.precision, self.device):
@@ -155,7 +155,10 @@ class _Timed:
             loss.backward()
             opt.step()
             method.on_step_end(batch, 0)
-            images += int(batch.images.shape[0])
+            bs = int(batch.images.shape[0])
+            images += bs
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float()) * bs
         _sync(self.device)
         return images / (time.perf_counter() - t0)
 
@@ -168,7 +171,8 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     """The table of the module docstring as a dict: ``{"peak_gflops": the best thread setting's median peak,
     "peaks": {threads: {"median", "samples"}}, "device", "cells": [{"threads", "backbone", "method",
     "precision", "images_per_s", "images_per_s_samples", "flops_per_image", "gflops", "peak_share",
-    "store_bytes_per_sample" (the method's prediction stores), "time_vs_ce", "flops_vs_ce", "time_over_flop_ratio"}]}``. ``threads`` are ``torch.set_num_threads`` settings
+    "store_bytes_per_sample" (the method's prediction stores), "time_vs_ce", "flops_vs_ce",
+    "time_over_flop_ratio"}], "errors": [...], "omp_wait_policy"}``. ``threads`` are ``torch.set_num_threads`` settings
     compared in the same rounds (None: torch's current setting); ``modes`` ``eager`` and/or ``compile`` (each cell
     also with :func:`compiled_training_step`; its compilation happens in the warm-up, untimed; every row has
     ``mode`` and, under ``compile``, ``compile_s``). ``time_vs_ce`` is the method's epoch time over
