@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 import click
 
@@ -27,9 +27,26 @@ COMMANDS: Dict[str, str] = {
     "table": "fsl_lsskd.bench.commands:table",
     "publish": "fsl_lsskd.bench.commands:publish_cmd",
     "evaluate": "fsl_lsskd.eval.cli:evaluate",
-    "bench": "fsl_lsskd.bench.cli:bench",
+    "perf": "fsl_lsskd.perf:perf",
+    "bench": "fsl_lsskd.perf:bench",  # deprecated name of `perf` (hidden)
     "store": "fsl_lsskd.migrate:store",
 }
+
+
+#: the subcommands whose OpenMP threads wait passively (:func:`_thread_defaults`); not ``edge``/``export``, whose
+#: latency workers measure the runtimes as configured by the user
+PASSIVE_WAIT_COMMANDS = frozenset({"train", "run", "evaluate", "perf", "bench"})
+
+
+def _thread_defaults(subcommand: Optional[str]) -> None:
+    """For :data:`PASSIVE_WAIT_COMMANDS`, OpenMP threads that wait for work sleep instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``), unless the user set a policy. Set before torch is imported (the lazy
+    subcommands import it), since OpenMP reads it once. On a shared CPU (more runnable threads than cores)
+    spinning threads steal the cores their peers need: Conv-4 CE trained 6-8x faster with 2 threads under load
+    (docs/performance.md). It changes no result, only waiting; ``OMP_WAIT_POLICY=ACTIVE`` restores spinning on
+    a dedicated machine."""
+    if subcommand in PASSIVE_WAIT_COMMANDS:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _quiet_third_party() -> None:
@@ -101,6 +118,7 @@ def main(verbose: int) -> None:
     from .progress import configure
 
     _quiet_third_party()
+    _thread_defaults(click.get_current_context().invoked_subcommand)
     level = logging.WARNING - 10 * min(verbose, 2)  # warnings by default, -v info, -vv debug
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     configure()  # progress on stderr: bars on a terminal, else timestamped lines (FSL_BENCH_PROGRESS overrides)

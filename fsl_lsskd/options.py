@@ -343,3 +343,24 @@ class LazyCommands(click.Group):
             return None
         module, attr = self.lazy_commands[name].split(":")
         return getattr(importlib.import_module(module), attr)
+
+
+def deprecated_alias(command: click.Command, old: str, new: str) -> click.Command:
+    """A hidden copy of ``command`` under the name ``old`` whose run first logs one warning naming ``new`` (the
+    full command to type instead, e.g. ``"fsl-bench perf data"``). For a group, the warning comes once, before
+    its subcommand runs; ``--help`` works and warns nothing."""
+    import copy
+    import functools
+    import logging
+
+    alias = copy.copy(command)
+    alias.name, alias.hidden = old.split()[-1], True
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def warn_then_run(*args, **kwargs):
+        logging.getLogger("fsl_lsskd.cli").warning("`%s` is deprecated and will be removed: use `%s`", old, new)
+        return callback(*args, **kwargs) if callback is not None else None
+
+    alias.callback = warn_then_run
+    return alias

@@ -26,7 +26,7 @@ LAYERS = [
     {"bench"},            # planning and running a grid: config, grid, runner, launch, validate
     {"report"},           # tables, figures, statistics: may read bench.config/bench.grid, never the reverse
     {"bench.commands"},   # bench's click commands and the store readers that build a ResultSet (BENCH_COMMANDS)
-    {"cli", "migrate", "__init__", "__main__"},
+    {"cli", "perf", "migrate", "__init__", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

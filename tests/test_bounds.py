@@ -66,7 +66,8 @@ def test_evaluate_refuses_out_of_range_numbers(option, value, rule):
     (("train", "--out", "x", "--val-n-episodes", "-1"), "--val-n-episodes", "must be an integer >= 0"),
     (("data", "make-split", "image_folder", "--data-root", ".", "--out", "s.json", "--seed", "-1"), "--seed",
      SEED_RULE),
-    (("bench", "eval", "--n-episodes", "0"), "--n-episodes", "must be an integer >= 1"),
+    (("perf", "eval", "--n-episodes", "0"), "--n-episodes", "must be an integer >= 1"),
+    (("perf", "train", "--steps", "0"), "--steps", "must be an integer >= 1"),
     (("export", "ckpt", "--out", "x", "--runs", "0"), "--runs", "must be an integer >= 1"),
 ])
 def test_other_commands_refuse_out_of_range_numbers(tmp_path, monkeypatch, args, option, rule):

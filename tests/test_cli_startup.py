@@ -64,8 +64,8 @@ def _python(code: str, *args, cwd: Path, env: dict = None) -> dict:
 def test_help_of_every_command_imports_no_heavy_module(tmp_path):
     report = _python(HELP_WALK, cwd=tmp_path)["report"]
     paths = [" ".join(r["path"]) for r in report]
-    assert {"", "run", "train", "evaluate", "table", "publish", "export", "edge", "ls", "bench", "bench train",
-            "bench eval", "data", "data verify", "data prepare", "store", "store migrate"} <= set(paths), paths
+    assert {"", "run", "train", "evaluate", "table", "publish", "export", "edge", "ls", "perf", "perf train",
+            "perf eval", "perf data", "data", "data verify", "data prepare", "store", "store migrate"} <= set(paths), paths
     for r in report:
         assert r["code"] == 0, r
         assert r["imported"] == [], f"`fsl-bench {' '.join(r['path'])} --help` imported {r['imported']}"

@@ -91,17 +91,31 @@ def test_make_split_reproduces_published_split(fake_tiny, tmp_path):
         assert (tmp_path / f"{s}.txt").read_bytes() == (project_root() / "splits/tiny_imagenet" / f"{s}.txt").read_bytes()
 
 
-@pytest.mark.parametrize("cmd", [[], ["prepare"], ["verify"], ["make-split"], ["bench"]])
+@pytest.mark.parametrize("cmd", [[], ["prepare"], ["verify"], ["make-split"]])
 def test_help_has_example(cmd):
     res = run(*cmd, "--help")
     assert res.exit_code == 0 and "Example:" in res.output
 
 
-def test_bench_command(fake_cifar):
-    res = run("bench", "cifar_fs", "--archive", fake_cifar, "--split", "val", "--repeats", "1")
+def test_perf_data_command(fake_cifar):
+    res = CliRunner().invoke(main, ["perf", "data", "cifar_fs", "--archive", str(fake_cifar), "--split", "val",
+                                    "--repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "decode from source" in res.output and "speed-up" in res.output
-    assert no_cache_files()  # the bench uses a temporary cache
+    assert no_cache_files()  # the measurement uses a temporary cache
+    assert "Example:" in CliRunner().invoke(main, ["perf", "data", "--help"]).output
+
+
+def test_data_bench_is_a_deprecated_alias_of_perf_data(fake_cifar, caplog):
+    """The former name still runs, hidden from `fsl-bench data --help`, with one warning naming the new one."""
+    import logging
+
+    assert " bench " not in run("--help").output
+    with caplog.at_level(logging.WARNING, logger="fsl_lsskd.cli"):
+        res = run("bench", "cifar_fs", "--archive", fake_cifar, "--split", "val", "--repeats", "1")
+    assert res.exit_code == 0 and "decode from source" in res.output, res.output
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == ["`fsl-bench data bench` is deprecated and will be removed: use `fsl-bench perf data`"]
 
 
 # ------------------------------------------------------------------------------------- validation errors
@@ -337,12 +351,12 @@ def _help(*cmd) -> str:
 HINT_COMMANDS = {
     "data prepare": ["data", "prepare", "cifar_fs"],
     "data verify": ["data", "verify", "cifar_fs"],
-    "data bench": ["data", "bench", "cifar_fs"],
+    "perf data": ["perf", "data", "cifar_fs"],
     "data make-split": ["data", "make-split", "tiny_imagenet", "--out", "OUT"],
     "train": ["train", "--dataset", "cifar_fs", "--val-n-episodes", "0", "--epochs", "1", "--out", "OUT"],
     "evaluate": ["evaluate", "--dataset", "cifar_fs", "--untrained", "--backbone", "conv4", "--n-episodes", "5"],
-    "bench eval": ["bench", "eval", "--dataset", "cifar_fs", "--n-episodes", "5"],
-    "bench train": ["bench", "train", "--dataset", "cifar_fs", "--steps", "1"],
+    "perf eval": ["perf", "eval", "--dataset", "cifar_fs", "--n-episodes", "5"],
+    "perf train": ["perf", "train", "--dataset", "cifar_fs", "--steps", "1"],
 }
 
 

@@ -241,8 +241,8 @@ def test_export_cli_and_train_help(tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.output
 
 
-def test_bench_train_smoke():
-    from fsl_lsskd.train.bench import run_train_bench
+def test_perf_train_reference_smoke():
+    from fsl_lsskd.train.perf import run_train_bench
 
     res = run_train_bench(_split(per_class=8), (0.5,) * 3, (0.25,) * 3, backbone=BACKBONE, image_size=16,
                           batch_size=8, steps=2, warmup=1, workers=(0,), methods=("no_such_method",))

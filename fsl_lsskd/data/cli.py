@@ -1,4 +1,5 @@
-"""``fsl-bench data``: prepare (decode to the uint8 cache), verify (report), make-split, bench."""
+"""``fsl-bench data``: prepare (decode to the uint8 cache), verify (report), make-split; and ``fsl-bench perf data``
+(archive vs cache loading time; ``fsl-bench data bench`` is its deprecated former name)."""
 from __future__ import annotations
 
 import shlex
@@ -9,7 +10,7 @@ from typing import Any, Dict
 import click
 
 from ..bounds import COUNT, SEED
-from ..options import data_option, dataset_kwargs, dataset_options, with_data_option
+from ..options import data_option, dataset_kwargs, dataset_options, deprecated_alias, with_data_option
 
 
 def _source_options(f):
@@ -29,7 +30,7 @@ def _open(dataset: str, archive, data_root, download, check_md5, split_file, tra
 
 @click.group("data")
 def data() -> None:
-    """Prepare, verify and benchmark the few-shot datasets.
+    """Prepare and verify the few-shot datasets (their loading time: `fsl-bench perf data`).
 
     \b
     Example:
@@ -315,17 +316,17 @@ def _make_folder_split(archive, data_root, seed: int, ratios, min_images, out) -
                f"{shlex.quote(str(out))} --out RUN_DIR{val}")
 
 
-@data.command("bench")
+@click.command("data")
 @_source_options
 @click.option("--split", "split_name", default="train", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--repeats", type=COUNT, default=3, show_default=True)
-def bench_cmd(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download, check_md5,
+def data_perf(dataset, archive, data_root, split_file, train_per_class, folder_image_size, download, check_md5,
               split_name, repeats) -> None:
     """Time loading a split by decoding the archive vs from the uint8 cache (a temporary cache dir).
 
     \b
     Example:
-      fsl-bench data bench tiny_imagenet --archive tiny-imagenet-200.zip --split train
+      fsl-bench perf data tiny_imagenet --data tiny_imagenet=tiny-imagenet-200.zip --split train
     """
     import statistics
     import tempfile
@@ -360,3 +361,6 @@ def bench_cmd(dataset, archive, data_root, split_file, train_per_class, folder_i
     click.echo(f"load from cache     : {lo:8.3f} s  (np.load into memory, median of {repeats})")
     click.echo(f"load from cache mmap: {mmm:8.3f} s  (np.load mmap_mode='r')")
     click.echo(f"speed-up            : {d / lo:8.1f}x  (in memory), {d / mmm:.0f}x (mmap)")
+
+
+data.add_command(deprecated_alias(data_perf, "fsl-bench data bench", "fsl-bench perf data"))

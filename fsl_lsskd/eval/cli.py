@@ -1,4 +1,4 @@
-"""``fsl-bench evaluate`` and ``fsl-bench bench eval`` (heavy imports inside the commands)."""
+"""``fsl-bench evaluate`` and ``fsl-bench perf eval`` (heavy imports inside the commands)."""
 from __future__ import annotations
 
 import json
@@ -188,39 +188,73 @@ def _load_whole_method(checkpoint: Path, device: str, readouts: Sequence[str]):
 @click.option("--image-size", default=32, show_default=True, type=SIZE)
 @click.option("--n-shot", default="1,5", show_default=True)
 @click.option("--n-episodes", default=2000, show_default=True, type=COUNT)
+@click.option("--n-query", default=15, show_default=True, type=COUNT, help="Query images per class.")
+@click.option("--episodes", "episodes_deprecated", type=COUNT, hidden=True, help="Deprecated: --n-episodes.")
+@click.option("--readouts", default="protonet,logreg_batched", show_default=True,
+              help="Frozen-feature readouts timed against the feature extraction (`fsl-bench ls`).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also time the per-episode learn2learn + scikit-learn pipeline on the same episodes (minutes).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Init seed of the untrained backbone.")
 @click.option("--threads", type=COUNT, help="torch.set_num_threads (default: torch's).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
-def bench_eval(backbone, checkpoint, dataset, archive, data_root, download, split_file, train_per_class,
-               folder_image_size, split, image_size, n_shot, n_episodes, seed, threads, out):
-    """Speed of the evaluation against the per-episode learn2learn + scikit-learn pipeline, on identical
-    episodes. Checks identical ProtoNet / scikit-learn accuracies and batched logreg within 0.5 pt; prints the
-    speed ratios.
+def perf_eval(backbone, checkpoint, dataset, archive, data_root, download, split_file, train_per_class,
+              folder_image_size, split, image_size, n_shot, n_episodes, n_query, episodes_deprecated, readouts, baseline, seed,
+              threads, out):
+    """Scoring time: feature extraction (once per cell) vs each frozen-feature readout, so re-scoring a finished
+    cell with a new readout is seen to take the readout's seconds. With --baseline (default), also the speed
+    against the per-episode learn2learn + scikit-learn pipeline on identical episodes, checking identical
+    ProtoNet / scikit-learn accuracies and batched logreg within 0.5 pt.
 
     \b
     Example:
-      fsl-bench bench eval --backbone conv4 --dataset tiny_imagenet \\
-          --archive tiny-imagenet-200-sub100.zip --split test --image-size 32 --n-episodes 2000
+      fsl-bench perf eval --backbone conv4 --data tiny_imagenet=tiny-imagenet-200-sub100.zip \\
+          --split test --image-size 32 --n-episodes 2000
+      fsl-bench perf eval --backbone resnet12 --no-baseline --readouts protonet,logreg_batched,logreg
     """
+    import logging
+
     import torch
 
     from ..errors import FslError
-    from .bench import run_benchmark
-
     from ..protocol import protocol_grid
+    from ..registry import check_names
     from .episodes import check_episode_memory
+    from .perf import extraction_vs_readouts, run_benchmark
 
-    check_episode_memory(protocol_grid(5, int_list(n_shot, "--n-shot"), 15, n_episodes), "--n-episodes")
+    if episodes_deprecated is not None:
+        logging.getLogger(__name__).warning("--episodes is deprecated and will be removed: use --n-episodes")
+        n_episodes = episodes_deprecated
+    readout_names = [r.strip() for r in readouts.split(",") if r.strip()]
+    check_names(where="--readouts", readouts=readout_names)
+    shots = int_list(n_shot, "--n-shot")
+    check_episode_memory(protocol_grid(5, shots, n_query, n_episodes), "--n-episodes")
     if threads:
         torch.set_num_threads(threads)
     data = {"archive": archive, "root": data_root, "download": download,
             **dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)}
     model, meta, split_data, ds = prepare(backbone, checkpoint, checkpoint is None, dataset, data, split,
                                           image_size, seed)
-    click.echo(f"bench eval: {meta['backbone']} {'untrained' if checkpoint is None else checkpoint} on {dataset} "
+    click.echo(f"perf eval: {meta['backbone']} {'untrained' if checkpoint is None else checkpoint} on {dataset} "
                f"{split} ({len(split_data)} images, {image_size}x{image_size}), {n_episodes} episodes, "
                f"torch threads {torch.get_num_threads()}")
-    rep = run_benchmark(model, split_data, ds.mean, ds.std, image_size, int_list(n_shot, "--n-shot"), n_episodes)
+    times = extraction_vs_readouts(model, split_data, ds.mean, ds.std, image_size, shots, n_episodes,
+                                   n_query=n_query, readouts=readout_names)
+    ex = times["extract"]
+    click.echo(f"feature extraction: {ex['seconds']:.2f} s for {ex['images']:,} images ({ex['images_per_s']:.0f} "
+               f"img/s), once per cell; a new frozen-feature readout re-scores from the cached features")
+    click.echo(f"{'readout':<16} {'shot':>4} {'episodes':>8} {'readout s':>10} {'ms/episode':>10} "
+               f"{'x extraction':>12} {'accuracy':>9}")
+    for r in times["readouts"]:
+        click.echo(f"{r['readout']:<16} {r['n_shot']:>4} {r['episodes']:>8} {r['seconds']:>10.3f} "
+                   f"{r['ms_per_episode']:>10.3f} {r['seconds'] / max(ex['seconds'], 1e-9):>12.2f} "
+                   f"{100 * r['accuracy']:>8.2f}%")
+    if not baseline:
+        if out is not None:
+            from ..utils import atomic_write_text
+
+            atomic_write_text(Path(out), json.dumps({"extraction_vs_readouts": times}, indent=2) + "\n")
+        return
+    rep = run_benchmark(model, split_data, ds.mean, ds.std, image_size, shots, n_episodes, n_query=n_query)
     click.echo(f"ours: feature extraction {rep['extract']['seconds']:.2f}s for {int(rep['extract']['images'])} images")
     failures = []
     for key, r in rep.items():
@@ -245,6 +279,6 @@ def bench_eval(backbone, checkpoint, dataset, archive, data_root, download, spli
     if out is not None:
         from ..utils import atomic_write_text
 
-        atomic_write_text(Path(out), json.dumps(rep, indent=2) + "\n")
+        atomic_write_text(Path(out), json.dumps({**rep, "extraction_vs_readouts": times}, indent=2) + "\n")
     if failures:
         raise FslError("; ".join(failures))

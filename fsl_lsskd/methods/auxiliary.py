@@ -53,12 +53,15 @@ def build_aux_classifiers(backbone: nn.Module, out_features: int, stages: Option
 def rotate_expand(images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Expand ``B`` images ``[B, C, H, W]`` to ``4B``: row ``4i+k`` is ``rot90(images[i], k)`` over (H, W),
     joint label ``4*y_i + k`` (winycg/HSAKD train_student_cifar.py: ``torch.stack([torch.rot90(x, k, (2, 3))
-    for k in range(4)], 1).view(-1, C, H, W)``; ``targets*4 + k``). Raises ``ValueError`` for non-square
-    images."""
+    for k in range(4)], 1).view(-1, C, H, W)``; ``targets*4 + k``). A channels_last batch (the engine's) gives a
+    channels_last expansion, so the backbone runs the 4B rows in the layout it runs CE's batch in (the values
+    are the same either way). Raises ``ValueError`` for non-square images."""
     b, c, h, w = images.shape
     if h != w:
         raise ValueError(f"rotation expansion needs square images, got {h}x{w}")
     x = torch.stack([torch.rot90(images, k, (2, 3)) for k in range(4)], dim=1).reshape(4 * b, c, h, w)
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.stack([labels * 4 + k for k in range(4)], dim=1).reshape(-1)
     return x, y
 

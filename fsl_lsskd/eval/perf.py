@@ -1,4 +1,9 @@
-"""Speed benchmark of the scoring path (features once, readouts vectorised over episodes) against the per-episode pipeline most few-shot repositories use.
+"""``fsl-bench perf eval``: the scoring path's time, split into feature extraction (once per cell) and each
+frozen-feature readout (:func:`extraction_vs_readouts`), and its speed against the per-episode pipeline most
+few-shot repositories use (:func:`run_benchmark`).
+
+Re-scoring a finished cell with a new frozen-feature readout costs the readout's time only once the features
+are cached, and the extraction once otherwise: the first table says how many seconds that is.
 
 Baseline (e.g. learn2learn examples, RFS ``meta_test``): per episode, sample a task with learn2learn's
 ``Taskset`` (``MetaDataset`` + task transforms + ``LoadData`` + ``RemapLabels``), forward its images through
@@ -42,6 +47,47 @@ def _fixed_episode_transform(l2l, dataset, rows: np.ndarray):
             return [DataDescription(int(r)) for r in rows[e].reshape(-1)]
 
     return FixedEpisodes(dataset)
+
+
+def extraction_vs_readouts(model: torch.nn.Module, split, mean: Sequence[float], std: Sequence[float],
+                           image_size: int, shots: Sequence[int] = (1, 5), n_episodes: int = 2000, n_way: int = 5,
+                           n_query: int = 15, readouts: Sequence[str] = ("protonet", "logreg_batched"),
+                           device="cpu", batch_size: int = 256) -> Dict[str, object]:
+    """Seconds of the feature extraction of ``split`` (once) and of each frozen-feature readout (registered name,
+    default settings) on ``n_episodes`` published/seeded episodes per shot.
+
+    Returns ``{"extract": {"seconds", "images", "images_per_s"}, "readouts": [{"readout", "n_shot", "episodes",
+    "seconds", "ms_per_episode", "accuracy"}, ...]}``. Raises :class:`~fsl_lsskd.errors.ConfigError` for a readout
+    that needs images, a fine-tuned backbone or the whole method (not a frozen-feature readout)."""
+    from ..errors import ConfigError
+    from ..registry import READOUTS
+
+    classes = {}
+    for name in readouts:
+        cls = READOUTS.get(name)
+        if not cls.needs_features or cls.needs_images or cls.needs_method:
+            raise ConfigError(f"readout {name!r} is not a frozen-feature readout (it needs images or the trained "
+                              f"method); `fsl-bench perf eval --readouts` takes frozen-feature readouts only")
+        classes[name] = cls
+    model = model.to(device).eval()
+    offsets, counts = class_offsets(split.labels, split.num_classes)
+    t0 = time.perf_counter()
+    feats = extract_features(model, split.images, mean, std, image_size, batch_size, device)
+    t_extract = time.perf_counter() - t0
+    rows_out = []
+    for k in shots:
+        ep = load_episodes(split.dataset, split.split, counts, EpisodeProtocol(n_way, k, n_query, n_episodes),
+                           split.class_names)
+        rows = ep.rows(offsets)
+        for name, cls in classes.items():
+            inputs = EpisodeInputs(rows=rows, n_shot=k, features=feats, device=device)
+            t0 = time.perf_counter()
+            correct = cls().predict(inputs).correct
+            dt = time.perf_counter() - t0
+            rows_out.append({"readout": name, "n_shot": int(k), "episodes": int(len(rows)), "seconds": dt,
+                             "ms_per_episode": 1e3 * dt / max(len(rows), 1), "accuracy": float(np.mean(correct))})
+    return {"extract": {"seconds": t_extract, "images": int(len(split)),
+                        "images_per_s": len(split) / max(t_extract, 1e-9)}, "readouts": rows_out}
 
 
 def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Sequence[float], image_size: int,
