@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
               help="Where dataset NAME's archive or folder is on this machine (repeatable).")
 @click.option("--calibration-images", default=512, show_default=True, type=COUNT,
               help="Training images (seeded sample of the cell's training split) that calibrate int8.")
-@click.option("--readouts", default="protonet,logreg_batched", show_default=True,
-              help="Readouts scored on the benchmark's main protocols for every engine.")
+@click.option("--readouts", default=None,
+              help="Readouts scored on the benchmark's main protocols for every engine (comma-separated names) "
+                   "[default: the cells' main readouts on their training data that run on frozen features, "
+                   "e.g. protonet,logreg_batched].")
 @latency_options
 def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration_images: int, readouts: str,
          threads: str, batch_sizes: str, runs: int, warmup: int, max_seconds: float, allow_load: bool) -> None:
@@ -47,7 +49,8 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
       fsl-bench edge benchmarks/smoke.yaml --threads 1 --batch-sizes 1 --runs 200
     """
     from ..errors import ConfigError
-    from ..record import KIND_EDGE, check_no_legacy, git_commit, open_store
+    from ..record import (KIND_EDGE, TAG_BENCHMARK, TAG_CPU_MODEL, TAG_ROW, TAG_UNDER_LOAD, check_no_legacy,
+                          git_commit, open_store)
     from ..registry import check_names
     from ..utils import check_writable_dir
     from .commands import load_filtered
@@ -56,7 +59,7 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
     latency = latency_settings(threads, batch_sizes, runs, warmup, max_seconds)
     if calibration_images < 1:
         raise ConfigError(f"--calibration-images {calibration_images}: need at least 1 (e.g. 512)")
-    readout_names = tuple(r.strip() for r in readouts.split(",") if r.strip())
+    readout_names = tuple(r.strip() for r in (readouts or "").split(",") if r.strip())
     check_names(readouts=readout_names)  # an unknown readout: exit 2 naming the valid ones, before any work
     bench = load_filtered(benchmark, methods, None, None, seeds, data_paths)
     check_writable_dir(out_dir, "--out")
@@ -67,16 +70,21 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
     from .collect import match_cells
     from .edge_tables import EdgeCell, edge_metrics, write_edge_files
     from .grid import expand
+    from .measures import edge_readouts
     from .runner import DataCache
 
     for r in readout_names:
         ReadoutSpec.parse(r)
-    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images), readouts=readout_names)
     matched = match_cells(bench, store)
     cells = [c for c in expand(bench) if c.key in matched]
     if not cells:
         raise ConfigError(f"benchmark {bench.name!r} has no finished cells in the store (of the selected methods/"
                           f"seeds); run `fsl-bench run {bench.where}` first")
+    readout_names = readout_names or edge_readouts(bench, cells)
+    if not readout_names:
+        raise ConfigError(f"{bench.where}: no readout of the selected cells runs on frozen features; name some "
+                          f"with --readouts (e.g. --readouts protonet)")
+    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images), readouts=readout_names)
     if not allow_load:
         check_quiet(settings.latency)  # before minutes of exports and scoring
     data = DataCache(bench)
@@ -101,8 +109,8 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
             work.append((rec, cell_dir))
         # everything measured (and the guard passed, or --allow-load): record, then publish
         for (rec, cell_dir), ec in zip(work, measured):
-            tags = {"fsl.benchmark": bench.name, "fsl.row": ec.row, "fsl.under_load": str(bool(
-                ec.report.get("under_load"))).lower(), "fsl.cpu_model": ec.report["machine"]["cpu_model"]}
+            tags = {TAG_BENCHMARK: bench.name, TAG_ROW: ec.row, TAG_UNDER_LOAD: str(bool(
+                ec.report.get("under_load"))).lower(), TAG_CPU_MODEL: ec.report["machine"]["cpu_model"]}
             params = {"edge": {"latency": settings.latency.to_dict(), "calibration_images": settings.calibration_images,
                                "readouts": list(settings.readouts)}, "machine": ec.report["machine"]}
             onnx_files = [p for p in (cell_dir / "backbone.onnx", cell_dir / "backbone_int8.onnx") if p.is_file()]
