@@ -1,4 +1,13 @@
-"""``fsl-bench store migrate``: convert a store written in record format 1 to format 2 without retraining.
+"""``fsl-bench store migrate``: bring a store written by an older fsl-bench up to date, without retraining.
+
+Two steps, each idempotent (a second run changes nothing):
+
+1. **Record format 1 -> 2** (:func:`migrate_store`), below.
+2. **Keys** (:func:`backfill_keys`): every training run gets its data-free cell key (``fsl.cell_key``) and every
+   score run its measure key (``fsl.measure``), both computed from the run's recorded identity
+   (:mod:`fsl_lsskd.bench.measures`), as ``fsl-bench run`` writes them today. Readers derive the same keys from
+   identities where the tags are missing, so an older store reads the same before and after; the tags make every
+   record say what it is (an MLflow search can filter on them).
 
 Record format 1 (fsl-bench before train-once-score-many) kept one run per cell, tagged ``fsl.cell_id`` and
 ``fsl.cell_status=complete``, with the whole resume checkpoint (``checkpoint/last.pt``), the export and the
@@ -60,13 +69,14 @@ def migrate_store(store, dry_run: bool = False, device: str = "cpu") -> List[Dic
     """Convert every unmigrated format-1 cell run of ``store``; returns one report per cell (run id, label,
     train id, whether its method's training changed since)."""
     from .checkpoint import build_method, export_backbone, read_training_state, save_model
-    from .record import COMPLETE, KIND_TRAIN, RECORD_FORMAT, TAG_FORMAT, TAG_KIND, TAG_STATUS, TAG_TEACHER, \
-        TAG_TRAIN_ID
+    from .record import (COMPLETE, KIND_TRAIN, LEGACY_CELL_ID, LEGACY_TEACHER, RECORD_FORMAT, TAG_BACKBONE,
+                         TAG_DATASET, TAG_FORMAT, TAG_FRACTION, TAG_IDENTITY, TAG_KIND, TAG_METHOD,
+                         TAG_MIGRATED_FROM, TAG_ROW, TAG_SEED, TAG_STATUS, TAG_TEACHER, TAG_TRAIN_ID)
     from .train.config import method_class, train_id
 
     runs = store.legacy_runs()
     # teachers before students: a student's identity holds its teacher's new id
-    runs.sort(key=lambda r: "fsl.teacher_cell_id" in r.data.tags)
+    runs.sort(key=lambda r: LEGACY_TEACHER in r.data.tags)
     new_ids: Dict[str, str] = {}
     reports = []
     for run in runs:
@@ -75,14 +85,14 @@ def migrate_store(store, dry_run: bool = False, device: str = "cpu") -> List[Dic
             ckpt_path = store.fetch_dir(run.info.run_id, "checkpoint/last.pt", Path(tmp) / "ckpt")
             ckpt = read_training_state(ckpt_path)
             meta = dict(ckpt["meta"])
-            teacher_old = tags.get("fsl.teacher_cell_id")
+            teacher_old = tags.get(LEGACY_TEACHER)
             teacher_tid = new_ids.get(teacher_old) if teacher_old else None
             if teacher_old and teacher_tid is None:
                 log.warning("run %s: teacher cell %s is not in the store; migrated without a teacher id",
                             run.info.run_id, teacher_old)
             identity = legacy_identity(meta, teacher_tid)
             tid = train_id(identity)
-            new_ids[tags.get("fsl.cell_id", run.info.run_id)] = tid
+            new_ids[tags.get(LEGACY_CELL_ID, run.info.run_id)] = tid
             changed = int(getattr(method_class(meta["method"]), "training_version", 1)) != 1
             reports.append({"run_id": run.info.run_id, "cell": tags.get("mlflow.runName", ""), "train_id": tid,
                             "method": meta["method"], "retrained_next_run": str(changed)})
@@ -105,16 +115,39 @@ def migrate_store(store, dry_run: bool = False, device: str = "cpu") -> List[Dic
             store.log_artifacts(rid, model_dir, "model")
             store.log_artifacts(rid, export_dir, "export")
             new_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_TRAIN, TAG_TRAIN_ID: tid,
-                        "fsl.identity": json.dumps(identity, sort_keys=True), "fsl.method": meta["method"],
-                        "fsl.backbone": meta["backbone"], "fsl.dataset": meta["dataset"],
-                        "fsl.seed": str(identity["seed"]), "fsl.fraction": str(identity["fraction"]),
-                        "fsl.migrated_from": "record format 1", "fsl.row": meta["method"]}
+                        TAG_IDENTITY: json.dumps(identity, sort_keys=True), TAG_METHOD: meta["method"],
+                        TAG_BACKBONE: meta["backbone"], TAG_DATASET: meta["dataset"],
+                        TAG_SEED: str(identity["seed"]), TAG_FRACTION: str(identity["fraction"]),
+                        TAG_MIGRATED_FROM: "record format 1", TAG_ROW: meta["method"]}
             if teacher_tid:
                 new_tags[TAG_TEACHER] = teacher_tid
-            for k, v in new_tags.items():
-                store.client.set_tag(rid, k, v)
-            store.client.set_tag(rid, TAG_STATUS, COMPLETE)  # last
+            store.set_tags(rid, new_tags)
+            store.set_tags(rid, {TAG_STATUS: COMPLETE})  # last
     return reports
+
+
+def backfill_keys(store, dry_run: bool = False) -> Dict[str, int]:
+    """Tag every training run that lacks it with its cell key (``fsl.cell_key``) and every score run with its
+    measure key (``fsl.measure``), computed from the run's identity (:func:`fsl_lsskd.bench.measures.cell_key`,
+    :func:`~fsl_lsskd.bench.measures.measure_key_of`); runs without an identity (a training killed before it
+    recorded one) are left alone. Returns the number of runs tagged (or, with ``dry_run``, to tag) per tag."""
+    from .bench.measures import cell_key, measure_key_of
+    from .record import KIND_SCORE, KIND_TRAIN, TAG_CELL_KEY, TAG_MEASURE, ScoreRecord, TrainingRecord
+
+    counts = {TAG_CELL_KEY: 0, TAG_MEASURE: 0}
+    for run_id, tags in store.runs_without(KIND_TRAIN, TAG_CELL_KEY):
+        identity = TrainingRecord(run_id, "", "", tags, {}, False).identity
+        if identity:
+            counts[TAG_CELL_KEY] += 1
+            if not dry_run:
+                store.set_tags(run_id, {TAG_CELL_KEY: cell_key(identity)})
+    for run_id, tags in store.runs_without(KIND_SCORE, TAG_MEASURE):
+        key = measure_key_of(ScoreRecord(run_id, "", "", tags))
+        if key is not None:
+            counts[TAG_MEASURE] += 1
+            if not dry_run:
+                store.set_tags(run_id, {TAG_MEASURE: key})
+    return counts
 
 
 @click.group("store")
@@ -131,9 +164,10 @@ def store() -> None:
 @store.command("migrate")
 @click.option("--dry-run", is_flag=True, help="List what would be converted and change nothing.")
 def migrate_cmd(dry_run: bool) -> None:
-    """Convert cells written by an older fsl-bench (record format 1) so that `fsl-bench run` and `table` can use
-    them: nothing is retrained; methods whose training changed since are retrained by the next run, and every
-    migrated cell is re-scored by it.
+    """Bring a store written by an older fsl-bench up to date: convert cells of record format 1 so that
+    `fsl-bench run` and `table` can use them (nothing is retrained; methods whose training changed since are
+    retrained by the next run, and every converted cell is re-scored by it), then tag every training and score run
+    with the keys the tables look it up by (fsl.cell_key, fsl.measure). Running it again changes nothing.
 
     \b
     Example:
@@ -141,13 +175,20 @@ def migrate_cmd(dry_run: bool) -> None:
     """
     from .record import describe_store, open_store
 
+    from .record import TAG_CELL_KEY, TAG_MEASURE
+
     st = open_store(create=False)
     reports = migrate_store(st, dry_run=dry_run)
-    if not reports:
-        click.echo(f"nothing to migrate in {describe_store()}")
-        return
     for r in reports:
         note = "training changed since: retrained by the next run" if r["retrained_next_run"] == "True" else "reused"
         click.echo(f"  {r['cell']:<44} -> training id {r['train_id']}  ({note})")
-    verb = "would convert" if dry_run else "converted"
-    click.echo(f"{verb} {len(reports)} cell(s) in {describe_store()}; the next `fsl-bench run` scores them")
+    if reports:
+        verb = "would convert" if dry_run else "converted"
+        click.echo(f"{verb} {len(reports)} cell(s) in {describe_store()}; the next `fsl-bench run` scores them")
+    keys = backfill_keys(st, dry_run=dry_run)
+    if any(keys.values()):
+        verb = "would tag" if dry_run else "tagged"
+        click.echo(f"{verb} {keys[TAG_CELL_KEY]} training run(s) with {TAG_CELL_KEY} and {keys[TAG_MEASURE]} score "
+                   f"run(s) with {TAG_MEASURE} in {describe_store()}")
+    if not reports and not any(keys.values()):
+        click.echo(f"nothing to migrate in {describe_store()}")

@@ -14,9 +14,11 @@ Runs (record format 2):
   epoch, from 1); artifacts ``model/`` (weights + meta), ``export/`` (inference backbone),
   ``training_curves.png``. A finished cell carries ``fsl.status=complete``, written last: resume, scoring
   and tables trust nothing else. A training run is found by its id in any ``fsl-bench/*`` experiment, so
-  benchmarks that share a cell share its training.
+  benchmarks that share a cell share its training; ``fsl-bench run`` tags it with its data-free cell key
+  (``fsl.cell_key``), by which the tables find it.
 - **score** (``fsl.kind=score``): one per (training cell, scored split, protocol, readout), a child of the
-  training run, named by its scoring id (``fsl.score_id``); params = the scoring identity; metrics
+  training run, identified by its scoring id (``fsl.score_id``) and tagged with what it measures (``fsl.measure``,
+  the tables' lookup key), named for people (:func:`score_run_name`); params = the scoring identity; metrics
   ``accuracy``/``accuracy_ci95`` and for probabilistic readouts ``ece``, ``nll``, ``brier`` (+ CIs);
   artifact ``score.npz`` (per-episode arrays) and ``score.json``; ``fsl.status=complete`` last.
 - **base** (``fsl.kind=score`` with ``fsl.readout=heldout_base``): base-class accuracy and calibration of
@@ -27,6 +29,9 @@ Runs (record format 2):
   per engine) and the ONNX files (``onnx/``); ``fsl.under_load`` says whether any figure was taken under load.
 
 Units: accuracy and ECE in percent everywhere; NLL in nats; Brier 0..2.
+
+Every tag name is a constant below (``TAG_*``); no other module talks to the MLflow client. Readers use the typed
+read contract :class:`ResultStore`, which a published results directory implements too.
 
 Record format 1 (fsl-bench before the train-once-score-many design: ``fsl.cell_id``/``fsl.cell_status`` on
 one run per cell) is converted by ``fsl-bench store migrate``; :func:`check_no_legacy` refuses it otherwise.
@@ -42,7 +47,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 from .errors import UserError
 from .utils import pid_alive, project_root
@@ -53,19 +59,45 @@ RECORD_FORMAT = 2
 EXPERIMENT_PREFIX = "fsl-bench/"
 TRAIN_EXPERIMENT = "fsl-bench/train"  # runs started by `fsl-bench train`
 
+#: every tag fsl-bench writes starts with this (``fsl-bench publish`` copies exactly these)
+TAG_PREFIX = "fsl."
+# every run
 TAG_FORMAT = "fsl.record_format"
 TAG_KIND = "fsl.kind"
 TAG_STATUS = "fsl.status"
 TAG_TRAIN_ID = "fsl.train_id"
-TAG_SCORE_ID = "fsl.score_id"
-TAG_BENCHMARK = "fsl.benchmark"
-TAG_TEACHER = "fsl.teacher_train_id"
 TAG_COMMIT = "fsl.git_commit"
+TAG_BENCHMARK = "fsl.benchmark"
+TAG_ROW = "fsl.row"  # the table row of the cell (a method or a variant's name)
+# invocation runs
 TAG_HOST, TAG_PID = "fsl.host", "fsl.pid"  # where an invocation runs (a killed one is closed by the next)
+TAG_SHARD = "fsl.shard"  # I/N of ``--shard``
+TAG_FINGERPRINTS = "fsl.fingerprints"  # JSON {training dataset: content fingerprint of its train split}
+# training runs
+TAG_IDENTITY = "fsl.identity"  # JSON of the training identity (score runs: of the scoring identity)
+TAG_METHOD, TAG_BACKBONE, TAG_DATASET = "fsl.method", "fsl.backbone", "fsl.dataset"
+TAG_SEED, TAG_FRACTION = "fsl.seed", "fsl.fraction"
+TAG_TEACHER = "fsl.teacher_train_id"
+TAG_ROLE = "fsl.role"  # ``grid`` or ``teacher`` (a cell trained only to teach)
+#: the data-free cell key (:func:`fsl_lsskd.bench.measures.cell_key`): the training identity without the data's
+#: content fingerprint and the teacher's id; the reader finds a benchmark's cells by it
+TAG_CELL_KEY = "fsl.cell_key"
+# score runs
+TAG_SCORE_ID = "fsl.score_id"
+#: what the score measures (:attr:`fsl_lsskd.bench.measures.Measure.key`): the reader's lookup key
+TAG_MEASURE = "fsl.measure"
+TAG_READOUT, TAG_LABEL = "fsl.readout", "fsl.label"  # registered readout name; column label (name + settings)
+TAG_TARGET = "fsl.target"  # scored dataset
+TAG_PROTOCOL = "fsl.protocol"  # protocol key (``5w1s15q``; ``base`` for the held-out base images)
+TAG_EPISODES_SOURCE = "fsl.episodes_source"  # the episode file (``splits/episodes/...``), ``generated``, ...
+# edge runs
+TAG_UNDER_LOAD, TAG_CPU_MODEL = "fsl.under_load", "fsl.cpu_model"
 COMPLETE = "complete"
 KIND_INVOCATION, KIND_TRAIN, KIND_SCORE, KIND_EDGE = "invocation", "train", "score", "edge"
-# record format 1
+# record format 1, and what ``fsl-bench store migrate`` writes when it converts it
 LEGACY_CELL_ID, LEGACY_STATUS = "fsl.cell_id", "fsl.cell_status"
+LEGACY_TEACHER = "fsl.teacher_cell_id"
+TAG_MIGRATED_FROM, TAG_MIGRATED_TO = "fsl.migrated_from", "fsl.migrated_to"
 
 _PARAM_MAX = 6000  # MLflow's param value limit
 
@@ -221,7 +253,7 @@ class TrainingRecord:
 
     @property
     def identity(self) -> Dict[str, Any]:
-        raw = self.tags.get("fsl.identity")
+        raw = self.tags.get(TAG_IDENTITY)
         return json.loads(raw) if raw else {}
 
 
@@ -238,11 +270,53 @@ class ScoreRecord:
 
     @property
     def identity(self) -> Dict[str, Any]:
-        return json.loads(self.tags.get("fsl.identity", "{}"))
+        return json.loads(self.tags.get(TAG_IDENTITY, "{}"))
+
+
+@runtime_checkable
+class ResultStore(Protocol):
+    """What the readers of results (:func:`fsl_lsskd.bench.collect.collect`, ``fsl-bench publish``,
+    ``fsl-bench edge``) may ask of a store: the typed read contract. Implemented by the MLflow :class:`Store` and
+    by :class:`fsl_lsskd.bench.publish.PublishedStore` (a published results directory); nothing else of either is
+    read, so a table built from one equals the table built from the other.
+
+    Keys: a training cell by its training id (``fsl.train_id``, 16 hex digits), a score by its score id
+    (``fsl.score_id``, 16 hex digits), a run by its run id. Which cell and which measure a record is comes from
+    its tags: ``fsl.cell_key`` and ``fsl.measure`` (derived from ``fsl.identity`` where a record predates them:
+    :func:`fsl_lsskd.bench.measures.cell_key_of`, :func:`~fsl_lsskd.bench.measures.measure_key_of`)."""
+
+    def trainings(self, train_ids: Optional[Iterable[str]] = None) -> Dict[str, TrainingRecord]:
+        """train id -> its finished training run (:class:`TrainingRecord`: tags with ``fsl.identity``, params,
+        ``start_time`` in ms since the epoch); every finished one when ``train_ids`` is None."""
+        ...
+
+    def scores(self, train_ids: Optional[Iterable[str]] = None) -> Dict[str, ScoreRecord]:
+        """score id -> its finished score run (:class:`ScoreRecord`: tags, summary metrics with ``accuracy`` and
+        ``ece`` in %, ``nll`` in nats, ``brier`` in 0..2, ``start_time`` in ms) of the given training cells (all
+        when None); older scores of the same measure included (the reader keeps the newest)."""
+        ...
+
+    def score_arrays(self, record: ScoreRecord, cache: Dict[str, Any]) -> Dict[str, Any]:
+        """The per-episode arrays of a score (numpy): ``accuracy`` ``[E]`` in %, and for probabilistic readouts
+        ``nll`` ``[E]`` (nats), ``brier`` ``[E]``, ``reliability`` ``[E, bins, 3]``; base-class scores have one
+        entry per held-out image instead of per episode. ``cache`` is the caller's dict, reused across calls."""
+        ...
+
+    def metric_history(self, run_id: str, metric: str) -> List[Tuple[int, float]]:
+        """``[(step, value)]`` of a training run's per-epoch ``metric`` (step = epoch from 1; e.g. ``train_loss``,
+        ``val_fewshot_acc`` in %, ``heldout_base_acc`` in %); empty when the run logged none."""
+        ...
+
+    def latest_fingerprints(self, experiment: str) -> Dict[str, str]:
+        """training dataset -> the content fingerprint of its train split that the newest ``fsl-bench run`` of
+        ``experiment`` (``fsl-bench/<benchmark>``) used; it picks among trainings of several data versions.
+        Empty when unknown (a published directory holds one version)."""
+        ...
 
 
 class Store:
-    """The MLflow store of fsl-bench runs (:func:`open_store`)."""
+    """The MLflow store of fsl-bench runs (:func:`open_store`); a :class:`ResultStore`, and the writer of every
+    run. The only code that talks to the MLflow client."""
 
     def __init__(self, client) -> None:
         self.client = client
@@ -360,10 +434,10 @@ class Store:
                 log.warning("MLflow run %s not found in %s; starting a new run", resume_run_id, describe_store())
         all_tags = {TAG_FORMAT: str(RECORD_FORMAT), TAG_KIND: KIND_TRAIN, TAG_TRAIN_ID: train_id,
                     TAG_STATUS: "running", TAG_COMMIT: git_commit(), "mlflow.runName": run_name,
-                    "fsl.identity": json.dumps(identity, sort_keys=True, default=str),
-                    "fsl.method": str(identity.get("method", "")), "fsl.backbone": str(identity.get("backbone", "")),
-                    "fsl.dataset": str(identity.get("dataset", "")), "fsl.seed": str(identity.get("seed", "")),
-                    "fsl.fraction": str(identity.get("fraction", "")), **dict(tags or {})}
+                    TAG_IDENTITY: json.dumps(identity, sort_keys=True, default=str),
+                    TAG_METHOD: str(identity.get("method", "")), TAG_BACKBONE: str(identity.get("backbone", "")),
+                    TAG_DATASET: str(identity.get("dataset", "")), TAG_SEED: str(identity.get("seed", "")),
+                    TAG_FRACTION: str(identity.get("fraction", "")), **dict(tags or {})}
         if identity.get("teacher"):
             all_tags[TAG_TEACHER] = str(identity["teacher"])
         if parent_run_id:
@@ -482,11 +556,11 @@ class Store:
                     arrays: Mapping[str, Any], metrics: Mapping[str, float], summary: Mapping[str, Any],
                     tags: Mapping[str, str]) -> str:
         """Record one score as a child run of ``training``: params (identity), metrics, ``score.npz`` (arrays)
-        and ``score.json`` (summary), then ``fsl.status=complete``."""
-        name = f"{tags.get('fsl.label', identity.get('readout'))} {tags.get('fsl.protocol', '')} " \
-               f"{tags.get('fsl.target', '')}".strip()
-        all_tags = {TAG_SCORE_ID: score_id, "fsl.identity": json.dumps(identity, sort_keys=True, default=str),
+        and ``score.json`` (summary), then ``fsl.status=complete``. The run is named for people reading a flat
+        list (:func:`score_run_name`); the score id and ``fsl.measure`` identify it."""
+        all_tags = {TAG_SCORE_ID: score_id, TAG_IDENTITY: json.dumps(identity, sort_keys=True, default=str),
                     **dict(tags)}
+        name = score_run_name(training, all_tags, str(identity.get("readout", "")))
         return self.write_child_run(training, KIND_SCORE, name, all_tags, params={"score": dict(identity)},
                                     metrics=metrics, documents={"score.json": {"identity": identity,
                                                                                "summary": summary}},
@@ -516,6 +590,34 @@ class Store:
         cache[record.run_id] = arrays
         return arrays
 
+    def metric_history(self, run_id: str, metric: str) -> List[Tuple[int, float]]:
+        """``[(step, value)]`` of ``metric`` of run ``run_id`` (:meth:`ResultStore.metric_history`)."""
+        return [(int(m.step), float(m.value)) for m in self.client.get_metric_history(run_id, metric)]
+
+    def latest_fingerprints(self, experiment: str) -> Dict[str, str]:
+        """training dataset -> split fingerprint of the newest invocation of ``experiment`` that recorded them
+        (``fsl.fingerprints``; the 20 newest invocations are looked at); empty when there is none."""
+        eid = self.experiment_id(experiment, create=False)
+        if eid is None:
+            return {}
+        runs = self.client.search_runs([eid], filter_string=f"tags.`{TAG_KIND}` = '{KIND_INVOCATION}'",
+                                       order_by=["attributes.start_time DESC"], max_results=20)
+        for r in runs:
+            raw = r.data.tags.get(TAG_FINGERPRINTS)
+            if raw:
+                return json.loads(raw)
+        return {}
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set ``tags`` on run ``run_id``, in their order (write ``fsl.status`` last where it matters)."""
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def runs_without(self, kind: str, tag: str) -> List[Tuple[str, Dict[str, str]]]:
+        """``[(run id, tags)]`` of every run of ``fsl.kind=kind`` (any status) that lacks ``tag``."""
+        runs = self._search(f"tags.`{TAG_KIND}` = '{kind}'")
+        return [(r.info.run_id, dict(r.data.tags)) for r in runs if tag not in r.data.tags]
+
     # ---------------------------------------------------------------- invocations
     def start_invocation(self, experiment: str, name: str, tags: Mapping[str, str]) -> str:
         """Open the invocation run of one ``fsl-bench run`` (tagged with this host and process id), after ending
@@ -544,7 +646,21 @@ class Store:
     def legacy_runs(self, experiment_ids: Optional[Sequence[str]] = None) -> list:
         """Finished cell runs of record format 1 (not yet migrated)."""
         runs = self._search(f"tags.`{LEGACY_STATUS}` = '{COMPLETE}'", experiment_ids)
-        return [r for r in runs if TAG_FORMAT not in r.data.tags and "fsl.migrated_to" not in r.data.tags]
+        return [r for r in runs if TAG_FORMAT not in r.data.tags and TAG_MIGRATED_TO not in r.data.tags]
+
+
+def score_run_name(training: TrainingRecord, tags: Mapping[str, str], readout: str = "") -> str:
+    """The MLflow run name of a score: the training cell's row (its method when untagged), seed and fraction,
+    then readout label, protocol key and target, e.g. ``lsskd seed1 protonet 5w1s15q tiny_imagenet`` (``lsskd
+    seed1 25% ...`` for a quarter of the data), so that CE's and LSSKD's scores differ in a flat list. A name, not
+    an identity: scores are found by ``fsl.score_id`` and ``fsl.measure``."""
+    ident = training.identity
+    who = training.tags.get(TAG_ROW) or str(ident.get("method", ""))
+    seed = f"seed{ident['seed']}" if "seed" in ident else ""
+    fraction = float(ident.get("fraction", 1.0))
+    share = f"{100 * fraction:g}%" if fraction < 1.0 else ""
+    parts = (who, seed, share, tags.get(TAG_LABEL) or readout, tags.get(TAG_PROTOCOL, ""), tags.get(TAG_TARGET, ""))
+    return " ".join(p for p in parts if p)
 
 
 def _local_artifact_path(uri: str) -> Optional[Path]:

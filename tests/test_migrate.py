@@ -4,6 +4,7 @@ whose weights the current code reproduces up to float rounding) and retrains the
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 import textwrap
 import zipfile
 from pathlib import Path
@@ -109,3 +110,73 @@ def test_legacy_store_is_refused_then_migrated_and_reused(legacy_store):
         scale = float(old[k].abs().max())
         diff = float((new[k] - old[k]).abs().max())
         assert diff <= 0.05 * scale + 1e-6, f"{k}: max |new - old| = {diff:.3g}, largest |old| = {scale:.3g}"
+
+
+KEYS_FIXTURE = Path(__file__).resolve().parent / "data" / "keys_store_v2.zip"
+KEYS_BENCH = Path(__file__).resolve().parent / "data" / "keys_v2.yaml"
+
+
+@pytest.fixture
+def keys_store(tmp_path, monkeypatch):
+    """The record-format-2 store of tests/data/keys_store_v2.zip, written before fsl.cell_key/fsl.measure."""
+    with zipfile.ZipFile(KEYS_FIXTURE) as z:
+        z.extractall(tmp_path)
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("params", "value")):
+        con.execute(f"update {table} set {col} = replace({col}, 'KEYS_ROOT', ?)", (str(tmp_path),))
+    con.commit()
+    con.close()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    (tmp_path / "keys_v2.yaml").write_text(KEYS_BENCH.read_text())
+    return tmp_path
+
+
+def test_migrate_backfills_the_keys_of_a_store_the_old_code_wrote(keys_store):
+    """`fsl-bench store migrate` tags the old code's training runs with their cell keys and score runs with their
+    measure keys (the keys today's writer tags), once: a second migration changes nothing. The tables read the same
+    before and after (before, the keys come from the identities), and today's runner finds every training and
+    score the benchmark asks for: nothing to train or score."""
+    from fsl_lsskd.bench.config import load_benchmark
+    from fsl_lsskd.bench.grid import expand, with_teachers
+    from fsl_lsskd.bench.measures import bench_cell_key, measures
+    from fsl_lsskd.record import KIND_SCORE, KIND_TRAIN, TAG_CELL_KEY, TAG_KIND, TAG_MEASURE, open_store
+
+    bench_path = keys_store / "keys_v2.yaml"
+    st = open_store(create=False)
+    assert len(st.runs_without(KIND_TRAIN, TAG_CELL_KEY)) == 2 and len(st.runs_without(KIND_SCORE, TAG_MEASURE)) == 16
+    res = cli("table", bench_path, "--out", keys_store / "before")
+    assert res.exit_code == 0, res.output
+    res = cli("store", "migrate", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "would tag 2 training run(s) with fsl.cell_key and 16 score run(s) with fsl.measure" in res.output
+    assert len(st.runs_without(KIND_SCORE, TAG_MEASURE)) == 16  # a dry run changes nothing
+    res = cli("store", "migrate")
+    assert res.exit_code == 0 and "tagged 2 training run(s) with fsl.cell_key and 16 score run(s)" in res.output, \
+        res.output
+    res = cli("store", "migrate")
+    assert res.exit_code == 0 and "nothing to migrate" in res.output, res.output
+
+    bench = load_benchmark(bench_path)
+    cells = with_teachers(expand(bench))
+    runs = {k: st._search(f"tags.`{TAG_KIND}` = '{k}'") for k in (KIND_TRAIN, KIND_SCORE)}
+    assert {r.data.tags[TAG_CELL_KEY] for r in runs[KIND_TRAIN]} == {bench_cell_key(bench, c) for c in cells}
+    tagged = Counter(r.data.tags[TAG_MEASURE] for r in runs[KIND_SCORE])
+    assert tagged == {m.key: 2 for m in measures(bench, cells[0])}  # the same 8 measures for CE and KD
+
+    res = cli("table", bench_path, "--out", keys_store / "after")
+    assert res.exit_code == 0, res.output
+    written = sorted((keys_store / "before").glob("keys_v2*.*"))
+    assert any(p.suffix == ".csv" for p in written)
+    for before in written:
+        if before.suffix in (".md", ".tex", ".csv"):
+            skip = 0 if before.suffix == ".csv" else 1  # the provenance line
+            assert before.read_text().splitlines()[skip:] == \
+                (keys_store / "after" / before.name).read_text().splitlines()[skip:], before.name
+    res = cli("run", bench_path, "--dry-run")
+    assert res.exit_code == 0 and "0 to train; 0 scores to compute" in res.output, res.output
+    res = cli("run", bench_path, "--out", keys_store / "runs")  # nothing to do: no model artifact is fetched
+    assert res.exit_code == 0 and "0 trained, 0 resumed, 0 re-scored, 2 reused" in res.output, res.output
+    ce_line = next(line for line in res.output.splitlines() if line.startswith("ce/conv4"))
+    assert "cifar_fs 5w1s3q protonet=" in ce_line  # the target with its own episode count is in the summary

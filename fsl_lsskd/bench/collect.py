@@ -1,55 +1,43 @@
-"""Read a benchmark's finished cells and scores from the store into a :class:`~fsl_lsskd.report.results.ResultSet`.
+"""Read a benchmark's finished cells and scores from a store into a :class:`~fsl_lsskd.report.results.ResultSet`.
 
-Reading needs no data: a cell's training run is found by its training identity with the data fingerprint (and
-the teacher's id) left out, among the finished training runs of the store; when the store holds the same cell
-for several versions of the data, the version the benchmark's latest invocation used wins. Scores are matched
-by what they measure (target dataset and split, protocol, readout and settings).
+Reading needs no data, and it is a lookup: a grid cell's training is the finished training run with the cell's
+data-free key (:func:`~fsl_lsskd.bench.measures.bench_cell_key`; the ``fsl.cell_key`` tag, or derived from the
+run's identity); when the store holds the cell for several versions of the data, the version the benchmark's latest
+invocation used wins, and a student's training is the one taught by its teacher's. Each of the cell's measures
+(:func:`~fsl_lsskd.bench.measures.measures`) is then the newest score of that training with the measure's key.
+The store is any :class:`~fsl_lsskd.record.ResultStore`: the MLflow store, or a published directory.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import Any, Dict, List
-
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
 from ..progress import track
 from ..protocol import EpisodeProtocol
+from ..record import TAG_EPISODES_SOURCE, ResultStore
 from .config import Benchmark
-from .grid import Cell, expand, experiment_name, training_config, with_teachers
+from .grid import expand, experiment_name, with_teachers
+from .measures import (BASE, CURVE, CURVE_FROM_MAIN, MAIN, Measure, bench_cell_key, cell_key_of, measure_key_of,
+                       measures)
 from ..report.results import ResultSet
 
 log = logging.getLogger(__name__)
 
 CURVE_METRICS = ("train_loss", "val_fewshot_acc", "heldout_base_acc")
-_MASKED = ("split_fingerprint", "teacher")
 
 
-def _masked(identity: Dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in identity.items() if k not in _MASKED}, sort_keys=True, default=str)
-
-
-def cell_identity_key(bench: Benchmark, cell: Cell) -> str:
-    """A cell's training identity with the data fingerprint and teacher id masked (data-free matching)."""
-    from ..train.config import training_identity
-
-    cfg = training_config(bench, cell, Path("."), data={})
-    teacher = "?" if cell.teacher is not None else None
-    return _masked(training_identity(cfg, "?", teacher))
-
-
-def match_cells(bench: Benchmark, store) -> Dict[tuple, Any]:
-    """cell key -> its finished :class:`~fsl_lsskd.record.TrainingRecord` (cells of the grid and teachers)."""
+def match_cells(bench: Benchmark, store: ResultStore) -> Dict[tuple, Any]:
+    """cell key (:attr:`Cell.key`) -> its finished :class:`~fsl_lsskd.record.TrainingRecord` (cells of the grid
+    and teachers), found by the data-free cell key."""
     cells = with_teachers(expand(bench))
-    runs = list(store.trainings().values())
     by_key: Dict[str, List[Any]] = {}
-    for rec in runs:
-        by_key.setdefault(_masked(rec.identity), []).append(rec)
-    preferred = _latest_fingerprints(bench, store)
+    for rec in store.trainings().values():
+        by_key.setdefault(cell_key_of(rec), []).append(rec)
+    preferred = store.latest_fingerprints(experiment_name(bench))
     out = {}
     for cell in cells:
-        cands = by_key.get(cell_identity_key(bench, cell), [])
+        cands = by_key.get(bench_cell_key(bench, cell), [])
         if cell.teacher is not None and cell.teacher.key in out:
             cands = [r for r in cands if r.identity.get("teacher") == out[cell.teacher.key].train_id]
         if len(cands) > 1 and cell.dataset in preferred:
@@ -59,43 +47,42 @@ def match_cells(bench: Benchmark, store) -> Dict[tuple, Any]:
     return out
 
 
-def _latest_fingerprints(bench: Benchmark, store) -> Dict[str, str]:
-    eid = store.experiment_id(experiment_name(bench), create=False)
-    if eid is None:
-        return {}
-    runs = store.client.search_runs([eid], filter_string="tags.`fsl.kind` = 'invocation'",
-                                    order_by=["attributes.start_time DESC"], max_results=20)
-    for r in runs:
-        raw = r.data.tags.get("fsl.fingerprints")
-        if raw:
-            return json.loads(raw)
-    return {}
+def newest_scores(records) -> Dict[Tuple[str, str], Any]:
+    """(train id, measure key) -> the newest score run (a re-scored cell keeps older score runs, e.g. of another
+    data version); records without a measure key are left out."""
+    best: Dict[Tuple[str, str], Any] = {}
+    for r in records:
+        key = measure_key_of(r)
+        if key is None:
+            continue
+        k = (r.train_id, key)
+        if k not in best or r.start_time > best[k].start_time:
+            best[k] = r
+    return best
 
 
-def collect(bench: Benchmark, store=None, data=None) -> ResultSet:
+def collect(bench: Benchmark, store: Optional[ResultStore] = None, data=None) -> ResultSet:
     """The benchmark's results: per row (method or variant, backbone), per column (training data, target,
     protocol, readout), per seed the per-episode arrays; base-class scores; training curves of the first seed;
-    each column's episode classes (:func:`episode_classes`). ``data``: a
+    each column's episode classes (:func:`episode_classes`). ``store``: any :class:`~fsl_lsskd.record.ResultStore`
+    (default: the MLflow store, opened read-only and refused while it holds record format 1). ``data``: a
     :class:`~fsl_lsskd.bench.runner.DataCache` for the targets whose episodes were generated from their data
     (their classes are then rebuilt and checked against the scores' episode sha256), or None.
     Raises :class:`ConfigError` when nothing of the benchmark is in the store."""
-    from ..eval.scoring import ReadoutSpec
-    from ..record import check_no_legacy, open_store
+    if store is None:
+        from ..record import check_no_legacy, open_store
 
-    store = store or open_store(create=False)
-    check_no_legacy(store)
+        store = open_store(create=False)
+        check_no_legacy(store)
     matched = match_cells(bench, store)
     if not matched:
         raise ConfigError(f"benchmark {bench.name!r} has no finished cells in the store; run "
                           f"`fsl-bench run {bench.where}` first")
     cells = with_teachers(expand(bench))
-    scores = store.scores([rec.train_id for rec in matched.values()])
-    by_train: Dict[str, List[Any]] = {}
-    for rec in scores.values():
-        by_train.setdefault(rec.train_id, []).append(rec)
+    by_train: Dict[str, List[Tuple[str, Any]]] = {}
+    for (tid, key), s in newest_scores(store.scores([rec.train_id for rec in matched.values()]).values()).items():
+        by_train.setdefault(tid, []).append((key, s))
     results = ResultSet()
-    defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
-    curve = bench.eval.curves.protocols() if bench.eval.curves else []
     cache: Dict[str, Any] = {}
     sources = set()
     episode_sources: Dict[tuple, Any] = {}
@@ -109,41 +96,31 @@ def collect(bench: Benchmark, store=None, data=None) -> ResultSet:
         variant = bench.variants.get(cell.row)
         if variant is not None:
             results.variant_of[cell.row] = (variant.method, dict(variant.settings))
-        curve_specs = [ReadoutSpec.parse(r, defaults) for r in (bench.eval.curves.readouts if bench.eval.curves
-                                                                else ())]
-        for target in bench.eval_datasets(cell.dataset):
-            main = bench.eval.target_protocols(target)
-            specs = [ReadoutSpec.parse(r, defaults) for r in bench.eval.target_readouts(target, cell.row, cell.method)]
-            for s in _newest_per_measure(by_train.get(rec.train_id, [])):
-                ident = s.identity
-                if s.tags.get("fsl.readout") == "heldout_base":
-                    if target == cell.dataset:
-                        results.add_base(row, cell.data_label, cell.seed, store.score_arrays(s, cache))
-                    continue
-                t = ident.get("target", {})
-                if t.get("dataset") != target or t.get("split") != bench.eval.split:
-                    continue
-                proto = EpisodeProtocol.parse(ident["protocol"])
-                spec = next((sp for sp in specs if sp.identity() == {"readout": ident["readout"],
-                                                                       "settings": ident["settings"]}), None)
-                cspec = next((sp for sp in curve_specs if sp.identity() == {"readout": ident["readout"],
-                                                                              "settings": ident["settings"]}), None)
-                arrays = None
-                if spec is not None and proto in main:
-                    arrays = store.score_arrays(s, cache)
-                    results.add(row, (cell.data_label, target, proto.key, spec.label), cell.seed, arrays)
-                    sources.add(s.tags.get("fsl.episodes_source", "?"))
-                    episode_sources.setdefault((target, proto.key), (s.tags.get("fsl.episodes_source", "?"), proto,
-                                                                     ident.get("episodes_sha256", "")))
-                if cspec is not None and (proto in curve or proto.replace(n_episodes=bench.eval.n_episodes) in main):
-                    arrays = arrays if arrays is not None else store.score_arrays(s, cache)
-                    results.add_curve(row, (cell.data_label, target, proto.n_way, proto.n_shot, cspec.label),
-                                      cell.seed, arrays, curve_episodes=proto in curve)
+        wanted: Dict[str, List[Measure]] = {}
+        for m in measures(bench, cell):
+            wanted.setdefault(m.key, []).append(m)
+        # the found scores target by target, each target's in the order the store lists them (the order results
+        # load in; what a table shows is sorted, but the fractions figure's panels still follow it)
+        targets = {t: i for i, t in enumerate(dict.fromkeys(m.target for ms in wanted.values() for m in ms))}
+        found = [(m, s) for key, s in by_train.get(rec.train_id, []) for m in wanted.get(key, [])]
+        for m, s in sorted(found, key=lambda ms: targets[ms[0].target]):
+            arrays = store.score_arrays(s, cache)
+            if m.kind == BASE:
+                results.add_base(row, cell.data_label, cell.seed, arrays)
+            elif m.kind == MAIN:
+                results.add(row, (cell.data_label, m.target, m.protocol.key, m.readout.label), cell.seed, arrays)
+                source = s.tags.get(TAG_EPISODES_SOURCE, "?")
+                sources.add(source)
+                episode_sources.setdefault((m.target, m.protocol.key),
+                                           (source, m.protocol, s.identity.get("episodes_sha256", "")))
+            elif m.kind in (CURVE, CURVE_FROM_MAIN):
+                results.add_curve(row, (cell.data_label, m.target, m.protocol.n_way, m.protocol.n_shot,
+                                        m.readout.label), cell.seed, arrays, curve_episodes=m.kind == CURVE)
         if cell.seed == min(bench.seeds) and cell.fraction == max(bench.fractions or (bench.train.fraction,)):
             for metric in CURVE_METRICS:
-                hist = store.client.get_metric_history(rec.run_id, metric)
+                hist = store.metric_history(rec.run_id, metric)
                 if hist:
-                    results.curves.setdefault(row, {})[metric] = [(m.step, m.value) for m in hist]
+                    results.curves.setdefault(row, {})[metric] = list(hist)
     results.meta.update(cells_found=len(matched), cells_expected=len(cells), episodes_source=sources)
     for (target, key), (source, proto, sha) in sorted(episode_sources.items(), key=lambda kv: kv[0]):
         classes = episode_classes(target, bench.eval.split, source, proto, sha, data)
@@ -182,17 +159,3 @@ def episode_classes(target: str, split: str, source: str, protocol: EpisodeProto
         log.warning("%s %s %s: the data given rebuilds other episodes than the scores used (sha256 %s, scores %s); "
                     "no test-class interval", target, split, protocol.key, ep.sha256[:12], sha256[:12])
     return None
-
-
-def _newest_per_measure(records: List[Any]) -> List[Any]:
-    """One score per (target dataset/split, protocol, readout, settings): the newest (a re-scored cell keeps
-    older score runs of other data versions)."""
-    best: Dict[str, Any] = {}
-    for r in records:
-        ident = r.identity
-        key = json.dumps({"t": {k: ident.get("target", {}).get(k) for k in ("dataset", "split")},
-                          "p": ident.get("protocol"), "r": ident.get("readout"), "s": ident.get("settings")},
-                         sort_keys=True, default=str)
-        if key not in best or r.start_time > best[key].start_time:
-            best[key] = r
-    return list(best.values())

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 import yaml
 
 from ..errors import ConfigError
-from ..protocol import EpisodeProtocol, protocol_grid, unique
+from ..protocol import EpisodeProtocol, protocol_grid
 
 
 #: The bounds of every number and name a benchmark file sets (:mod:`fsl_lsskd.bounds`), by class and field:
@@ -180,7 +180,12 @@ class TargetSpec(_Checked):
 
 @dataclass(frozen=True)
 class EvalSpec(_Checked):
-    """What every trained cell is scored with (module docstring)."""
+    """What every trained cell is scored with (module docstring). Which scores these settings give a cell, and the
+    tables' columns, is decided in one place: :func:`fsl_lsskd.bench.measures.measures`.
+
+    ``split``: the scored split of every target (``test``); ``n_way``/``n_shot``: the main protocols' grid;
+    ``n_query``: query images per class; ``n_episodes``: episodes per main protocol (the published episodes of
+    seed 0); ``readouts``: readout names or ``{readout: NAME, <setting>: value}`` mappings, scored on every cell."""
 
     split: str = "test"
     n_way: Tuple[int, ...] = (5,)
@@ -216,17 +221,6 @@ class EvalSpec(_Checked):
                              self.n_query if t.n_query is None else t.n_query,
                              self.n_episodes if t.n_episodes is None else t.n_episodes)
 
-    def target_readouts(self, target: str, row: str, method: str) -> Tuple[Any, ...]:
-        """The readouts a cell of ``row`` (a method or variant of ``method``) is scored with on ``target``."""
-        t = self.targets.get(target)
-        if t is not None and t.readouts is not None:
-            return tuple(t.readouts)
-        extra = self.extra_readouts.get(row) or self.extra_readouts.get(method) or ()
-        return tuple(self.readouts) + tuple(extra)
-
-    def readouts_for(self, method: str) -> Tuple[Any, ...]:
-        extra = tuple(r for r in self.extra_readouts.get(method, ()) if r not in self.readouts)
-        return tuple(self.readouts) + extra
 
 
 @dataclass(frozen=True)
@@ -288,6 +282,38 @@ class LauncherSpec:
 
 @dataclass(frozen=True)
 class Benchmark(_Checked):
+    """A parsed benchmark file (:func:`load_benchmark`; the keys with an example: module docstring): the grid of
+    training cells (datasets x fractions x backbones x methods-or-variants x seeds,
+    :func:`fsl_lsskd.bench.grid.expand`), how each trains and what each is scored with. Frozen; the CLI's filters
+    (``--methods``, ``--seeds``...) make a restricted copy (:meth:`with_filters`).
+
+    Fields (the file's keys):
+        name: the benchmark's name (default: the file name without ``.yaml``): the MLflow experiment
+            ``fsl-bench/<name>``, the result files ``<name>*.md/.csv/.tex/.png``; one file-name component.
+        description: one line for the tables' captions.
+        datasets: registered training datasets (their base classes train; each is a grid dimension).
+        backbones: registered backbone names (or timm CNN names), a grid dimension.
+        methods: the table rows: registered methods or names of ``variants``, a grid dimension.
+        seeds: training seeds (integers in [0, 2**32)), a grid dimension; a cell's seed is part of its identity.
+        method_seeds: fewer seeds for some rows, ``{row: [seed, ...]}`` (a subset of ``seeds``).
+        fractions: the limited-data dimension: shares in (0, 1] of every base class's training images; empty =
+            ``train.fraction`` only.
+        image_size: the backbone's input side in pixels (images are resized to it; part of the identity).
+        data: where each dataset's files come from, ``{dataset: DataSource}`` (paths relative to the file).
+        data_paths: ``--data NAME=PATH`` of the command line: an archive or folder that replaces ``data``'s
+            location on this machine; part of no identity.
+        train: the training budget and how it runs (:class:`TrainSpec`: epochs, batch size, held-out share,
+            precision, device, validation episodes).
+        eval: what every trained cell is scored with (:class:`EvalSpec`): split, protocols, readouts, targets,
+            curves, base-class scores. The scores a cell has: :func:`fsl_lsskd.bench.measures.measures`.
+        teachers: the teacher of a distillation row, ``{row or method: TeacherSpec}`` (default: the method's own).
+        variants: named variants of registered methods (ablation rows), ``{row: VariantSpec}``.
+        method_overrides: per-method config overrides, ``{method: {setting: value}}`` (part of the identity).
+        published: numbers from papers shown beside ours, ``{method: {"<column label>": "<text>"}}``.
+        launcher: resources of cell jobs for ``--launcher local|slurm`` (:class:`LauncherSpec`).
+        path: the file it was read from (set by :func:`load_benchmark`; not a key of the file).
+    """
+
     name: str
     description: str = ""
     datasets: Tuple[str, ...] = ()
@@ -340,10 +366,6 @@ class Benchmark(_Checked):
 
     def eval_datasets(self, training_dataset: str) -> Tuple[str, ...]:
         return tuple(self.eval.datasets) or (training_dataset,)
-
-    def all_protocols(self) -> Tuple[EpisodeProtocol, ...]:
-        curves = self.eval.curves.protocols() if self.eval.curves else []
-        return unique(self.eval.protocols() + curves)
 
     def with_filters(self, **kw: Any) -> "Benchmark":
         """Restrict the grid (CLI ``--methods`` etc.); values must be a subset of the file's."""

@@ -24,8 +24,10 @@ from ..options import data_option, renamed_option
              "for a directory holding it.")
 @click.option("--calibration-images", default=512, show_default=True, type=COUNT,
               help="Training images (seeded sample of the cell's training split) that calibrate int8.")
-@click.option("--readouts", default="protonet,logreg_batched", show_default=True,
-              help="Readouts scored on the benchmark's main protocols for every engine.")
+@click.option("--readouts", default=None,
+              help="Readouts scored on the benchmark's main protocols for every engine (comma-separated names) "
+                   "[default: the cells' main readouts on their training data that run on frozen features, "
+                   "e.g. protonet,logreg_batched].")
 @latency_options
 def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration_images: int, readouts: str,
          threads: str, batch_sizes: str, runs: int, warmup: int, max_seconds: float, allow_load: bool) -> None:
@@ -50,7 +52,7 @@ def edge(benchmark: Path, out_dir: Path, methods, seeds, data_paths, calibration
 
     # the options and the benchmark file first, then the store: a mistake is answered before torch is imported
     latency = latency_settings(threads, batch_sizes, runs, warmup, max_seconds)
-    readout_names = tuple(r.strip() for r in readouts.split(",") if r.strip())
+    readout_names = tuple(r.strip() for r in (readouts or "").split(",") if r.strip())
     bench = load_filtered(benchmark, methods, None, None, seeds, data_paths)
     opts = [Path(benchmark).as_posix()] + [f"--{k} {v}" for k, v in (
         ("methods", methods), ("seeds", seeds), ("threads", threads), ("batch-sizes", batch_sizes), ("runs", runs),

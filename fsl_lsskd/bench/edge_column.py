@@ -33,8 +33,9 @@ def edge_column(bench, out_dir: Path, latency, calibration_images: int, readouts
     For every cell of ``bench`` finished in the MLflow store (``MLFLOW_TRACKING_URI``): its exported backbone as
     ONNX fp32 and int8 (calibrated on ``calibration_images`` seeded training images), checked against PyTorch;
     latency per ``latency`` (a :class:`~fsl_lsskd.edge.latency.LatencySettings`: threads, batch sizes, runs in
-    ms); accuracy (%) of every engine with ``readouts`` on the benchmark's main protocols, paired per episode
-    with PyTorch. Every cell is measured before anything is recorded; then each gets a child run (metrics,
+    ms); accuracy (%) of every engine with ``readouts`` (empty: the cells' defaults,
+    :func:`~fsl_lsskd.bench.measures.edge_readouts`) on the benchmark's main protocols, paired per episode with
+    PyTorch. Every cell is measured before anything is recorded; then each gets a child run (metrics,
     edge.json, edge_accuracy.npz, the ONNX files) and ``out_dir``/<name>_edge.md/.csv and
     <name>_edge_accuracy_latency.png/.pdf are written, headed by a comment naming ``command`` (the command line
     that reproduces them, without ``fsl-bench edge``) and the commit. ``notify`` receives one line per cell as
@@ -47,7 +48,8 @@ def edge_column(bench, out_dir: Path, latency, calibration_images: int, readouts
     (before the first export, and again around every latency block). All are :class:`UserError`: exit code 2."""
     from ..edge.guard import check_quiet
     from ..errors import ConfigError
-    from ..record import KIND_EDGE, check_no_legacy, git_commit, open_store
+    from ..record import (KIND_EDGE, TAG_BENCHMARK, TAG_CPU_MODEL, TAG_ROW, TAG_UNDER_LOAD, check_no_legacy,
+                          git_commit, open_store)
     from ..registry import check_names
     from ..utils import check_writable_dir
 
@@ -64,16 +66,21 @@ def edge_column(bench, out_dir: Path, latency, calibration_images: int, readouts
     from .collect import match_cells
     from ..report.edge_tables import EdgeCell, edge_metrics, write_edge_files
     from .grid import expand
+    from .measures import edge_readouts
     from .runner import DataCache
 
     for r in readouts:
         ReadoutSpec.parse(r)
-    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images), readouts=readouts)
     matched = match_cells(bench, store)
     cells = [c for c in expand(bench) if c.key in matched]
     if not cells:
         raise ConfigError(f"benchmark {bench.name!r} has no finished cells in the store (of the selected methods/"
                           f"seeds); run `fsl-bench run {bench.where}` first")
+    readouts = readouts or tuple(edge_readouts(bench, cells))
+    if not readouts:
+        raise ConfigError(f"{bench.where}: no readout of the selected cells runs on frozen features; name some "
+                          f"with --readouts (e.g. --readouts protonet)")
+    settings = EdgeSettings(latency=latency, calibration_images=int(calibration_images), readouts=readouts)
     if not allow_load:
         check_quiet(settings.latency)  # before minutes of exports and scoring
     data = DataCache(bench)
@@ -98,8 +105,8 @@ def edge_column(bench, out_dir: Path, latency, calibration_images: int, readouts
             work.append((rec, cell_dir))
         # everything measured (and the guard passed, or --allow-load): record, then publish
         for (rec, cell_dir), ec in zip(work, measured):
-            tags = {"fsl.benchmark": bench.name, "fsl.row": ec.row, "fsl.under_load": str(bool(
-                ec.report.get("under_load"))).lower(), "fsl.cpu_model": ec.report["machine"]["cpu_model"]}
+            tags = {TAG_BENCHMARK: bench.name, TAG_ROW: ec.row, TAG_UNDER_LOAD: str(bool(
+                ec.report.get("under_load"))).lower(), TAG_CPU_MODEL: ec.report["machine"]["cpu_model"]}
             params = {"edge": {"latency": settings.latency.to_dict(), "calibration_images": settings.calibration_images,
                                "readouts": list(settings.readouts)}, "machine": ec.report["machine"]}
             onnx_files = [p for p in (cell_dir / "backbone.onnx", cell_dir / "backbone_int8.onnx") if p.is_file()]

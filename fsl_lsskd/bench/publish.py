@@ -17,9 +17,11 @@ trained it, its scores' identities (target, protocol with the episodes' sha256, 
 summary metrics, its training curves, and the commit that published them. Rows are methods or variants;
 teacher-only cells end in ``-teacher``; a benchmark with several training datasets puts the dataset first.
 
-``fsl-bench table BENCHMARK --from-results DIR`` reads a published directory through :class:`PublishedStore`
-(the read-only part of the store interface :func:`fsl_lsskd.bench.collect.collect` uses), so the tables it
-writes are the ones the store gives, checksums checked first.
+``fsl-bench table BENCHMARK --from-results DIR`` reads a published directory through :class:`PublishedStore`, a
+:class:`~fsl_lsskd.record.ResultStore` like the MLflow store, so the tables it writes are the ones the store gives,
+checksums checked first. A manifest's cells and scores carry the store's ``fsl.*`` tags; those published before
+the ``fsl.cell_key`` and ``fsl.measure`` tags existed are read by the keys their identities give
+(:mod:`fsl_lsskd.bench.measures`).
 """
 from __future__ import annotations
 
@@ -29,13 +31,12 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path, PureWindowsPath
-from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..record import ScoreRecord, TrainingRecord
+from ..record import TAG_COMMIT, TAG_PREFIX, TAG_READOUT, ScoreRecord, TrainingRecord
 from ..utils import atomic_path, make_dir
 from .config import Benchmark
 from .grid import Cell, expand, with_teachers
@@ -143,15 +144,15 @@ def publish(bench: Benchmark, out_dir: Path, store=None) -> Path:
                 with open(t, "wb") as fh:
                     np.savez_compressed(fh, **arrays)
             files = [(weights.name, weights), (meta.name, meta), (npz.name, npz)]
-            if any(needs_method(s.tags.get("fsl.readout", "")) for s in by_train.get(rec.train_id, [])):
+            if any(needs_method(s.tags.get(TAG_READOUT, "")) for s in by_train.get(rec.train_id, [])):
                 files += _copy_model(store, rec.run_id, Path(tmp) / f"{rec.train_id}-model", out_dir, stem)
-            curves = {m: [[h.step, h.value] for h in store.client.get_metric_history(rec.run_id, m)]
+            curves = {m: [[step, value] for step, value in store.metric_history(rec.run_id, m)]
                       for m in CURVE_METRICS}
             entries.append({
                 "stem": stem, "row": cell.row, "method": cell.method, "backbone": cell.backbone,
                 "dataset": cell.dataset, "seed": cell.seed, "fraction": cell.fraction, "role": cell.role,
                 "train_id": rec.train_id, "run_id": rec.run_id, "start_time": rec.start_time,
-                "trained_at_commit": rec.tags.get("fsl.git_commit", ""),
+                "trained_at_commit": rec.tags.get(TAG_COMMIT, ""),
                 "tags": _fsl_tags(rec.tags), "params": portable_params(rec.params),
                 "files": {name: {"sha256": sha256(p), "bytes": p.stat().st_size} for name, p in files},
                 "scores": score_entries, "curves": {k: v for k, v in curves.items() if v}})
@@ -211,12 +212,14 @@ def _copy_model(store, run_id: str, tmp: Path, out_dir: Path, stem: str) -> List
 
 
 def _fsl_tags(tags) -> Dict[str, str]:
-    return {k: v for k, v in tags.items() if k.startswith("fsl.")}
+    return {k: v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
 
 
 class PublishedStore:
-    """A published results directory, read through the part of :class:`fsl_lsskd.record.Store` that
-    :func:`~fsl_lsskd.bench.collect.collect` uses. Every file's sha256 is checked against the manifest."""
+    """A published results directory as a :class:`~fsl_lsskd.record.ResultStore` (what
+    :func:`~fsl_lsskd.bench.collect.collect` and ``fsl-bench publish`` read). Every file's sha256 is checked
+    against the manifest when it is opened: :class:`~fsl_lsskd.errors.DataError` names a missing or changed file,
+    a missing or unreadable manifest, or another manifest format."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
@@ -241,21 +244,16 @@ class PublishedStore:
                                     f"or publish again")
         self._cells = {e["train_id"]: e for e in self.manifest["cells"]}
         self._runs = {e["run_id"]: e for e in self.manifest["cells"]}
-        self.client = SimpleNamespace(get_metric_history=self._history)
 
-    def legacy_runs(self, experiment_ids: Optional[Sequence[str]] = None) -> list:
-        return []
-
-    def experiment_id(self, name: str, create: bool = True) -> Optional[str]:
-        return None
-
-    def trainings(self, train_ids: Optional[Sequence[str]] = None) -> Dict[str, TrainingRecord]:
+    def trainings(self, train_ids: Optional[Iterable[str]] = None) -> Dict[str, TrainingRecord]:
+        """train id -> the published cell's training record (its manifest entry's tags and portable params)."""
         ids = self._cells if train_ids is None else [t for t in train_ids if t in self._cells]
         return {t: TrainingRecord(run_id=self._cells[t]["run_id"], experiment_id="published", train_id=t,
                                   tags=dict(self._cells[t]["tags"]), params=dict(self._cells[t]["params"]),
                                   complete=True, start_time=int(self._cells[t]["start_time"])) for t in ids}
 
-    def scores(self, train_ids: Optional[Sequence[str]] = None) -> Dict[str, ScoreRecord]:
+    def scores(self, train_ids: Optional[Iterable[str]] = None) -> Dict[str, ScoreRecord]:
+        """score id -> the published score record of the given cells (all when None), as the store held it."""
         out = {}
         for t in (self._cells if train_ids is None else train_ids):
             e = self._cells.get(t)
@@ -266,6 +264,8 @@ class PublishedStore:
         return out
 
     def score_arrays(self, record: ScoreRecord, cache: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        """The score's per-episode arrays from ``<stem>.scores.npz`` (``<score id>.<array>``; read once per file
+        into ``cache``)."""
         e = self._cells[record.train_id]
         key = f"npz:{e['stem']}"
         if key not in cache:
@@ -274,9 +274,14 @@ class PublishedStore:
         z = cache[key]
         return {k: z[f"{record.score_id}.{k}"] for k in ARRAYS if f"{record.score_id}.{k}" in z}
 
-    def _history(self, run_id: str, metric: str):
+    def metric_history(self, run_id: str, metric: str) -> List[Tuple[int, float]]:
+        """``[(step, value)]`` of a published training curve (the manifest's ``curves``); empty when absent."""
         e = self._runs.get(run_id, {})
-        return [SimpleNamespace(step=int(step), value=float(value)) for step, value in e.get("curves", {}).get(metric, [])]
+        return [(int(step), float(value)) for step, value in e.get("curves", {}).get(metric, [])]
+
+    def latest_fingerprints(self, experiment: str) -> Dict[str, str]:
+        """Empty: a published directory holds one training per cell, so there is no data version to choose."""
+        return {}
 
 
 def collect_published(bench: Benchmark, directory: Path, data=None):

@@ -32,6 +32,7 @@ from ..protocol import EpisodeProtocol, can_host
 from ..utils import make_dir, output_error
 from .config import Benchmark
 from .grid import Cell, data_kwargs, expand, experiment_name, shard, training_config, with_teachers
+from .measures import BASE, MAIN, Measure, cell_key, measure_key_of, measures
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,25 @@ class CellOutcome:
 
 @dataclass
 class WantedScore:
-    """A score the benchmark asks of a cell: target split, protocol (or ``None`` for the base-class readout),
-    readout spec, and its scoring identity/id once the episodes are known."""
+    """A score the benchmark asks of a cell (its :class:`~fsl_lsskd.bench.measures.Measure`) with its scoring
+    identity and id once the episodes are known."""
 
-    target: str
-    protocol: Optional[EpisodeProtocol]
-    readout: Any
+    measure: Measure
     identity: Dict[str, Any] = field(default_factory=dict)
     score_id: str = ""
+
+    @property
+    def target(self) -> str:
+        return self.measure.target
+
+    @property
+    def protocol(self) -> Optional[EpisodeProtocol]:
+        """The episodes, or None for the held-out base images."""
+        return self.measure.protocol
+
+    @property
+    def readout(self):
+        return self.measure.readout
 
 
 class DataCache:
@@ -178,7 +190,7 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
     ``on_epoch`` each training epoch. ``rerun`` retrains and re-scores every cell. ``launcher`` (e.g.
     :class:`fsl_lsskd.bench.launch.SubmititLauncher`) trains the missing cells as jobs instead of in this
     process; scoring then runs here."""
-    from ..record import check_no_legacy, open_store
+    from ..record import TAG_BENCHMARK, TAG_FINGERPRINTS, TAG_SHARD, check_no_legacy, open_store
 
     store = open_store()
     check_no_legacy(store)
@@ -190,8 +202,8 @@ def run_benchmark(bench: Benchmark, out_root: Path, *, rerun: bool = False, shar
     fingerprints = {d: data.fingerprint(d) for d in sorted({c.dataset for c in cells})}
     data.check_leakage(list(fingerprints))
     parent = store.start_invocation(experiment_name(bench), f"{bench.name} invocation",
-                                    {"fsl.benchmark": bench.name, "fsl.shard": shard_spec or "1/1",
-                                     "fsl.fingerprints": json.dumps(fingerprints, sort_keys=True)})
+                                    {TAG_BENCHMARK: bench.name, TAG_SHARD: shard_spec or "1/1",
+                                     TAG_FINGERPRINTS: json.dumps(fingerprints, sort_keys=True)})
     status = "FINISHED"
     try:
         store.log_params(parent, {"benchmark": bench.to_dict()})
@@ -275,6 +287,7 @@ def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, 
     """Train one cell (claimed, re-checked against the store, resumed when its run directory has a state).
     ``rerun`` trains it again even when the store has it finished; with ``restart`` (default) a rerun starts
     from scratch, without it (a requeued job) it resumes the run directory it left."""
+    from ..record import TAG_BENCHMARK, TAG_CELL_KEY, TAG_ROLE, TAG_ROW
     from ..train.engine import train
 
     tid = plan.tid(cell)
@@ -302,7 +315,8 @@ def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, 
             reuse = (unfinished.run_id if unfinished is not None and not restarted
                      and not store.has_metrics(unfinished.run_id) else None)
             store.close_unfinished(tid, keep=reuse)
-            tags = {"fsl.benchmark": bench.name, "fsl.row": cell.row, "fsl.role": cell.role}
+            tags = {TAG_BENCHMARK: bench.name, TAG_ROW: cell.row, TAG_ROLE: cell.role,
+                    TAG_CELL_KEY: cell_key(plan.identity[cell.key])}
             res = train(cfg, store=store, parent_run_id=parent_run_id, tags=tags, on_epoch=on_epoch,
                         train_data=plan.data.split(cell.dataset, "train"),
                         val_data=plan.data.split(cell.dataset, "val") if cfg.validation is not None else None,
@@ -326,72 +340,46 @@ def train_cell(bench: Benchmark, cell: Cell, plan: Plan, out_root: Path, store, 
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def target_protocols(bench: Benchmark, target: str, counts) -> Tuple[List[Tuple[EpisodeProtocol, Any]], List[str]]:
-    """``[(protocol, readout spec)]`` to score on ``target`` (its fixed protocols when the dataset has them,
-    e.g. ``omniglot_runs``), and notes on the protocols it cannot host (skipped)."""
-    from ..eval.scoring import ReadoutSpec
-
-    fixed = getattr(_dataset_class(target), "fixed_protocols", None)
-    defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
-    pairs, notes = [], []
-    main = bench.eval.target_protocols(target)
-    curve_protocols = [] if fixed or bench.eval.curves is None else bench.eval.curves.protocols()
-    for p in main:
-        if can_host(counts, p):
-            pairs.append((p, None))
-        else:
-            notes.append(f"{target}: cannot host {p.key} (fewest images per class: {min(counts)}); skipped")
-    for p in curve_protocols:
-        if can_host(counts, p):
-            pairs.append((p, "curves"))
-    out = []
-    for p, kind in pairs:
-        readouts = bench.eval.curves.readouts if kind == "curves" else None
-        out.append((p, [ReadoutSpec.parse(r, defaults) for r in readouts] if readouts is not None else None))
-    return out, notes
-
-
-def _dataset_class(name: str):
-    from ..registry import DATASETS
-
-    return DATASETS.get(name)
-
-
 def wanted_scores(bench: Benchmark, cell: Cell, plan: Plan) -> Tuple[List[WantedScore], List[str]]:
-    """Every score the benchmark asks of ``cell``, with scoring identities (episodes resolved)."""
+    """Every score the benchmark asks of ``cell`` (:func:`~fsl_lsskd.bench.measures.measures`, each key once) that
+    its target's split can host, with scoring identities (episodes resolved); and notes on the main protocols a
+    target cannot host (skipped; curve protocols it cannot host are skipped silently)."""
+    from ..eval.base_classes import base_identity
     from ..eval.episodes import class_offsets, load_episodes
-    from ..eval.scoring import ReadoutSpec, score_id, scoring_identity
+    from ..eval.scoring import score_id, scoring_identity
 
     tid = plan.tid(cell)
-    defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
     out: List[WantedScore] = []
-    notes: List[str] = []
-    for target in bench.eval_datasets(cell.dataset):
-        main_readouts = [ReadoutSpec.parse(r, defaults)
-                         for r in bench.eval.target_readouts(target, cell.row, cell.method)]
-        split = plan.data.split(target, bench.eval.split)
-        _, counts = class_offsets(split.labels, split.num_classes)
-        pairs, n = target_protocols(bench, target, counts)
-        notes += n
-        tinfo = {"dataset": target, "split": bench.eval.split, "fingerprint": split.fingerprint,
-                 "image_size": bench.image_size}
-        seen = set()
-        for protocol, readouts in pairs:
-            ep = load_episodes(target, bench.eval.split, counts, protocol, split.class_names)
-            for spec in (readouts if readouts is not None else main_readouts):
-                if (protocol, spec) in seen:
-                    continue
-                seen.add((protocol, spec))
-                ident = scoring_identity(tid, tinfo, protocol, ep.sha256, spec)
-                out.append(WantedScore(target, protocol, spec, ident, score_id(ident)))
-    if bench.eval.base:
-        from ..eval.base_classes import base_identity
-
-        ident = base_identity(tid)
-        from ..eval.scoring import score_id as sid
-
-        out.append(WantedScore(cell.dataset, None, "heldout_base", ident, sid(ident)))
-    return out, notes
+    notes: Dict[str, None] = {}
+    seen = set()
+    targets: Dict[Tuple[str, str], Tuple[Any, Any, Dict[str, Any]]] = {}
+    episodes: Dict[Tuple[str, str, EpisodeProtocol], Any] = {}
+    for m in measures(bench, cell):
+        if m.key in seen:
+            continue
+        seen.add(m.key)
+        if m.kind == BASE:
+            ident = base_identity(tid)
+            out.append(WantedScore(m, ident, score_id(ident)))
+            continue
+        if (m.target, m.split) not in targets:
+            split = plan.data.split(m.target, m.split)
+            _, counts = class_offsets(split.labels, split.num_classes)
+            targets[(m.target, m.split)] = (split, counts, {"dataset": m.target, "split": m.split,
+                                                            "fingerprint": split.fingerprint,
+                                                            "image_size": bench.image_size})
+        split, counts, tinfo = targets[(m.target, m.split)]
+        if not can_host(counts, m.protocol):
+            if m.kind == MAIN:
+                notes.setdefault(f"{m.target}: cannot host {m.protocol.key} (fewest images per class: "
+                                 f"{min(counts)}); skipped")
+            continue
+        ekey = (m.target, m.split, m.protocol)
+        if ekey not in episodes:
+            episodes[ekey] = load_episodes(m.target, m.split, counts, m.protocol, split.class_names)
+        ident = scoring_identity(tid, tinfo, m.protocol, episodes[ekey].sha256, m.readout)
+        out.append(WantedScore(m, ident, score_id(ident)))
+    return out, list(notes)
 
 
 def score_cell(bench: Benchmark, cell: Cell, plan: Plan, training, store, data: DataCache,
@@ -459,23 +447,26 @@ def write_score(store, training, wanted: WantedScore, res, dataset=None) -> None
         metrics.update(ece=res.ece, nll=float(res.nll.mean()), nll_ci95=mean_ci(res.nll)[1],
                        brier=float(res.brier.mean()), brier_ci95=mean_ci(res.brier)[1])
         arrays.update(nll=res.nll, brier=res.brier, reliability=res.reliability)
-    tags = {"fsl.readout": res.readout, "fsl.label": res.label, "fsl.target": wanted.target,
-            "fsl.protocol": res.protocol.key if wanted.protocol is not None else "base",
-            "fsl.episodes_source": res.episodes_source}
+    from ..record import TAG_EPISODES_SOURCE, TAG_LABEL, TAG_MEASURE, TAG_PROTOCOL, TAG_READOUT, TAG_TARGET
+
+    tags = {TAG_READOUT: res.readout, TAG_LABEL: res.label, TAG_TARGET: wanted.target,
+            TAG_PROTOCOL: res.protocol.key if wanted.protocol is not None else "base",
+            TAG_EPISODES_SOURCE: res.episodes_source, TAG_MEASURE: wanted.measure.key}
     store.write_score(training, wanted.score_id, wanted.identity, arrays, metrics, res.summary(), tags)
 
 
 def main_metrics(store, bench: Benchmark, cell: Cell, tid: str) -> Dict[str, float]:
-    """The cell's accuracy (%) per main (target, protocol, readout) for the run summary."""
-    out = {}
+    """The cell's accuracy (%) per :data:`~fsl_lsskd.bench.measures.MAIN` and
+    :data:`~fsl_lsskd.bench.measures.BASE` measure it has a score of (the newest), named by
+    :attr:`~fsl_lsskd.bench.measures.Measure.label`, for the run summary; curve points are left to the figures."""
+    newest: Dict[str, Any] = {}
     for rec in store.scores([tid]).values():
-        t = rec.tags
-        if t.get("fsl.protocol") == "base":
-            out[f"base top-1 {t.get('fsl.target')}"] = rec.metrics.get("accuracy", float("nan"))
-            continue
-        ident = rec.identity
-        proto = ident.get("protocol", {})
-        if proto.get("n_episodes") != bench.eval.n_episodes and t.get("fsl.readout") != "maml_finetune":
-            continue  # curves: shown in the figures, not the summary
-        out[f"{t.get('fsl.target')} {t.get('fsl.protocol')} {t.get('fsl.label')}"] = rec.metrics.get("accuracy")
+        key = measure_key_of(rec)
+        if key is not None and (key not in newest or rec.start_time > newest[key].start_time):
+            newest[key] = rec
+    out = {}
+    for m in measures(bench, cell):
+        rec = newest.get(m.key)
+        if m.kind in (MAIN, BASE) and rec is not None:
+            out[m.label] = rec.metrics.get("accuracy", float("nan"))
     return out
