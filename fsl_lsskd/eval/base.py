@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..protocol import EpisodeProtocol
 
 
@@ -76,6 +77,12 @@ class EpisodeInputs:
     @property
     def n_way(self) -> int:
         return int(self.rows.shape[1])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The backbone's input preparation (``mean``, ``std``, ``image_size``) as one
+        :class:`~fsl_lsskd.inputs.InputSpec`: readouts that feed images prepare them with it."""
+        return InputSpec(self.mean, self.std, self.image_size)
 
     @property
     def n_query(self) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..methods.base import Batch
 
 
@@ -61,11 +62,9 @@ class TrainLoader:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(epoch_seed(self.seed, 0))
-        # (x/255 - mean)/std == x*scale + shift
-        std_t = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        mean_t = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
+        # (x/255 - mean)/std == x*scale + shift: the input contract's fused training form
+        self.input_spec = InputSpec(self.mean, self.std)
+        self._scale, self._shift = self.input_spec.affine(self.device)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -83,7 +82,8 @@ class TrainLoader:
         return int(self.images.shape[-1])
 
     def normalize(self, uint8: torch.Tensor) -> torch.Tensor:
-        """Float normalised batch, no augmentation (evaluation / episodic methods)."""
+        """Float normalised batch, no augmentation (evaluation / episodic methods): uint8 ``[B, 3, H, W]`` ->
+        float32 channels_last, ``x * scale + shift`` (:meth:`fsl_lsskd.inputs.InputSpec.affine`)."""
         x = uint8.to(self.device, torch.float32) * self._scale + self._shift
         return x.contiguous(memory_format=torch.channels_last)
 
