@@ -331,7 +331,8 @@ def test_maml_finetune_prepares_images_as_every_readout(monkeypatch):
     method = _maml(inner_lr=0.1, test_inner_steps=1)
     seen = []
     real = method.finetune_predict
-    monkeypatch.setattr(method, "finetune_predict", lambda xs, ys, xq, **k: seen.append((xs, xq)) or real(xs, ys, xq, **k))
+    monkeypatch.setattr(method, "finetune_predict",
+                        lambda xs, ys, xq, **k: seen.append((xs, xq)) or real(xs, ys, xq, **k))
     g = np.random.default_rng(1)
     images = g.integers(0, 256, (30, 12, 12, 3), dtype=np.uint8)
     rows = np.stack([np.stack([c * 5 + g.permutation(5) for c in g.permutation(6)[:3]]) for _ in range(2)])

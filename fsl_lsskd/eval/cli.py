@@ -142,8 +142,8 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     if checkpoint is not None and whole:
         def method():
             return _load_whole_method(checkpoint, device, whole)
-    results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=spec.mean, std=spec.std, image_size=size,
-                       batch_size=batch_size, device=device, cache=not no_cache, method=method)
+    results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=spec.mean, std=spec.std,
+                       image_size=size, batch_size=batch_size, device=device, cache=not no_cache, method=method)
     src = f"untrained (seed {seed})" if untrained else str(checkpoint)
     click.echo(f"{meta['backbone']} [{src}] on {dataset} {split}: {split_data.num_classes} classes, {len(split_data)} "
                f"images, {size}x{size}; episodes: {', '.join(sorted({r.episodes_source for r in results}))}")

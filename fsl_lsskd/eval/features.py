@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from ..inputs import InputSpec
+from ..seeding import torch_generator
 from ..utils import atomic_path, cache_dir
+from .base import AUG_SEED
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,8 @@ def make_embedder(model: nn.Module, spec: InputSpec, device="cpu", batch_size: i
     """``embed(uint8 [n, H, W, 3], augment=False, generator=None) -> float32 [n, D]``: features of images
     through the frozen ``model``, resized to ``spec.image_size`` first (:meth:`InputSpec.resize_uint8`, the same
     pixels as :meth:`InputSpec.prepare`); ``augment=True`` applies :func:`support_augment` with ``generator``
-    to the resized uint8 images, then they are normalised."""
+    (default: the ``support_augment`` stream of episode 0) to the resized uint8 images, then they are
+    normalised."""
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     folded = []
     unsized = spec.with_size(None)
@@ -134,7 +137,8 @@ def make_embedder(model: nn.Module, spec: InputSpec, device="cpu", batch_size: i
     def embed(images: np.ndarray, augment: bool = False, generator: Optional[torch.Generator] = None) -> np.ndarray:
         x = spec.resize_uint8(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2))
         if augment:
-            x = support_augment(x, generator if generator is not None else torch.Generator().manual_seed(0))
+            x = support_augment(x, generator if generator is not None else
+                                torch_generator("support_augment", AUG_SEED, 0))
         if not folded:  # fold Conv+BN once, not per call
             with torch.inference_mode():
                 folded.append(inference_network(model, spec.normalize(x[:8]).to(device)

@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..inputs import InputSpec
 from ..registry import READOUTS
+from ..seeding import torch_generator
 from .base import AUG_SEED, EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize
 from .features import support_augment
 
@@ -221,7 +222,7 @@ class FinetuneReadout(Readout):
                         p.requires_grad_(True)
                     groups.append({"params": stage_params, "lr": float(cfg.backbone_lr)})
                 opt = torch.optim.SGD(groups, momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay))
-                g = torch.Generator().manual_seed(AUG_SEED * 1_000_003 + e + 1)
+                g = torch_generator("finetune_batches", AUG_SEED, e)
                 n = len(sup_y)
                 for _ in range(int(cfg.steps)):
                     idx = (torch.randperm(n, generator=g)[:int(cfg.batch_size)] if cfg.batch_size
@@ -253,6 +254,6 @@ class FinetuneReadout(Readout):
         m = int(self.config.n_aug_support)
         if m == 0:
             return x, y
-        g = torch.Generator().manual_seed(AUG_SEED * 1_000_003 + episode)
+        g = torch_generator("support_augment", AUG_SEED, episode)
         return support_augment(x.repeat(m, 1, 1, 1), g), y.repeat(m)
 

@@ -157,7 +157,8 @@ def evaluate(backbone: nn.Module, split, *, protocols: Sequence[Union[EpisodePro
             t0 = time.perf_counter()
             out = readout.predict(EpisodeInputs(rows=rows, n_shot=protocol.n_shot, features=feats,
                                                 images=split.images, embed=embed, backbone=backbone, method=method,
-                                                mean=input_spec.mean, std=input_spec.std, image_size=size, device=device,
+                                                mean=input_spec.mean, std=input_spec.std, image_size=size,
+                                                device=device,
                                                 progress=bar.update))
             bar.update(max(start + len(rows) - bar.n, 0))  # what a readout did not report
             res = _result(spec, protocol, rows, out, ep, time.perf_counter() - t0, info)
