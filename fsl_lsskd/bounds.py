@@ -20,7 +20,7 @@ import click
 from .errors import ConfigError
 
 #: seeds are non-negative integers below 2**32: the training seed streams use its low 32 bits
-#: (:func:`fsl_lsskd.utils.derived_seed`), so a larger seed would silently repeat a smaller one's streams
+#: (:func:`fsl_lsskd.seeding.stream_seed`), so a larger seed would silently repeat a smaller one's streams
 SEED_LIMIT = 2 ** 32
 SEED_RULE = "seeds are non-negative integers below 2**32 (0 .. 4294967295)"
 _NAME_MAX = 255  # bytes of one file-name component on Linux file systems (NAME_MAX)

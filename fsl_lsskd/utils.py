@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, hashing, cache directory, seeding, the epoch progress bar."""
+"""Small shared helpers: atomic file writes, hashing, cache directory, the epoch progress bar (random streams:
+:mod:`fsl_lsskd.seeding`)."""
 from __future__ import annotations
 
 import contextlib
@@ -267,17 +268,6 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first sentence of an exception's message (torch's unpickler errors run to many paragraphs)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def derived_seed(seed: int, epoch: int, stream: int = 0, rank: int = 0) -> int:
-    """A 63-bit seed derived from ``(seed, epoch, stream)`` with ``numpy.random.SeedSequence`` (independent
-    streams per epoch); ``rank > 0`` gives a process of a multi-process run its own stream (rank 0 keeps the
-    one-process seed)."""
-    import numpy as np
-
-    entropy = [int(seed) & 0xFFFFFFFF, int(epoch), int(stream)] + ([int(rank)] if rank else [])
-    state = np.random.SeedSequence(entropy).generate_state(2)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
 def project_root() -> Path:

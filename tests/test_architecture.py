@@ -16,7 +16,8 @@ PKG = REPO / "fsl_lsskd"
 
 # low to high: a module may import its own layer and lower layers only
 LAYERS = [
-    {"errors", "utils", "registry", "protocol", "options", "record", "deps", "progress", "bounds"},
+    {"errors", "utils", "registry", "protocol", "options", "record", "deps", "progress", "bounds", "inputs",
+     "seeding"},
     {"data", "backbones"},
     {"methods"},
     {"checkpoint"},

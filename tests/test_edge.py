@@ -18,8 +18,10 @@ from click.testing import CliRunner
 
 from fsl_lsskd.cli import main
 from fsl_lsskd.data.fake import write_fake_cifar100
+from fsl_lsskd.inputs import InputSpec
 
 MEAN, STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+SPEC = InputSpec(MEAN, STD, 32)
 
 
 def cli(*args):
@@ -58,7 +60,7 @@ def files(tmp_path_factory, data):
                                                   "std": list(STD)})
     fp32 = export_onnx(net, 32, out / "backbone.onnx")
     rows = calibration_rows(len(data["train"]), 24, seed=3)
-    reader = TrainSplitCalibrationReader(data["train"], rows, MEAN, STD, 32, batch_size=10)
+    reader = TrainSplitCalibrationReader(data["train"], rows, SPEC, batch_size=10)
     passed = []
     real_next = reader.get_next
 
@@ -76,16 +78,15 @@ def files(tmp_path_factory, data):
 # ------------------------------------------------------------------------------------------------ ONNX parity
 def test_onnx_export_matches_pytorch_on_real_images_at_any_batch(files, data):
     from fsl_lsskd.edge.onnx_export import PARITY_RTOL, OnnxBackbone, parity
-    from fsl_lsskd.eval.features import prepare_images
 
     images = data["test"].images[:64]
-    res = parity(files["net"], files["dir"] / "backbone.onnx", images, MEAN, STD, 32)
+    res = parity(files["net"], files["dir"] / "backbone.onnx", images, SPEC)
     assert res["n_images"] == 64 and res["ok"], res
     assert res["max_rel_diff"] < PARITY_RTOL and res["max_abs_diff"] < PARITY_RTOL * res["max_abs_reference"]
     assert res["max_abs_reference"] > 0.01  # the features are not all ~0: the bound means something
     ob = OnnxBackbone(files["dir"] / "backbone.onnx")
     for b in (1, 3, 17):  # the batch dimension is dynamic
-        x = prepare_images(data["train"].images[:b], MEAN, STD, 32).contiguous()
+        x = SPEC.prepare(data["train"].images[:b]).contiguous()
         with torch.inference_mode():
             ref = files["net"](x).numpy()
         out = ob(x).numpy()
@@ -101,14 +102,13 @@ def test_parity_reports_a_wrong_model(files, data, tmp_path):
     torch.manual_seed(1)
     other = create_backbone("conv4", num_classes=0, image_size=32).eval()
     export_onnx(other, 32, tmp_path / "other.onnx")
-    res = parity(files["net"], tmp_path / "other.onnx", data["test"].images[:8], MEAN, STD, 32)
+    res = parity(files["net"], tmp_path / "other.onnx", data["test"].images[:8], SPEC)
     assert not res["ok"] and res["max_rel_diff"] > 1e-2
 
 
 # ------------------------------------------------------------------------------------- int8 calibration data
 def test_int8_calibration_sees_training_images_only(files, data):
     from fsl_lsskd.edge.quantize import image_sha256
-    from fsl_lsskd.eval.features import prepare_images
 
     train, test, reader, rows = data["train"], data["test"], files["reader"], files["rows"]
     train_sha = {image_sha256(im) for im in train.images}
@@ -118,8 +118,8 @@ def test_int8_calibration_sees_training_images_only(files, data):
     assert set(reader.given_sha256) <= train_sha and not set(reader.given_sha256) & test_sha
     # what the quantiser received is exactly the prepared training rows, and no test image prepared the same way
     passed = np.concatenate(files["passed"])
-    assert np.array_equal(passed, prepare_images(train.images[rows], MEAN, STD, 32).contiguous().numpy())
-    test_x = prepare_images(test.images, MEAN, STD, 32).contiguous().numpy().reshape(len(test), -1)
+    assert np.array_equal(passed, SPEC.prepare(train.images[rows]).contiguous().numpy())
+    test_x = SPEC.prepare(test.images).contiguous().numpy().reshape(len(test), -1)
     flat = passed.reshape(len(passed), -1)
     assert not any((np.abs(test_x - p).max(axis=1) == 0).any() for p in flat)
     info = files["int8"]
@@ -132,16 +132,15 @@ def test_calibration_refuses_any_split_but_train(data):
     from fsl_lsskd.errors import DataError
 
     with pytest.raises(DataError, match="training images only"):
-        TrainSplitCalibrationReader(data["test"], [0, 1], MEAN, STD, 32)
+        TrainSplitCalibrationReader(data["test"], [0, 1], SPEC)
     with pytest.raises(DataError, match="index"):
-        TrainSplitCalibrationReader(data["train"], [len(data["train"])], MEAN, STD, 32)
+        TrainSplitCalibrationReader(data["train"], [len(data["train"])], SPEC)
 
 
 def test_int8_model_runs_and_stays_close_to_fp32(files, data):
     from fsl_lsskd.edge.onnx_export import OnnxBackbone
-    from fsl_lsskd.eval.features import prepare_images
 
-    x = prepare_images(data["test"].images[:32], MEAN, STD, 32).contiguous()
+    x = SPEC.prepare(data["test"].images[:32]).contiguous()
     f32 = OnnxBackbone(files["dir"] / "backbone.onnx")(x).numpy()
     i8 = OnnxBackbone(files["dir"] / "backbone_int8.onnx")(x).numpy()
     assert i8.shape == f32.shape and np.isfinite(i8).all()
@@ -202,10 +201,9 @@ def test_load_guard_trips_under_an_artificial_load():
 # ----------------------------------------------------------------------------------------------------- latency
 def test_latency_records_carry_machine_threads_and_load(files, data):
     from fsl_lsskd.edge.latency import ENGINES, LatencySettings, measure_latency
-    from fsl_lsskd.eval.features import prepare_images
 
     d = files["dir"]
-    inputs = prepare_images(data["test"].images[:3], MEAN, STD, 32).contiguous().numpy()
+    inputs = SPEC.prepare(data["test"].images[:3]).contiguous().numpy()
     settings = LatencySettings(threads=(1,), batch_sizes=(1, 3), warmup=1, runs=12, max_seconds=2.0, window_s=0.2)
     res = measure_latency({"pytorch_fp32": d, "ort_fp32": d / "backbone.onnx", "ort_int8": d / "backbone_int8.onnx"},
                           inputs, settings, allow_load=True)

@@ -13,6 +13,7 @@ from fsl_lsskd.errors import ConfigError, ProtocolError
 from fsl_lsskd.eval.base import EpisodeInputs, mean_ci
 from fsl_lsskd.eval.episodes import (EPISODE_SEED, VARIANTS, episode_relpath, generate_episodes, load_episodes,
                                      published_protocols, read_episode_file)
+from fsl_lsskd.inputs import InputSpec
 from fsl_lsskd.protocol import EpisodeProtocol
 
 
@@ -179,10 +180,10 @@ def test_feature_cache_hit_does_not_forward(monkeypatch):
     real = features.extract_features
     monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     split = _synthetic_split()
-    f1 = features.split_features(net, split, (0.5,) * 3, (0.25,) * 3, 16, batch_size=64)
-    f2 = features.split_features(net, split, (0.5,) * 3, (0.25,) * 3, 16, batch_size=64)
+    f1 = features.split_features(net, split, InputSpec(image_size=16), batch_size=64)
+    f2 = features.split_features(net, split, InputSpec(image_size=16), batch_size=64)
     assert len(calls) == 1 and np.array_equal(f1, f2)
-    features.split_features(net, split, (0.5,) * 3, (0.25,) * 3, 12, batch_size=64)  # other size: new key
+    features.split_features(net, split, InputSpec(image_size=12), batch_size=64)  # other size: new key
     assert len(calls) == 2
 
 

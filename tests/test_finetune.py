@@ -12,6 +12,7 @@ from fsl_lsskd.eval.base import EpisodeInputs
 from fsl_lsskd.eval.finetune import FinetuneReadout, LastStageSplit, last_stage_name
 from fsl_lsskd.eval.protonet import ProtoNetReadout
 from fsl_lsskd.eval.scoring import ReadoutSpec
+from fsl_lsskd.inputs import InputSpec
 
 
 def _split(C=6, N=20, size=16, seed=0):
@@ -59,7 +60,7 @@ def test_steps_zero_is_protonet():
     net = create_backbone("conv4", num_classes=0, image_size=16).eval()
     split = _split()
     rows = _rows(split.labels, 5, 2, 4, 6)
-    feats = extract_features(net, split.images, (0.5,) * 3, (0.25,) * 3, 16, fuse=False)
+    feats = extract_features(net, split.images, InputSpec(image_size=16), fuse=False)
     proto = ProtoNetReadout().predict(_inputs(net, split, rows, 2, feats))
     ft = FinetuneReadout(FinetuneReadout.build_config({"steps": 0, "n_aug_support": 0})).predict(
         _inputs(net, split, rows, 2))
@@ -111,7 +112,7 @@ def test_finetuning_beats_the_frozen_probe_on_a_task_that_needs_it():
     rows = _rows(split.labels, 3, 5, 10, 8)
     net = _ColourBlind().eval()
     inputs = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), image_size=16)
-    feats = extract_features(net, split.images, inputs["mean"], inputs["std"], 16, fuse=False)
+    feats = extract_features(net, split.images, InputSpec(inputs["mean"], inputs["std"], 16), fuse=False)
     frozen = [r.predict(EpisodeInputs(rows=rows, n_shot=5, features=feats, **inputs)).correct.mean()
               for r in (ProtoNetReadout(), LogRegReadout())]
     cfg = FinetuneReadout.build_config({"steps": 100, "lr": 0.1, "backbone_lr": 0.1, "temperature": 0.1})

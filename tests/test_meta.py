@@ -321,6 +321,30 @@ def test_maml_finetune_readout():
         readout.predict(EpisodeInputs(backbone=TinyBackbone(), **kw))
 
 
+def test_maml_finetune_prepares_images_as_every_readout(monkeypatch):
+    """The MAML readout feeds the method the input contract's images: resized with the rounded antialiased
+    resize (no longer the unrounded one) and normalised as the frozen features are, bit for bit."""
+    from fsl_lsskd.eval.base import EpisodeInputs
+    from fsl_lsskd.inputs import InputSpec
+    from fsl_lsskd.registry import READOUTS
+
+    method = _maml(inner_lr=0.1, test_inner_steps=1)
+    seen = []
+    real = method.finetune_predict
+    monkeypatch.setattr(method, "finetune_predict",
+                        lambda xs, ys, xq, **k: seen.append((xs, xq)) or real(xs, ys, xq, **k))
+    g = np.random.default_rng(1)
+    images = g.integers(0, 256, (30, 12, 12, 3), dtype=np.uint8)
+    rows = np.stack([np.stack([c * 5 + g.permutation(5) for c in g.permutation(6)[:3]]) for _ in range(2)])
+    spec = InputSpec((0.4, 0.5, 0.6), (0.2, 0.25, 0.3), 8)
+    READOUTS.get("maml_finetune")().predict(EpisodeInputs(rows=rows, n_shot=2, images=images, method=lambda: method,
+                                                          mean=spec.mean, std=spec.std, image_size=8))
+    assert len(seen) == 2
+    for (xs, xq), r in zip(seen, rows):
+        want = spec.prepare(images[np.concatenate([r[:, :2].reshape(-1), r[:, 2:].reshape(-1)])])
+        assert torch.equal(torch.cat([xs, xq]), want)
+
+
 @pytest.mark.parametrize("name", ["protonet", "maml"])
 def test_engine_trains_episodic_method_and_maml_model_scores(tmp_path, name):
     """One short epoch through the real engine (Adam, episodes from iter_batches), then the finished model is

@@ -17,14 +17,14 @@ from ..errors import ConfigError
 
 def heldout_split(labels: np.ndarray, heldout: float, seed: int):
     """``(train rows, held-out rows)``: a stratified share ``heldout`` of every class with at least 2 images,
-    drawn with ``numpy.random.default_rng`` from the run ``seed`` (each class keeps at least one training
+    drawn from the run ``seed``'s ``heldout`` stream (:mod:`fsl_lsskd.seeding`) (each class keeps at least one training
     image). The held-out images measure base-class accuracy (the seed papers' metric) and calibration."""
-    from ..utils import derived_seed
+    from ..seeding import numpy_generator
 
     labels = np.asarray(labels)
     if heldout <= 0:
         return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng(derived_seed(seed, 0, stream=11))
+    rng = numpy_generator("heldout", seed)
     held = []
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)

@@ -2,7 +2,7 @@
 
 The exported graph is what :func:`fsl_lsskd.checkpoint.load_backbone` gives: the backbone without auxiliary
 classifiers and without the classifier, ``features = model(images)`` with ``images`` float32 ``[B, 3, S, S]``
-normalised as in :func:`fsl_lsskd.eval.features.prepare_images` and ``features`` float32 ``[B, D]`` pooled. The
+normalised as in :meth:`fsl_lsskd.inputs.InputSpec.prepare` and ``features`` float32 ``[B, D]`` pooled. The
 batch dimension is dynamic. Export uses ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter,
 PyTorch's default since 2.9; it folds BatchNorm into the convolutions of an eval-mode network) with the weights
 inside the one ``.onnx`` file.
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..inputs import InputSpec
 from ..utils import PathLike, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -106,14 +107,12 @@ def max_difference(reference: np.ndarray, other: np.ndarray) -> Dict[str, float]
 
 
 @torch.inference_mode()
-def parity(net: nn.Module, onnx_path: PathLike, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
-           image_size: int, tolerance: float = PARITY_RTOL) -> Dict[str, Any]:
+def parity(net: nn.Module, onnx_path: PathLike, images: np.ndarray, spec: InputSpec,
+           tolerance: float = PARITY_RTOL) -> Dict[str, Any]:
     """Compare the ONNX model with the PyTorch network on real images (uint8 ``[N, H, W, 3]``, prepared like
-    the evaluation prepares them): ``{n_images, max_abs_diff, max_rel_diff, max_abs_reference, tolerance, ok}``
-    with ``ok`` = max_rel_diff <= ``tolerance``."""
-    from ..eval.features import prepare_images
-
-    x = prepare_images(images, mean, std, image_size).contiguous()
+    the evaluation prepares them: ``spec.prepare``): ``{n_images, max_abs_diff, max_rel_diff, max_abs_reference,
+    tolerance, ok}`` with ``ok`` = max_rel_diff <= ``tolerance``."""
+    x = spec.prepare(images).contiguous()
     ref = net.to("cpu").eval()(x).float().numpy()
     out = OnnxBackbone(onnx_path, threads=None)(x).numpy()
     res = {"n_images": int(len(images)), **max_difference(ref, out), "tolerance": float(tolerance)}

@@ -22,6 +22,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from ..errors import DataError
+from ..inputs import InputSpec
 from ..utils import PathLike, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,15 @@ class TrainSplitCalibrationReader(CalibrationDataReader):
         split: a :class:`~fsl_lsskd.data.base.SplitData` whose ``split`` is ``"train"`` (anything else raises
             :class:`~fsl_lsskd.errors.DataError`).
         rows: row indices of ``split`` to use (e.g. :func:`calibration_rows`).
-        mean, std, image_size: the backbone's input preparation.
+        spec: the backbone's input preparation (:class:`~fsl_lsskd.inputs.InputSpec`).
         input_name: the ONNX model's input.
         batch_size: images per calibration batch.
 
     After calibration ``given_rows`` lists every row handed to the quantiser, in order, and ``given_sha256`` the
     sha256 of each image's bytes."""
 
-    def __init__(self, split, rows: Sequence[int], mean: Sequence[float], std: Sequence[float], image_size: int,
-                 input_name: str = "images", batch_size: int = 32) -> None:
+    def __init__(self, split, rows: Sequence[int], spec: InputSpec, input_name: str = "images",
+                 batch_size: int = 32) -> None:
         if getattr(split, "split", None) != CALIBRATION_SPLIT:
             raise DataError(f"int8 calibration uses training images only; got the {getattr(split, 'split', '?')!r} "
                             f"split of {getattr(split, 'dataset', '?')}. Pass the training split (base classes)")
@@ -67,15 +68,13 @@ class TrainSplitCalibrationReader(CalibrationDataReader):
         if rows.size == 0 or rows.min() < 0 or rows.max() >= len(split):
             raise DataError(f"calibration rows must index the {len(split)} training images")
         self.split, self.rows = split, rows
-        self.mean, self.std, self.image_size = tuple(mean), tuple(std), int(image_size)
+        self.spec = spec
         self.input_name, self.batch_size = input_name, int(batch_size)
         self.given_rows: List[int] = []
         self.given_sha256: List[str] = []
         self._next = 0
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-        from ..eval.features import prepare_images
-
         if self._next >= len(self.rows):
             return None
         r = self.rows[self._next:self._next + self.batch_size]
@@ -83,7 +82,7 @@ class TrainSplitCalibrationReader(CalibrationDataReader):
         images = np.asarray(self.split.images[r])
         self.given_rows.extend(int(i) for i in r)
         self.given_sha256.extend(image_sha256(img) for img in images)
-        x = prepare_images(images, self.mean, self.std, self.image_size).contiguous().numpy()
+        x = self.spec.prepare(images).contiguous().numpy()
         return {self.input_name: x.astype(np.float32, copy=False)}
 
     def rewind(self) -> None:
@@ -117,7 +116,7 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, reader: TrainSplitCal
             "calibration": {"dataset": split.dataset, "split": split.split, "fingerprint": split.fingerprint,
                             "n_images": int(len(rows)), "n_split_images": int(len(split)),
                             "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
-                            "image_size": reader.image_size}}
+                            "image_size": reader.spec.image_size}}
     log.info("int8 %s: %d bytes, calibrated on %d %s %s images", out_path, info["bytes"], len(rows), split.dataset,
              split.split)
     return info

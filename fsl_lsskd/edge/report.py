@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..protocol import EpisodeProtocol, can_host
 from ..utils import PathLike, atomic_path, atomic_write_text, make_dir
 from .latency import LatencySettings
@@ -72,9 +73,8 @@ def build_onnx(export_dir: PathLike, out_dir: PathLike, *, images_split=None, tr
 
     out = make_dir(out_dir)
     net, meta = load_backbone(export_dir)
-    size = int(meta["image_size"])
-    mean = tuple(mean if mean is not None else meta.get("mean") or (0.5, 0.5, 0.5))
-    std = tuple(std if std is not None else meta.get("std") or (0.25, 0.25, 0.25))
+    spec = InputSpec.from_meta(meta, mean=mean, std=std)
+    size = int(spec.image_size)
     src = Path(export_dir)
     weights = src / EXPORT_WEIGHTS if src.is_dir() else src
     model = {k: meta.get(k) for k in ("backbone", "method", "train_id", "dataset", "image_size", "num_features",
@@ -85,13 +85,13 @@ def build_onnx(export_dir: PathLike, out_dir: PathLike, *, images_split=None, tr
         from ..checkpoint import count_flops
 
         model["flops"] = count_flops(net, size)
-    model.update(mean=list(mean), std=list(std))
+    model.update(mean=list(spec.mean), std=list(spec.std))
     files: Dict[str, Any] = {"pytorch": {"path": weights.name, "bytes": weights.stat().st_size if weights.is_file()
                                          else None, "format": "safetensors (timm state dict)"}}
     files["onnx_fp32"] = export_onnx(net, size, out / ONNX_FP32, settings.opset)
     if images_split is not None:
         rows, images = sample_images(images_split, settings.parity_images)
-        par = parity(net, out / ONNX_FP32, images, mean, std, size)
+        par = parity(net, out / ONNX_FP32, images, spec)
         par["images"] = f"{images_split.dataset}/{images_split.split}: {len(rows)} rows (seed 0)"
     else:
         from .onnx_export import PARITY_RTOL
@@ -110,15 +110,13 @@ def build_onnx(export_dir: PathLike, out_dir: PathLike, *, images_split=None, tr
         from .quantize import TrainSplitCalibrationReader, calibration_rows, quantize_int8
 
         rows = calibration_rows(len(train_split), settings.calibration_images, settings.calibration_seed)
-        reader = TrainSplitCalibrationReader(train_split, rows, mean, std, size)
+        reader = TrainSplitCalibrationReader(train_split, rows, spec)
         info = quantize_int8(out / ONNX_FP32, out / ONNX_INT8, reader)
         info["calibration"]["seed"] = int(settings.calibration_seed)
         files["onnx_int8"] = {k: info[k] for k in ("path", "bytes", "sha256")}
         int8 = {k: v for k, v in info.items() if k not in ("path", "bytes", "sha256")}
         if images_split is not None:  # how far int8 moves the features (informative; accuracy is what counts)
-            from ..eval.features import prepare_images
-
-            x = prepare_images(images, mean, std, size).contiguous()
+            x = spec.prepare(images).contiguous()
             int8["feature_diff_vs_fp32"] = max_difference(OnnxBackbone(out / ONNX_FP32)(x).numpy(),
                                                           OnnxBackbone(out / ONNX_INT8)(x).numpy())
         report["int8"] = int8
@@ -170,11 +168,9 @@ def edge_report(export_dir: PathLike, out_dir: PathLike, *, eval_split=None, tra
         report["accuracy"] = {"dataset": eval_split.dataset, "split": eval_split.split,
                               "fingerprint": eval_split.fingerprint, "records": records}
     if "latency" in measure:
-        from ..eval.features import prepare_images
-
         if eval_split is not None:
             _, images = sample_images(eval_split, max(settings.latency.batch_sizes), seed=1)
-            inputs = prepare_images(images, m["mean"], m["std"], int(m["image_size"])).contiguous().numpy()
+            inputs = InputSpec.from_meta(m).prepare(images).contiguous().numpy()
             source = f"{eval_split.dataset}/{eval_split.split}: {len(images)} images"
         else:
             rng = np.random.default_rng(1)

@@ -24,7 +24,9 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..protocol import EpisodeProtocol
+from ..seeding import torch_generator
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,12 @@ class EpisodeInputs:
     @property
     def n_way(self) -> int:
         return int(self.rows.shape[1])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The backbone's input preparation (``mean``, ``std``, ``image_size``) as one
+        :class:`~fsl_lsskd.inputs.InputSpec`: readouts that feed images prepare them with it."""
+        return InputSpec(self.mean, self.std, self.image_size)
 
     @property
     def n_query(self) -> int:
@@ -240,6 +248,7 @@ class ScoreResult:
         return out
 
 
+#: seed of the scorers' per-episode streams (``support_augment``, ``finetune_batches``: :mod:`fsl_lsskd.seeding`)
 AUG_SEED = 0
 
 
@@ -247,10 +256,9 @@ def support_query_features(inputs: EpisodeInputs, n_aug_support: int, start: int
     """Support and query features of episodes ``start:stop``: ``(support [e, n_way, S, D], query
     [e, n_way, n_query, D])`` float32. Without augmentation ``S = n_shot`` and both come from the cached
     features; with ``n_aug_support = m > 0`` every support image is embedded ``m`` times through RFS's
-    training transform (``S = m * n_shot``; RFS ``n_aug_support_samples``), seeded per episode from
-    (:data:`AUG_SEED`, episode index), so every method sees the same augmented copies."""
-    import torch
-
+    training transform (``S = m * n_shot``; RFS ``n_aug_support_samples``), drawn per episode from the
+    ``support_augment`` stream of :data:`AUG_SEED` at the episode index, so every method sees the same augmented
+    copies."""
     rows = inputs.rows[start:stop]
     e, w, k = rows.shape
     feats = inputs.features
@@ -262,7 +270,7 @@ def support_query_features(inputs: EpisodeInputs, n_aug_support: int, start: int
     sup_rows = rows[:, :, :inputs.n_shot]
     out = np.empty((e, w, n_aug_support * inputs.n_shot, feats.shape[1]), dtype=np.float32)
     for i in range(e):
-        g = torch.Generator().manual_seed(AUG_SEED * 1_000_003 + start + i)
+        g = torch_generator("support_augment", AUG_SEED, start + i)
         imgs = inputs.images[np.tile(sup_rows[i].reshape(-1), n_aug_support)]  # copy-major
         f = inputs.embed(imgs, augment=True, generator=g).reshape(n_aug_support, w, inputs.n_shot, -1)
         out[i] = f.transpose(1, 0, 2, 3).reshape(w, n_aug_support * inputs.n_shot, -1)

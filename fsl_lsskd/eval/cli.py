@@ -130,6 +130,7 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     t0 = time.perf_counter()
     model, meta, split_data, ds = prepare(backbone, checkpoint, untrained, dataset, data, split, image_size, seed,
                                           protocols)
+    from ..inputs import InputSpec
     from .scoring import ReadoutSpec, evaluate as run_eval, needs_method
 
     specs = [ReadoutSpec.parse(r) for r in _names(readouts)]
@@ -137,16 +138,16 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
         from ..data.duplicates import check_leakage
 
         check_leakage(ds, split, "train", decode=False)  # when both splits are cached (nothing decoded for it)
-    size = int(image_size or meta.get("image_size") or split_data.image_size)
-    mean = tuple(meta.get("mean") or ds.mean)
-    std = tuple(meta.get("std") or ds.std)
+    # the backbone's input contract: its own metadata, else the dataset's statistics at the split's size
+    spec = InputSpec.from_meta(meta, InputSpec(ds.mean, ds.std, split_data.image_size), image_size=image_size)
+    size = int(spec.image_size)
     method = None
     whole = [s.name for s in specs if needs_method(s.name)]
     if checkpoint is not None and whole:
         def method():
             return _load_whole_method(checkpoint, device, whole)
-    results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=mean, std=std, image_size=size,
-                       batch_size=batch_size, device=device, cache=not no_cache, method=method)
+    results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=spec.mean, std=spec.std,
+                       image_size=size, batch_size=batch_size, device=device, cache=not no_cache, method=method)
     src = f"untrained (seed {seed})" if untrained else str(checkpoint)
     click.echo(f"{meta['backbone']} [{src}] on {dataset} {split}: {split_data.num_classes} classes, {len(split_data)} "
                f"images, {size}x{size}; episodes: {', '.join(sorted({r.episodes_source for r in results}))}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import DataError, ProtocolError
 from ..protocol import EpisodeProtocol, can_host, check_capacity
+from ..seeding import numpy_generator
 from ..utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -145,14 +146,15 @@ def check_episode_memory(protocols: Sequence[EpisodeProtocol], option: str = "n_
 
 def generate_episodes(protocol: EpisodeProtocol, counts: Sequence[int]) -> Episodes:
     """Episodes as a pure function of ``protocol`` and the per-class ``counts``
-    (``numpy.random.default_rng(protocol.seed)``). Raises :class:`ProtocolError` when the counts cannot host it,
-    and :class:`~fsl_lsskd.errors.ConfigError` when its episodes would not fit in the available memory."""
+    (the ``eval_episodes`` stream: ``numpy.random.default_rng(protocol.seed)``). Raises :class:`ProtocolError`
+    when the counts cannot host it, and :class:`~fsl_lsskd.errors.ConfigError` when its episodes would not fit in
+    the available memory."""
     counts = tuple(int(c) for c in counts)
     check_capacity(counts, protocol)
     if max(counts) > np.iinfo(IMAGE_DTYPE).max or len(counts) > np.iinfo(CLASS_DTYPE).max:
         raise ProtocolError("episode files store uint16 image / int16 class positions; split too large")
     check_episode_memory([protocol], probabilities=False)
-    rng = np.random.default_rng(protocol.seed)
+    rng = numpy_generator("eval_episodes", protocol.seed)
     k = protocol.images_per_class
     classes = np.empty((protocol.n_episodes, protocol.n_way), dtype=CLASS_DTYPE)
     images = np.empty((protocol.n_episodes, protocol.n_way, k), dtype=IMAGE_DTYPE)

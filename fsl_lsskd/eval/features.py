@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..inputs import InputSpec
+from ..seeding import torch_generator
 from ..utils import atomic_path, cache_dir
+from .base import AUG_SEED
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,11 @@ def split_key(split) -> str:
     return f"{split.dataset}/{split.split}/bytes:{h.hexdigest()}"
 
 
-def feature_cache_path(model_hash: str, split, image_size: int, mean: Sequence[float],
-                       std: Sequence[float]) -> Path:
-    key = "|".join([f"v{CACHE_VERSION}", model_hash, split_key(split), str(int(image_size)),
-                    ",".join(f"{m:.6g}" for m in mean), ",".join(f"{s:.6g}" for s in std)])
+def feature_cache_path(model_hash: str, split, spec: InputSpec) -> Path:
+    """Where the features of ``split`` through the network with state hash ``model_hash``, prepared by ``spec``
+    (which must name its ``image_size``), are cached."""
+    key = "|".join([f"v{CACHE_VERSION}", model_hash, split_key(split), str(int(spec.image_size)),
+                    ",".join(f"{m:.6g}" for m in spec.mean), ",".join(f"{s:.6g}" for s in spec.std)])
     return cache_dir() / "features" / f"{hashlib.sha256(key.encode()).hexdigest()}.npy"
 
 
@@ -70,31 +74,14 @@ def inference_network(model: nn.Module, sample: torch.Tensor) -> nn.Module:
     return fused
 
 
-def prepare_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float], image_size: Optional[int] = None,
-                   device="cpu") -> torch.Tensor:
-    """The network input of uint8 ``[B, H, W, 3]`` images: float32 ``[B, 3, S, S]`` resized to ``image_size``
-    (bilinear with antialiasing, rounded back to 0..255, when the size differs) and normalised with ``mean``/
-    ``std`` (fractions of 255). The memory format is whatever is cheapest (channels_last strides); call
-    ``.contiguous()`` for a plain NCHW array. What :func:`extract_features` feeds the backbone, so exported
-    runtimes (ONNX) see exactly the same input."""
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    x = torch.from_numpy(np.array(images)).to(device)
-    x = x.permute(0, 3, 1, 2).float()
-    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                                            antialias=True, align_corners=False).round_().clamp_(0, 255)
-    return (x - m) / s
-
-
 @torch.inference_mode()
-def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
-                     image_size: Optional[int] = None, batch_size: int = 256, device="cpu",
+def extract_features(model: nn.Module, images: np.ndarray, spec: InputSpec, batch_size: int = 256, device="cpu",
                      fuse: bool = True, desc: Optional[str] = None) -> np.ndarray:
-    """Pooled features ``[N, D]`` float32 of uint8 ``[N,H,W,3]`` images (resized to ``image_size`` with
-    antialiasing when it differs, normalised with ``mean``/``std``). ``fuse`` folds Conv+BatchNorm first
-    (:func:`inference_network`); pass False for a model that is already folded. ``desc`` names the step in the
-    progress display (:mod:`fsl_lsskd.progress`; shown when it lasts, none without ``desc``)."""
+    """Pooled features ``[N, D]`` float32 of uint8 ``[N,H,W,3]`` images, prepared by ``spec``
+    (:meth:`~fsl_lsskd.inputs.InputSpec.prepare`: resized to its ``image_size`` when it differs, normalised).
+    ``fuse`` folds Conv+BatchNorm first (:func:`inference_network`); pass False for a model that is already
+    folded. ``desc`` names the step in the progress display (:mod:`fsl_lsskd.progress`; shown when it lasts, none
+    without ``desc``)."""
     from ..progress import Progress
 
     model = model.to(device).eval().to(memory_format=torch.channels_last)
@@ -102,7 +89,7 @@ def extract_features(model: nn.Module, images: np.ndarray, mean: Sequence[float]
     net = None
     bar = Progress(len(images), desc, "image", announce=False, leave=False) if desc else None
     for i in range(0, len(images), batch_size):
-        x = prepare_images(images[i:i + batch_size], mean, std, image_size, device)
+        x = spec.prepare(images[i:i + batch_size], device)
         x = x.contiguous(memory_format=torch.channels_last)
         if net is None:
             net = inference_network(model, x[:8]) if fuse else model
@@ -137,42 +124,38 @@ def support_augment(images: torch.Tensor, generator: torch.Generator, padding: i
         return torch.stack([tf(img) for img in images])
 
 
-def make_embedder(model: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int,
-                  device="cpu", batch_size: int = 256):
+def make_embedder(model: nn.Module, spec: InputSpec, device="cpu", batch_size: int = 256):
     """``embed(uint8 [n, H, W, 3], augment=False, generator=None) -> float32 [n, D]``: features of images
-    through the frozen ``model`` (resized to ``image_size`` first; ``augment=True`` applies
-    :func:`support_augment` with ``generator``)."""
+    through the frozen ``model``, resized to ``spec.image_size`` first (:meth:`InputSpec.resize_uint8`, the same
+    pixels as :meth:`InputSpec.prepare`); ``augment=True`` applies :func:`support_augment` with ``generator``
+    (default: the ``support_augment`` stream of episode 0) to the resized uint8 images, then they are
+    normalised."""
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     folded = []
+    unsized = spec.with_size(None)
 
     def embed(images: np.ndarray, augment: bool = False, generator: Optional[torch.Generator] = None) -> np.ndarray:
-        x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
-        if tuple(x.shape[-2:]) != (image_size, image_size):
-            x = torch.nn.functional.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
-                                                antialias=True, align_corners=False).round_().clamp_(0, 255)
-            x = x.to(torch.uint8)
+        x = spec.resize_uint8(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2))
         if augment:
-            x = support_augment(x, generator if generator is not None else torch.Generator().manual_seed(0))
+            x = support_augment(x, generator if generator is not None else
+                                torch_generator("support_augment", AUG_SEED, 0))
         if not folded:  # fold Conv+BN once, not per call
-            m = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-            s = torch.tensor(std).view(1, 3, 1, 1) * 255.0
             with torch.inference_mode():
-                folded.append(inference_network(model, ((x[:8].float() - m) / s).to(device)
+                folded.append(inference_network(model, spec.normalize(x[:8]).to(device)
                                                 .contiguous(memory_format=torch.channels_last)))
-        return extract_features(folded[0], x.permute(0, 2, 3, 1).numpy(), mean, std, None, batch_size, device,
-                                fuse=False)
+        return extract_features(folded[0], x.permute(0, 2, 3, 1).numpy(), unsized, batch_size, device, fuse=False)
 
     return embed
 
 
-def split_features(model: nn.Module, split, mean: Sequence[float], std: Sequence[float],
-                   image_size: Optional[int] = None, batch_size: int = 256, device="cpu",
+def split_features(model: nn.Module, split, spec: InputSpec, batch_size: int = 256, device="cpu",
                    cache: bool = True, model_hash: Optional[str] = None) -> np.ndarray:
-    """Features of every row of ``split``, from the cache when present (atomic writes)."""
-    size = int(image_size or split.image_size)
+    """Features ``[N, D]`` float32 of every row of ``split`` prepared by ``spec`` (at the split's own size when
+    ``spec`` names none), from the cache when present (atomic writes)."""
+    spec = spec.with_size(spec.image_size or split.image_size)
     path = None
     if cache:
-        path = feature_cache_path(model_hash or state_hash(model), split, size, mean, std)
+        path = feature_cache_path(model_hash or state_hash(model), split, spec)
         if path.is_file():
             try:
                 feats = np.load(path, allow_pickle=False)
@@ -181,7 +164,7 @@ def split_features(model: nn.Module, split, mean: Sequence[float], std: Sequence
                     return feats
             except (OSError, ValueError):
                 log.warning("unreadable feature cache %s; recomputing", path)
-    feats = extract_features(model, split.images, mean, std, size, batch_size, device,
+    feats = extract_features(model, split.images, spec, batch_size, device,
                              desc=f"features {split.dataset} {split.split}")
     if path is not None:
         with atomic_path(path, suffix=".npy") as tmp:

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..registry import READOUTS
+from ..seeding import torch_generator
 from .base import AUG_SEED, EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize
 from .features import support_augment
 
@@ -194,20 +196,18 @@ class FinetuneReadout(Readout):
         rows = np.asarray(inputs.rows, dtype=np.int64)
         E, W, K = rows.shape
         n_shot, n_query = inputs.n_shot, K - inputs.n_shot
-        mean = torch.tensor(inputs.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(inputs.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        size = int(inputs.image_size)
+        spec = inputs.input_spec
         split = LastStageSplit(model, stage)
         query_y = torch.arange(W, device=device).repeat_interleave(n_query)
         correct = np.empty(E, dtype=np.float64)
         probs = np.empty((E, W * n_query, W), dtype=np.float32)
         for e in range(E):
             stage.load_state_dict(initial)
-            sup_imgs, sup_y = self._support(inputs.images[rows[e, :, :n_shot].reshape(-1)], n_shot, W, size, e)
-            qry_imgs = _resize(torch.from_numpy(np.array(inputs.images[rows[e, :, n_shot:].reshape(-1)]))
-                               .permute(0, 3, 1, 2), size)
-            x_sup = ((sup_imgs.to(device).float() - mean) / std)
-            x_qry = ((qry_imgs.to(device).float() - mean) / std)
+            sup_imgs, sup_y = self._support(inputs.images[rows[e, :, :n_shot].reshape(-1)], n_shot, W, spec, e)
+            qry = np.array(inputs.images[rows[e, :, n_shot:].reshape(-1)])
+            qry_imgs = spec.resize_uint8(torch.from_numpy(qry).permute(0, 3, 1, 2))
+            x_sup = spec.normalize(sup_imgs.to(device))
+            x_qry = spec.normalize(qry_imgs.to(device))
             if e == 0:
                 split.verify(x_sup[:8])
             sup_y = sup_y.to(device)
@@ -222,7 +222,7 @@ class FinetuneReadout(Readout):
                         p.requires_grad_(True)
                     groups.append({"params": stage_params, "lr": float(cfg.backbone_lr)})
                 opt = torch.optim.SGD(groups, momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay))
-                g = torch.Generator().manual_seed(AUG_SEED * 1_000_003 + e + 1)
+                g = torch_generator("finetune_batches", AUG_SEED, e)
                 n = len(sup_y)
                 for _ in range(int(cfg.steps)):
                     idx = (torch.randperm(n, generator=g)[:int(cfg.batch_size)] if cfg.batch_size
@@ -245,22 +245,15 @@ class FinetuneReadout(Readout):
                  correct.mean() if E else float("nan"), cfg.steps, last_stage_name(model))
         return ReadoutOutput(correct, probs)
 
-    def _support(self, images: np.ndarray, n_shot: int, n_way: int, size: int,
+    def _support(self, images: np.ndarray, n_shot: int, n_way: int, spec: InputSpec,
                  episode: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The augmented support set: uint8 ``[m * n_way * n_shot, 3, S, S]`` and labels (``m`` =
         ``n_aug_support`` copies, or the images once when it is 0)."""
-        x = _resize(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2), size)
+        x = spec.resize_uint8(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2))
         y = torch.arange(n_way).repeat_interleave(n_shot)
         m = int(self.config.n_aug_support)
         if m == 0:
             return x, y
-        g = torch.Generator().manual_seed(AUG_SEED * 1_000_003 + episode)
+        g = torch_generator("support_augment", AUG_SEED, episode)
         return support_augment(x.repeat(m, 1, 1, 1), g), y.repeat(m)
 
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``[n, 3, H, W]`` -> uint8 ``[n, 3, size, size]`` (antialiased bilinear, as the feature cache)."""
-    if tuple(x.shape[-2:]) == (size, size):
-        return x
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return y.round_().clamp_(0, 255).to(torch.uint8)

@@ -5,7 +5,8 @@ to the frozen-feature readouts (``protonet``, ``logreg``) on the same published 
 
 It needs the trained MAML *method* (the backbone alone has no head): the scorer's ``method()`` (the cell's
 model directory), or ``method=``/``checkpoint=`` options. Cost is ``steps`` forward/backward passes per
-episode: ``max_episodes`` scores the first N published episodes.
+episode: ``max_episodes`` scores the first N published episodes. The episode images are prepared as every other
+readout's (:meth:`fsl_lsskd.inputs.InputSpec.prepare`: the rounded antialiased resize, then the normalisation).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import READOUTS
@@ -72,8 +72,7 @@ class MAMLFinetuneReadout(Readout):
         rows = np.asarray(inputs.rows, dtype=np.int64)
         E, W, K = rows.shape
         n_shot = inputs.n_shot
-        mean_t = torch.as_tensor(inputs.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std_t = torch.as_tensor(inputs.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        spec = inputs.input_spec
         support_y = torch.arange(W, device=device).repeat_interleave(n_shot)
         query_y = torch.arange(W, device=device).repeat_interleave(K - n_shot)
         acc = np.empty(E, dtype=np.float64)
@@ -81,7 +80,7 @@ class MAMLFinetuneReadout(Readout):
         for e in range(E):
             sup = rows[e, :, :n_shot].reshape(-1)
             qry = rows[e, :, n_shot:].reshape(-1)
-            x = self._prepare(inputs.images, np.concatenate([sup, qry]), mean_t, std_t, inputs.image_size, device)
+            x = spec.prepare(inputs.images[np.concatenate([sup, qry])], device)
             logits = method.finetune_predict(x[:len(sup)], support_y, x[len(sup):], steps=self.config.steps,
                                              inner_lr=self.config.inner_lr)
             acc[e] = (logits.argmax(1) == query_y).double().mean().item()
@@ -89,13 +88,3 @@ class MAMLFinetuneReadout(Readout):
             inputs.done(1)
         log.info("maml_finetune: %d episodes, mean acc %.4f", E, acc.mean() if E else float("nan"))
         return ReadoutOutput(acc, probs)
-
-    @staticmethod
-    def _prepare(images, idx: np.ndarray, mean_t, std_t, image_size, device) -> torch.Tensor:
-        """uint8 ``[N,H,W,3]`` rows -> normalised float ``[n,3,S,S]`` (antialiased resize when the split is not
-        at the model's ``image_size``)."""
-        x = torch.as_tensor(np.asarray(images[idx])).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        if image_size is not None and x.shape[-1] != int(image_size):
-            x = F.interpolate(x, size=(int(image_size), int(image_size)), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return (x - mean_t) / std_t

@@ -21,6 +21,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from ..inputs import InputSpec
 from ..protocol import EpisodeProtocol
 from .base import EpisodeInputs, l2_normalize
 from .episodes import class_offsets, load_episodes
@@ -103,13 +104,12 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
     report: Dict[str, Dict[str, float]] = {}
     # ---- ours: extract once (timed once, shared by both readouts and both shots)
     t0 = time.perf_counter()
-    feats = extract_features(model, split.images, mean, std, image_size, batch_size, device)
+    spec = InputSpec(mean, std, image_size)
+    feats = extract_features(model, split.images, spec, batch_size, device)
     t_extract = time.perf_counter() - t0
     report["extract"] = {"seconds": t_extract, "images": float(len(split))}
     images_t = torch.from_numpy(np.array(split.images))
     labels_t = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
-    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std).view(1, 3, 1, 1) * 255
     for k in shots:
         ep = load_episodes(split.dataset, split.split, counts, EpisodeProtocol(n_way, k, n_query, n_episodes),
                            split.class_names)
@@ -139,12 +139,9 @@ def run_benchmark(model: torch.nn.Module, split, mean: Sequence[float], std: Seq
             yy = y.long().view(W, K)  # RemapLabels relabels 0..n_way-1; the class blocks must stay intact
             if not (bool((yy == yy[:, :1]).all()) and len(set(yy[:, 0].tolist())) == W):
                 raise RuntimeError("learn2learn task is not grouped by class as described")
-            x = x.permute(0, 3, 1, 2).float()
-            if tuple(x.shape[-2:]) != (image_size, image_size):
-                x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                                                    antialias=True, align_corners=False).round_().clamp_(0, 255)
+            x = spec.normalize(spec.resize(x.permute(0, 3, 1, 2).float()))
             with torch.no_grad():
-                f = model(((x - m) / s).to(device)).float().cpu()
+                f = model(x.to(device)).float().cpu()
             t_lf += time.perf_counter() - t0
             t0 = time.perf_counter()
             f64 = l2_normalize(f.double()).view(W, K, -1)

@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..progress import Progress
 from ..protocol import EpisodeProtocol, unique
 from ..registry import READOUTS
@@ -133,13 +134,14 @@ def evaluate(backbone: nn.Module, split, *, protocols: Sequence[Union[EpisodePro
     offsets, counts = class_offsets(split.labels, split.num_classes)
     episodes = {p: load_episodes(split.dataset, split.split, counts, p, split.class_names) for p in protocols}
     size = int(image_size or split.image_size)
+    input_spec = InputSpec(mean, std, size)
     feats = None
     if any(r.uses_features() for _, r in built):
         t0 = time.perf_counter()
-        feats = split_features(backbone, split, mean, std, size, batch_size, device, cache,
+        feats = split_features(backbone, split, input_spec, batch_size, device, cache,
                                model_hash or (state_hash(backbone) if cache else None))
         log.info("features %s in %.1fs", feats.shape, time.perf_counter() - t0)
-    embed = make_embedder(backbone, mean, std, size, device) if any(r.uses_images() for _, r in built) else None
+    embed = make_embedder(backbone, input_spec, device) if any(r.uses_images() for _, r in built) else None
     info = {"dataset": split.dataset, "split": split.split, "image_size": size, "fingerprint": split.fingerprint}
     results = []
     total = sum(min(len(ep), r.episode_limit() or len(ep)) for ep in episodes.values() for _, r in built)
@@ -155,7 +157,8 @@ def evaluate(backbone: nn.Module, split, *, protocols: Sequence[Union[EpisodePro
             t0 = time.perf_counter()
             out = readout.predict(EpisodeInputs(rows=rows, n_shot=protocol.n_shot, features=feats,
                                                 images=split.images, embed=embed, backbone=backbone, method=method,
-                                                mean=tuple(mean), std=tuple(std), image_size=size, device=device,
+                                                mean=input_spec.mean, std=input_spec.std, image_size=size,
+                                                device=device,
                                                 progress=bar.update))
             bar.update(max(start + len(rows) - bar.n, 0))  # what a readout did not report
             res = _result(spec, protocol, rows, out, ep, time.perf_counter() - t0, info)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..inputs import InputSpec
 from ..protocol import EpisodeProtocol
 
 
@@ -34,13 +35,13 @@ def fewshot_validator(val_split, protocol: EpisodeProtocol, mean: Sequence[float
 @torch.no_grad()
 def class_logits(net: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
                  device="cpu", batch_size: int = 512) -> torch.Tensor:
-    """``net`` outputs (float32, CPU) for uint8 ``[N, H, W, 3]`` images normalised with ``mean``/``std``."""
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    """``net`` outputs (float32, CPU) for uint8 ``[N, H, W, 3]`` images normalised with ``mean``/``std`` at
+    their own size (:meth:`fsl_lsskd.inputs.InputSpec.prepare`; the images are at the training size already)."""
+    spec = InputSpec(mean, std)
     outs = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device).permute(0, 3, 1, 2).float()
-        outs.append(net(((x - m) / s).contiguous(memory_format=torch.channels_last)).float().cpu())
+        x = spec.prepare(images[i:i + batch_size], device)
+        outs.append(net(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

@@ -14,8 +14,8 @@ Episode layout (one :class:`~fsl_lsskd.methods.base.Batch` = ``T`` tasks, ``T = 
 (the last batch of an epoch may hold fewer tasks than ``tasks_per_batch``).
 
 Seeding: learn2learn samples with Python's global :mod:`random` module (``random.sample`` in ``NWays``/
-``KShots``). :class:`EpisodeSampler` keeps its *own* ``random`` state, derived from ``(seed, epoch)``
-with :class:`numpy.random.SeedSequence`; every ``sample()`` swaps that state into :mod:`random`, samples and
+``KShots``). :class:`EpisodeSampler` keeps its *own* ``random`` state, the ``episodes`` stream of
+``(seed, epoch)`` (:mod:`fsl_lsskd.seeding`); every ``sample()`` swaps that state into :mod:`random`, samples and
 swaps the caller's state back. So episodes are a pure function of ``(seed, epoch)`` -- whatever else
 runs between two episodes -- and the global ``random`` state is left exactly as it was.
 """
@@ -32,6 +32,7 @@ import torch
 
 from ..deps import require_learn2learn
 from ..errors import ConfigError, ProtocolError
+from ..seeding import episode_seed, python_random_state, torch_generator
 from .base import Batch, Method, MethodConfig
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,6 @@ class EpisodicConfig(MethodConfig):
     @property
     def task_size(self) -> int:
         return self.n_way * (self.n_shot + self.n_query)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 64-bit seed for ``random.seed`` from the method seed and the epoch."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x5EED]).generate_state(2)
-    return int(state[0]) << 32 | int(state[1])
 
 
 @contextlib.contextmanager
@@ -135,7 +130,7 @@ class EpisodeSampler:
         self.reseed(seed, epoch)
 
     def reseed(self, seed: int, epoch: int) -> None:
-        self._state = random.Random(epoch_seed(seed, epoch)).getstate()
+        self._state = python_random_state("episodes", seed, epoch)
 
     def sample(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One task in the documented layout: ``(images [n_way*(n_shot+n_query),...], labels, rows)``."""
@@ -210,8 +205,7 @@ class EpisodicMethod(Method):
         run_seed = getattr(loader, "seed", None)
         if run_seed is None:
             return int(self.config.seed)
-        return int(np.random.SeedSequence([int(self.config.seed) & 0xFFFFFFFF,
-                                           int(run_seed) & 0xFFFFFFFF]).generate_state(1)[0])
+        return episode_seed(self.config.seed, run_seed)
 
     def iter_batches(self, loader, epoch: int) -> Iterator[Batch]:
         """``ceil(episodes_per_epoch / tasks_per_batch)`` episode batches in the module-docstring layout,
@@ -221,8 +215,7 @@ class EpisodicMethod(Method):
         sampler = EpisodeSampler(loader.images, loader.labels, cfg.n_way, cfg.n_shot, cfg.n_query,
                                  seed=self.sampling_seed(loader), epoch=epoch)
         # augmentation draws: own torch stream per (seed, epoch), so an epoch is the same after a resume
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(epoch_seed(self.sampling_seed(loader), epoch) & ((1 << 63) - 1) ^ 0xA5A5)
+        gen = torch_generator("episode_augment", self.sampling_seed(loader), epoch)
         remaining = cfg.episodes_per_epoch
         while remaining > 0:
             n = min(self.tasks_per_batch, remaining)

@@ -31,9 +31,10 @@ from ..checkpoint import (MODEL_META, load_method, read_model_meta, read_trainin
                           save_model, save_training_state)
 from ..errors import ConfigError, TrainingDiverged
 from ..progress import Progress, announce
+from ..seeding import seed_torch
 from ..utils import atomic_path, atomic_write_text, check_writable_dir, make_dir
 from .config import TrainConfig, build_method_config, diff_keys, method_class, train_id, training_identity
-from .loader import TrainLoader, epoch_seed
+from .loader import TrainLoader
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
     mcfg = build_method_config(cls.config_cls, cfg)
     num_classes = int(data.train.num_classes)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(epoch_seed(cfg.seed, 0, stream=7))
+        seed_torch("init", cfg.seed)
         backbone = create_backbone(cfg.backbone, num_classes=num_classes, image_size=cfg.image_size)
         method = cls(backbone, num_classes, len(data.train), mcfg, teacher)
     method = method.to(cfg.device).to(memory_format=torch.channels_last)
@@ -491,7 +492,7 @@ def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, schedul
     step_fn = step_fn if step_fn is not None else method.training_step
     # the global torch RNG (dropout, stochastic depth, method sampling) restarts from (seed, epoch[, rank]): a
     # resumed epoch replays exactly; the caller's RNG state is restored by fork_rng
-    torch.manual_seed(epoch_seed(cfg.seed, epoch, stream=3, rank=dctx.rank))
+    seed_torch("training_global", cfg.seed, epoch, rank=dctx.rank)
     method.train()
     method.on_epoch_start(epoch)
     lr = float(optimizer.param_groups[0]["lr"])

@@ -2,8 +2,9 @@
 
 Standard CIFAR-style augmentation (RandomCrop(pad 4) + RandomHorizontalFlip + Normalize, as used by rfs,
 PS-KD and HSAKD) applied to a batch at once: zero padding, per-sample crop offsets gathered with one
-advanced-indexing op, flips via ``torch.where``. Every random draw comes from a ``torch.Generator`` seeded
-from ``(seed, epoch)``, so epoch ``e`` is identical whether or not the run was resumed.
+advanced-indexing op, flips via ``torch.where``. Every random draw comes from a ``torch.Generator`` at the
+``batches`` stream of ``(seed, epoch)`` (:mod:`fsl_lsskd.seeding`), so epoch ``e`` is identical whether or not
+the run was resumed.
 
 Multi-process runs (``rank``/``world_size``): ``batch_size`` is the global batch. Every rank draws the same
 permutation and the crop/flip parameters of the whole global batch, then augments and returns only its
@@ -16,10 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..inputs import InputSpec
 from ..methods.base import Batch
-
-
-from ..utils import derived_seed as epoch_seed  # noqa: E402  (re-exported: the engine's seeding)
+from ..seeding import torch_generator
 
 
 class TrainLoader:
@@ -59,13 +59,10 @@ class TrainLoader:
         self.rank, self.world_size = int(rank), int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(epoch_seed(self.seed, 0))
-        # (x/255 - mean)/std == x*scale + shift
-        std_t = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        mean_t = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
+        self.generator = torch_generator("batches", self.seed, 0)
+        # (x/255 - mean)/std == x*scale + shift: the input contract's fused training form
+        self.input_spec = InputSpec(self.mean, self.std)
+        self._scale, self._shift = self.input_spec.affine(self.device)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -83,7 +80,8 @@ class TrainLoader:
         return int(self.images.shape[-1])
 
     def normalize(self, uint8: torch.Tensor) -> torch.Tensor:
-        """Float normalised batch, no augmentation (evaluation / episodic methods)."""
+        """Float normalised batch, no augmentation (evaluation / episodic methods): uint8 ``[B, 3, H, W]`` ->
+        float32 channels_last, ``x * scale + shift`` (:meth:`fsl_lsskd.inputs.InputSpec.affine`)."""
         x = uint8.to(self.device, torch.float32) * self._scale + self._shift
         return x.contiguous(memory_format=torch.channels_last)
 
@@ -146,7 +144,7 @@ class TrainLoader:
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         """The epoch's batches: a seeded permutation, each batch augmented; ``index`` = row in ``images``.
         With ``world_size > 1``, this rank's contiguous slice of each global batch (same draws as one process)."""
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        torch_generator("batches", self.seed, epoch, generator=self.generator)
         perm = torch.randperm(self.num_samples, generator=self.generator).to(self.device)
         n_batches = len(self)
         for i in range(n_batches):
