@@ -201,6 +201,9 @@ def test_evaluate_omniglot_runs_takes_its_fixed_protocol(fake_runs):
     assert res.exit_code == 0 and "(3 episodes, 1 queries/class" in res.output, res.output
     res = _evaluate_runs(fake_runs, "--n-way", "5")
     assert res.exit_code == 2 and "one fixed protocol" in res.output, res.output
+    # a split the dataset does not have is a message naming the one it has, not a traceback (newcomer finding)
+    res = _evaluate_runs(fake_runs, "--split", "val")
+    assert res.exit_code == 2 and "no classes in its val split; pass --split test" in res.output, res.output
 
 
 def test_evaluate_real_omniglot_runs(shared_data):

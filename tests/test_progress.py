@@ -91,7 +91,7 @@ def test_evaluate_shows_feature_extraction_and_scoring_in_a_log(cifar_archive, m
     monkeypatch.setenv("FSL_BENCH_PROGRESS", "lines")
     monkeypatch.setenv("FSL_BENCH_PROGRESS_INTERVAL", "0")
     res = CliRunner().invoke(main, ["evaluate", "--untrained", "--backbone", "conv4", "--dataset", "cifar_fs",
-                                    "--archive", str(cifar_archive), "--image-size", "32", "--n-shot", "1",
+                                    "--data", f"cifar_fs={cifar_archive}", "--image-size", "32", "--n-shot", "1",
                                     "--n-query", "3", "--n-episodes", "20", "--readouts", "protonet,logreg"])
     assert res.exit_code == 0, res.output
     progress = [line for line in res.stderr.splitlines() if re.match(STAMP, line)]
@@ -108,8 +108,8 @@ def test_a_training_log_shows_epochs_and_batches_with_eta_while_it_runs(tmp_path
     env = dict(os.environ, PYTHONPATH=str(REPO), FSL_BENCH_PROGRESS_INTERVAL="0", PYTHONUNBUFFERED="")
     env.pop("FSL_BENCH_PROGRESS", None)
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "train", "--method", "ce", "--dataset",
-                                 "cifar_fs", "--archive", str(cifar_archive), "--epochs", "200", "--batch-size", "32",
+        proc = subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "train", "--method", "ce",
+                                 "--data", f"cifar_fs={cifar_archive}", "--epochs", "200", "--batch-size", "32",
                                  "--val-n-episodes", "0", "--no-mlflow", "--no-export", "--out", str(tmp_path / "run")],
                                 cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:

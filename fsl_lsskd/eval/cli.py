@@ -37,6 +37,10 @@ def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool
                           f"or a training checkpoint, or use --untrained")
     ds = get_dataset(dataset, **data)
     counts = split_counts(ds, split)
+    if len(counts) == 0:
+        with_classes = [s for s in ("train", "val", "test") if len(ds.class_split().get(s, ()))]
+        raise ConfigError(f"{dataset} has no classes in its {split} split; pass --split "
+                          f"{' or '.join(with_classes) or 'another split'}")
     for p in protocols:
         check_capacity(counts, p, ds.class_split()[split], where=f"{dataset} {split}",
                        fix=f"lower --n-way/--n-shot/--n-query (at most {int(min(counts))} images per class in all)")

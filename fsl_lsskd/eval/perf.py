@@ -73,7 +73,7 @@ def extraction_vs_readouts(model: torch.nn.Module, split, mean: Sequence[float],
     model = model.to(device).eval()
     offsets, counts = class_offsets(split.labels, split.num_classes)
     t0 = time.perf_counter()
-    feats = extract_features(model, split.images, mean, std, image_size, batch_size, device)
+    feats = extract_features(model, split.images, InputSpec(mean, std, image_size), batch_size, device)
     t_extract = time.perf_counter() - t0
     rows_out = []
     for k in shots:
