@@ -275,9 +275,9 @@ class ScoreRecord:
 
 @runtime_checkable
 class ResultStore(Protocol):
-    """What the readers of results (:func:`fsl_lsskd.bench.collect.collect`, ``fsl-bench publish``,
+    """What the readers of results (:func:`fsl_lsskd.report.collect.collect`, ``fsl-bench publish``,
     ``fsl-bench edge``) may ask of a store: the typed read contract. Implemented by the MLflow :class:`Store` and
-    by :class:`fsl_lsskd.bench.publish.PublishedStore` (a published results directory); nothing else of either is
+    by :class:`fsl_lsskd.report.publish.PublishedStore` (a published results directory); nothing else of either is
     read, so a table built from one equals the table built from the other.
 
     Keys: a training cell by its training id (``fsl.train_id``, 16 hex digits), a score by its score id

@@ -26,14 +26,14 @@ LAYERS = [
     {"edge"},
     {"bench"},            # planning and running a grid: config, grid, runner, launch, validate
     {"report"},           # tables, figures, statistics: may read bench.config/bench.grid, never the reverse
-    {"bench.commands"},   # bench's click commands and the store readers that build a ResultSet (BENCH_COMMANDS)
+    {"bench.commands"},   # bench's click commands and edge_column (BENCH_COMMANDS)
     {"cli", "perf", "migrate", "__init__", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
-#: The modules of ``bench`` above ``report``: the click commands (and ``edge_column``, the library function of ``edge``), and the readers of a store into a ResultSet
-#: (``collect``, ``publish``: to move into ``report`` later). Every other ``bench`` module is the grid package.
-BENCH_COMMANDS = {"commands", "edge_cmd", "edge_column", "cli", "collect", "publish"}
+#: The modules of ``bench`` above ``report``: the click commands and ``edge_column`` (the library function of
+#: ``fsl-bench edge``, which reads cells through ``report.collect``). Every other ``bench`` module is the grid package.
+BENCH_COMMANDS = {"commands", "edge_cmd", "edge_column"}
 
 
 def _unit(module: str) -> str:
@@ -159,7 +159,7 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_grid_package_never_imports_report():
     """config, grid, runner, launch, validate plan and run a grid; reporting reads what they wrote. Only bench's
-    command modules and the store readers (:data:`BENCH_COMMANDS`) may import ``fsl_lsskd.report``."""
+    command modules (:data:`BENCH_COMMANDS`) may import ``fsl_lsskd.report``."""
     offenders = []
     for path in sorted((PKG / "bench").glob("*.py")):
         (me,), imported = _imports(path)

@@ -460,7 +460,7 @@ def _evaluate_args(fake_cifar, out):
 
 def fake_results(monkeypatch):
     """``fsl-bench table`` without a store: collect() returns a small ResultSet."""
-    from fsl_lsskd.bench import collect
+    from fsl_lsskd.report import collect
     from fsl_lsskd.report.results import ResultSet
 
     def fake_collect(bench, store=None, data=None):

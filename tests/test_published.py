@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from fsl_lsskd.bench.publish import PublishedStore
+from fsl_lsskd.report.publish import PublishedStore
 from fsl_lsskd.cli import main
 from fsl_lsskd.eval.scoring import ReadoutSpec, score_id, scoring_identity
 from fsl_lsskd.protocol import EpisodeProtocol

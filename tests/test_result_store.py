@@ -38,11 +38,11 @@ def flat(results) -> dict:
 
 
 def test_mlflow_and_published_stores_give_the_same_results(tmp_path):
-    from fsl_lsskd.bench.collect import collect
+    from fsl_lsskd.report.collect import collect
     from fsl_lsskd.bench.config import load_benchmark
     from fsl_lsskd.bench.grid import expand, with_teachers
     from fsl_lsskd.bench.measures import CURVE, bench_cell_key, measures
-    from fsl_lsskd.bench.publish import PublishedStore
+    from fsl_lsskd.report.publish import PublishedStore
     from fsl_lsskd.record import (KIND_SCORE, KIND_TRAIN, TAG_CELL_KEY, TAG_KIND, TAG_MEASURE, TAG_TRAIN_ID,
                                   ResultStore, open_store)
 

@@ -292,7 +292,7 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
     from ..errors import ConfigError
     from ..record import git_commit
     from ..utils import check_writable_dir
-    from .collect import collect
+    from ..report.collect import collect
     from .config import load_benchmark
     from ..report.files import write_tables
 
@@ -308,7 +308,7 @@ def table(benchmark: Path, out_dir: Path, baselines, from_results: Optional[Path
 
         data = DataCache(bench, fetch=False)
     if from_results is not None:
-        from .publish import collect_published
+        from ..report.publish import collect_published
 
         source = f"published files in {from_results.as_posix()}"
         announce(f"table {bench.name}: reading the results ({source})")
@@ -357,7 +357,7 @@ def publish_cmd(benchmark: Path, out_dir: Optional[Path]) -> None:
     """
     from ..utils import check_writable_dir
     from .config import load_benchmark
-    from .publish import publish
+    from ..report.publish import publish
 
     bench = load_benchmark(benchmark)
     out_dir = out_dir or Path("results") / "weights" / bench.name

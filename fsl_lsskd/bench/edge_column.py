@@ -63,7 +63,7 @@ def edge_column(bench, out_dir: Path, latency, calibration_images: int, readouts
     check_no_legacy(store)
     from ..edge.report import EdgeSettings, edge_report, jsonable
     from ..eval.scoring import ReadoutSpec
-    from .collect import match_cells
+    from ..report.collect import match_cells
     from ..report.edge_tables import EdgeCell, edge_metrics, write_edge_files
     from .grid import expand
     from .measures import edge_readouts

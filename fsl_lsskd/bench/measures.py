@@ -9,7 +9,7 @@ scores a cell has. Its users:
 - the writer (:mod:`fsl_lsskd.bench.runner`) scores the measures a target's data can host and tags every score
   run with :attr:`Measure.key` (``fsl.measure``) and every training run with :func:`cell_key`
   (``fsl.cell_key``);
-- the reader (:func:`fsl_lsskd.bench.collect.collect`) finds a cell's training by its cell key and each score by
+- the reader (:func:`fsl_lsskd.report.collect.collect`) finds a cell's training by its cell key and each score by
   (training, measure key);
 - the run summary (:func:`fsl_lsskd.bench.runner.main_metrics`) and ``fsl-bench edge``'s default readouts
   (:func:`edge_readouts`) filter the same list.

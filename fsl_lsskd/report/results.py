@@ -102,8 +102,8 @@ class Series:
 
 @dataclass
 class ResultSet:
-    """Everything a benchmark's tables and figures show (built by :func:`fsl_lsskd.bench.collect.collect` from a
-    store, or by :func:`fsl_lsskd.bench.publish.collect_published` from a published directory).
+    """Everything a benchmark's tables and figures show (built by :func:`fsl_lsskd.report.collect.collect` from a
+    store, or by :func:`fsl_lsskd.report.publish.collect_published` from a published directory).
 
     Keys: a *row* (:data:`Row`) is ``(method or variant name, backbone)``, e.g. ``("lsskd", "conv4")``; a
     *column* (:data:`Column`) is ``(training data label, target dataset, protocol key, readout label)``, e.g.

@@ -16,11 +16,11 @@ from ..errors import ConfigError
 from ..progress import track
 from ..protocol import EpisodeProtocol
 from ..record import TAG_EPISODES_SOURCE, ResultStore
-from .config import Benchmark
-from .grid import expand, experiment_name, with_teachers
-from .measures import (BASE, CURVE, CURVE_FROM_MAIN, MAIN, Measure, bench_cell_key, cell_key_of, measure_key_of,
+from ..bench.config import Benchmark
+from ..bench.grid import expand, experiment_name, with_teachers
+from ..bench.measures import (BASE, CURVE, CURVE_FROM_MAIN, MAIN, Measure, bench_cell_key, cell_key_of, measure_key_of,
                        measures)
-from ..report.results import ResultSet
+from .results import ResultSet
 
 log = logging.getLogger(__name__)
 

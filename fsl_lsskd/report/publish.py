@@ -38,8 +38,8 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..record import TAG_COMMIT, TAG_PREFIX, TAG_READOUT, ScoreRecord, TrainingRecord
 from ..utils import atomic_path, make_dir
-from .config import Benchmark
-from .grid import Cell, expand, with_teachers
+from ..bench.config import Benchmark
+from ..bench.grid import Cell, expand, with_teachers
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _fsl_tags(tags) -> Dict[str, str]:
 
 class PublishedStore:
     """A published results directory as a :class:`~fsl_lsskd.record.ResultStore` (what
-    :func:`~fsl_lsskd.bench.collect.collect` and ``fsl-bench publish`` read). Every file's sha256 is checked
+    :func:`~fsl_lsskd.report.collect.collect` and ``fsl-bench publish`` read). Every file's sha256 is checked
     against the manifest when it is opened: :class:`~fsl_lsskd.errors.DataError` names a missing or changed file,
     a missing or unreadable manifest, or another manifest format."""
 
@@ -286,7 +286,7 @@ class PublishedStore:
 
 def collect_published(bench: Benchmark, directory: Path, data=None):
     """The :class:`~fsl_lsskd.report.results.ResultSet` of a published directory (no store; data only to rebuild
-    generated episodes' classes, see :func:`~fsl_lsskd.bench.collect.collect`)."""
+    generated episodes' classes, see :func:`~fsl_lsskd.report.collect.collect`)."""
     from .collect import collect
 
     store = PublishedStore(directory)
