@@ -96,10 +96,18 @@ def fake_cifar(tmp_path_factory) -> Path:
 
 
 def test_perf_eval_reports_extraction_and_each_readout(fake_cifar, tmp_path):
+    import torch
+
     out = tmp_path / "eval.json"
-    r = CliRunner().invoke(main, ["perf", "eval", "--dataset", "cifar_fs", "--archive", str(fake_cifar),
-                                  "--backbone", BACKBONE, "--split", "test", "--n-shot", "1", "--n-query", "5",
-                                  "--n-episodes", "4", "--no-baseline", "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # --threads 1 below must not outlive the command (it made later tests train at 1)
+    try:
+        r = CliRunner().invoke(main, ["perf", "eval", "--dataset", "cifar_fs", "--archive", str(fake_cifar),
+                                      "--backbone", BACKBONE, "--split", "test", "--n-shot", "1", "--n-query", "5",
+                                      "--n-episodes", "4", "--no-baseline", "--threads", "1", "--out", str(out)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output
     assert "feature extraction:" in r.output and "x extraction" in r.output
     rep = json.loads(out.read_text())["extraction_vs_readouts"]

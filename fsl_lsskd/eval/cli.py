@@ -233,8 +233,10 @@ def perf_eval(backbone, checkpoint, dataset, archive, data_root, download, split
     check_names(where="--readouts", readouts=readout_names)
     shots = int_list(n_shot, "--n-shot")
     check_episode_memory(protocol_grid(5, shots, n_query, n_episodes), "--n-episodes")
-    if threads:
+    if threads:  # for this command only: a caller in the same process (tests, a notebook) keeps its setting
+        previous = torch.get_num_threads()
         torch.set_num_threads(threads)
+        click.get_current_context().call_on_close(lambda: torch.set_num_threads(previous))
     data = {"archive": archive, "root": data_root, "download": download,
             **dataset_kwargs(dataset, split_file, train_per_class, folder_image_size)}
     model, meta, split_data, ds = prepare(backbone, checkpoint, checkpoint is None, dataset, data, split,
