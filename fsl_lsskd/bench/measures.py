@@ -23,7 +23,6 @@ measures imports the readouts' modules, which resolve their settings).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -138,12 +137,13 @@ def measure_key_of(record: "ScoreRecord") -> Optional[str]:
 
 
 def cell_key(identity: Mapping[str, Any]) -> str:
-    """The data-free key of a training cell: 16 hex digits of the sha256 of its training identity without
-    :data:`DATA_FIELDS` (canonical JSON). Two trainings share it when they differ only in the data's content or
-    the teacher's training id (the same cell trained on another version of the data)."""
-    masked = {k: v for k, v in identity.items() if k not in DATA_FIELDS}
-    blob = json.dumps(masked, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The data-free key of a training cell: the hash of its training identity without :data:`DATA_FIELDS`
+    (:func:`fsl_lsskd.train.config.train_id`: 16 hex digits of the sha256 of its canonical JSON). Two trainings
+    share it when they differ only in the data's content or the teacher's training id (the same cell trained on
+    another version of the data)."""
+    from ..train.config import train_id
+
+    return train_id({k: v for k, v in identity.items() if k not in DATA_FIELDS})
 
 
 def cell_key_of(record: "TrainingRecord") -> str:
