@@ -75,6 +75,21 @@ def _figure(stem: Path, suffix: str, written: List[Path], *args, **kwargs) -> It
         plt.close(fig)
 
 
+@contextlib.contextmanager
+def _panel_grid(stem: Path, suffix: str, written: List[Path], n: int, max_cols: int, panel: Tuple[float, float],
+                pad: float) -> Iterator:
+    """A :func:`_figure` of ``n`` panels in rows of at most ``max_cols``, each ``panel`` (width, height) inches,
+    plus ``pad`` inches of height for titles and legends; yields ``(fig, axes)``, the ``n`` axes in reading order
+    (the grid's unused cells switched off)."""
+    ncols = min(max_cols, n)
+    nrows = math.ceil(n / ncols)
+    with _figure(stem, suffix, written, figsize=(panel[0] * ncols, panel[1] * nrows + pad)) as fig:
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        yield fig, list(axes.flat[:n])
+
+
 def _interval(series) -> Tuple[float, float, float]:
     """``(mean, lo, hi)``: the 95% t-interval over training seeds; one seed has none (``lo = hi = mean``: a
     point without a bar)."""
@@ -151,13 +166,8 @@ def _headline(results, stem: Path, written: List[Path], baseline: str) -> None:
     for h in lines:
         panels.setdefault((h.data, h.shots), []).append(h)
     keys = sorted(panels, key=lambda k: (k[0], k[1]))
-    ncols = min(2, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    with _figure(stem, "headline", written, figsize=(4.6 * ncols, 3.4 * nrows + 0.6)) as fig:
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[len(keys):]:
-            ax.axis("off")
-        for ax, key in zip(axes.flat, keys):
+    with _panel_grid(stem, "headline", written, len(keys), 2, (4.6, 3.4), 0.6) as (fig, axes):
+        for ax, key in zip(axes, keys):
             hs = panels[key]
             ref = next((h.accuracy.mean for h in hs if h.row[0] == baseline), None)
             shown = [h for h in hs if ref is None or abs(h.accuracy.mean - ref) <= HEADLINE_SPAN]
@@ -218,14 +228,8 @@ def _shot_way_curves(results, stem: Path, written: List[Path]) -> None:
                         panels.append((key, k, per))
         if not panels:
             continue
-        n = len(panels)
-        ncols = min(3, n)
-        nrows = math.ceil(n / ncols)
-        with _figure(stem, kind, written, figsize=(4.2 * ncols, 3.2 * nrows + 0.5)) as fig:
-            axes = fig.subplots(nrows, ncols, squeeze=False)
-            for ax in axes.flat[n:]:
-                ax.axis("off")
-            for ax, ((data, target, readout), fixed, per) in zip(axes.flat, panels):
+        with _panel_grid(stem, kind, written, len(panels), 3, (4.2, 3.2), 0.5) as (fig, axes):
+            for ax, ((data, target, readout), fixed, per) in zip(axes, panels):
                 rows = sorted({r for v in per.values() for r in v})
                 for r in rows:
                     xs = [x for x in sorted(per) if r in per[x]]
@@ -272,14 +276,8 @@ def _reliability(results, stem: Path, written: List[Path]) -> None:
         return
     from ..eval.calibration import N_BINS, ece_from_bins
 
-    n = len(panels)
-    ncols = min(4, n)
-    nrows = math.ceil(n / ncols)
-    with _figure(stem, "reliability", written, figsize=(3.0 * ncols, 3.0 * nrows + 0.4)) as fig:
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[n:]:
-            ax.axis("off")
-        for ax, (title, r, s) in zip(axes.flat, panels):
+    with _panel_grid(stem, "reliability", written, len(panels), 4, (3.0, 3.0), 0.4) as (fig, axes):
+        for ax, (title, r, s) in zip(axes, panels):
             bins = s.stacked("reliability").sum(axis=(0, 1))  # [n_bins + 1, 3]
             bins[N_BINS - 1] += bins[N_BINS]  # confidence exactly 1 drawn in the last bin
             bins = bins[:N_BINS]
@@ -347,14 +345,8 @@ def _fractions(results, stem: Path, written: List[Path]) -> None:
               if len({x for pts in panels[t].values() for x in pts}) > 1}
     if not panels:
         return
-    n = len(panels)
-    ncols = min(3, n)
-    nrows = math.ceil(n / ncols)
-    with _figure(stem, "fractions", written, figsize=(4.2 * ncols, 3.2 * nrows + 0.5)) as fig:
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[n:]:
-            ax.axis("off")
-        for ax, (title, by_row) in zip(axes.flat, panels.items()):
+    with _panel_grid(stem, "fractions", written, len(panels), 3, (4.2, 3.2), 0.5) as (fig, axes):
+        for ax, (title, by_row) in zip(axes, panels.items()):
             grid = sorted({x for pts in by_row.values() for x in pts})  # the fractions any row of the panel has
             for r, pts in sorted(by_row.items()):
                 # a fraction this row lacks is a gap (NaN), not a line drawn through it; every point has its bar
