@@ -213,3 +213,16 @@ def test_evaluate_real_omniglot_runs(shared_data):
     res = _evaluate_runs(archive)
     assert res.exit_code == 0, res.output
     assert "400 classes, 800 images" in res.output and "(20 episodes, 1 queries/class" in res.output, res.output
+
+
+def test_scoring_a_split_without_classes_names_the_split_that_has_them(fake_runs):
+    """The one check evaluate and export both run before their capacity checks (export's `--split val` on
+    omniglot_runs read min() of an empty array, as evaluate's did)."""
+    from fsl_lsskd.data import get_dataset
+    from fsl_lsskd.data.base import scored_split_counts
+    from fsl_lsskd.errors import ConfigError
+
+    ds = get_dataset("omniglot_runs", archive=fake_runs)
+    assert len(scored_split_counts(ds, "omniglot_runs", "test")) > 0
+    with pytest.raises(ConfigError, match=r"omniglot_runs has no classes in its val split; pass --split test$"):
+        scored_split_counts(ds, "omniglot_runs", "val")

@@ -116,6 +116,20 @@ def split_counts(dataset, split: str) -> np.ndarray:
     return dataset.load_split(split).class_counts()
 
 
+def scored_split_counts(dataset, name: str, split: str) -> np.ndarray:
+    """:func:`split_counts` of a split about to be scored: a split with no classes (``omniglot_runs`` has only
+    ``test``) raises :class:`~fsl_lsskd.errors.ConfigError` naming the splits that have classes (exit code 2),
+    before a caller's capacity check reads an empty array."""
+    from ..errors import ConfigError
+
+    counts = split_counts(dataset, split)
+    if len(counts) == 0:
+        with_classes = [s for s in ("train", "val", "test") if len(dataset.class_split().get(s, ()))]
+        raise ConfigError(f"{name} has no classes in its {split} split; pass --split "
+                          f"{' or '.join(with_classes) or 'another split'}")
+    return counts
+
+
 class FewShotDataset(abc.ABC):
     """Base class of registered datasets (see ``fsl_lsskd.registry.DATASETS``).
 

@@ -82,12 +82,12 @@ def export_for_edge(checkpoint: Path, out_dir: Path, *, onnx: bool = False, int8
                               f"--archive/--data-root were; and --train-per-class N when the backbone was trained "
                               f"on a subset)")
         from ..data import get_dataset
-        from ..data.base import split_counts
+        from ..data.base import scored_split_counts
         from ..protocol import check_capacity
 
         ds = get_dataset(name, archive=archive, root=data_root, download=download,
                          **dataset_kwargs(name, **dict(dataset_options or {})))
-        counts = split_counts(ds, split)
+        counts = scored_split_counts(ds, name, split)
         for p in protocols:  # before anything is decoded
             check_capacity(counts, p, ds.class_split()[split], where=f"{name} {split}",
                            fix=f"lower --n-way/--n-shot/--n-query (at most {int(min(counts))} images per class)")

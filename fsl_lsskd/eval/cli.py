@@ -22,7 +22,7 @@ def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool
     data's location and every protocol against the split's per-class counts are checked before torch is imported
     and before anything is decoded or cached."""
     from ..data import get_dataset
-    from ..data.base import split_counts
+    from ..data.base import scored_split_counts
     from ..protocol import check_capacity
 
     if checkpoint is None and not untrained:
@@ -36,11 +36,7 @@ def prepare(backbone: Optional[str], checkpoint: Optional[Path], untrained: bool
         raise ConfigError(f"--checkpoint {checkpoint} does not exist; pass an exported backbone, a model directory "
                           f"or a training checkpoint, or use --untrained")
     ds = get_dataset(dataset, **data)
-    counts = split_counts(ds, split)
-    if len(counts) == 0:
-        with_classes = [s for s in ("train", "val", "test") if len(ds.class_split().get(s, ()))]
-        raise ConfigError(f"{dataset} has no classes in its {split} split; pass --split "
-                          f"{' or '.join(with_classes) or 'another split'}")
+    counts = scored_split_counts(ds, dataset, split)
     for p in protocols:
         check_capacity(counts, p, ds.class_split()[split], where=f"{dataset} {split}",
                        fix=f"lower --n-way/--n-shot/--n-query (at most {int(min(counts))} images per class in all)")
