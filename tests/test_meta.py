@@ -380,3 +380,78 @@ def test_engine_trains_episodic_method_and_maml_model_scores(tmp_path, name):
             rows=rows, n_shot=1, images=images, method=lambda: method, mean=(0.5,) * 3, std=(0.25,) * 3,
             image_size=16))
         assert out.correct.shape == (3,)
+
+
+def test_engine_validates_maml_with_its_own_readout(tmp_path):
+    """MAML is validated every epoch with maml_finetune (its paper's meta-test) beside ProtoNet on the frozen
+    features; a method without a readout of its own logs ProtoNet alone."""
+    from fsl_lsskd.data.base import SplitData
+    from fsl_lsskd.eval.validation import fewshot_validator
+    from fsl_lsskd.protocol import EpisodeProtocol
+    from fsl_lsskd.train.config import TrainConfig
+    from fsl_lsskd.train.engine import epoch_postfix, train
+
+    g = np.random.default_rng(1)
+    labels = np.repeat(np.arange(6), 8)
+    images = np.clip(labels[:, None, None, None] * 40 + 20 + g.integers(-10, 10, (48, 16, 16, 3)), 0, 255)
+    train_split = SplitData(images.astype(np.uint8), labels, tuple(f"c{i}" for i in range(6)), "fake", "train", "fp")
+    val_split = SplitData(images[:24].astype(np.uint8), labels[:24], tuple(f"c{i}" for i in range(3)), "fake", "val",
+                          "fpv")
+    proto = EpisodeProtocol(n_way=3, n_shot=1, n_query=2, n_episodes=4)
+    assert METHODS.get("maml").own_readout == "maml_finetune" and METHODS.get("protonet").own_readout is None
+    sets = {"n_way": "3", "n_shot": "1", "n_query": "2", "episodes_per_epoch": "2", "inner_steps": "1",
+            "test_inner_steps": "2"}
+    cfg = TrainConfig(method="maml", backbone="conv4", dataset="fake", image_size=16, epochs=1, heldout=0.25,
+                      validation=proto, mlflow=False, export=False, out_dir=str(tmp_path / "run"),
+                      method_overrides=sets)
+    validator = fewshot_validator(val_split, proto, (0.5,) * 3, (0.25,) * 3, 16, own_readout="maml_finetune")
+    h = train(cfg, train_data=train_split, mean=(0.5,) * 3, std=(0.25,) * 3, validator=validator).history[0]
+    for key in ("val_fewshot_acc", "val_maml_finetune_acc", "val_maml_finetune_ci95"):
+        assert key in h, (key, h)
+    assert 0.0 <= h["val_maml_finetune_acc"] <= 100.0 and h["val_maml_finetune_ci95"] >= 0.0
+    assert epoch_postfix(h)["val_maml_finetune"] == h["val_maml_finetune_acc"]
+    plain = fewshot_validator(val_split, proto, (0.5,) * 3, (0.25,) * 3, 16)
+    from fsl_lsskd.backbones import create_backbone
+
+    assert set(plain(create_backbone("conv4", num_classes=0).eval())) == {"val_fewshot_acc", "val_fewshot_ci95"}
+
+
+def test_evaluate_untrained_method_scores_the_initial_weights_of_training(tmp_path):
+    """`evaluate --untrained --method maml --seed S` scores exactly the weights `train --seed S` starts from
+    (maml_finetune needs the whole method); --method without --untrained and an unknown method are exit 2."""
+    from click.testing import CliRunner
+
+    from fsl_lsskd.cli import main
+    from fsl_lsskd.data.fake import write_fake_cifar100
+    from fsl_lsskd.eval import cli as eval_cli
+    from fsl_lsskd.train.config import TrainConfig, build_method_config
+    from fsl_lsskd.train.engine import initial_method
+
+    archive = write_fake_cifar100(tmp_path, per_class_train=6, per_class_test=4, seed=3)
+    base = ["evaluate", "--dataset", "cifar_fs", "--archive", str(archive), "--n-episodes", "2", "--n-shot", "1",
+            "--n-query", "1", "--no-cache", "--backbone", "conv4", "--image-size", "32"]
+    seen = {}
+    real = eval_cli._initial_method
+
+    def spy(*a, **k):
+        seen["method"] = real(*a, **k)
+        return seen["method"]
+
+    eval_cli._initial_method = spy
+    try:
+        r = CliRunner().invoke(main, base + ["--untrained", "--method", "maml", "--seed", "3", "--set",
+                                             "test_inner_steps=1", "--readouts", "protonet,maml_finetune"])
+    finally:
+        eval_cli._initial_method = real
+    assert r.exit_code == 0, r.output
+    assert "maml_finetune" in r.output and "training seed 3's initial weights" in r.output
+    cfg = TrainConfig(method="maml", backbone="conv4", image_size=32, seed=3,
+                      method_overrides={"test_inner_steps": "1"})
+    want = initial_method(cfg, build_method_config(METHODS.get("maml").config_cls, cfg), 64, 0).state_dict()
+    got = seen["method"].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert seen["method"].config.test_inner_steps == 1
+    r = CliRunner().invoke(main, base + ["--method", "maml", "--checkpoint", str(archive)])
+    assert r.exit_code == 2 and "--untrained" in r.output, r.output
+    r = CliRunner().invoke(main, base + ["--untrained", "--method", "mamll"])
+    assert r.exit_code == 2 and "maml" in r.output and "Traceback" not in r.output, r.output

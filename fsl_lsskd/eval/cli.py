@@ -81,6 +81,11 @@ def write_outputs(out: Path, results, header: dict) -> None:
               "or its directory), a model directory (fsl-bench train's OUT/model), a training checkpoint (last.pt) "
               "or a state dict (.pth/.safetensors).")
 @click.option("--untrained", is_flag=True, help="Randomly initialised backbone (seeded by --seed).")
+@click.option("--method", "untrained_method", help="With --untrained: the weights training method NAME starts from "
+              "with --seed (backbone and heads, as `fsl-bench train --seed` draws them), e.g. maml for the "
+              "maml_finetune readout of an untrained model.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="With --untrained --method: method config setting (as `fsl-bench train --set`).")
 @dataset_options(default_dataset=None, required=True)
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
 @click.option("--image-size", type=SIZE, help="Input size of the backbone (default: checkpoint meta, else the "
@@ -93,9 +98,9 @@ def write_outputs(out: Path, results, header: dict) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Do not read/write the feature cache.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write summary.json, accuracies.npz/.csv here.")
-def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, download, split_file,
-             train_per_class, folder_image_size, split, image_size, n_way, n_shot, n_query, n_episodes, readouts,
-             batch_size, seed, device, no_cache, out):
+def evaluate(backbone, checkpoint, untrained, untrained_method, settings, dataset, archive, data_root, download,
+             split_file, train_per_class, folder_image_size, split, image_size, n_way, n_shot, n_query, n_episodes,
+             readouts, batch_size, seed, device, no_cache, out):
     """Few-shot evaluation of a backbone (RFS protocol) on the published episodes: mean accuracy ± 95% CI
     (t-distribution over episodes) per protocol and readout, with calibration (ECE, NLL, Brier) for
     probabilistic readouts.
@@ -108,6 +113,8 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
       fsl-bench evaluate --backbone resnet12 --untrained --data tiny_imagenet=tiny-imagenet-200.zip \\
           --image-size 32 --n-shot 1,5 --readouts protonet,logreg --out eval
       fsl-bench evaluate --checkpoint runs/ce/export --data cifar_fs=cifar-100-python.tar.gz
+      fsl-bench evaluate --untrained --method maml --backbone conv4 --seed 0 --readouts maml_finetune \
+          --data tiny_imagenet=tiny-imagenet-200.zip --image-size 32 --n-shot 5
       fsl-bench evaluate --checkpoint runs/mine/export --data image_folder=my_images \\
           --split-file split.json
     """
@@ -120,6 +127,13 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     check_names(datasets=[dataset])
     protocols = dataset_protocols(dataset, n_way, n_shot, n_query, n_episodes)
     check_names(readouts=_names(readouts))  # a typo fails at once, nothing imported
+    if (untrained_method or settings) and not untrained:
+        raise ConfigError("--method/--set choose an untrained method's initial weights: pass them with --untrained "
+                          "(a trained method's checkpoint already names its method)")
+    if settings and not untrained_method:
+        raise ConfigError("--set needs --method NAME (the method whose config it sets)")
+    if untrained_method:
+        check_names(methods=[untrained_method])
     # probabilities counted for every readout (conservative): knowing which readouts are probabilistic would
     # import them, and this check runs before any heavy import
     check_episode_memory(protocols, "--n-episodes", probabilities=True)
@@ -146,9 +160,19 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
     if checkpoint is not None and whole:
         def method():
             return _load_whole_method(checkpoint, device, whole)
+    if untrained_method:
+        initial = _initial_method(untrained_method, settings, meta["backbone"], size, seed,
+                                  len(ds.class_split()["train"]), device)
+        model = initial.export_backbone().to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        def method():
+            return initial
     results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=spec.mean, std=spec.std,
                        image_size=size, batch_size=batch_size, device=device, cache=not no_cache, method=method)
-    src = f"untrained (seed {seed})" if untrained else str(checkpoint)
+    src = (f"untrained {untrained_method} (training seed {seed}'s initial weights)" if untrained_method else
+           f"untrained (seed {seed})" if untrained else str(checkpoint))
     click.echo(f"{meta['backbone']} [{src}] on {dataset} {split}: {split_data.num_classes} classes, {len(split_data)} "
                f"images, {size}x{size}; episodes: {', '.join(sorted({r.episodes_source for r in results}))}")
     for r in results:
@@ -160,6 +184,18 @@ def evaluate(backbone, checkpoint, untrained, dataset, archive, data_root, downl
         write_outputs(Path(out), results, {"backbone": meta["backbone"], "checkpoint": src, "dataset": dataset,
                                            "split": split, "image_size": size})
         click.echo(f"wrote {out}/summary.json, accuracies.npz, accuracies.csv")
+
+
+def _initial_method(name: str, settings, backbone: str, image_size: int, seed: int, num_classes: int, device: str):
+    """Method ``name`` with the weights ``fsl-bench train --method name --seed seed`` starts from
+    (:func:`fsl_lsskd.train.engine.initial_method`), ``num_classes`` base classes, eval mode."""
+    from ..train.config import TrainConfig, build_method_config, method_class, parse_set_options
+    from ..train.engine import initial_method
+
+    cfg = TrainConfig(method=name, backbone=backbone, image_size=image_size, seed=seed,
+                      method_overrides=parse_set_options(settings))
+    mcfg = build_method_config(method_class(name).config_cls, cfg)
+    return initial_method(cfg, mcfg, num_classes, 0).to(device).eval()
 
 
 def _load_whole_method(checkpoint: Path, device: str, readouts: Sequence[str]):

@@ -20,14 +20,24 @@ from ..protocol import EpisodeProtocol
 
 
 def fewshot_validator(val_split, protocol: EpisodeProtocol, mean: Sequence[float], std: Sequence[float],
-                      image_size: int, device="cpu") -> Callable[[nn.Module], Dict[str, float]]:
-    """``validate(backbone) -> {"val_fewshot_acc": %, "val_fewshot_ci95": points}`` on ``val_split``."""
+                      image_size: int, device="cpu", own_readout: Optional[str] = None
+                      ) -> Callable[[nn.Module], Dict[str, float]]:
+    """``validate(backbone) -> metrics`` on ``val_split``: ``val_fewshot_acc`` and ``val_fewshot_ci95`` (ProtoNet
+    on the frozen features, percent and points, every method), plus ``val_<own_readout>_acc``/``_ci95`` when the
+    method has a readout of its own (MAML's ``maml_finetune``: the validation its paper uses; ``backbone`` is then
+    the method's export, which carries the method, :meth:`fsl_lsskd.methods.maml.MAML.export_backbone`)."""
     from .scoring import evaluate
 
+    readouts = ["protonet"] + ([own_readout] if own_readout else [])
+
     def validate(backbone: nn.Module) -> Dict[str, float]:
-        res = evaluate(backbone, val_split, protocols=[protocol], readouts=["protonet"], mean=mean, std=std,
-                       image_size=image_size, device=device, cache=False)[0]
-        return {"val_fewshot_acc": float(res.mean), "val_fewshot_ci95": float(res.ci95)}
+        res = evaluate(backbone, val_split, protocols=[protocol], readouts=readouts, mean=mean, std=std,
+                       image_size=image_size, device=device, cache=False)
+        out = {"val_fewshot_acc": float(res[0].mean), "val_fewshot_ci95": float(res[0].ci95)}
+        for r in res[1:]:
+            out[f"val_{r.readout}_acc"] = float(r.mean)
+            out[f"val_{r.readout}_ci95"] = float(r.ci95)
+        return out
 
     return validate
 

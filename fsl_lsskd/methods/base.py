@@ -79,6 +79,9 @@ class Method(nn.Module, abc.ABC):
     #: bumped when the method's training maths change, so finished cells of the old maths are retrained
     #: (part of the training identity)
     training_version: ClassVar[int] = 1
+    #: the readout the method's paper evaluates it with when it is not a frozen-feature one (MAML:
+    #: ``maml_finetune``); validated every epoch beside ProtoNet, logged as ``val_<readout>_acc``
+    own_readout: ClassVar[Optional[str]] = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_samples: int,
                  config: Optional[MethodConfig] = None, teacher: Optional["Method"] = None) -> None:

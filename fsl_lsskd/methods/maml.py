@@ -101,6 +101,7 @@ class MAML(EpisodicMethod):
 
     config_cls = MAMLConfig
     first_order: ClassVar[bool] = False
+    own_readout: ClassVar[Optional[str]] = "maml_finetune"
 
     def __init__(self, backbone, num_classes: int, num_samples: int, config: Optional[MAMLConfig] = None,
                  teacher: Optional[Method] = None) -> None:

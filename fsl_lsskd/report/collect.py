@@ -24,7 +24,7 @@ from .results import ResultSet
 
 log = logging.getLogger(__name__)
 
-CURVE_METRICS = ("train_loss", "val_fewshot_acc", "heldout_base_acc")
+CURVE_METRICS = ("train_loss", "val_fewshot_acc", "val_maml_finetune_acc", "heldout_base_acc")
 
 
 def match_cells(bench: Benchmark, store: ResultStore) -> Dict[tuple, Any]:

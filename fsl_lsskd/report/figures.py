@@ -379,6 +379,7 @@ def _training_curves(results, stem: Path, written: List[Path]) -> None:
 
     panels = [("train_loss", "training loss / its epoch-1 value", True),
               ("val_fewshot_acc", "validation few-shot accuracy (%)", False),
+              ("val_maml_finetune_acc", "validation accuracy, MAML's own readout (%)", False),
               ("heldout_base_acc", "held-out base-class accuracy (%)", False)]
     panels = [p for p in panels if any(p[0] in d for d in results.curves.values())]
     rows = sorted(results.curves)

@@ -208,20 +208,27 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------------------------- train
+def initial_method(cfg: TrainConfig, mcfg, num_classes: int, num_samples: int, teacher=None):
+    """``cfg.method`` (config ``mcfg``) with the weights training seed ``cfg.seed`` starts from: the backbone and
+    heads drawn from the ``init`` stream (:mod:`fsl_lsskd.seeding`) with ``num_classes`` base classes, the caller's
+    global RNG untouched. ``fsl-bench evaluate --untrained --method NAME`` scores exactly these weights."""
+    from ..backbones import create_backbone
+
+    cls = method_class(cfg.method)
+    with torch.random.fork_rng(devices=[]):
+        seed_torch("init", cfg.seed)
+        backbone = create_backbone(cfg.backbone, num_classes=num_classes, image_size=cfg.image_size)
+        return cls(backbone, num_classes, num_samples, mcfg, teacher)
+
+
 def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
     """(method, method config, loader) for ``cfg`` on prepared data; model init seeded by ``cfg.seed`` (the
     same on every rank); the loader yields rank ``dctx.rank``'s slice of each global batch. Methods with
     a per-sample prediction memory train on every sample every epoch (the short last batch is kept, as PS-KD's
     reference does); the others drop it (RFS)."""
-    from ..backbones import create_backbone
-
     cls = method_class(cfg.method)
     mcfg = build_method_config(cls.config_cls, cfg)
-    num_classes = int(data.train.num_classes)
-    with torch.random.fork_rng(devices=[]):
-        seed_torch("init", cfg.seed)
-        backbone = create_backbone(cfg.backbone, num_classes=num_classes, image_size=cfg.image_size)
-        method = cls(backbone, num_classes, len(data.train), mcfg, teacher)
+    method = initial_method(cfg, mcfg, int(data.train.num_classes), len(data.train), teacher)
     method = method.to(cfg.device).to(memory_format=torch.channels_last)
     loader = TrainLoader(data.train.images, data.train.labels, data.mean, data.std, batch_size=mcfg.batch_size,
                          seed=cfg.seed, device=cfg.device, drop_last=not getattr(cls, "keeps_last_batch", False),
@@ -230,7 +237,8 @@ def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
 
 
 def default_validator(cfg: TrainConfig, data: PreparedData) -> Optional[Validator]:
-    """ProtoNet on ``cfg.validation`` val episodes (None when validation is off or there is no val split)."""
+    """ProtoNet on ``cfg.validation`` val episodes, and the method's own readout when it has one (MAML's
+    ``maml_finetune``); None when validation is off or there is no val split."""
     if cfg.validation is None or data.val is None:
         return None
     from ..eval.validation import fewshot_validator
@@ -242,7 +250,8 @@ def default_validator(cfg: TrainConfig, data: PreparedData) -> Optional[Validato
                          f"every epoch)",
                    fix="pass --val-n-episodes 0 (no per-epoch validation) or lower --val-n-shot/--val-n-query")
 
-    return fewshot_validator(data.val, cfg.validation, data.mean, data.std, cfg.image_size, cfg.device)
+    return fewshot_validator(data.val, cfg.validation, data.mean, data.std, cfg.image_size, cfg.device,
+                             own_readout=method_class(cfg.method).own_readout)
 
 
 def train(cfg: TrainConfig, *, train_data=None, val_data=None, mean=None, std=None, teacher=None,
@@ -469,6 +478,9 @@ def epoch_postfix(metrics: Dict[str, float]) -> Dict[str, Any]:
     for key, name in (("train_loss", "loss"), ("val_fewshot_acc", "val_acc"), ("heldout_base_acc", "base_acc")):
         if key in metrics:
             shown[name] = float(metrics[key])
+    for key in sorted(metrics):  # a method's own readout on the val episodes (val_maml_finetune_acc -> val_maml_finetune)
+        if key.startswith("val_") and key.endswith("_acc") and key != "val_fewshot_acc":
+            shown[key[:-len("_acc")]] = float(metrics[key])
     if "images_per_s" in metrics:
         shown["_ips"] = f"{metrics['images_per_s']:.0f} img/s"
     return shown
