@@ -76,6 +76,21 @@ def test_compiled_training_step_gives_the_eager_losses(method, tmp_path, monkeyp
     np.testing.assert_allclose(losses["compile"], losses["eager"], rtol=1e-3)
 
 
+def test_perf_train_times_episodic_methods_on_their_own_tasks():
+    """ProtoNet and MAML are timed on their tasks (iter_batches), not on the mini-batches of CE, which their
+    training_step cannot take: every image of a task counts (FLOPs per image > 0, one cell each)."""
+    from fsl_lsskd.train.perf import run_throughput, synthetic_split
+
+    res = run_throughput(synthetic_split(100, 16, num_classes=5), (0.5,) * 3, (0.25,) * 3, backbones=(BACKBONE,),
+                         methods=("ce", "protonet", "maml"), image_size=16, batch_size=8, steps=1, warmup=0,
+                         repeats=1, threads=(1,))
+    cells = {r["method"]: r for r in res["cells"]}
+    assert set(cells) == {"ce", "protonet", "maml"}
+    assert cells["maml"]["flops_vs_ce"] > cells["protonet"]["flops_vs_ce"] > 0  # adaptation steps cost more
+    r = CliRunner().invoke(main, ["perf", "train", "--synthetic", "1000", "--methods", "ce,maml"])
+    assert r.exit_code == 2 and "pass --synthetic 1280" in r.output, r.output
+
+
 def test_perf_train_cli_on_synthetic_images(tmp_path):
 
     out = tmp_path / "perf.json"

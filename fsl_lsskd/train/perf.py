@@ -76,7 +76,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_split(n_images: int, image_size: int, num_classes: int = 64, seed: int = 0):
+SYNTHETIC_CLASSES = 64
+
+
+def synthetic_split(n_images: int, image_size: int, num_classes: int = SYNTHETIC_CLASSES, seed: int = 0):
     """A ``SplitData`` of random uint8 images ``[n, S, S, 3]`` with balanced labels: throughput does not depend
     on pixel values, so timings need no archive."""
     import numpy as np
@@ -190,10 +193,12 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     settings = list(dict.fromkeys(int(t) if t else default_threads for t in threads))  # each setting once
     loader = TrainLoader(split.images, split.labels, mean, std, batch_size=batch_size, seed=seed, device=dev)
 
-    def endless():
+    def endless(method):
+        """The method's own batches, epoch after epoch: the loader's mini-batches, or an episodic method's
+        tasks (ProtoNet, MAML: ``iter_batches``), so images/s counts every image a step trains on."""
         e = 0
         while True:
-            yield from loader.epoch_batches(e)
+            yield from method.iter_batches(loader, e)
             e += 1
 
     def make(name: str, backbone: str):
@@ -206,16 +211,17 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     cells: Dict[tuple, _Timed] = {}
     flops: Dict[tuple, float] = {}
     errors: List[Dict[str, object]] = []
-    probe = next(iter(loader.epoch_batches(0)))
     try:
         for bb in backbones:
             for m in methods:
-                flops[(bb, m)] = train_flops_per_image(make(m, bb), probe)
+                probe_method = make(m, bb)
+                flops[(bb, m)] = train_flops_per_image(probe_method, next(iter(probe_method.iter_batches(loader, 0))))
                 for prec in precisions:
                     for t in settings:
                         for mode in modes:
                             torch.set_num_threads(t)
-                            cell = _Timed(make(m, bb), endless(), prec, dev, mode)
+                            method = make(m, bb)
+                            cell = _Timed(method, endless(method), prec, dev, mode)
                             t0 = time.perf_counter()
                             try:
                                 cell.steps(max(warmup, 2 if mode == "compile" else 0))
@@ -482,6 +488,15 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
     if any(t < 1 for t in thread_settings if t is not None):
         raise ConfigError(f"--threads must be integers >= 1, got {threads!r}")
     if synthetic:
+        from ..registry import METHODS
+
+        for m in ms:  # an episodic method's tasks need n_shot+n_query images in each of the 64 synthetic classes
+            k = getattr(METHODS.get(m).config_cls(), "task_size", 0) // max(
+                getattr(METHODS.get(m).config_cls(), "n_way", 1), 1)
+            if k and synthetic < SYNTHETIC_CLASSES * k:
+                raise ConfigError(f"--synthetic {synthetic}: {m}'s episodes need {k} images in each of the "
+                                  f"{SYNTHETIC_CLASSES} synthetic classes; pass --synthetic {SYNTHETIC_CLASSES * k} "
+                                  f"or more")
         split, mean, std = synthetic_split(synthetic, image_size), (0.5,) * 3, (0.25,) * 3
     else:
         from ..data import get_dataset
