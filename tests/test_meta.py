@@ -455,3 +455,36 @@ def test_evaluate_untrained_method_scores_the_initial_weights_of_training(tmp_pa
     assert r.exit_code == 2 and "--untrained" in r.output, r.output
     r = CliRunner().invoke(main, base + ["--untrained", "--method", "mamll"])
     assert r.exit_code == 2 and "maml" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_maml_zeroing_trick_head_is_a_prototype_classifier_after_one_step():
+    """head: zero (Kao et al., ICLR 2022): the head starts every task at zero, so the first inner step leaves the
+    backbone as it is (no gradient reaches it through a zero head) and sets the head to inner_lr/N * sum_i
+    (onehot_i - 1/n_way) f_i: query logits are inner_lr/n_way * f_q . (mean_c - mean of all support features)."""
+    from fsl_lsskd.errors import ConfigError
+
+    assert "head" not in MAMLConfig().identity_dict()  # the paper's default keeps every existing identity
+    assert MAMLConfig(head="zero").identity_dict()["head"] == "zero"
+    with pytest.raises(ConfigError, match="meta, zero"):
+        MAMLConfig(head="random")
+    lr = 0.5
+    method = _maml(inner_lr=lr, inner_steps=1, head="zero")
+    assert method.head.weight.abs().sum() == 0 and method.head.bias.abs().sum() == 0
+    x, y = _tiny_task()
+    sx, sy, qx, _ = split_tasks(x, y, 3, 2, 2)[0]
+    logits, _, _ = adapt_and_predict(method.meta_model(), sx, sy, qx, steps=1)
+    method.train()
+    fs, fq = method.backbone(sx).detach(), method.backbone(qx).detach()
+    means = torch.stack([fs[sy == c].mean(0) for c in range(3)])
+    want = lr / 3 * fq @ (means - fs.mean(0)).T
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    # an optimiser's update of the head is discarded before the next outer step and at meta-test
+    with torch.no_grad():
+        method.head.weight.add_(1.0)
+    batch = Batch(torch.cat([x, x]), torch.cat([y, y]), torch.arange(24))
+    method.training_step(batch, 0)
+    assert method.head.weight.abs().sum() == 0
+    with torch.no_grad():
+        method.head.weight.add_(1.0)
+    torch.testing.assert_close(method.finetune_predict(sx, sy, qx, steps=1, inner_lr=lr), want, rtol=1e-5,
+                               atol=1e-6)

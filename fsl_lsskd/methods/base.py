@@ -82,6 +82,9 @@ class Method(nn.Module, abc.ABC):
     #: the readout the method's paper evaluates it with when it is not a frozen-feature one (MAML:
     #: ``maml_finetune``); validated every epoch beside ProtoNet, logged as ``val_<readout>_acc``
     own_readout: ClassVar[Optional[str]] = None
+    #: the engine trains the model channels_last (faster convolutions on CPU, ``fsl-bench perf train``); False keeps
+    #: the default NCHW layout for the model and its batches (MAML: its second-order inner loop is faster so)
+    channels_last: ClassVar[bool] = True
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_samples: int,
                  config: Optional[MethodConfig] = None, teacher: Optional["Method"] = None) -> None:
@@ -100,6 +103,10 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
         """Return a dict with the total ``loss`` and each loss term (logged separately)."""
+
+    def memory_format(self) -> torch.memory_format:
+        """The layout the engine puts the model (and :meth:`iter_batches`' images) in: :attr:`channels_last`."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def iter_batches(self, loader, epoch: int) -> Iterator[Batch]:
         """Batches of one epoch. Default: the engine's shuffled, augmented mini-batches

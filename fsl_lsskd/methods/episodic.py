@@ -224,4 +224,5 @@ class EpisodicMethod(Method):
             images = torch.cat([t[0] for t in tasks])
             labels = torch.cat([t[1] for t in tasks])
             rows = torch.cat([t[2] for t in tasks])
-            yield Batch(self._normalise(loader, images, gen), labels.to(images.device), rows.to(images.device))
+            x = self._normalise(loader, images, gen).contiguous(memory_format=self.memory_format())
+            yield Batch(x, labels.to(images.device), rows.to(images.device))

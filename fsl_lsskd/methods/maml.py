@@ -34,6 +34,9 @@ from .episodic import EpisodicConfig, EpisodicMethod, split_tasks
 from .base import Batch, Method
 
 
+HEADS = ("meta", "zero")
+
+
 @dataclass(frozen=True)
 class MAMLConfig(EpisodicConfig):
     """Defaults: Finn et al. 2017 §5.2 miniImageNet and cbfinn/maml ``main.py`` flags
@@ -44,6 +47,10 @@ class MAMLConfig(EpisodicConfig):
     - ``meta_batch_size`` 2 tasks, the paper's 5-shot value (4 for 1-shot: set it with ``n_shot: 1``);
     - 5-way, 5-shot, 15 queries per class (cbfinn/maml samples ``update_batch_size + 15`` per class);
     - schedule: 60 000 meta-iterations x 2 tasks = ``epochs`` 100 x ``episodes_per_epoch`` 1200 tasks;
+    - ``head``: ``meta`` (the paper: the linear head's initial weights are meta-learned, N(0,1) init) or
+      ``zero`` (the zeroing trick of Kao et al., "MAML is a Noisy Contrastive Learner in Classification", ICLR
+      2022, §4: the head starts every task at zero, before every outer step and at meta-test, so only the inner
+      loop fits it; with one inner step it is a prototype-like classifier of the support features);
     - no augmentation. Backbone: the paper's Conv-4 has 32 filters; our ``conv4`` backbone has the width
       the backbone registry gives it (pooled features), so the architecture is close to, not exactly,
       the paper's.
@@ -67,9 +74,14 @@ class MAMLConfig(EpisodicConfig):
     inner_steps: int = 5
     test_inner_steps: int = 10
     meta_batch_size: int = 2
+    head: str = "meta"
+
+    identity_omit_if_default: ClassVar[Tuple[str, ...]] = ("head",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.inner_steps < 1 or self.test_inner_steps < 1 or self.meta_batch_size < 1:
             raise ConfigError("inner_steps, test_inner_steps and meta_batch_size must be >= 1")
         if self.inner_lr <= 0:
@@ -102,6 +114,9 @@ class MAML(EpisodicMethod):
     config_cls = MAMLConfig
     first_order: ClassVar[bool] = False
     own_readout: ClassVar[Optional[str]] = "maml_finetune"
+    # second-order inner loop: 1.19x (1 step) and 1.62x (5 steps) faster per task in NCHW than channels_last on a
+    # 2-core CPU (Conv-4, 32x32, interleaved A/B); the values differ by float rounding only
+    channels_last: ClassVar[bool] = False
 
     def __init__(self, backbone, num_classes: int, num_samples: int, config: Optional[MAMLConfig] = None,
                  teacher: Optional[Method] = None) -> None:
@@ -113,6 +128,14 @@ class MAML(EpisodicMethod):
         # the engine before the backbone is built, like the backbone's own init).
         with torch.no_grad():
             self.head.weight.normal_()
+            self.head.bias.zero_()
+        if cfg.head == "zero":
+            self.zero_head()
+
+    def zero_head(self) -> None:
+        """The zeroing trick (``head: zero``): set the linear head's weights and bias to zero."""
+        with torch.no_grad():
+            self.head.weight.zero_()
             self.head.bias.zero_()
 
     def learner(self) -> nn.Module:
@@ -127,6 +150,8 @@ class MAML(EpisodicMethod):
 
     def training_step(self, batch: Batch, epoch: int) -> Dict[str, torch.Tensor]:
         cfg: MAMLConfig = self.config
+        if cfg.head == "zero":  # before every outer step: the optimiser's update of the head is discarded
+            self.zero_head()
         maml = self.meta_model()
         q_losses, accs, befores, afters = [], [], [], []
         for sx, sy, qx, qy in split_tasks(batch.images, batch.labels, cfg.n_way, cfg.n_shot, cfg.n_query):
@@ -167,6 +192,10 @@ class MAML(EpisodicMethod):
             raise ProtocolError(f"this MAML model was meta-trained {self.head.out_features}-way; the episode is "
                                 f"{n_way}-way: evaluate with n_way={self.head.out_features}")
         model = copy.deepcopy(self.learner()).train()
+        if cfg.head == "zero":
+            with torch.no_grad():
+                model[-1].weight.zero_()
+                model[-1].bias.zero_()
         params = [p for p in model.parameters()]
         with torch.enable_grad():
             for _ in range(steps):

@@ -229,7 +229,7 @@ def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
     cls = method_class(cfg.method)
     mcfg = build_method_config(cls.config_cls, cfg)
     method = initial_method(cfg, mcfg, int(data.train.num_classes), len(data.train), teacher)
-    method = method.to(cfg.device).to(memory_format=torch.channels_last)
+    method = method.to(cfg.device).to(memory_format=method.memory_format())
     loader = TrainLoader(data.train.images, data.train.labels, data.mean, data.std, batch_size=mcfg.batch_size,
                          seed=cfg.seed, device=cfg.device, drop_last=not getattr(cls, "keeps_last_batch", False),
                          rank=dctx.rank if dctx else 0, world_size=dctx.world_size if dctx else 1)

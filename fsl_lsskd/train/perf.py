@@ -206,7 +206,8 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
             torch.manual_seed(seed)
             cls = METHODS.get(name)
             net = create_backbone(backbone, num_classes=C, image_size=image_size)
-            return cls(net, C, N, cls.config_cls()).to(dev).to(memory_format=torch.channels_last)
+            method = cls(net, C, N, cls.config_cls()).to(dev)
+            return method.to(memory_format=method.memory_format())
 
     cells: Dict[tuple, _Timed] = {}
     flops: Dict[tuple, float] = {}
