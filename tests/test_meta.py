@@ -488,3 +488,29 @@ def test_maml_zeroing_trick_head_is_a_prototype_classifier_after_one_step():
         method.head.weight.add_(1.0)
     torch.testing.assert_close(method.finetune_predict(sx, sy, qx, steps=1, inner_lr=lr), want, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_zero_episodes_per_epoch_keeps_the_initial_weights(tmp_path):
+    """episodes_per_epoch: 0 is a reference row: no step is taken, the run validates and exports exactly the weights
+    training seed S starts from (what `evaluate --untrained --method maml --seed S` scores)."""
+    from fsl_lsskd.checkpoint import load_method
+    from fsl_lsskd.data.base import SplitData
+    from fsl_lsskd.errors import ConfigError
+    from fsl_lsskd.train.config import TrainConfig, build_method_config
+    from fsl_lsskd.train.engine import initial_method, train
+
+    with pytest.raises(ConfigError, match="episodes_per_epoch must be >= 0"):
+        MAMLConfig(episodes_per_epoch=-1)
+    g = np.random.default_rng(2)
+    labels = np.repeat(np.arange(6), 8)
+    split = SplitData(g.integers(0, 255, (48, 16, 16, 3)).astype(np.uint8), labels, tuple(f"c{i}" for i in range(6)),
+                      "fake", "train", "fp")
+    sets = {"n_way": "3", "n_shot": "1", "n_query": "2", "episodes_per_epoch": "0", "head": "zero"}
+    cfg = TrainConfig(method="maml", backbone="conv4", dataset="fake", image_size=16, epochs=1, heldout=0.25, seed=4,
+                      validation=None, mlflow=False, export=False, out_dir=str(tmp_path / "run"),
+                      method_overrides=sets)
+    res = train(cfg, train_data=split, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert res.history[0]["steps"] == 0
+    got = load_method(res.model_dir).state_dict()
+    want = initial_method(cfg, build_method_config(MAMLConfig, cfg), 6, 36).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # BatchNorm statistics too

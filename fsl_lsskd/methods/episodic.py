@@ -43,7 +43,9 @@ OPTIMIZERS = ("sgd", "adam")
 @dataclass(frozen=True)
 class EpisodicConfig(MethodConfig):
     """Settings shared by episodic methods. ``episodes_per_epoch`` counts *tasks*; an epoch yields
-    ``ceil(episodes_per_epoch / tasks_per_batch)`` batches. ``optimizer`` must be honoured by the engine
+    ``ceil(episodes_per_epoch / tasks_per_batch)`` batches. 0 trains nothing: the run keeps (validates, exports
+    and scores) the initial weights of its seed, a reference row for what training adds (``maml_untrained`` in
+    ``benchmarks/cpu_tiny_imagenet.yaml``). ``optimizer`` must be honoured by the engine
     (``"sgd"`` uses ``lr/momentum/nesterov/weight_decay``; ``"adam"`` uses ``lr/weight_decay``).
     ``augment``: pass episode images through ``loader.augment`` (crop+flip+normalise) when True, else
     only normalise (the ProtoNet and MAML papers use no augmentation)."""
@@ -57,9 +59,11 @@ class EpisodicConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_way", "n_shot", "n_query", "episodes_per_epoch"):
+        for name in ("n_way", "n_shot", "n_query"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.episodes_per_epoch) < 0:
+            raise ConfigError(f"episodes_per_epoch must be >= 0 (0: no training), got {self.episodes_per_epoch!r}")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 for a classification episode, got {self.n_way}")
         if self.optimizer not in OPTIMIZERS:

@@ -543,7 +543,8 @@ def _run_epoch(cfg: TrainConfig, method, loader: TrainLoader, optimizer, schedul
     train_time = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    scheduler.step()
+    if n_steps:  # an epoch of no steps (episodes_per_epoch: 0, a reference row of initial weights) keeps the lr
+        scheduler.step()
     if dctx.enabled:  # global means: sums and image counts over the ranks, the slowest rank's time
         keys = sorted(sums)
         tot = dctx.all_reduce([sums[k] for k in keys] + [n_images], "sum")
