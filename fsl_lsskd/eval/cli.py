@@ -188,14 +188,12 @@ def evaluate(backbone, checkpoint, untrained, untrained_method, settings, datase
 
 def _initial_method(name: str, settings, backbone: str, image_size: int, seed: int, num_classes: int, device: str):
     """Method ``name`` with the weights ``fsl-bench train --method name --seed seed`` starts from
-    (:func:`fsl_lsskd.train.engine.initial_method`), ``num_classes`` base classes, eval mode."""
-    from ..train.config import TrainConfig, build_method_config, method_class, parse_set_options
-    from ..train.engine import initial_method
+    (:func:`fsl_lsskd.methods.settings.initial_method`), ``num_classes`` base classes, eval mode."""
+    from ..methods.settings import initial_method, method_config, parse_set_options
+    from ..registry import METHODS
 
-    cfg = TrainConfig(method=name, backbone=backbone, image_size=image_size, seed=seed,
-                      method_overrides=parse_set_options(settings))
-    mcfg = build_method_config(method_class(name).config_cls, cfg)
-    return initial_method(cfg, mcfg, num_classes, 0).to(device).eval()
+    mcfg = method_config(METHODS.get(name).config_cls, name, parse_set_options(settings))
+    return initial_method(name, mcfg, backbone, image_size, seed, num_classes, 0).to(device).eval()
 
 
 def _load_whole_method(checkpoint: Path, device: str, readouts: Sequence[str]):

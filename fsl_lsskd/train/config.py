@@ -13,14 +13,13 @@ and by the grid runner (which looks it up), so a setting reaches the id only by 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import ConfigError
+from ..methods.settings import method_config, parse_set_options  # noqa: F401 (re-exported)
 from ..protocol import EpisodeProtocol
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -113,58 +112,11 @@ def method_class(name: str):
     return METHODS.get(name)
 
 
-def _parse_value(name: str, text: Any, typ: Any) -> Any:
-    if not isinstance(text, str):
-        return tuple(text) if isinstance(text, list) else text
-    origin = typing.get_origin(typ)
-    try:
-        if typ is bool or typ == "bool":
-            low = text.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if typ is int or typ == "int":
-            return int(text)
-        if typ is float or typ == "float":
-            return float(text)
-        if origin is tuple or str(typ).startswith("Tuple") or str(typ).startswith("typing.Tuple"):
-            args = typing.get_args(typ)
-            inner = args[0] if args else float
-            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
-            return tuple(_parse_value(name, p.strip(), inner) for p in parts)
-        if typ is str or typ == "str":
-            return text
-        if origin is typing.Union:  # Optional[X]
-            if text.strip().lower() in ("none", "null", ""):
-                return None
-            inner = [a for a in typing.get_args(typ) if a is not type(None)][0]
-            return _parse_value(name, text, inner)
-    except ValueError:
-        raise ConfigError(f"method setting {name}={text!r} is not a valid {typ}") from None
-    return text
-
-
 def build_method_config(config_cls: type, cfg: TrainConfig) -> Any:
     """The method's config dataclass with the run's ``epochs``/``batch_size`` and then ``cfg.method_overrides``
-    (parsed to each field's type; the more specific setting wins) applied; unknown keys raise
-    :class:`ConfigError` listing the valid ones."""
-    hints = typing.get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    values: Dict[str, Any] = {}
-    if cfg.epochs is not None:
-        values["epochs"] = int(cfg.epochs)
-    if cfg.batch_size is not None:
-        values["batch_size"] = int(cfg.batch_size)
-    for key, raw in cfg.method_overrides.items():
-        if key not in fields:
-            raise ConfigError(f"unknown setting {key!r} for method {cfg.method!r}; valid: {', '.join(sorted(fields))}")
-        values[key] = _parse_value(key, raw, hints.get(key, str))
-    try:
-        return config_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid settings for method {cfg.method!r}: {exc}") from None
+    applied (:func:`fsl_lsskd.methods.settings.method_config`); unknown keys raise :class:`ConfigError` listing the
+    valid ones."""
+    return method_config(config_cls, cfg.method, cfg.method_overrides, cfg.epochs, cfg.batch_size)
 
 
 def resolved_method_config(cfg: TrainConfig) -> Any:
@@ -223,12 +175,3 @@ def diff_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") 
     return out
 
 
-def parse_set_options(items) -> Dict[str, str]:
-    """``["lr=0.1", "alpha_T=0.5"]`` -> dict (CLI ``--set``)."""
-    out: Dict[str, str] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set lr=0.1)")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out

@@ -209,16 +209,11 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> Optional[Path]:
 
 # --------------------------------------------------------------------------------------------- train
 def initial_method(cfg: TrainConfig, mcfg, num_classes: int, num_samples: int, teacher=None):
-    """``cfg.method`` (config ``mcfg``) with the weights training seed ``cfg.seed`` starts from: the backbone and
-    heads drawn from the ``init`` stream (:mod:`fsl_lsskd.seeding`) with ``num_classes`` base classes, the caller's
-    global RNG untouched. ``fsl-bench evaluate --untrained --method NAME`` scores exactly these weights."""
-    from ..backbones import create_backbone
+    """``cfg.method`` (config ``mcfg``) with the weights training seed ``cfg.seed`` starts from
+    (:func:`fsl_lsskd.methods.settings.initial_method`)."""
+    from ..methods.settings import initial_method as initial
 
-    cls = method_class(cfg.method)
-    with torch.random.fork_rng(devices=[]):
-        seed_torch("init", cfg.seed)
-        backbone = create_backbone(cfg.backbone, num_classes=num_classes, image_size=cfg.image_size)
-        return cls(backbone, num_classes, num_samples, mcfg, teacher)
+    return initial(cfg.method, mcfg, cfg.backbone, cfg.image_size, cfg.seed, num_classes, num_samples, teacher)
 
 
 def build_run(cfg: TrainConfig, data: PreparedData, teacher=None, dctx=None):
