@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val-every", type=int, default=100, help="meta-iterations between validation points")
     ap.add_argument("--val-tasks", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=32, help="CNN4 filters (the example's MiniImagenetCNN: 32)")
+    ap.add_argument("--classifier-init", choices=("xavier", "normal"), default="xavier",
+                    help="the head's initial weights: xavier (learn2learn 0.2.0's CNN4, cbfinn/maml's mini-ImageNet "
+                         "model) or normal (N(0,1): cbfinn/maml's Omniglot model, fsl-bench's `head: meta`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     embedding = args.hidden * (args.image_size // 16) ** 2  # four 2x2 max-pools
     model = l2l.vision.models.CNN4(args.ways, hidden_size=args.hidden, embedding_size=embedding)
+    if args.classifier_init == "normal":
+        with torch.no_grad():
+            model.classifier.weight.normal_()
     maml = l2l.algorithms.MAML(model, lr=args.fast_lr, first_order=False)
     opt = torch.optim.Adam(maml.parameters(), args.meta_lr)
     val_state = random.Random(10_000 + args.seed).getstate()  # the same val tasks at every point
