@@ -465,7 +465,7 @@ def test_maml_zeroing_trick_head_is_a_prototype_classifier_after_one_step():
 
     assert "head" not in MAMLConfig().identity_dict()  # the paper's default keeps every existing identity
     assert MAMLConfig(head="zero").identity_dict()["head"] == "zero"
-    with pytest.raises(ConfigError, match="meta, zero"):
+    with pytest.raises(ConfigError, match="normal, xavier, zero"):
         MAMLConfig(head="random")
     lr = 0.5
     method = _maml(inner_lr=lr, inner_steps=1, head="zero")
@@ -514,3 +514,16 @@ def test_zero_episodes_per_epoch_keeps_the_initial_weights(tmp_path):
     got = load_method(res.model_dir).state_dict()
     want = initial_method(cfg, build_method_config(MAMLConfig, cfg), 6, 36).state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # BatchNorm statistics too
+
+
+def test_maml_head_initialisations_share_every_other_draw():
+    """head: normal / xavier / zero differ in the head alone: the backbone's weights are the same draws, the Xavier
+    head has Xavier-uniform's bound sqrt(6 / (fan_in + fan_out)), the bias is zero."""
+    nets = {h: _maml(head=h) for h in ("normal", "xavier", "zero")}
+    for h in ("xavier", "zero"):
+        a, b = nets["normal"].backbone.state_dict(), nets[h].backbone.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    w = nets["xavier"].head.weight
+    bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.abs().max() <= bound and w.std() < nets["normal"].head.weight.std()
+    assert all(n.head.bias.abs().sum() == 0 for n in nets.values())

@@ -34,7 +34,7 @@ from .episodic import EpisodicConfig, EpisodicMethod, split_tasks
 from .base import Batch, Method
 
 
-HEADS = ("meta", "zero")
+HEADS = ("normal", "xavier", "zero")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class MAMLConfig(EpisodicConfig):
     - ``meta_batch_size`` 2 tasks, the paper's 5-shot value (4 for 1-shot: set it with ``n_shot: 1``);
     - 5-way, 5-shot, 15 queries per class (cbfinn/maml samples ``update_batch_size + 15`` per class);
     - schedule: 60 000 meta-iterations x 2 tasks = ``epochs`` 100 x ``episodes_per_epoch`` 1200 tasks;
-    - ``head``: ``meta`` (the paper: the linear head's initial weights are meta-learned, N(0,1) init) or
-      ``zero`` (the zeroing trick of Kao et al., "MAML is a Noisy Contrastive Learner in Classification", ICLR
+    - ``head``: the linear head's initial weights, meta-learned from ``normal`` (N(0,1), zero bias: cbfinn/maml's
+      Omniglot model) or ``xavier`` (Xavier-uniform, zero bias: cbfinn/maml's mini-ImageNet model and learn2learn
+      0.2.0's ``CNN4``), or ``zero`` (the zeroing trick of Kao et al., "MAML is a Noisy Contrastive Learner in Classification", ICLR
       2022, §4: the head starts every task at zero, before every outer step and at meta-test, so only the inner
       loop fits it; with one inner step it is a prototype-like classifier of the support features);
     - no augmentation. Backbone: the paper's Conv-4 has 32 filters; our ``conv4`` backbone has the width
@@ -74,7 +75,7 @@ class MAMLConfig(EpisodicConfig):
     inner_steps: int = 5
     test_inner_steps: int = 10
     meta_batch_size: int = 2
-    head: str = "meta"
+    head: str = "normal"
 
     identity_omit_if_default: ClassVar[Tuple[str, ...]] = ("head",)
 
@@ -124,12 +125,14 @@ class MAML(EpisodicMethod):
         cfg: MAMLConfig = self.config
         self.tasks_per_batch = cfg.meta_batch_size
         self.head = nn.Linear(int(self.backbone.num_features), cfg.n_way)
-        # learn2learn's CNN4 / cbfinn/maml: N(0,1) output weights, zero bias (torch's global RNG, seeded by
-        # the engine before the backbone is built, like the backbone's own init).
+        # head: normal (cbfinn/maml's Omniglot model): N(0,1) output weights, zero bias (torch's global RNG, seeded
+        # by the engine before the backbone is built, like the backbone's own init).
         with torch.no_grad():
             self.head.weight.normal_()
             self.head.bias.zero_()
-        if cfg.head == "zero":
+        if cfg.head == "xavier":  # after the N(0,1) draw: the backbone and the other heads' draws stay the same
+            nn.init.xavier_uniform_(self.head.weight)
+        elif cfg.head == "zero":
             self.zero_head()
 
     def zero_head(self) -> None:
