@@ -467,6 +467,10 @@ def test_maml_zeroing_trick_head_is_a_prototype_classifier_after_one_step():
     assert MAMLConfig(head="zero").identity_dict()["head"] == "zero"
     with pytest.raises(ConfigError, match="normal, xavier, zero"):
         MAMLConfig(head="random")
+    from fsl_lsskd.methods.settings import method_config
+
+    with pytest.raises(ConfigError, match=r"inner_lr='abc' is not a valid float$"):
+        method_config(MAMLConfig, "maml", {"inner_lr": "abc"})
     lr = 0.5
     method = _maml(inner_lr=lr, inner_steps=1, head="zero")
     assert method.head.weight.abs().sum() == 0 and method.head.bias.abs().sum() == 0

@@ -74,13 +74,14 @@ def main(argv=None) -> int:
     ap.add_argument("--fast-lr", type=float, default=0.5)
     ap.add_argument("--adaptation-steps", type=int, default=1)
     ap.add_argument("--meta-batch-size", type=int, default=4)
-    ap.add_argument("--tasks", type=int, default=2000, help="meta-training tasks in all")
+    ap.add_argument("--tasks", type=int, default=2000,
+                    help="meta-training tasks in all, rounded up to whole meta-batches")
     ap.add_argument("--val-every", type=int, default=100, help="meta-iterations between validation points")
     ap.add_argument("--val-tasks", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=32, help="CNN4 filters (the example's MiniImagenetCNN: 32)")
     ap.add_argument("--classifier-init", choices=("xavier", "normal"), default="xavier",
                     help="the head's initial weights: xavier (learn2learn 0.2.0's CNN4, cbfinn/maml's mini-ImageNet "
-                         "model) or normal (N(0,1): cbfinn/maml's Omniglot model, fsl-bench's `head: meta`)")
+                         "model) or normal (N(0,1): cbfinn/maml's Omniglot model, fsl-bench's `head: normal`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)

@@ -85,7 +85,9 @@ def write_outputs(out: Path, results, header: dict) -> None:
               "with --seed (backbone and heads, as `fsl-bench train --seed` draws them), e.g. maml for the "
               "maml_finetune readout of an untrained model.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="With --untrained --method: method config setting (as `fsl-bench train --set`).")
+              help="With --untrained --method: method config setting (as `fsl-bench train --set`; the keys: "
+                   "docs/methods.md), e.g. the maml_untrained row of benchmarks/cpu_tiny_imagenet.yaml: --set "
+                   "head=zero --set inner_lr=0.5 --set test_inner_steps=1.")
 @dataset_options(default_dataset=None, required=True)
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
 @click.option("--image-size", type=SIZE, help="Input size of the backbone (default: checkpoint meta, else the "
@@ -113,7 +115,8 @@ def evaluate(backbone, checkpoint, untrained, untrained_method, settings, datase
       fsl-bench evaluate --backbone resnet12 --untrained --data tiny_imagenet=tiny-imagenet-200.zip \\
           --image-size 32 --n-shot 1,5 --readouts protonet,logreg --out eval
       fsl-bench evaluate --checkpoint runs/ce/export --data cifar_fs=cifar-100-python.tar.gz
-      fsl-bench evaluate --untrained --method maml --backbone conv4 --seed 0 --readouts maml_finetune \
+      fsl-bench evaluate --untrained --method maml --backbone conv4 --seed 0 --readouts maml_finetune \\
+          --set head=zero --set inner_lr=0.5 --set test_inner_steps=1 \\
           --data tiny_imagenet=tiny-imagenet-200.zip --image-size 32 --n-shot 5
       fsl-bench evaluate --checkpoint runs/mine/export --data image_folder=my_images \\
           --split-file split.json
@@ -171,7 +174,8 @@ def evaluate(backbone, checkpoint, untrained, untrained_method, settings, datase
             return initial
     results = run_eval(model, split_data, protocols=protocols, readouts=specs, mean=spec.mean, std=spec.std,
                        image_size=size, batch_size=batch_size, device=device, cache=not no_cache, method=method)
-    src = (f"untrained {untrained_method} (training seed {seed}'s initial weights)" if untrained_method else
+    shown = "".join(f"; {s}" for s in settings)
+    src = (f"untrained {untrained_method} (training seed {seed}'s initial weights{shown})" if untrained_method else
            f"untrained (seed {seed})" if untrained else str(checkpoint))
     click.echo(f"{meta['backbone']} [{src}] on {dataset} {split}: {split_data.num_classes} classes, {len(split_data)} "
                f"images, {size}x{size}; episodes: {', '.join(sorted({r.episodes_source for r in results}))}")

@@ -64,7 +64,8 @@ class MAMLFinetuneReadout(Readout):
                               f"{getattr(method, 'registry_name', type(method).__name__)!r}")
         raise ConfigError("maml_finetune needs the trained MAML method (an exported backbone has no MAML head): score "
                           "a maml/fomaml cell, or pass its model directory (fsl-bench evaluate --checkpoint RUN/model; "
-                          "a published MAML cell ships it as results/weights/<benchmark>/<stem>.model)")
+                          "a published MAML cell ships it as results/weights/<benchmark>/<stem>.model); for untrained "
+                          "weights pass --untrained --method maml")
 
     def predict(self, inputs: EpisodeInputs) -> ReadoutOutput:
         method = self._resolve(inputs)

@@ -51,7 +51,8 @@ def parse_value(name: str, text: Any, typ: Any) -> Any:
             inner = [a for a in typing.get_args(typ) if a is not type(None)][0]
             return parse_value(name, text, inner)
     except ValueError:
-        raise ConfigError(f"method setting {name}={text!r} is not a valid {typ}") from None
+        raise ConfigError(f"method setting {name}={text!r} is not a valid "
+                          f"{getattr(typ, '__name__', str(typ).replace('typing.', ''))}") from None
     return text
 
 
