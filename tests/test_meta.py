@@ -494,7 +494,7 @@ def test_maml_zeroing_trick_head_is_a_prototype_classifier_after_one_step():
                                atol=1e-6)
 
 
-def test_zero_episodes_per_epoch_keeps_the_initial_weights(tmp_path):
+def test_zero_episodes_per_epoch_keeps_the_initial_weights(tmp_path, caplog):
     """episodes_per_epoch: 0 is a reference row: no step is taken, the run validates and exports exactly the weights
     training seed S starts from (what `evaluate --untrained --method maml --seed S` scores)."""
     from fsl_lsskd.checkpoint import load_method
@@ -515,6 +515,7 @@ def test_zero_episodes_per_epoch_keeps_the_initial_weights(tmp_path):
                       method_overrides=sets)
     res = train(cfg, train_data=split, mean=(0.5,) * 3, std=(0.25,) * 3)
     assert res.history[0]["steps"] == 0
+    assert "takes no training step (episodes_per_epoch: 0)" in caplog.text
     got = load_method(res.model_dir).state_dict()
     want = initial_method(cfg, build_method_config(MAMLConfig, cfg), 6, 36).state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # BatchNorm statistics too

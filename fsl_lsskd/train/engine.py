@@ -354,6 +354,9 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
         for p in teacher.parameters():
             p.requires_grad_(False)
     method, mcfg, loader = build_run(run_cfg, data, teacher, dctx)
+    if dctx.is_main and steps_per_epoch(method, loader) == 0:
+        log.warning("%s %s seed %d takes no training step (episodes_per_epoch: 0): it validates, exports and scores "
+                    "its initial weights, an untrained reference", cfg.method, cfg.backbone, cfg.seed)
     distributed.check_method(method, mcfg, loader, dctx)
     if dctx.enabled:
         _setup_distributed(cfg, method, dctx)
