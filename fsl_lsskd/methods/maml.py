@@ -137,9 +137,7 @@ class MAML(EpisodicMethod):
 
     def zero_head(self) -> None:
         """The zeroing trick (``head: zero``): set the linear head's weights and bias to zero."""
-        with torch.no_grad():
-            self.head.weight.zero_()
-            self.head.bias.zero_()
+        _zero_linear(self.head)
 
     def learner(self) -> nn.Module:
         """Backbone + head as one module (a transient wrapper: parameters are shared, not copied)."""
@@ -196,9 +194,7 @@ class MAML(EpisodicMethod):
                                 f"{n_way}-way: evaluate with n_way={self.head.out_features}")
         model = copy.deepcopy(self.learner()).train()
         if cfg.head == "zero":
-            with torch.no_grad():
-                model[-1].weight.zero_()
-                model[-1].bias.zero_()
+            _zero_linear(model[-1])
         params = [p for p in model.parameters()]
         with torch.enable_grad():
             for _ in range(steps):
@@ -218,6 +214,12 @@ class FOMAML(MAML):
     treated as constants (``learn2learn.algorithms.MAML(first_order=True)``)."""
 
     first_order = True
+
+
+def _zero_linear(layer: nn.Linear) -> None:
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
 
 
 class _Flatten(nn.Module):

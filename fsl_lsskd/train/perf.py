@@ -492,9 +492,12 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
         from ..registry import METHODS
 
         for m in ms:  # an episodic method's tasks need n_shot+n_query images in each of the 64 synthetic classes
-            k = getattr(METHODS.get(m).config_cls(), "task_size", 0) // max(
-                getattr(METHODS.get(m).config_cls(), "n_way", 1), 1)
-            if k and synthetic < SYNTHETIC_CLASSES * k:
+            cls = METHODS.get(m)
+            if not cls.episodic:
+                continue
+            cfg = cls.config_cls()
+            k = cfg.n_shot + cfg.n_query
+            if synthetic < SYNTHETIC_CLASSES * k:
                 raise ConfigError(f"--synthetic {synthetic}: {m}'s episodes need {k} images in each of the "
                                   f"{SYNTHETIC_CLASSES} synthetic classes; pass --synthetic {SYNTHETIC_CLASSES * k} "
                                   f"or more")
