@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -339,6 +340,7 @@ def run_flow(ws: Path, root: Path) -> None:
     summary = json.loads((ws / "eval" / "summary.json").read_text())
     assert summary["dataset"] == "image_folder" and len(summary["results"]) == 4
     assert "5 classes, 125 images" in res.output  # the test split: 5 classes x 25 images
+    assert "± ? over 5 test classes (not estimable" in res.output  # 5-way episodes on 5 classes
 
     bench = {"name": "my_images", "datasets": ["image_folder"],
              "data": {"image_folder": {"data_root": str(root), "split_file": split.name, "image_size": 32}},
@@ -372,3 +374,56 @@ def test_own_images_end_to_end_real(ws, shared_data):
     run_flow(ws, real_folder(ws / "my images", shared_data / "tiny-imagenet-200-sub100.zip", E2E_NAMES))
     s = get_dataset("image_folder", root=ws / "my images", split_file=ws / "my split.json").load_split("val")
     assert s.images.shape[1:] == (64, 64, 3) and (s.class_counts() == 25).all()
+
+
+# ------------------------------------------------------------------------------------ few test classes (issue 24)
+def graded_folder(root: Path, n_classes: int, per_class: int = 20, size: int = 24) -> Path:
+    """Class folders of noisy solid-colour PNGs whose classes differ in how far apart their colours are: the
+    first three share nearly one colour (hard to tell apart), the rest are far from everything. Per-class
+    accuracy then varies a lot, which is what a test-class interval measures."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(n_classes):
+        colour = np.array([90 + 6 * c, 110, 130]) if c < 3 else np.array([40 + 35 * c, 200 - 30 * c, 60 + 25 * c])
+        (root / f"class {c:02d}").mkdir(parents=True)
+        for j in range(per_class):
+            img = np.clip(colour + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class {c:02d}" / f"{j}.png")
+    return root
+
+
+def test_evaluate_on_six_test_classes_shows_the_test_class_interval_and_warns(ws, caplog):
+    """Issue 24's input: a user's folder with 6 test classes (120 images) and 2,000 5-way episodes. The episode
+    interval (about ±0.3) describes these 6 classes only; `evaluate` shows the test-class interval beside it,
+    in its output and its summary.json, and warns that 6 test classes say little about new classes."""
+    root = graded_folder(ws / "imgs", 6)
+    split = ws / "split.json"
+    split.write_text(json.dumps({"train": [], "val": [], "test": sorted(p.name for p in root.iterdir())}))
+    res = cli("evaluate", "--untrained", "--backbone", "conv4", "--data", f"image_folder={root}", "--split-file",
+              split, "--folder-image-size", 24, "--n-shot", 1, "--n-query", 15, "--n-episodes", 2000, "--readouts",
+              "protonet", "--out", ws / "eval")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "protonet" in x)
+    m = re.search(r"% ± ([\d.]+) over episodes, ± ([\d.]+) over 6 test classes", line)
+    assert m, line
+    episodes, classes = float(m.group(1)), float(m.group(2))
+    assert 0 < episodes < 1 and classes > 3 * episodes, line
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("only 6 test classes" in w and "at least 20 classes" in w for w in warned), warned
+    got = json.loads((ws / "eval" / "summary.json").read_text())["results"][0]
+    assert got["n_test_classes"] == 6 and abs(got["accuracy_class_ci95"] - classes) < 0.006
+
+
+def test_evaluate_when_every_episode_holds_the_same_classes_says_not_estimable(ws, caplog):
+    root = graded_folder(ws / "imgs", 5, per_class=16)
+    split = ws / "split.json"
+    split.write_text(json.dumps({"train": [], "val": [], "test": sorted(p.name for p in root.iterdir())}))
+    res = cli("evaluate", "--untrained", "--backbone", "conv4", "--data", f"image_folder={root}", "--split-file",
+              split, "--folder-image-size", 24, "--n-shot", 1, "--n-query", 15, "--n-episodes", 50, "--readouts",
+              "protonet", "--out", ws / "eval")
+    assert res.exit_code == 0, res.output
+    assert "± ? over 5 test classes (not estimable: every episode holds the same classes)" in res.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("only 5 test classes" in w and "not estimable over test classes" in w for w in warned), warned
+    assert json.loads((ws / "eval" / "summary.json").read_text())["results"][0]["accuracy_class_ci95"] is None

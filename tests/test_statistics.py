@@ -194,3 +194,16 @@ def test_series_statistics_are_computed_once_and_forgotten_on_a_new_seed():
     assert s.summary() is first  # kept, not recomputed
     s.put(1, {"accuracy": np.array([70.0, 90.0])})
     assert s.summary()[0] == pytest.approx(65.0) and s.summary() is not first
+
+
+def test_class_interval_is_not_estimable_when_every_episode_holds_the_same_classes():
+    """5 test classes and 5-way episodes: every episode holds all of them, so the class levels are confounded
+    and their spread cannot be estimated. The interval is (nan, nan), not the narrower episode interval."""
+    rng = np.random.default_rng(0)
+    classes = np.tile(np.arange(5), (400, 1))
+    lo, hi = class_interval(rng.normal(50, 10, 400), classes)
+    assert np.isnan(lo) and np.isnan(hi)
+    # one more class makes them estimable again (each 5-way episode leaves one of the 6 out)
+    six = np.array([np.delete(np.arange(6), i % 6) for i in range(400)])
+    lo, hi = class_interval(rng.normal(50, 10, 400), six)
+    assert np.isfinite(lo) and np.isfinite(hi) and lo < 50 < hi

@@ -194,6 +194,8 @@ class ScoreResult:
         episodes_source: the published episode file (``splits/...``) or ``generated``; episodes_sha256: the
             sha256 of the published file, or of the generated episode arrays.
         seconds: readout time; info: dataset, split, image size, split fingerprint.
+        classes: each scored episode's class ids ``[E, n_way]`` (int), for :meth:`class_interval`; None for
+            non-episodic scores.
     """
 
     readout: str
@@ -208,10 +210,27 @@ class ScoreResult:
     episodes_sha256: str = ""
     seconds: float = 0.0
     info: Dict[str, Any] = field(default_factory=dict)
+    classes: Optional[np.ndarray] = None
 
     @property
     def n_episodes(self) -> int:
         return int(len(self.accuracy))
+
+    @property
+    def n_classes(self) -> int:
+        """The number of distinct test classes the scored episodes draw from (0 for non-episodic scores)."""
+        return 0 if self.classes is None else int(np.unique(self.classes).size)
+
+    def class_interval(self) -> Optional[Tuple[float, float]]:
+        """The 95% test-class interval ``(lo, hi)`` of the mean accuracy (%): how far another draw of as many
+        test classes would move it (:func:`fsl_lsskd.eval.intervals.class_interval`, Lafargue et al. 2024). The
+        episode interval (:attr:`ci95`) describes these classes only. ``(nan, nan)`` when the episodes cannot
+        estimate it (every episode holds the same classes); None for non-episodic scores."""
+        if self.classes is None:
+            return None
+        from .intervals import class_interval
+
+        return class_interval(self.accuracy, self.classes)
 
     @property
     def mean(self) -> float:

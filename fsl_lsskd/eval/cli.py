@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -63,7 +64,7 @@ def write_outputs(out: Path, results, header: dict) -> None:
     from ..utils import atomic_path, atomic_write_text, make_dir
 
     make_dir(out)
-    summary = {**header, "results": [r.summary() for r in results]}
+    summary = {**header, "results": [_with_classes(r) for r in results]}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     with atomic_path(out / "accuracies.npz", suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
@@ -73,6 +74,16 @@ def write_outputs(out: Path, results, header: dict) -> None:
     for i in range(n):
         lines.append(f"{i}," + ",".join(f"{r.accuracy[i]:.4f}" if i < r.n_episodes else "" for r in results))
     atomic_write_text(out / "accuracies.csv", "\n".join(lines) + "\n")
+
+
+def _with_classes(r) -> dict:
+    """A score's summary plus its test-class interval (``accuracy_class_ci95``: half-width in points, None where
+    not estimable) and ``n_test_classes``."""
+    out = r.summary()
+    if r.classes is not None:
+        lo, hi = r.class_interval()
+        out.update(accuracy_class_ci95=(hi - lo) / 2 if math.isfinite(lo) else None, n_test_classes=r.n_classes)
+    return out
 
 
 @click.command("evaluate")
@@ -181,13 +192,23 @@ def evaluate(backbone, checkpoint, untrained, untrained_method, settings, datase
                f"images, {size}x{size}; episodes: {', '.join(sorted({r.episodes_source for r in results}))}")
     for r in results:
         cal = f"  ECE {r.ece:.2f}% NLL {r.nll.mean():.3f} Brier {r.brier.mean():.3f}" if r.nll is not None else ""
-        click.echo(f"  {r.protocol.label:<14} {r.label:<28} {r.mean:6.2f} ± {r.ci95:.2f} %  ({r.n_episodes} episodes, "
-                   f"{r.protocol.n_query} queries/class, {r.seconds:.1f}s){cal}")
+        click.echo(f"  {r.protocol.label:<14} {r.label:<28} {r.mean:6.2f} % ± {r.ci95:.2f} over episodes, "
+                   f"{_class_text(r)}  ({r.n_episodes} episodes, {r.protocol.n_query} queries/class, "
+                   f"{r.seconds:.1f}s){cal}")
     click.echo(f"total {time.perf_counter() - t0:.1f}s")
     if out is not None:
         write_outputs(Path(out), results, {"backbone": meta["backbone"], "checkpoint": src, "dataset": dataset,
                                            "split": split, "image_size": size})
         click.echo(f"wrote {out}/summary.json, accuracies.npz, accuracies.csv")
+
+
+def _class_text(r) -> str:
+    """``± h over C test classes``: the half-width of the score's test-class interval (how far another draw of
+    as many test classes would move the mean, docs/statistics.md)."""
+    lo, hi = r.class_interval()
+    if not math.isfinite(lo):
+        return f"± ? over {r.n_classes} test classes (not estimable: every episode holds the same classes)"
+    return f"± {(hi - lo) / 2:.2f} over {r.n_classes} test classes"
 
 
 def _initial_method(name: str, settings, backbone: str, image_size: int, seed: int, num_classes: int, device: str):

@@ -8,6 +8,11 @@ from typing import Tuple
 
 import numpy as np
 
+#: fewer test classes than this draw a warning from :func:`fsl_lsskd.eval.scoring.evaluate`: the standard few-shot
+#: test splits have 20 (CIFAR-FS, FC100, miniImageNet) or more, and an episode interval over fewer classes says
+#: little about new classes (Lafargue et al. 2024)
+FEW_TEST_CLASSES = 20
+
 
 def class_interval(values: np.ndarray, classes: np.ndarray, level: float = 0.95) -> Tuple[float, float]:
     """The interval of the mean episode value over the *test classes*: how far another draw of test classes from
@@ -25,8 +30,10 @@ def class_interval(values: np.ndarray, classes: np.ndarray, level: float = 0.95)
     degrees of freedom, since ``C`` classes are the sample (a percentile class bootstrap over 24-40 classes covers
     90-92% at the 95% level in our simulations; this covers 92-95%, ``tests/test_statistics.py``). When no class
     occurs in two episodes (Omniglot's 20 runs, each with its own characters) the episodes are the class clusters
-    and this is the t-interval over them. Deterministic. Returns ``(lo, hi)``. Raises ValueError when shapes
-    disagree."""
+    and this is the t-interval over them. When the episodes cannot tell the classes apart (every episode holds
+    the same ``n_way`` classes, or any design whose ``X'X`` is singular) the classes' spread is not estimable
+    from these scores and the interval is ``(nan, nan)``, not the narrower episode interval. Deterministic.
+    Returns ``(lo, hi)``. Raises ValueError when shapes disagree."""
     from scipy import stats
 
     y = np.asarray(values, dtype=np.float64)
@@ -55,6 +62,8 @@ def class_interval(values: np.ndarray, classes: np.ndarray, level: float = 0.95)
             np.add.at(xtx, (inv[:, i], inv[:, j]), 1.0)
     xtx /= n_way ** 2
     xty = np.bincount(inv.ravel(), weights=np.repeat(y, n_way), minlength=n_cls) / n_way
+    if np.linalg.matrix_rank(xtx) < n_cls:  # class levels confounded: their spread cannot be estimated
+        return math.nan, math.nan
     xtx_inv = np.linalg.pinv(xtx)
     beta = xtx_inv @ xty
     resid = y - beta[inv].mean(1)
@@ -65,3 +74,25 @@ def class_interval(values: np.ndarray, classes: np.ndarray, level: float = 0.95)
     var = between / n_cls + float(np.var(y, ddof=1)) / n_ep
     h = float(stats.t.ppf(q, n_cls - 1)) * math.sqrt(var)
     return m - h, m + h
+
+
+def few_classes_warning(results) -> str:
+    """The warning for scores whose episodes draw on fewer than :data:`FEW_TEST_CLASSES` test classes, or on
+    classes whose spread cannot be estimated; ``""`` when there is nothing to warn about. ``results``: episodic
+    :class:`~fsl_lsskd.eval.base.ScoreResult` values of one split."""
+    few = [r for r in results if r.classes is not None and r.n_classes < FEW_TEST_CLASSES]
+    if not few:
+        return ""
+    n = min(r.n_classes for r in few)
+    parts = []
+    for r in few:
+        lo, hi = r.class_interval()
+        cls = f"±{(hi - lo) / 2:.2f} over test classes" if math.isfinite(lo) else "not estimable over test classes"
+        parts.append(f"{r.protocol.key} {r.label}: ±{r.ci95:.2f} over episodes, {cls}")
+    info = few[0].info
+    where = f"{info.get('dataset', '')} {info.get('split', '')}".strip()
+    return (f"{where} has only {n} test classes: an interval over episodes describes these {n} classes only, not "
+            f"new classes. Another draw of {n} classes moves the mean by the test-class interval "
+            f"(Lafargue et al. 2024, docs/statistics.md): {'; '.join(parts)}. A test split with at least "
+            f"{FEW_TEST_CLASSES} classes (the standard few-shot splits have 20 or more) is needed for a "
+            f"conclusion about new classes.")

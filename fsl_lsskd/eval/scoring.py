@@ -28,6 +28,7 @@ from .base import EpisodeInputs, Readout, ScoreResult, query_labels
 from .calibration import bin_stats, brier, nll
 from .episodes import class_offsets, load_episodes
 from .features import make_embedder, split_features, state_hash
+from .intervals import few_classes_warning
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,9 @@ def evaluate(backbone: nn.Module, split, *, protocols: Sequence[Union[EpisodePro
             log.info("%s %s: %.2f +- %.2f %%", protocol.key, spec.label, res.mean, res.ci95)
             results.append(res)
     bar.close()
+    warning = few_classes_warning(results)
+    if warning:
+        log.warning("%s", warning)
     return results
 
 
@@ -175,7 +179,8 @@ def _result(spec: ReadoutSpec, protocol: EpisodeProtocol, rows: np.ndarray, out,
         raise RuntimeError(f"readout {spec.name} returned {correct.shape} accuracies for {rows.shape[0]} episodes")
     scored = protocol.replace(n_episodes=int(rows.shape[0]))
     res = ScoreResult(spec.name, spec.label, dict(spec.settings), scored, 100.0 * correct,
-                      episodes_source=ep.source, episodes_sha256=ep.sha256, seconds=seconds, info=dict(info))
+                      episodes_source=ep.source, episodes_sha256=ep.sha256, seconds=seconds, info=dict(info),
+                      classes=np.asarray(ep.classes[:rows.shape[0]], dtype=np.int64))
     if out.probs is not None:
         probs = np.asarray(out.probs, dtype=np.float64)
         labels = np.broadcast_to(query_labels(protocol.n_way, protocol.n_query), probs.shape[:-1])

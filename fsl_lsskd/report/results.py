@@ -338,6 +338,12 @@ def _headline_columns(results: ResultSet) -> List[Column]:
     return out
 
 
+def _estimable(iv: Tuple[float, float]) -> Optional[Tuple[float, float]]:
+    """A test-class interval, or None where the episodes cannot estimate it (``(nan, nan)``: every episode holds
+    the same classes), shown as "–" like an unknown one."""
+    return iv if all(math.isfinite(v) for v in iv) else None
+
+
 def headline_rows(results: ResultSet, baseline: str = "ce") -> List[HeadlineRow]:
     """The headline's lines, baseline first within each training data label and shot count."""
     out = []
@@ -352,8 +358,9 @@ def headline_rows(results: ResultSet, baseline: str = "ce") -> List[HeadlineRow]
             x = s.stacked()
             ref = (baseline, r[1])
             diff = paired(s, results.cells[ref][col]) if r != ref and col in results.cells.get(ref, {}) else None
-            cls_iv = class_interval(x, classes) if classes is not None else None
-            d_iv = class_interval(diff.episodes, classes) if diff is not None and classes is not None else None
+            cls_iv = _estimable(class_interval(x, classes)) if classes is not None else None
+            d_iv = (_estimable(class_interval(diff.episodes, classes)) if diff is not None and classes is not None
+                    else None)
             out.append(HeadlineRow(r, data, shots, t_interval(x.mean(1)), cls_iv, x.shape[1], diff, d_iv,
                                    int(np.unique(classes).size) if classes is not None else 0))
     out.sort(key=lambda h: (h.data, h.shots))
