@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib
 import importlib.util
 import json
 import pkgutil
 import threading
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Generic, Iterator, List, Optional, TypeVar
+from typing import Callable, Dict, FrozenSet, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 from .errors import UnknownNameError
 
@@ -64,6 +65,57 @@ def registered_in_source(package: str, symbol: str) -> Dict[str, str]:
     return found
 
 
+_MISSING = object()  # not decidable from the source: import
+_DEFAULT = object()  # decided: the class chain reaches the package's base class without assigning it
+
+
+@functools.lru_cache(maxsize=None)
+def _package_classes(package: str, symbol: str) -> Tuple[Dict[str, Optional[ast.ClassDef]], Dict[str, ast.ClassDef]]:
+    """``({class name: its AST, or None when two modules define it}, {registered name: its class's AST})`` of
+    every module of ``package``, parsed once from the sources (nothing imported)."""
+    spec = importlib.util.find_spec(package)
+    classes: Dict[str, ast.ClassDef] = {}
+    registered: Dict[str, ast.ClassDef] = {}
+    for path in sorted(Path(p) for loc in spec.submodule_search_locations for p in Path(loc).glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            classes[node.name] = None if node.name in classes else node  # a name defined twice: ambiguous
+            for deco in node.decorator_list:
+                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register"
+                        and isinstance(deco.func.value, ast.Name) and deco.func.value.id == symbol and deco.args
+                        and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
+                    registered[deco.args[0].value] = node
+    return classes, registered
+
+
+def _static_class_constant(modules: Dict[str, str], symbol: str, name: str, attr: str):
+    """The literal ``attr`` of the class that ``symbol.register(name)`` decorates, following its single base
+    through the classes the package's modules define (sources only); :data:`_DEFAULT` when the
+    chain ends at a class without bases that never assigns ``attr``; :data:`_MISSING` when it cannot be decided
+    from the source (a non-literal value, several bases, a base defined elsewhere)."""
+    classes, registered = _package_classes(modules[name].rsplit(".", 1)[0], symbol)
+    node, seen = registered.get(name), set()
+    while node is not None and node.name not in seen:
+        seen.add(node.name)
+        for stmt in node.body:
+            target = (stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else
+                      stmt.target if isinstance(stmt, ast.AnnAssign) and stmt.value is not None else None)
+            if isinstance(target, ast.Name) and target.id == attr:
+                try:
+                    return ast.literal_eval(stmt.value)
+                except ValueError:
+                    return _MISSING
+        bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
+        if len(bases) != len(node.bases) or len(bases) > 1:
+            return _MISSING
+        if not bases:
+            return _DEFAULT
+        node = classes.get(bases[0])
+    return _MISSING
+
+
 class Registry(Generic[T]):
     """A named registry of components of one ``kind`` ("method", "dataset", ...) registered by the modules of
     ``package`` through the module-level name ``symbol`` (``METHODS``): names come from the sources
@@ -76,6 +128,7 @@ class Registry(Generic[T]):
         self._items: Dict[str, T] = {}
         self._modules: Optional[Dict[str, str]] = None if package else {}
         self._lock = threading.RLock()
+        self._constants: Dict[tuple, object] = {}
 
     def modules(self) -> Dict[str, str]:
         """``{name: module that registers it}`` from the package's sources (read once)."""
@@ -113,6 +166,24 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
+
+    def class_constant(self, name: str, attr: str, default=None):
+        """Class attribute ``attr`` of the component registered as ``name``, read from its module's source when
+        the class (or a base class defined in the package) assigns it a literal (``needs_teacher = True``), so
+        that planning a grid needs no torch import; otherwise the attribute of the imported component (a non-literal
+        value, or one inherited from outside the package's registered modules), ``default`` when it has none.
+        ``tests/test_registry_cli.py`` checks that both ways agree for every registered name. Raises
+        :class:`UnknownNameError` for an unknown ``name``."""
+        if name not in self:
+            raise UnknownNameError(self.unknown_message(name))
+        if name not in self._items and self.package:
+            key = (name, attr)
+            if key not in self._constants:
+                self._constants[key] = _static_class_constant(self.modules(), self.symbol, name, attr)
+            found = self._constants[key]
+            if found is not _MISSING:
+                return default if found is _DEFAULT else found
+        return getattr(self.get(name), attr, default)
 
     def unknown_message(self, name: str, also: str = "") -> str:
         """``unknown <kind> 'x'. Did you mean 'y'? Valid <kind>s: ...`` (``also``: extra valid names, e.g.

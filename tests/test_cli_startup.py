@@ -172,3 +172,48 @@ def test_registry_names_read_from_the_sources_are_what_importing_registers():
         for name, module in found.items():
             assert reg.get(name) is reg._items[name]
             assert sys.modules[module].__dict__.get(reg.symbol) is reg, (kind, name, module)
+
+
+def test_class_constants_read_from_the_sources_are_the_imported_ones():
+    """Planning a grid reads ``needs_teacher`` and ``default_teacher`` from the sources (no torch import):
+    for every registered name, a value read statically equals the imported class's attribute, and those two are
+    decidable from the source for every method."""
+    from fsl_lsskd.registry import _DEFAULT, _MISSING, ALL, METHODS, _static_class_constant, registered_in_source
+
+    decided = 0
+    for kind, reg in ALL.items():
+        modules = registered_in_source(reg.package, reg.symbol)
+        for attr in ("needs_teacher", "default_teacher", "has_rotation_classifiers", "config_cls"):
+            for name in modules:
+                found = _static_class_constant(modules, reg.symbol, name, attr)
+                if reg is METHODS and attr in ("needs_teacher", "default_teacher"):
+                    assert found is not _MISSING, (name, attr)
+                if found is _MISSING:
+                    continue
+                decided += 1
+                cls = reg.get(name)
+                if found is _DEFAULT:
+                    assert not hasattr(cls, attr), (kind, name, attr)
+                else:
+                    assert found == getattr(cls, attr), (kind, name, attr, found)
+    assert decided >= 2 * len(METHODS)
+
+
+PLAN = textwrap.dedent("""
+    import json, sys
+    from fsl_lsskd.bench.config import load_benchmark
+    from fsl_lsskd.bench.grid import expand, with_teachers
+
+    HEAVY = %r
+    cells = with_teachers(expand(load_benchmark(sys.argv[1])))
+    teachers = sorted({c.teacher.method for c in cells if c.teacher is not None})
+    print("REPORT " + json.dumps({"cells": len(cells), "teachers": teachers,
+                                  "imported": sorted(m for m in HEAVY if m in sys.modules)}))
+""") % (HEAVY,)
+
+
+def test_planning_a_grid_with_teachers_imports_no_heavy_module(tmp_path):
+    """`table --from-results` and `run --dry-run` plan the grid first: the distillation rows' teachers come from
+    the methods' sources, not from importing torch."""
+    res = _python(PLAN, REPO / "benchmarks" / "short_distill_tiny_imagenet.yaml", cwd=tmp_path)
+    assert res["imported"] == [] and res["teachers"] and res["cells"] > 0, res

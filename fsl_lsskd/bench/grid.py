@@ -58,11 +58,10 @@ def make_cell(bench: Benchmark, dataset: str, backbone: str, row: str, seed: int
     """The cell of (dataset, backbone, row, seed[, fraction]), with its teacher cell when its method needs one."""
     method = bench.method_of(row)
     fraction = float(bench.train.fraction if fraction is None else fraction)
-    cls = METHODS.get(method)
     teacher = None
-    if getattr(cls, "needs_teacher", False):
+    if METHODS.class_constant(method, "needs_teacher", False):  # read from the source: planning imports no torch
         spec = bench.teachers.get(row) or bench.teachers.get(method)
-        t_row = spec.method if spec else getattr(cls, "default_teacher", None)
+        t_row = spec.method if spec else METHODS.class_constant(method, "default_teacher")
         if not t_row:
             raise ConfigError(f"method {method!r} needs a teacher: add `teachers: {{{row}: {{method: ce}}}}` to "
                               f"{bench.where}")
