@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fsl_lsskd.report.stats import (BETTER, NO_EVIDENCE, NOT_DECIDED, WORSE, class_interval, hierarchical_bootstrap,
-                                   t_interval, verdict)
+                                   hierarchical_bootstrap_sum, t_interval, verdict)
 from fsl_lsskd.report.results import ResultSet, paired
 from fsl_lsskd.report.tables import headline
 
@@ -207,3 +207,19 @@ def test_class_interval_is_not_estimable_when_every_episode_holds_the_same_class
     six = np.array([np.delete(np.arange(6), i % 6) for i in range(400)])
     lo, hi = class_interval(rng.normal(50, 10, 400), six)
     assert np.isfinite(lo) and np.isfinite(hi) and lo < 50 < hi
+
+
+def test_hierarchical_bootstrap_sum_gives_the_same_interval_with_and_without_its_draw_cache(monkeypatch):
+    """The draws of a shape are cached (they do not depend on the data): a second array of the same shape, and
+    the same array with the cache switched off, give exactly the intervals of fresh draws."""
+    from fsl_lsskd.report import stats
+
+    def ece_like(s):
+        return np.abs(s[..., 1] - s[..., 2]).sum(-1) / np.maximum(s[..., 0].sum(-1), 1)
+
+    x = np.random.default_rng(3).random((3, 300, 15, 3))
+    cached = [hierarchical_bootstrap_sum(x, ece_like), hierarchical_bootstrap_sum(2 * x, ece_like)]
+    monkeypatch.setattr(stats, "COUNTS_CACHE_BYTES", 0)
+    stats._cached_bootstrap_counts.cache_clear()
+    assert [hierarchical_bootstrap_sum(x, ece_like), hierarchical_bootstrap_sum(2 * x, ece_like)] == cached
+    assert stats._cached_bootstrap_counts.cache_info().currsize == 0

@@ -13,9 +13,10 @@ All intervals are 95%.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Iterator, Sequence, Tuple
 
 import numpy as np
 
@@ -49,6 +50,44 @@ def hierarchical_bootstrap(x: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED
     return float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))
 
 
+#: the draws of a shape are kept (:func:`_bootstrap_counts`) when they take at most this many bytes
+COUNTS_CACHE_BYTES = 64 * 2 ** 20
+
+
+def _iter_bootstrap_counts(S: int, E: int, n_boot: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+    """The draws of :func:`hierarchical_bootstrap_sum` as item counts, one ``[b, S * E]`` array per chunk of
+    ``b <= chunk`` draws."""
+    rng = np.random.default_rng(seed)
+    dtype = np.uint16 if S * E < 2 ** 16 else np.uint32
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        picked = np.empty((b, S, E), dtype=np.int64)  # indices into the S * E items, per draw
+        for k in range(b):
+            seeds = rng.integers(0, S, size=S)
+            picked[k] = seeds[:, None] * E + rng.integers(0, E, size=(S, E))
+        counts = np.bincount((picked.reshape(b, -1) + (np.arange(b) * S * E)[:, None]).ravel(),
+                             minlength=b * S * E).reshape(b, S * E)
+        yield counts.astype(dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_bootstrap_counts(S: int, E: int, n_boot: int, seed: int, chunk: int) -> Tuple[np.ndarray, ...]:
+    out = tuple(_iter_bootstrap_counts(S, E, n_boot, seed, chunk))
+    for c in out:
+        c.setflags(write=False)
+    return out
+
+
+def _bootstrap_counts(S: int, E: int, n_boot: int, seed: int, chunk: int):
+    """The item counts of the draws, chunk by chunk. They depend on the shape and the seed only, not on the data,
+    so the calibration tables' many cells of one shape draw them once (drawing and counting were 80% of a
+    table's time) when they fit :data:`COUNTS_CACHE_BYTES`; the values are exactly those drawn without the
+    cache."""
+    if n_boot * S * E * (2 if S * E < 2 ** 16 else 4) <= COUNTS_CACHE_BYTES:
+        return _cached_bootstrap_counts(S, E, n_boot, seed, chunk)
+    return _iter_bootstrap_counts(S, E, n_boot, seed, chunk)
+
+
 def hierarchical_bootstrap_sum(x: np.ndarray, stat: Callable[[np.ndarray], np.ndarray], n_boot: int = N_BOOT,
                                seed: int = SEED, chunk: int = 100) -> Tuple[float, float]:
     """95% percentile interval of a statistic of the *sum* of ``x [n_seeds, n_items, ...]`` over its seeds and items,
@@ -61,19 +100,10 @@ def hierarchical_bootstrap_sum(x: np.ndarray, stat: Callable[[np.ndarray], np.nd
     x = np.asarray(x, dtype=np.float64)
     if x.ndim < 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"hierarchical_bootstrap_sum needs x [n_seeds, n_items, ...], got {x.shape}")
-    rng = np.random.default_rng(seed)
     S, E = x.shape[:2]
     flat_x = x.reshape(S * E, -1)
-    vals = []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        picked = np.empty((b, S, E), dtype=np.int64)  # indices into the S * E items, per draw
-        for k in range(b):
-            seeds = rng.integers(0, S, size=S)
-            picked[k] = seeds[:, None] * E + rng.integers(0, E, size=(S, E))
-        counts = np.bincount((picked.reshape(b, -1) + (np.arange(b) * S * E)[:, None]).ravel(),
-                             minlength=b * S * E).reshape(b, S * E)
-        vals.append(np.asarray(stat((counts @ flat_x).reshape((b,) + x.shape[2:])), dtype=np.float64))
+    vals = [np.asarray(stat((counts @ flat_x).reshape((counts.shape[0],) + x.shape[2:])), dtype=np.float64)
+            for counts in _bootstrap_counts(S, E, n_boot, seed, chunk)]
     v = np.concatenate(vals)
     return float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))
 
