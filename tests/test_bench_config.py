@@ -482,3 +482,27 @@ def test_accuracy_caption_names_each_rows_seeds_where_they_differ():
     assert "Training seeds per row" in one["tex"]
     same = render(results((0, 1, 2)), {}, "c", baselines=())
     assert "Training seeds per row" not in same["md"] and "Training seeds per row" not in same["tex"]
+
+
+def test_figures_in_worker_processes_are_the_same_files_in_the_same_order(tmp_path):
+    """`fsl-bench table` draws its figures in forked workers while it writes the tables: the files and the list
+    of written paths are exactly those of drawing them in the process, and a worker's error reaches the caller."""
+    from fsl_lsskd.report import figures
+
+    rs = ResultSet()
+    rng = np.random.default_rng(0)
+    for method in ("ce", "pskd", "lsskd"):
+        for seed in (0, 1, 2):
+            for frac in ("@50%", ""):
+                for proto in ("5w1s15q", "5w5s15q"):
+                    rs.add((method, "conv4"), (f"tiny{frac}", "tiny", proto, "protonet"), seed,
+                           {"accuracy": rng.uniform(30, 60, 40)})
+    serial = figures.write_figures(rs, tmp_path / "a" / "grid", workers=1)
+    parallel = figures.write_figures(rs, tmp_path / "b" / "grid", workers=2)
+    assert len(serial) >= 4 and [p.name for p in serial] == [p.name for p in parallel]
+    for a, b in zip(serial, parallel):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    (tmp_path / "a file").write_text("")
+    job = figures.start_figures(rs, tmp_path / "a file" / "grid", workers=2)  # the workers cannot write there
+    with pytest.raises(OSError):
+        job.wait()

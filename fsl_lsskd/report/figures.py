@@ -19,7 +19,7 @@ import contextlib
 import math
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -97,16 +97,93 @@ def _interval(series) -> Tuple[float, float, float]:
     return (m, lo, hi) if math.isfinite(lo) else (m, m, m)
 
 
-def write_figures(results, stem: Path, baseline: str = "ce") -> List[Path]:
-    """Every figure the results allow; returns the written paths (PNG and PDF)."""
+def write_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -> List[Path]:
+    """Every figure the results allow; returns the written paths (PNG and PDF), in a fixed order.
+    ``workers > 1`` renders them in that many forked processes (:func:`start_figures`)."""
+    return start_figures(results, stem, baseline, workers).wait()
+
+
+#: the figures in their output order, and the order they are handed to workers (most expensive first)
+_FIGURES = ("headline", "accuracy", "shot_way_curves", "reliability", "fractions", "training_curves")
+_BY_COST = ("accuracy", "shot_way_curves", "reliability", "headline", "training_curves", "fractions")
+
+#: what forked workers render: ``(results, stem, baseline)``, set just before the fork
+_JOB: Optional[tuple] = None
+
+
+def _render(name: str) -> List[Path]:
+    results, stem, baseline = _JOB
     written: List[Path] = []
-    _headline(results, stem, written, baseline)
-    _accuracy(results, stem, written)
-    _shot_way_curves(results, stem, written)
-    _reliability(results, stem, written)
-    _fractions(results, stem, written)
-    _training_curves(results, stem, written)
+    if name == "headline":
+        _headline(results, stem, written, baseline)
+    else:
+        globals()[f"_{name}"](results, stem, written)
     return written
+
+
+def figure_workers() -> int:
+    """How many processes :func:`start_figures` may use: the CPUs this process may run on, at most one per
+    figure; 1 where processes cannot be forked (then figures render in this process)."""
+    import multiprocessing
+    import os
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, len(_FIGURES)))
+
+
+class FigureJob:
+    """Figures being rendered (:func:`start_figures`): :meth:`wait` returns the written paths, :meth:`cancel`
+    stops the workers (for a caller that fails or is interrupted before waiting)."""
+
+    def __init__(self, pool=None, pending=None, serial: Optional[Callable[[], List[Path]]] = None) -> None:
+        self._pool, self._pending, self._serial = pool, pending, serial
+
+    def wait(self) -> List[Path]:
+        """The written paths, in :data:`_FIGURES` order (the same for any number of workers); re-raises a
+        worker's error. Ctrl-C while waiting terminates the workers."""
+        if self._serial is not None:
+            return self._serial()
+        try:
+            by_name = dict(zip(_BY_COST, self._pending.get()))
+        except BaseException:
+            self.cancel()
+            raise
+        self._pool.join()
+        return [p for name in _FIGURES for p in by_name[name]]
+
+    def cancel(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+
+def start_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -> FigureJob:
+    """Start rendering every figure. With ``workers > 1`` they render in forked processes while the caller
+    goes on (the tables), so a 2-core machine draws two figures at once; the files are the same bytes either
+    way (each is written atomically by the process that draws it). With ``workers <= 1`` they render in this
+    process when :meth:`FigureJob.wait` is called."""
+    global _JOB
+    if workers <= 1:
+        def serial() -> List[Path]:
+            global _JOB
+            _JOB = (results, stem, baseline)
+            try:
+                return [p for name in _FIGURES for p in _render(name)]
+            finally:
+                _JOB = None
+        return FigureJob(serial=serial)
+    import multiprocessing
+
+    _JOB = (results, stem, baseline)
+    try:
+        pool = multiprocessing.get_context("fork").Pool(min(workers, len(_FIGURES)))
+    finally:
+        _JOB = None  # the workers have their copy
+    pending = pool.map_async(_render, _BY_COST, chunksize=1)
+    pool.close()
+    return FigureJob(pool, pending)
 
 
 def _accuracy(results, stem: Path, written: List[Path]) -> None:

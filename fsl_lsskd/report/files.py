@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..progress import announce
 from ..utils import atomic_write_text
-from .figures import write_figures
+from .figures import figure_workers, start_figures
 from .results import ResultSet
 from .tables import headline, render
 
@@ -29,8 +29,10 @@ def replace_generated(text: str, name: str, body: str) -> str:
 
 
 def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
-                 header: str = "", baselines: Sequence[str] = ("ce",)) -> List[Path]:
-    """Write the tables and figures (:mod:`fsl_lsskd.report.figures`); returns the paths.
+                 header: str = "", baselines: Sequence[str] = ("ce",), workers: Optional[int] = None) -> List[Path]:
+    """Write the tables and figures (:mod:`fsl_lsskd.report.figures`); returns the paths. The figures render
+    in ``workers`` forked processes (default :func:`~fsl_lsskd.report.figures.figure_workers`: one per CPU) while
+    this process writes the tables.
 
     ``<stem>.md`` / ``<stem>.tex``: the headline (:func:`headline`) and its generated verdicts;
     ``<stem>_headline.csv``: its numbers; ``<stem>_appendix.md`` / ``.tex``: every column (:func:`render`);
@@ -38,6 +40,18 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
     ``<stem>.md`` / ``.tex`` hold the full tables. When ``README.md`` beside them holds the benchmark's generated
     section (:func:`generated_markers`), the headline and its verdict sentences replace that section, so no
     verdict there is written by hand."""
+    announce(f"tables and figures of {out_stem.name}")
+    figures = start_figures(results, out_stem, baselines[0] if baselines else "ce",
+                            figure_workers() if workers is None else workers)  # drawn while the tables are written
+    try:
+        return _write_tables(results, published, caption, out_stem, header, baselines) + figures.wait()
+    except BaseException:
+        figures.cancel()
+        raise
+
+
+def _write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
+                  header: str, baselines: Sequence[str]) -> List[Path]:
     rendered = render(results, published, caption, baselines=baselines)
     head = headline(results, caption, baseline=baselines[0] if baselines else "ce")
     name = out_stem.name
@@ -72,5 +86,4 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
     for path, text in files.items():
         atomic_write_text(path, text)
         paths.append(path)
-    announce(f"figures of {out_stem.name}")
-    return paths + write_figures(results, out_stem, baseline=baselines[0] if baselines else "ce")
+    return paths
