@@ -66,6 +66,10 @@ def registered_in_source(package: str, symbol: str) -> Dict[str, str]:
 
 
 _MISSING = object()  # not decidable from the source: import
+
+
+class _NameRef(str):
+    """A class attribute assigned a bare name in the source (``config_cls = CEConfig``)."""
 _DEFAULT = object()  # decided: the class chain reaches the package's base class without assigning it
 
 
@@ -103,6 +107,8 @@ def _static_class_constant(modules: Dict[str, str], symbol: str, name: str, attr
             target = (stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else
                       stmt.target if isinstance(stmt, ast.AnnAssign) and stmt.value is not None else None)
             if isinstance(target, ast.Name) and target.id == attr:
+                if isinstance(stmt.value, ast.Name):  # e.g. ``config_cls = CEConfig``: resolved by the caller
+                    return _NameRef(stmt.value.id)
                 try:
                     return ast.literal_eval(stmt.value)
                 except ValueError:
@@ -121,8 +127,12 @@ class Registry(Generic[T]):
     ``package`` through the module-level name ``symbol`` (``METHODS``): names come from the sources
     (:func:`registered_in_source`), a component from importing its module on first :meth:`get`."""
 
-    def __init__(self, kind: str, package: Optional[str] = None, symbol: Optional[str] = None) -> None:
+    def __init__(self, kind: str, package: Optional[str] = None, symbol: Optional[str] = None,
+                 light_module: Optional[str] = None) -> None:
         self.kind = kind
+        #: a torch-free module of the package whose top-level classes :meth:`class_constant` may import (the
+        #: methods' config dataclasses: ``fsl_lsskd.methods.configs``)
+        self.light_module = light_module
         self.package = package
         self.symbol = symbol
         self._items: Dict[str, T] = {}
@@ -169,9 +179,10 @@ class Registry(Generic[T]):
 
     def class_constant(self, name: str, attr: str, default=None):
         """Class attribute ``attr`` of the component registered as ``name``, read from its module's source when
-        the class (or a base class defined in the package) assigns it a literal (``needs_teacher = True``), so
-        that planning a grid needs no torch import; otherwise the attribute of the imported component (a non-literal
-        value, or one inherited from outside the package's registered modules), ``default`` when it has none.
+        the class (or a base class defined in the package) assigns it a literal (``needs_teacher = True``) or a
+        class of :attr:`light_module` (``config_cls = CEConfig``), so that planning a grid and computing training
+        identities need no torch import; otherwise the attribute of the imported component (any other value, or
+        one inherited from outside the package), ``default`` when it has none.
         ``tests/test_registry_cli.py`` checks that both ways agree for every registered name. Raises
         :class:`UnknownNameError` for an unknown ``name``."""
         if name not in self:
@@ -181,9 +192,22 @@ class Registry(Generic[T]):
             if key not in self._constants:
                 self._constants[key] = _static_class_constant(self.modules(), self.symbol, name, attr)
             found = self._constants[key]
+            if isinstance(found, _NameRef):
+                found = self._light_name(found)
             if found is not _MISSING:
                 return default if found is _DEFAULT else found
         return getattr(self.get(name), attr, default)
+
+    def _light_name(self, name: str):
+        """``name`` from :attr:`light_module` (imported: it is torch-free) when that module's source defines it
+        at top level, else :data:`_MISSING`."""
+        if not self.light_module:
+            return _MISSING
+        spec = importlib.util.find_spec(self.light_module)
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        if not any(isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name for n in tree.body):
+            return _MISSING
+        return getattr(importlib.import_module(self.light_module), name)
 
     def unknown_message(self, name: str, also: str = "") -> str:
         """``unknown <kind> 'x'. Did you mean 'y'? Valid <kind>s: ...`` (``also``: extra valid names, e.g.
@@ -208,7 +232,7 @@ class Registry(Generic[T]):
 
 
 DATASETS: Registry = Registry("dataset", "fsl_lsskd.data", "DATASETS")
-METHODS: Registry = Registry("method", "fsl_lsskd.methods", "METHODS")
+METHODS: Registry = Registry("method", "fsl_lsskd.methods", "METHODS", light_module="fsl_lsskd.methods.configs")
 READOUTS: Registry = Registry("readout", "fsl_lsskd.eval", "READOUTS")
 BACKBONES: Registry = Registry("backbone", "fsl_lsskd.backbones", "BACKBONES")
 

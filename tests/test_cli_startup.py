@@ -175,10 +175,12 @@ def test_registry_names_read_from_the_sources_are_what_importing_registers():
 
 
 def test_class_constants_read_from_the_sources_are_the_imported_ones():
-    """Planning a grid reads ``needs_teacher`` and ``default_teacher`` from the sources (no torch import):
-    for every registered name, a value read statically equals the imported class's attribute, and those two are
-    decidable from the source for every method."""
-    from fsl_lsskd.registry import _DEFAULT, _MISSING, ALL, METHODS, _static_class_constant, registered_in_source
+    """Planning a grid and computing training identities read ``needs_teacher``, ``default_teacher`` and
+    ``config_cls`` (from fsl_lsskd.methods.configs) without importing the method (no torch): for every registered
+    name, a value read statically is the imported class's attribute, and those three are decidable for every
+    method."""
+    from fsl_lsskd.registry import (_DEFAULT, _MISSING, ALL, METHODS, _NameRef, _static_class_constant,
+                                    registered_in_source)
 
     decided = 0
     for kind, reg in ALL.items():
@@ -186,7 +188,9 @@ def test_class_constants_read_from_the_sources_are_the_imported_ones():
         for attr in ("needs_teacher", "default_teacher", "has_rotation_classifiers", "config_cls"):
             for name in modules:
                 found = _static_class_constant(modules, reg.symbol, name, attr)
-                if reg is METHODS and attr in ("needs_teacher", "default_teacher"):
+                if isinstance(found, _NameRef):
+                    found = reg._light_name(found)
+                if reg is METHODS and attr in ("needs_teacher", "default_teacher", "config_cls"):
                     assert found is not _MISSING, (name, attr)
                 if found is _MISSING:
                     continue
@@ -196,7 +200,7 @@ def test_class_constants_read_from_the_sources_are_the_imported_ones():
                     assert not hasattr(cls, attr), (kind, name, attr)
                 else:
                     assert found == getattr(cls, attr), (kind, name, attr, found)
-    assert decided >= 2 * len(METHODS)
+    assert decided >= 3 * len(METHODS)
 
 
 PLAN = textwrap.dedent("""
@@ -205,15 +209,21 @@ PLAN = textwrap.dedent("""
     from fsl_lsskd.bench.grid import expand, with_teachers
 
     HEAVY = %r
-    cells = with_teachers(expand(load_benchmark(sys.argv[1])))
+    from fsl_lsskd.bench.measures import bench_cell_key
+
+    bench = load_benchmark(sys.argv[1])
+    cells = with_teachers(expand(bench))
     teachers = sorted({c.teacher.method for c in cells if c.teacher is not None})
+    keys = {bench_cell_key(bench, c) for c in cells}  # training identities: the methods' configs, no torch
+    assert len(keys) == len(cells), (len(keys), len(cells))
     print("REPORT " + json.dumps({"cells": len(cells), "teachers": teachers,
                                   "imported": sorted(m for m in HEAVY if m in sys.modules)}))
 """) % (HEAVY,)
 
 
-def test_planning_a_grid_with_teachers_imports_no_heavy_module(tmp_path):
-    """`table --from-results` and `run --dry-run` plan the grid first: the distillation rows' teachers come from
-    the methods' sources, not from importing torch."""
+def test_planning_a_grid_and_its_training_identities_imports_no_heavy_module(tmp_path):
+    """`table --from-results` and `run --dry-run` plan the grid and compute its training identities first: the
+    distillation rows' teachers and every method's config come from the sources and fsl_lsskd.methods.configs,
+    not from importing torch."""
     res = _python(PLAN, REPO / "benchmarks" / "short_distill_tiny_imagenet.yaml", cwd=tmp_path)
     assert res["imported"] == [] and res["teachers"] and res["cells"] > 0, res

@@ -6,11 +6,11 @@ carry them). docs/methods.md gives every registered method's loss, sources and d
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import ClassVar, Dict, Iterator, NamedTuple, Optional, Tuple, Type
+from typing import ClassVar, Dict, Iterator, NamedTuple, Optional, Type
 
 import torch
 from torch import nn
+from .configs import MethodConfig  # noqa: F401  (re-exported: every method's config derives from it)
 
 
 class Batch(NamedTuple):
@@ -20,40 +20,6 @@ class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """Optimisation settings shared by all methods. Defaults: RFS (Tian et al. 2020, WangYueFt/rfs
-    train_supervised.py): SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64, 100 epochs, decay x0.1 at 60/80.
-
-    ``lr_milestones`` are fractions of ``epochs`` so shortened CPU profiles keep the schedule's shape."""
-
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.6, 0.8)
-    lr_gamma: float = 0.1
-
-    #: fields added after cells were trained, with the default that reproduces the earlier training: left out
-    #: of the training identity while at that default, so adding a setting does not retrain finished cells
-    identity_omit_if_default: ClassVar[Tuple[str, ...]] = ()
-
-    def identity_dict(self) -> Dict[str, object]:
-        """The fields that enter the training identity (every field, but those of
-        ``identity_omit_if_default`` that hold their default)."""
-        import dataclasses
-
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in self.identity_omit_if_default and value == f.default:
-                continue
-            out[f.name] = value
-        return out
 
 
 class Method(nn.Module, abc.ABC):

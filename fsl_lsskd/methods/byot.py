@@ -24,7 +24,6 @@ fresh copy of the remaining backbone stages instead (LSSKD/HSAKD's auxiliary cla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
@@ -36,37 +35,8 @@ from ..errors import ConfigError
 from ..registry import METHODS
 from . import losses as L
 from .auxiliary import build_aux_classifiers, final_width, num_stages
-from .base import Batch, Method, MethodConfig
-
-
-@dataclass(frozen=True)
-class BYOTConfig(MethodConfig):
-    """mmrazor BYOT ResNet-18/CIFAR-100 config: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128 (8x16),
-    250 epochs, lr x0.1 at 80/160/240; CE weight 0.7, KL weight 0.3 at tau = 3, feature hint weight 0.03 for
-    the first two shallow classifiers and 0 for the third; ``BYOTConnector`` heads (expansion 1, kernel 3,
-    stride 2)."""
-
-    epochs: int = 250
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.32, 0.64, 0.96)  # epochs 80, 160, 240 of 250
-    lr_gamma: float = 0.1
-    ce_weight: float = 0.7
-    kd_weight: float = 0.3
-    tau: float = 3.0
-    feat_weights: Tuple[float, ...] = (0.03, 0.03, 0.0)  # one per shallow classifier
-    deepest_ce_weight: float = 1.0
-    head: str = "connector"  # "connector" (mmrazor BYOTConnector) | "stages" (copies of the remaining stages)
-    feat_loss: str = "dist"  # "dist" (mmrazor L2Loss dist=True) | "mean_sq"
-
-    def __post_init__(self) -> None:
-        if self.head not in ("connector", "stages"):
-            raise ValueError(f"head must be 'connector' or 'stages', got {self.head!r}")
-        if self.feat_loss not in ("dist", "mean_sq"):
-            raise ValueError(f"feat_loss must be 'dist' or 'mean_sq', got {self.feat_loss!r}")
+from .base import Batch, Method
+from .configs import BYOTConfig
 
 
 class SepConv(nn.Sequential):

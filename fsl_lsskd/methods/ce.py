@@ -3,7 +3,6 @@ Embedding Is All You Need?", ECCV 2020; WangYueFt/rfs train_supervised.py (SGD l
 wd 5e-4, batch 64, 100 epochs, lr x0.1 at epochs 60 and 80)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -11,16 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import METHODS
-from .base import Batch, Method, MethodConfig
-
-
-@dataclass(frozen=True)
-class CEConfig(MethodConfig):
-    """RFS defaults (WangYueFt/rfs train_supervised.py argparse defaults), which are
-    :class:`~fsl_lsskd.methods.base.MethodConfig`'s: SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64, 100 epochs,
-    x0.1 at 60/80."""
-
-    label_smoothing: float = 0.0  # RFS uses plain CE
+from .base import Batch, Method
+from .configs import CEConfig
 
 
 class CELoss(nn.Module):

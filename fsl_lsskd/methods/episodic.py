@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -33,45 +32,10 @@ import torch
 from ..deps import require_learn2learn
 from ..errors import ConfigError, ProtocolError
 from ..seeding import episode_seed, python_random_state, torch_generator
-from .base import Batch, Method, MethodConfig
+from .base import Batch, Method
+from .configs import EpisodicConfig
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass(frozen=True)
-class EpisodicConfig(MethodConfig):
-    """Settings shared by episodic methods. ``episodes_per_epoch`` counts *tasks*; an epoch yields
-    ``ceil(episodes_per_epoch / tasks_per_batch)`` batches. 0 trains nothing: the run keeps (validates, exports
-    and scores) the initial weights of its seed, a reference row for what training adds (``maml_untrained`` in
-    ``benchmarks/cpu_tiny_imagenet.yaml``). ``optimizer`` must be honoured by the engine
-    (``"sgd"`` uses ``lr/momentum/nesterov/weight_decay``; ``"adam"`` uses ``lr/weight_decay``).
-    ``augment``: pass episode images through ``loader.augment`` (crop+flip+normalise) when True, else
-    only normalise (the ProtoNet and MAML papers use no augmentation)."""
-
-    n_way: int = 5
-    n_shot: int = 5
-    n_query: int = 15
-    episodes_per_epoch: int = 100
-    optimizer: str = "adam"
-    augment: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("n_way", "n_shot", "n_query"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if int(self.episodes_per_epoch) < 0:
-            raise ConfigError(f"episodes_per_epoch must be >= 0 (0: no training), got {self.episodes_per_epoch!r}")
-        if self.n_way < 2:
-            raise ConfigError(f"n_way must be >= 2 for a classification episode, got {self.n_way}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-
-    @property
-    def task_size(self) -> int:
-        return self.n_way * (self.n_shot + self.n_query)
 
 
 @contextlib.contextmanager

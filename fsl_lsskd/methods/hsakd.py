@@ -7,7 +7,6 @@ over the 4 rotated copies (KL batchmean over 4B rows, tau = 3, unit weights). Th
 ``hsakd_teacher`` run (same backbone stages, auxiliary heads with 4C outputs)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -18,17 +17,7 @@ from ..registry import METHODS
 from . import losses as L
 from .auxiliary import build_aux_classifiers, rotate_expand, run_with_aux_classifiers
 from .base import Batch, Method
-from .hsakd_teacher import HSAKDTeacherConfig
-
-
-@dataclass(frozen=True)
-class HSAKDConfig(HSAKDTeacherConfig):
-    """winycg/HSAKD train_student_cifar.py: the teacher's recipe (SGD lr 0.05, momentum 0.9, Nesterov,
-    wd 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210), ``kd_T = 3``; all loss weights 1."""
-
-    tau: float = 3.0
-    weight_aux_kl: float = 1.0
-    weight_kl: float = 1.0
+from .configs import HSAKDConfig
 
 
 def check_teacher(teacher, num_classes: int, num_aux: int) -> None:

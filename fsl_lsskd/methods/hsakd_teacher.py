@@ -3,30 +3,15 @@ IJCAI 2021; winycg/HSAKD train_teacher_cifar.py, joint training from scratch (op
 docs/methods.md, "HSAKD"): ``CE(final(x^(0)), y) + sum_l CE(q_l(x^(k)), 4y+k)``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
 from ..registry import METHODS
 from .auxiliary import build_aux_classifiers, rotate_expand, run_with_aux_classifiers
-from .base import Batch, Method, MethodConfig
-
-
-@dataclass(frozen=True)
-class HSAKDTeacherConfig(MethodConfig):
-    """winycg/HSAKD train_teacher_cifar.py (joint, from scratch): SGD lr 0.05 (effective, see docs/methods.md, "LSSKD"),
-    momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210."""
-
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.625, 0.75, 0.875)
-    lr_gamma: float = 0.1
+from .base import Batch, Method
+from .configs import HSAKDTeacherConfig
 
 
 @METHODS.register("hsakd_teacher")

@@ -4,7 +4,6 @@
 (``-r 0.1 -a 0.9``). The teacher is a trained :class:`Method` (frozen, eval mode, its final logits)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -12,16 +11,8 @@ import torch
 from ..errors import ConfigError
 from ..registry import METHODS
 from . import losses as L
-from .base import Batch, Method, MethodConfig
-
-
-@dataclass(frozen=True)
-class KDConfig(MethodConfig):
-    """RFS optimisation defaults (train_distillation.py: SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
-    100 epochs, x0.1 at 60/80); ``tau = 4`` (RFS), ``alpha = 0.9`` (RepDistiller KD)."""
-
-    tau: float = 4.0
-    alpha: float = 0.9
+from .base import Batch, Method
+from .configs import KDConfig
 
 
 @METHODS.register("kd")

@@ -16,7 +16,6 @@ The auxiliary classifiers are training-only: :meth:`export_backbone` returns the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,42 +27,7 @@ from . import losses as L
 from .auxiliary import build_aux_classifiers, rotate_expand, run_with_aux_classifiers
 from .stores import PredictionStore, choose_top_k
 from .base import Batch, Method
-from .hsakd_teacher import HSAKDTeacherConfig
-
-
-@dataclass(frozen=True)
-class LSSKDConfig(HSAKDTeacherConfig):
-    """LSSKD's own hyperparameters were not recovered (docs/methods.md, "LSSKD"): HSAKD's CIFAR-100 recipe
-    (winycg/HSAKD train_student_cifar.py: SGD lr 0.05, momentum 0.9, Nesterov, wd 5e-4, batch 64, 240 epochs,
-    lr x0.1 at 150/180/210, KD temperature 3); ``alpha_T = 0.8`` from PS-KD (lgcnsai/PS-KD-Pytorch);
-    ``lambda_kl = 1`` (HSAKD unit weights), ``lambda_feat = 0.03`` (mmrazor BYOT feature weight), docs/methods.md, "LSSKD"."""
-
-    alpha_T: float = 0.8
-    ls_final: bool = True
-    ls_aux: bool = True
-    xlayer_kl: bool = False
-    lambda_kl: float = 1.0
-    tau: float = 3.0
-    feat_l2: bool = False
-    lambda_feat: float = 0.03
-    #: the auxiliary cross-entropy of a layer over its 4B rotated rows: ``mean`` (HSAKD's code: the mean over
-    #: the 4B rows) or ``sum_rotations`` (the written formula: sum over the 4 rotations of the mean over the
-    #: batch, 4x ``mean``)
-    aux_rotation_reduction: str = "mean"
-    #: prediction memories (``store_*``: names kept, they are in training identities): ``auto`` (dense rows while all of them fit ``store_budget_mb``, else the ``store_top_k``
-    #: largest probabilities per row), ``dense`` or ``topk``; docs/methods.md "Prediction memory"
-    store_layout: str = "auto"
-    store_top_k: int = 20
-    store_budget_mb: float = 2048.0
-    final_store_dtype: str = "float32"  # dense memories' dtypes
-    aux_store_dtype: str = "float16"  # N x 4 x 4C per layer
-
-    def __post_init__(self) -> None:
-        if self.store_layout not in ("auto", "dense", "topk"):
-            raise ValueError(f"store_layout must be auto, dense or topk, got {self.store_layout!r}")
-        if self.aux_rotation_reduction not in ("mean", "sum_rotations"):
-            raise ValueError(f"aux_rotation_reduction must be 'mean' or 'sum_rotations', got "
-                             f"{self.aux_rotation_reduction!r}")
+from .configs import LSSKDConfig
 
 
 @METHODS.register("lsskd")

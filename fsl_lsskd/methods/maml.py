@@ -20,7 +20,6 @@ backbone+head per test episode with batch statistics, as MAML is evaluated in th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
@@ -28,65 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deps import require_learn2learn
-from ..errors import ConfigError
 from ..registry import METHODS
-from .episodic import EpisodicConfig, EpisodicMethod, split_tasks
+from .episodic import EpisodicMethod, split_tasks
 from .base import Batch, Method
-
-
-HEADS = ("normal", "xavier", "zero")
-
-
-@dataclass(frozen=True)
-class MAMLConfig(EpisodicConfig):
-    """Defaults: Finn et al. 2017 §5.2 miniImageNet and cbfinn/maml ``main.py`` flags
-    (``--update_lr=0.01 --num_updates=5 --meta_batch_size=4|2 --meta_lr=0.001 --num_filters=32``):
-
-    - ``inner_lr`` 0.01, ``inner_steps`` 5 at meta-training, ``test_inner_steps`` 10 at meta-test;
-    - meta-optimiser Adam, ``lr`` (meta lr) 1e-3, constant (no milestones), no weight decay;
-    - ``meta_batch_size`` 2 tasks, the paper's 5-shot value (4 for 1-shot: set it with ``n_shot: 1``);
-    - 5-way, 5-shot, 15 queries per class (cbfinn/maml samples ``update_batch_size + 15`` per class);
-    - schedule: 60 000 meta-iterations x 2 tasks = ``epochs`` 100 x ``episodes_per_epoch`` 1200 tasks;
-    - ``head``: the linear head's initial weights, meta-learned from ``normal`` (N(0,1), zero bias: cbfinn/maml's
-      Omniglot model) or ``xavier`` (Xavier-uniform, zero bias: cbfinn/maml's mini-ImageNet model and learn2learn
-      0.2.0's ``CNN4``), or ``zero`` (the zeroing trick of Kao et al., "MAML is a Noisy Contrastive Learner in Classification", ICLR
-      2022, §4: the head starts every task at zero, before every outer step and at meta-test, so only the inner
-      loop fits it; with one inner step it is a prototype-like classifier of the support features);
-    - no augmentation. Backbone: the paper's Conv-4 has 32 filters; our ``conv4`` backbone has the width
-      the backbone registry gives it (pooled features), so the architecture is close to, not exactly,
-      the paper's.
-
-    CPU scaling (honest): second-order MAML costs ~(inner_steps+2) forward/backward passes per task, so
-    the CPU profiles train a tiny fraction of the paper's 120 000 tasks (e.g. 3 epochs x 200 tasks =
-    0.5 %, with ``inner_steps`` kept at 5). Numbers from such runs show that the pipeline works; they are
-    not reproductions of the paper's 63.1 % (5-shot) / 48.7 % (1-shot).
-    """
-
-    epochs: int = 100
-    episodes_per_epoch: int = 1200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_milestones: Tuple[float, ...] = ()
-    optimizer: str = "adam"
-    n_way: int = 5
-    n_shot: int = 5
-    n_query: int = 15
-    inner_lr: float = 0.01
-    inner_steps: int = 5
-    test_inner_steps: int = 10
-    meta_batch_size: int = 2
-    head: str = "normal"
-
-    identity_omit_if_default: ClassVar[Tuple[str, ...]] = ("head",)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.head not in HEADS:
-            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.inner_steps < 1 or self.test_inner_steps < 1 or self.meta_batch_size < 1:
-            raise ConfigError("inner_steps, test_inner_steps and meta_batch_size must be >= 1")
-        if self.inner_lr <= 0:
-            raise ConfigError(f"inner_lr must be > 0, got {self.inner_lr}")
+from .configs import MAMLConfig
 
 
 def adapt_and_predict(maml, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,

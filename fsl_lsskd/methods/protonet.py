@@ -6,45 +6,15 @@ logits = negative *squared* Euclidean distance to each prototype, loss = cross-e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
 from ..registry import METHODS
-from .episodic import EpisodicConfig, EpisodicMethod, split_tasks
+from .episodic import EpisodicMethod, split_tasks
 from .base import Batch
-
-
-@dataclass(frozen=True)
-class ProtoNetConfig(EpisodicConfig):
-    """Defaults from Snell et al. 2017 (§3.2 miniImageNet) and their code's defaults
-    (``scripts/train/few_shot/run_train.py``):
-
-    - Adam, lr 1e-3, no weight decay; lr halved every 2000 episodes: with 100 episodes per epoch
-      (their ``--data.train_episodes 100``) and 100 epochs that is ``lr_milestones`` at 0.2/0.4/0.6/0.8
-      of training with ``lr_gamma`` 0.5 (10 000 episodes; the paper trains to a validation plateau).
-    - 15 queries per class; training shot = test shot (5). The paper trains miniImageNet with 20-way
-      (5-shot) / 30-way (1-shot) episodes ("higher way helps"); we default to 5-way so the cost per
-      episode stays small on CPU -- set ``n_way: 20`` for the paper's setting.
-    - No augmentation (``augment=False``) as in the paper.
-
-    CPU profiles shorten ``epochs``/``episodes_per_epoch``; the milestones are fractions, so the schedule
-    keeps its shape, but such runs see far fewer episodes than the paper's and are not comparable to its
-    numbers.
-    """
-
-    epochs: int = 100
-    episodes_per_epoch: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_milestones: Tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
-    lr_gamma: float = 0.5
-    optimizer: str = "adam"
-    n_way: int = 5
-    n_shot: int = 5
-    n_query: int = 15
+from .configs import ProtoNetConfig
 
 
 def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,

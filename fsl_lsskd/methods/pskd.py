@@ -6,7 +6,6 @@ Targets ``(1 - a_t) * onehot(y) + a_t * P_{t-1}(x)`` with ``a_t = a_T * (t + 1) 
 one-hot label on first visit and written (detached) after each optimiser step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -15,33 +14,8 @@ from torch import nn
 
 from ..registry import METHODS
 from .stores import PredictionStore, choose_top_k
-from .base import Batch, Method, MethodConfig
-
-
-@dataclass(frozen=True)
-class PSKDConfig(MethodConfig):
-    """PS-KD CIFAR-100 recipe (lgcnsai/PS-KD-Pytorch README command and main.py defaults): SGD lr 0.1,
-    momentum 0.9, Nesterov, wd 5e-4, batch 128, 300 epochs, lr x0.1 at 150 and 225; ``alpha_T = 0.8``."""
-
-    epochs: int = 300
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # epochs 150, 225 of 300
-    lr_gamma: float = 0.1
-    alpha_T: float = 0.8
-    #: prediction memory (``store_*``: names kept, they are in training identities): ``auto`` (dense rows, the reference, while they fit ``store_budget_mb``; else the
-    #: ``store_top_k`` largest probabilities per sample), ``dense`` or ``topk``; docs/methods.md "Prediction memory"
-    store_layout: str = "auto"
-    store_top_k: int = 20
-    store_budget_mb: float = 2048.0
-    store_dtype: str = "float32"  # a dense memory's dtype (PS-KD keeps float32 on the CPU)
-
-    def __post_init__(self) -> None:
-        if self.store_layout not in ("auto", "dense", "topk"):
-            raise ValueError(f"store_layout must be auto, dense or topk, got {self.store_layout!r}")
+from .base import Batch, Method
+from .configs import PSKDConfig
 
 
 def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:

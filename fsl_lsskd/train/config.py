@@ -130,11 +130,15 @@ def training_identity(cfg: TrainConfig, split_fingerprint: str, teacher_train_id
     (:attr:`SplitData.fingerprint`) and, for distillation methods, the teacher's training id."""
     from ..data.limited import SAMPLER
 
-    cls = method_class(cfg.method)
-    if cls.needs_teacher and not teacher_train_id:
+    from ..registry import METHODS
+
+    # read without importing the method (no torch): its config class comes from fsl_lsskd.methods.configs
+    needs_teacher = METHODS.class_constant(cfg.method, "needs_teacher", False)
+    config_cls = METHODS.class_constant(cfg.method, "config_cls")
+    if needs_teacher and not teacher_train_id:
         raise ConfigError(f"method {cfg.method!r} trains from a teacher: its training identity needs the teacher's "
                           f"training id (pass --teacher <teacher model directory>)")
-    mcfg = build_method_config(cls.config_cls, cfg)
+    mcfg = build_method_config(config_cls, cfg)
     identity = {
         "format": IDENTITY_FORMAT,
         "engine_version": ENGINE_VERSION,
@@ -145,7 +149,7 @@ def training_identity(cfg: TrainConfig, split_fingerprint: str, teacher_train_id
         "backbone": cfg.backbone,
         "image_size": int(cfg.image_size),
         "method": cfg.method,
-        "method_version": int(getattr(cls, "training_version", 1)),
+        "method_version": int(METHODS.class_constant(cfg.method, "training_version", 1)),
         "method_config": mcfg.identity_dict(),
         "seed": int(cfg.seed),
         "precision": cfg.precision,
