@@ -233,7 +233,7 @@ class Registry(Generic[T]):
 
 DATASETS: Registry = Registry("dataset", "fsl_lsskd.data", "DATASETS")
 METHODS: Registry = Registry("method", "fsl_lsskd.methods", "METHODS", light_module="fsl_lsskd.methods.configs")
-READOUTS: Registry = Registry("readout", "fsl_lsskd.eval", "READOUTS")
+READOUTS: Registry = Registry("readout", "fsl_lsskd.eval", "READOUTS", light_module="fsl_lsskd.eval.configs")
 BACKBONES: Registry = Registry("backbone", "fsl_lsskd.backbones", "BACKBONES")
 
 ALL = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "readouts": READOUTS}

@@ -179,18 +179,19 @@ def test_class_constants_read_from_the_sources_are_the_imported_ones():
     ``config_cls`` (from fsl_lsskd.methods.configs) without importing the method (no torch): for every registered
     name, a value read statically is the imported class's attribute, and those three are decidable for every
     method."""
-    from fsl_lsskd.registry import (_DEFAULT, _MISSING, ALL, METHODS, _NameRef, _static_class_constant,
+    from fsl_lsskd.registry import (_DEFAULT, _MISSING, ALL, METHODS, READOUTS, _NameRef, _static_class_constant,
                                     registered_in_source)
 
     decided = 0
     for kind, reg in ALL.items():
         modules = registered_in_source(reg.package, reg.symbol)
-        for attr in ("needs_teacher", "default_teacher", "has_rotation_classifiers", "config_cls"):
+        for attr in ("needs_teacher", "default_teacher", "has_rotation_classifiers", "config_cls", "needs_method"):
             for name in modules:
                 found = _static_class_constant(modules, reg.symbol, name, attr)
                 if isinstance(found, _NameRef):
                     found = reg._light_name(found)
-                if reg is METHODS and attr in ("needs_teacher", "default_teacher", "config_cls"):
+                if (reg is METHODS and attr in ("needs_teacher", "default_teacher", "config_cls")
+                        or reg is READOUTS and attr in ("config_cls", "needs_method")):
                     assert found is not _MISSING, (name, attr)
                 if found is _MISSING:
                     continue
@@ -200,7 +201,7 @@ def test_class_constants_read_from_the_sources_are_the_imported_ones():
                     assert not hasattr(cls, attr), (kind, name, attr)
                 else:
                     assert found == getattr(cls, attr), (kind, name, attr, found)
-    assert decided >= 3 * len(METHODS)
+    assert decided >= 3 * len(METHODS) + 2 * len(READOUTS)
 
 
 PLAN = textwrap.dedent("""
@@ -216,6 +217,10 @@ PLAN = textwrap.dedent("""
     teachers = sorted({c.teacher.method for c in cells if c.teacher is not None})
     keys = {bench_cell_key(bench, c) for c in cells}  # training identities: the methods' configs, no torch
     assert len(keys) == len(cells), (len(keys), len(cells))
+    from fsl_lsskd.bench.measures import measures
+
+    scores = [m for c in cells for m in measures(bench, c)]  # scoring identities: the readouts' configs
+    assert scores
     print("REPORT " + json.dumps({"cells": len(cells), "teachers": teachers,
                                   "imported": sorted(m for m in HEAVY if m in sys.modules)}))
 """) % (HEAVY,)

@@ -62,7 +62,7 @@ def edge_column(bench, out_dir: Path, latency, calibration_images: int, readouts
     store = open_store(create=False)
     check_no_legacy(store)
     from ..edge.report import EdgeSettings, edge_report, jsonable
-    from ..eval.scoring import ReadoutSpec
+    from ..eval.specs import ReadoutSpec
     from ..report.collect import match_cells
     from ..report.edge_tables import EdgeCell, edge_metrics, write_edge_files
     from .grid import expand

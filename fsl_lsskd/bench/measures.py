@@ -31,7 +31,7 @@ from ..protocol import EpisodeProtocol
 from ..record import TAG_CELL_KEY, TAG_MEASURE, TAG_TARGET
 
 if TYPE_CHECKING:
-    from ..eval.scoring import ReadoutSpec
+    from ..eval.specs import ReadoutSpec
     from ..record import ScoreRecord, TrainingRecord
     from .config import Benchmark
     from .grid import Cell
@@ -164,7 +164,7 @@ def bench_cell_key(bench: "Benchmark", cell: "Cell") -> str:
 
 
 def _readout_specs(bench: "Benchmark", readouts: Sequence[Any]) -> List["ReadoutSpec"]:
-    from ..eval.scoring import ReadoutSpec
+    from ..eval.specs import ReadoutSpec
 
     defaults = {"max_episodes": bench.eval.image_episodes} if bench.eval.image_episodes else {}
     return [ReadoutSpec.parse(r, defaults) for r in readouts]
@@ -215,10 +215,9 @@ def measures(bench: "Benchmark", cell: "Cell") -> List[Measure]:
                             and m.protocol.replace(n_episodes=ev.n_episodes) in main_protocols)
         out += main + curve + from_main
     if ev.base:
-        from ..eval.base_classes import READOUT
-        from ..eval.scoring import ReadoutSpec
+        from ..eval.specs import HELDOUT_BASE, ReadoutSpec
 
-        out.append(Measure(cell.dataset, HELDOUT_SPLIT, None, ReadoutSpec(READOUT, (), READOUT), BASE))
+        out.append(Measure(cell.dataset, HELDOUT_SPLIT, None, ReadoutSpec(HELDOUT_BASE, (), HELDOUT_BASE), BASE))
     return out
 
 

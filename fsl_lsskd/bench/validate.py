@@ -53,7 +53,7 @@ def check_backbones(bench: Benchmark) -> None:
 
 def check_readouts(bench: Benchmark) -> None:
     """Every readout (and its settings) of ``eval`` is registered and valid."""
-    from ..eval.scoring import ReadoutSpec
+    from ..eval.specs import ReadoutSpec
 
     ev = bench.eval
     groups = [("eval.readouts", ev.readouts)] + [(f"eval.extra_readouts.{m}", r) for m, r in ev.extra_readouts.items()]

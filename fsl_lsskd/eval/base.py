@@ -16,7 +16,6 @@ Units: readouts work in fractions; :class:`ScoreResult` (the public result) repo
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
@@ -27,12 +26,7 @@ from ..errors import ConfigError
 from ..inputs import InputSpec
 from ..protocol import EpisodeProtocol
 from ..seeding import torch_generator
-
-
-@dataclass(frozen=True)
-class ReadoutConfig:
-    """Settings of a readout (none by default). Subclasses add fields; every field is part of the scoring
-    identity. ``max_episodes`` (image-level readouts) scores only the first N of the published episodes."""
+from .configs import ReadoutConfig  # noqa: F401  (re-exported: every readout's config derives from it)
 
 
 @dataclass
@@ -122,17 +116,10 @@ class Readout:
     @classmethod
     def build_config(cls, settings: Optional[Mapping[str, Any]] = None) -> ReadoutConfig:
         """The settings dataclass from a mapping; unknown keys or bad values raise :class:`ConfigError` naming
-        the valid ones."""
-        settings = dict(settings or {})
-        valid = {f.name for f in dataclasses.fields(cls.config_cls)}
-        unknown = sorted(set(settings) - valid)
-        if unknown:
-            raise ConfigError(f"readout {cls.registry_name!r} has no setting {unknown[0]!r}; valid settings: "
-                              f"{', '.join(sorted(valid)) or 'none'}")
-        try:
-            return cls.config_cls(**settings)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"readout {cls.registry_name!r}: {exc}") from None
+        the valid ones (:func:`fsl_lsskd.eval.configs.build_config`)."""
+        from .configs import build_config
+
+        return build_config(cls.registry_name, cls.config_cls, settings)
 
     def uses_features(self) -> bool:
         return self.needs_features

@@ -16,8 +16,7 @@ import torch
 
 from .base import ScoreResult
 from .calibration import bin_stats, brier, nll
-
-READOUT = "heldout_base"
+from .specs import HELDOUT_BASE as READOUT
 BASE_FORMAT = 1
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -44,52 +43,11 @@ from ..errors import ConfigError
 from ..inputs import InputSpec
 from ..registry import READOUTS
 from ..seeding import torch_generator
-from .base import AUG_SEED, EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize
+from .base import AUG_SEED, EpisodeInputs, Readout, ReadoutOutput, l2_normalize
 from .features import support_augment
+from .configs import FinetuneConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig(ReadoutConfig):
-    """Settings of the ``finetune`` readout (module docstring for their sources).
-
-    Attributes:
-        max_episodes: score the first N published episodes (None = all).
-        steps: optimiser steps per episode (0 = the prototype head, i.e. ``protonet``).
-        lr: head learning rate; backbone_lr: learning rate of the last stage (0 = head only, frozen backbone).
-        momentum, weight_decay: SGD settings.
-        n_aug_support: augmented copies of every support image (0 = the support images as they are).
-        batch_size: support samples per step (None = all of them: full-batch steps).
-        temperature: divides the head's logits (as ``protonet``'s temperature).
-    """
-
-    max_episodes: Optional[int] = None
-    steps: int = 100
-    lr: float = 0.01
-    backbone_lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    n_aug_support: int = 5
-    batch_size: Optional[int] = None
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_episodes is not None and int(self.max_episodes) < 1:
-            raise ConfigError(f"max_episodes must be >= 1, got {self.max_episodes}")
-        if int(self.steps) < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}")
-        for name in ("lr", "backbone_lr", "weight_decay"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= float(self.momentum) < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if int(self.n_aug_support) < 0:
-            raise ConfigError(f"n_aug_support must be >= 0, got {self.n_aug_support}")
-        if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not float(self.temperature) > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 def last_stage_name(model: nn.Module) -> str:

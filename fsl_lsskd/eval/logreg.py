@@ -13,7 +13,7 @@ import numpy as np
 
 from ..registry import READOUTS
 from .base import EpisodeInputs, Readout, ReadoutOutput, l2_normalize, support_query_features
-from .logreg_batched import LogRegConfig
+from .configs import LogRegConfig
 
 
 def fit_predict_sklearn(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, C: float = 1.0) -> np.ndarray:

@@ -12,13 +12,12 @@ batched Armijo backtracking line search, to a gradient tolerance far below sciki
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..registry import READOUTS
-from .base import EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize, support_query_features
+from .base import EpisodeInputs, Readout, ReadoutOutput, l2_normalize, support_query_features
+from .configs import LogRegConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +116,6 @@ def fit_logreg_batched(xs: torch.Tensor, ys: torch.Tensor, n_classes: int, C: fl
               float(g.abs().amax()))
     T = theta.view(E, n_classes, k + 1)
     return T[..., :k] @ Q.transpose(1, 2), T[..., k]
-
-
-@dataclass(frozen=True)
-class LogRegConfig(ReadoutConfig):
-    """``C``: inverse L2 strength (scikit-learn's ``C``; RFS uses 1.0). ``n_aug_support``: augmented copies of
-    every support image (RFS ``n_aug_support_samples``; 0 = each support image once, as is)."""
-
-    C: float = 1.0
-    n_aug_support: int = 0
-
-    def __post_init__(self) -> None:
-        if not float(self.C) > 0:
-            raise ConfigError(f"C must be > 0, got {self.C}")
-        if int(self.n_aug_support) < 0:
-            raise ConfigError(f"n_aug_support must be >= 0, got {self.n_aug_support}")
 
 
 @READOUTS.register("logreg_batched")

@@ -11,32 +11,18 @@ readout's (:meth:`fsl_lsskd.inputs.InputSpec.prepare`: the rounded antialiased r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..registry import READOUTS
-from .base import EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput
+from .base import EpisodeInputs, Readout, ReadoutOutput
+from .configs import MAMLFinetuneConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MAMLFinetuneConfig(ReadoutConfig):
-    """``max_episodes``: score the first N published episodes (None = all). ``steps``/``inner_lr``: test-time
-    fine-tuning (None = the method's ``test_inner_steps``/``inner_lr``; paper: 10, 0.01)."""
-
-    max_episodes: Optional[int] = None
-    steps: Optional[int] = None
-    inner_lr: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        if self.max_episodes is not None and int(self.max_episodes) < 1:
-            raise ConfigError(f"max_episodes must be >= 1, got {self.max_episodes}")
 
 
 @READOUTS.register("maml_finetune")

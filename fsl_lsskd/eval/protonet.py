@@ -7,30 +7,13 @@ argmax, probabilities = softmax of the logits (Snell et al. eq. 2; ``temperature
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..registry import READOUTS
-from .base import EpisodeInputs, Readout, ReadoutConfig, ReadoutOutput, l2_normalize, support_query_features
-
-
-@dataclass(frozen=True)
-class ProtoNetConfig(ReadoutConfig):
-    """``temperature`` divides the negative squared distances before the softmax (probabilities only; the
-    prediction does not depend on it). ``n_aug_support``: augmented copies of every support image (RFS
-    ``n_aug_support_samples``; 0 = each support image embedded once, as is)."""
-
-    temperature: float = 1.0
-    n_aug_support: int = 0
-
-    def __post_init__(self) -> None:
-        if not float(self.temperature) > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if int(self.n_aug_support) < 0:
-            raise ConfigError(f"n_aug_support must be >= 0, got {self.n_aug_support}")
+from .base import EpisodeInputs, Readout, ReadoutOutput, l2_normalize, support_query_features
+from .configs import ProtoNetConfig
 
 
 @READOUTS.register("protonet")

@@ -8,23 +8,20 @@ identity (:func:`scoring_identity`).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from torch import nn
 
-from ..errors import ConfigError
 from ..inputs import InputSpec
 from ..progress import Progress
 from ..protocol import EpisodeProtocol, unique
-from ..registry import READOUTS
-from .base import EpisodeInputs, Readout, ScoreResult, query_labels
+from .base import EpisodeInputs, ScoreResult, query_labels
+from .specs import ReadoutSpec, needs_method  # noqa: F401  (re-exported)
 from .calibration import bin_stats, brier, nll
 from .episodes import class_offsets, load_episodes
 from .features import make_embedder, split_features, state_hash
@@ -33,61 +30,6 @@ from .intervals import few_classes_warning
 log = logging.getLogger(__name__)
 
 SCORE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class ReadoutSpec:
-    """A readout and its resolved settings (every field of its config, defaults included), with the label
-    used for table columns (the name, plus the settings that differ from the defaults)."""
-
-    name: str
-    settings: Tuple[Tuple[str, Any], ...] = ()
-    label: str = ""
-
-    @classmethod
-    def parse(cls, value: Union[str, Mapping[str, Any], "ReadoutSpec"],
-              defaults: Optional[Mapping[str, Any]] = None) -> "ReadoutSpec":
-        """From a name, a mapping ``{readout: NAME, label: ..., <setting>: value, ...}`` or a spec.
-        ``defaults`` are settings applied when the readout has them and the value does not set them (e.g.
-        ``max_episodes`` of image-level readouts from a benchmark's ``eval.image_episodes``). Unknown names or
-        settings raise :class:`ConfigError`/:class:`UnknownNameError` listing the valid ones."""
-        if isinstance(value, ReadoutSpec):
-            return value
-        if isinstance(value, str):
-            name, settings, label = value, {}, ""
-        elif isinstance(value, Mapping):
-            raw = dict(value)
-            name = raw.pop("readout", None)
-            if not name:
-                raise ConfigError(f"readout {dict(value)}: name it with `readout: NAME` (e.g. readout: protonet)")
-            label = str(raw.pop("label", "") or "")
-            settings = raw
-        else:
-            raise ConfigError(f"a readout is a name or a mapping {{readout: NAME, ...settings}}, got {value!r}")
-        cls_ = READOUTS.get(str(name))
-        fields = {f.name: f for f in dataclasses.fields(cls_.config_cls)}
-        merged = {k: v for k, v in (defaults or {}).items() if k in fields}
-        merged.update(settings)
-        config = cls_.build_config(merged)
-        resolved = dataclasses.asdict(config)
-        if not label:
-            changed = [(k, v) for k, v in resolved.items() if k != "max_episodes"  # stated in captions instead
-                       and fields[k].default is not dataclasses.MISSING and v != fields[k].default]
-            label = str(name) + (f"({','.join(f'{k}={v}' for k, v in changed)})" if changed else "")
-        return cls(str(name), tuple(sorted(resolved.items())), label)
-
-    def build(self, **options: Any) -> Readout:
-        cls_ = READOUTS.get(self.name)
-        return cls_(cls_.build_config(dict(self.settings)), **options)
-
-    def identity(self) -> Dict[str, Any]:
-        return {"readout": self.name, "settings": json.loads(json.dumps(dict(self.settings), default=str))}
-
-
-def needs_method(readout: str) -> bool:
-    """Whether the registered readout named ``readout`` needs the whole trained method, not only its exported
-    backbone (:attr:`Readout.needs_method`; e.g. ``maml_finetune``). Unregistered names: False."""
-    return readout in READOUTS and READOUTS.get(readout).needs_method
 
 
 def scoring_identity(train_id: str, target: Mapping[str, Any], protocol: EpisodeProtocol, episodes_sha256: str,
