@@ -393,17 +393,23 @@ def graded_folder(root: Path, n_classes: int, per_class: int = 20, size: int = 2
     return root
 
 
+def evaluate_test_classes(ws: Path, root: Path, n_episodes: int):
+    """`fsl-bench evaluate` of an untrained Conv-4 on every class folder of ``root`` as the test split: 5-way
+    1-shot ProtoNet on ``n_episodes`` episodes, summary in ``ws/eval``."""
+    split = ws / "split.json"
+    split.write_text(json.dumps({"train": [], "val": [], "test": sorted(p.name for p in root.iterdir())}))
+    res = cli("evaluate", "--untrained", "--backbone", "conv4", "--data", f"image_folder={root}", "--split-file",
+              split, "--folder-image-size", 24, "--n-shot", 1, "--n-query", 15, "--n-episodes", n_episodes,
+              "--readouts", "protonet", "--out", ws / "eval")
+    assert res.exit_code == 0, res.output
+    return res
+
+
 def test_evaluate_on_six_test_classes_shows_the_test_class_interval_and_warns(ws, caplog):
     """Issue 24's input: a user's folder with 6 test classes (120 images) and 2,000 5-way episodes. The episode
     interval (about ±0.3) describes these 6 classes only; `evaluate` shows the test-class interval beside it,
     in its output and its summary.json, and warns that 6 test classes say little about new classes."""
-    root = graded_folder(ws / "imgs", 6)
-    split = ws / "split.json"
-    split.write_text(json.dumps({"train": [], "val": [], "test": sorted(p.name for p in root.iterdir())}))
-    res = cli("evaluate", "--untrained", "--backbone", "conv4", "--data", f"image_folder={root}", "--split-file",
-              split, "--folder-image-size", 24, "--n-shot", 1, "--n-query", 15, "--n-episodes", 2000, "--readouts",
-              "protonet", "--out", ws / "eval")
-    assert res.exit_code == 0, res.output
+    res = evaluate_test_classes(ws, graded_folder(ws / "imgs", 6), n_episodes=2000)
     line = next(x for x in res.output.splitlines() if "protonet" in x)
     m = re.search(r"% ± ([\d.]+) over episodes, ± ([\d.]+) over 6 test classes", line)
     assert m, line
@@ -416,13 +422,7 @@ def test_evaluate_on_six_test_classes_shows_the_test_class_interval_and_warns(ws
 
 
 def test_evaluate_when_every_episode_holds_the_same_classes_says_not_estimable(ws, caplog):
-    root = graded_folder(ws / "imgs", 5, per_class=16)
-    split = ws / "split.json"
-    split.write_text(json.dumps({"train": [], "val": [], "test": sorted(p.name for p in root.iterdir())}))
-    res = cli("evaluate", "--untrained", "--backbone", "conv4", "--data", f"image_folder={root}", "--split-file",
-              split, "--folder-image-size", 24, "--n-shot", 1, "--n-query", 15, "--n-episodes", 50, "--readouts",
-              "protonet", "--out", ws / "eval")
-    assert res.exit_code == 0, res.output
+    res = evaluate_test_classes(ws, graded_folder(ws / "imgs", 5, per_class=16), n_episodes=50)
     assert "± ? over 5 test classes (not estimable: every episode holds the same classes)" in res.output
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("only 5 test classes" in w and "not estimable over test classes" in w for w in warned), warned
