@@ -213,3 +213,32 @@ def test_stage_tail_depthwise_cnns(name):
         maps, _ = forward_stages(m, _x(32))
         for l in range(len(maps)):
             assert stage_tail(m, l)(maps[l]).shape == maps[-1].shape
+
+
+def test_conv4_pool_before_relu_trains_bit_identically_to_the_paper_order():
+    """Conv-4 runs each block as conv-BN-pool-ReLU (ReLU on 4x fewer elements); the paper's conv-BN-ReLU-pool is
+    the same function with the same gradients, so a few SGD steps from the same weights give bit-identical
+    weights, and the state-dict keys are the ones published weights have."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    ours = create_backbone("conv4", num_classes=10, image_size=32, channels_last=True)
+    paper = copy.deepcopy(ours)
+    for name in ours.stage_names:
+        seq = getattr(paper, name)
+        assert isinstance(seq[2], nn.MaxPool2d) and isinstance(seq[3], nn.ReLU)
+        seq[2], seq[3] = seq[3], seq[2]  # back to conv-BN-ReLU-pool
+    assert list(ours.state_dict()) == list(paper.state_dict()) and "layer4.1.running_var" in ours.state_dict()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    x[:, :, :4] = -5.0  # whole pooling windows below zero: ties at 0 after the ReLU in the paper's order
+    y = torch.randint(0, 10, (16,), generator=g)
+    for model in (ours, paper):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), paper.state_dict().values()))

@@ -1,5 +1,6 @@
 """Conv-4 (Vinyals et al. 2016; Snell et al. 2017, jakesnell/prototypical-networks ``protonets/models/few_shot.py``):
-4 x [conv3x3 64 - BN - ReLU - max-pool 2].
+4 x [conv3x3 64 - BN - ReLU - max-pool 2] (run as conv - BN - max-pool - ReLU: the same function and gradients,
+bit for bit, see :func:`conv_block`).
 
 The original flattens the last map (84x84 input -> 5x5x64 = 1600-d embedding). Here the embedding is the
 global average pool of the last map (64-d) so any input size works; ``num_features`` = 64. ~113 k parameters.
@@ -15,10 +16,14 @@ from .base import StagedNet, init_weights
 
 
 def conv_block(in_chs: int, out_chs: int, pool: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(in_chs, out_chs, 3, 1, 1), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True)]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
+    """conv3x3 - BN - ReLU - max-pool 2, run as conv - BN - max-pool - ReLU: max-pooling and ReLU commute exactly
+    (ReLU is monotonic), so outputs, gradients and whole trainings are bit-identical
+    (``tests/test_backbones.py``), and the ReLU and its backward touch 4x fewer elements (a Conv-4 CE training step
+    1.06x faster on 1 CPU thread, docs/performance.md). No parameter moves: the state-dict keys are the same."""
+    if not pool:
+        return nn.Sequential(nn.Conv2d(in_chs, out_chs, 3, 1, 1), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 3, 1, 1), nn.BatchNorm2d(out_chs), nn.MaxPool2d(2),
+                         nn.ReLU(inplace=True))
 
 
 class Conv4(StagedNet):
