@@ -506,3 +506,72 @@ def test_figures_in_worker_processes_are_the_same_files_in_the_same_order(tmp_pa
     job = figures.start_figures(rs, tmp_path / "a file" / "grid", workers=2)  # the workers cannot write there
     with pytest.raises(OSError):
         job.wait()
+
+
+def _signal_probe(name):
+    """Stands in for a figure in a forked figure worker: which handlers the worker runs with."""
+    import signal
+    from pathlib import Path
+
+    ignores_int = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    dies_on_term = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    return name, [Path(f"int-ignored={ignores_int} term-default={dies_on_term}")]
+
+
+def test_figure_workers_leave_interrupts_to_table_and_end_quietly(tmp_path, capfd, monkeypatch):
+    """The CLI turns SIGTERM and Ctrl-C into exceptions; forked figure workers must not inherit that: they ignore
+    SIGINT (the parent, which gets it too, cancels them) and die on SIGTERM (the pool's terminate), so an
+    interrupted `table` prints no worker tracebacks and no worker hangs on the pool's queue lock."""
+    import multiprocessing
+    import signal
+
+    from fsl_lsskd.errors import Terminated
+    from fsl_lsskd.report import figures
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    rs = ResultSet()
+    for method in ("ce", "pskd"):
+        for seed in (0, 1):
+            rs.add((method, "conv4"), ("tiny", "tiny", "5w1s15q", "protonet"), seed, {"accuracy": np.full(40, 45.0)})
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # as fsl_lsskd.cli installs it
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(figures, "_render_named", _signal_probe)
+            probed = figures.start_figures(rs, tmp_path / "probe", workers=2).wait()
+        assert {p.name for p in probed} == {"int-ignored=True term-default=True"}, probed
+        job = figures.start_figures(rs, tmp_path / "grid", workers=2)
+        job.cancel()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert multiprocessing.active_children() == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_table_files_are_replaced_all_together_or_not_at_all(tmp_path, monkeypatch):
+    """`fsl-bench table` stages every file and moves them into place at the end: a run that fails (or is
+    interrupted) while drawing leaves the previous files exactly as they were, and no staging folder."""
+    from fsl_lsskd.report import figures
+    from fsl_lsskd.report.files import write_tables
+
+    def results(acc):
+        rs = ResultSet()
+        for method in ("ce", "pskd"):
+            for seed in (0, 1):
+                rs.add((method, "conv4"), ("tiny", "tiny", "5w1s15q", "protonet"), seed,
+                       {"accuracy": np.full(40, acc + seed)})
+        return rs
+
+    out = tmp_path / "results"
+    first = write_tables(results(40.0), {}, "caption", out / "grid", workers=1)
+    assert first and all(p.parent == out for p in first)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(name):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(figures, "_render", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_tables(results(50.0), {}, "caption", out / "grid", workers=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no staging folder

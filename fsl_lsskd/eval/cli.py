@@ -114,9 +114,10 @@ def _with_classes(r) -> dict:
 def evaluate(backbone, checkpoint, untrained, untrained_method, settings, dataset, archive, data_root, download,
              split_file, train_per_class, folder_image_size, split, image_size, n_way, n_shot, n_query, n_episodes,
              readouts, batch_size, seed, device, no_cache, out):
-    """Few-shot evaluation of a backbone (RFS protocol) on the published episodes: mean accuracy ± 95% CI
-    (t-distribution over episodes) per protocol and readout, with calibration (ECE, NLL, Brier) for
-    probabilistic readouts.
+    """Few-shot evaluation of a backbone (RFS protocol) on the published episodes, per protocol and readout:
+    mean accuracy with two 95% half-widths, over episodes (t-distribution: how precisely the episodes measure
+    these test classes) and over test classes (how far another draw of as many classes would move it,
+    docs/statistics.md; a warning below 20 classes), and calibration (ECE, NLL, Brier) for probabilistic readouts.
 
     A dataset with fixed episodes (omniglot_runs: Omniglot's 20 official runs, 20-way 1-shot with one query)
     takes its own protocol for the protocol options not given.

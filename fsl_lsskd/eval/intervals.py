@@ -77,22 +77,31 @@ def class_interval(values: np.ndarray, classes: np.ndarray, level: float = 0.95)
 
 
 def few_classes_warning(results) -> str:
-    """The warning for scores whose episodes draw on fewer than :data:`FEW_TEST_CLASSES` test classes, or on
-    classes whose spread cannot be estimated; ``""`` when there is nothing to warn about. ``results``: episodic
+    """The warning for scores whose episodes draw on fewer than :data:`FEW_TEST_CLASSES` classes, or on classes
+    whose spread cannot be estimated; ``""`` when there is nothing to warn about, or when this process already
+    warned about the same split (validation scores the same split every epoch). ``results``: episodic
     :class:`~fsl_lsskd.eval.base.ScoreResult` values of one split."""
     few = [r for r in results if r.classes is not None and r.n_classes < FEW_TEST_CLASSES]
     if not few:
         return ""
     n = min(r.n_classes for r in few)
+    info = few[0].info
+    key = (info.get("dataset"), info.get("split"), info.get("fingerprint"), n)
+    if key in _WARNED:
+        return ""
+    _WARNED.add(key)
     parts = []
     for r in few:
         lo, hi = r.class_interval()
-        cls = f"±{(hi - lo) / 2:.2f} over test classes" if math.isfinite(lo) else "not estimable over test classes"
+        cls = f"±{(hi - lo) / 2:.2f} over classes" if math.isfinite(lo) else "not estimable over classes"
         parts.append(f"{r.protocol.key} {r.label}: ±{r.ci95:.2f} over episodes, {cls}")
-    info = few[0].info
     where = f"{info.get('dataset', '')} {info.get('split', '')}".strip()
-    return (f"{where} has only {n} test classes: an interval over episodes describes these {n} classes only, not "
-            f"new classes. Another draw of {n} classes moves the mean by the test-class interval "
-            f"(Lafargue et al. 2024, docs/statistics.md): {'; '.join(parts)}. A test split with at least "
-            f"{FEW_TEST_CLASSES} classes (the standard few-shot splits have 20 or more) is needed for a "
+    return (f"{where} has only {n} classes: an interval over episodes describes these {n} classes only, not "
+            f"new classes. Another draw of {n} classes moves the mean by the class interval (95% half-widths; "
+            f"Lafargue et al. 2024, docs/statistics.md): {'; '.join(parts)}. A split with at least "
+            f"{FEW_TEST_CLASSES} classes (the standard few-shot test splits have 20 or more) is needed for a "
             f"conclusion about new classes.")
+
+
+#: the splits :func:`few_classes_warning` has warned about in this process
+_WARNED: set = set()

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..progress import announce
 from ..utils import atomic_path
 from .results import headline_rows, row_name
 
@@ -111,6 +112,20 @@ _BY_COST = ("accuracy", "shot_way_curves", "reliability", "headline", "training_
 _JOB: Optional[tuple] = None
 
 
+def _worker_init() -> None:
+    """A figure worker leaves interrupts to its parent: Ctrl-C (SIGINT, sent to the whole process group) is
+    ignored, and SIGTERM (``Pool.terminate``) ends it at once, instead of the CLI's handlers it inherited by the
+    fork, which turn both into exceptions: a traceback per worker, and a worker stuck on the pool's queue lock."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _render_named(name: str) -> Tuple[str, List[Path]]:
+    return name, _render(name)
+
+
 def _render(name: str) -> List[Path]:
     results, stem, baseline = _JOB
     written: List[Path] = []
@@ -141,12 +156,16 @@ class FigureJob:
         self._pool, self._pending, self._serial = pool, pending, serial
 
     def wait(self) -> List[Path]:
-        """The written paths, in :data:`_FIGURES` order (the same for any number of workers); re-raises a
-        worker's error. Ctrl-C while waiting terminates the workers."""
+        """The written paths, in :data:`_FIGURES` order (the same for any number of workers), announcing each
+        figure as it is done; re-raises a worker's error. Ctrl-C while waiting terminates the workers."""
         if self._serial is not None:
             return self._serial()
+        by_name: Dict[str, List[Path]] = {}
         try:
-            by_name = dict(zip(_BY_COST, self._pending.get()))
+            for name, paths in self._pending:
+                by_name[name] = paths
+                if paths:
+                    announce(f"figure {paths[0].stem} drawn ({len(by_name)} of {len(_FIGURES)} figure kinds done)")
         except BaseException:
             self.cancel()
             raise
@@ -178,10 +197,10 @@ def start_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -
 
     _JOB = (results, stem, baseline)
     try:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, len(_FIGURES)))
+        pool = multiprocessing.get_context("fork").Pool(min(workers, len(_FIGURES)), initializer=_worker_init)
     finally:
         _JOB = None  # the workers have their copy
-    pending = pool.map_async(_render, _BY_COST, chunksize=1)
+    pending = pool.imap_unordered(_render_named, _BY_COST, chunksize=1)
     pool.close()
     return FigureJob(pool, pending)
 

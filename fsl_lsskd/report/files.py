@@ -2,11 +2,14 @@
 (:mod:`fsl_lsskd.report.figures`) and the generated section of the results README."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..progress import announce
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, make_dir
 from .figures import figure_workers, start_figures
 from .results import ResultSet
 from .tables import headline, render
@@ -32,7 +35,9 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
                  header: str = "", baselines: Sequence[str] = ("ce",), workers: Optional[int] = None) -> List[Path]:
     """Write the tables and figures (:mod:`fsl_lsskd.report.figures`); returns the paths. The figures render
     in ``workers`` forked processes (default :func:`~fsl_lsskd.report.figures.figure_workers`: one per CPU) while
-    this process writes the tables.
+    this process writes the tables. All of them are written into a staging folder beside ``out_stem`` and moved
+    into place together at the end, so an interrupted or failed run (Ctrl-C, a full disk) leaves the previous
+    set of files as it was.
 
     ``<stem>.md`` / ``<stem>.tex``: the headline (:func:`headline`) and its generated verdicts;
     ``<stem>_headline.csv``: its numbers; ``<stem>_appendix.md`` / ``.tex``: every column (:func:`render`);
@@ -40,18 +45,38 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
     ``<stem>.md`` / ``.tex`` hold the full tables. When ``README.md`` beside them holds the benchmark's generated
     section (:func:`generated_markers`), the headline and its verdict sentences replace that section, so no
     verdict there is written by hand."""
-    announce(f"tables and figures of {out_stem.name}")
-    figures = start_figures(results, out_stem, baselines[0] if baselines else "ce",
-                            figure_workers() if workers is None else workers)  # drawn while the tables are written
+    name = out_stem.name
+    make_dir(out_stem.parent)
+    # everything is written into a staging folder beside the results and moved into place once all of it is
+    # there: an interrupted or failed run leaves the previous set of files, not a mix of old and new
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_stem.parent))
     try:
-        return _write_tables(results, published, caption, out_stem, header, baselines) + figures.wait()
-    except BaseException:
-        figures.cancel()
-        raise
+        announce(f"tables and figures of {name}")
+        figures = start_figures(results, staging / name, baselines[0] if baselines else "ce",
+                                figure_workers() if workers is None else workers)  # drawn while the tables are written
+        try:
+            texts, stale = _table_texts(results, published, caption, out_stem, header, baselines)
+            for path, text in texts.items():
+                atomic_write_text(staging / path.name, text)
+            announce(f"tables of {name} written ({len(texts)} files)")
+            staged = [staging / path.name for path in texts] + figures.wait()
+        except BaseException:
+            figures.cancel()
+            raise
+        written = []
+        for path in staged:
+            os.replace(path, out_stem.parent / path.name)
+            written.append(out_stem.parent / path.name)
+        for path in stale:
+            path.unlink(missing_ok=True)  # a previous run's headline files, for results that no longer have one
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
-                  header: str, baselines: Sequence[str]) -> List[Path]:
+def _table_texts(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
+                 header: str, baselines: Sequence[str]) -> Tuple[Dict[Path, str], List[Path]]:
+    """``({final path: text}, [stale paths to remove])`` of the tables (:func:`write_tables`)."""
     rendered = render(results, published, caption, baselines=baselines)
     head = headline(results, caption, baseline=baselines[0] if baselines else "ce")
     name = out_stem.name
@@ -79,11 +104,6 @@ def _write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]]
                                                 f"{head['verdicts']}")
         if updated != text:
             files[readme] = updated
-    for stale in (appendix.with_suffix(".md"), appendix.with_suffix(".tex"), headline_csv):
-        if stale not in files and stale.exists():
-            stale.unlink()  # a previous run's headline files, for results that no longer have one
-    paths = []
-    for path, text in files.items():
-        atomic_write_text(path, text)
-        paths.append(path)
-    return paths
+    stale = [p for p in (appendix.with_suffix(".md"), appendix.with_suffix(".tex"), headline_csv)
+             if p not in files and p.exists()]
+    return files, stale
