@@ -518,6 +518,39 @@ def _signal_probe(name):
     return name, [Path(f"int-ignored={ignores_int} term-default={dies_on_term}")]
 
 
+def _mask_probe_init():
+    """Stands in for the figure workers' initializer: records which signals are blocked when a worker starts."""
+    import os
+    import signal
+
+    from fsl_lsskd.report import figures
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with open(os.environ["FSL_TEST_MASK_FILE"], "a") as fh:
+        fh.write(f"{int(signal.SIGINT in blocked)}{int(signal.SIGTERM in blocked)}\n")
+    figures._real_worker_init()
+
+
+def test_figure_workers_start_with_interrupts_blocked(tmp_path, monkeypatch):
+    """Between the fork and the worker's initializer a worker still has the CLI's handlers; a Ctrl-C there
+    would make a copy of `table` run on. So the workers are forked with SIGINT and SIGTERM blocked, and the
+    parent's mask is restored after."""
+    import signal
+
+    from fsl_lsskd.report import figures
+
+    mask_file = tmp_path / "masks.txt"
+    monkeypatch.setenv("FSL_TEST_MASK_FILE", str(mask_file))
+    monkeypatch.setattr(figures, "_real_worker_init", figures._worker_init, raising=False)
+    monkeypatch.setattr(figures, "_worker_init", _mask_probe_init)
+    rs = ResultSet()
+    rs.add(("ce", "conv4"), ("tiny", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(40, 45.0)})
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    figures.start_figures(rs, tmp_path / "grid", workers=2).wait()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert mask_file.read_text().split() == ["11", "11"]
+
+
 def test_figure_workers_leave_interrupts_to_table_and_end_quietly(tmp_path, capfd, monkeypatch):
     """The CLI turns SIGTERM and Ctrl-C into exceptions; forked figure workers must not inherit that: they ignore
     SIGINT (the parent, which gets it too, cancels them) and die on SIGTERM (the pool's terminate), so an

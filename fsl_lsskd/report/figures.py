@@ -112,14 +112,21 @@ _BY_COST = ("accuracy", "shot_way_curves", "reliability", "headline", "training_
 _JOB: Optional[tuple] = None
 
 
+#: the signals a figure worker leaves to its parent (blocked from the fork until :func:`_worker_init`)
+_PARENT_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 def _worker_init() -> None:
     """A figure worker leaves interrupts to its parent: Ctrl-C (SIGINT, sent to the whole process group) is
     ignored, and SIGTERM (``Pool.terminate``) ends it at once, instead of the CLI's handlers it inherited by the
-    fork, which turn both into exceptions: a traceback per worker, and a worker stuck on the pool's queue lock."""
+    fork, which turn both into exceptions: a traceback per worker, a worker stuck on the pool's queue lock, or,
+    for a signal between the fork and this function, a copy of the parent that goes on running the command. The
+    parent forks with both signals blocked (:func:`start_figures`); they are unblocked here, once handled."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {getattr(signal, n) for n in _PARENT_SIGNALS})
 
 
 def _render_named(name: str) -> Tuple[str, List[Path]]:
@@ -195,11 +202,18 @@ def start_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -
         return FigureJob(serial=serial)
     import multiprocessing
 
+    import signal
+
     _JOB = (results, stem, baseline)
+    # fork with Ctrl-C and SIGTERM blocked: a worker must not run the parent's handlers before _worker_init
+    # (the pool's handler thread, started here, keeps them blocked for workers it forks later); a signal that
+    # arrives meanwhile reaches the parent when they are unblocked, after the pool exists, and cancels it
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, n) for n in _PARENT_SIGNALS})
     try:
         pool = multiprocessing.get_context("fork").Pool(min(workers, len(_FIGURES)), initializer=_worker_init)
     finally:
         _JOB = None  # the workers have their copy
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     pending = pool.imap_unordered(_render_named, _BY_COST, chunksize=1)
     pool.close()
     return FigureJob(pool, pending)
