@@ -70,6 +70,9 @@ class LazyGroup(LazyCommands):
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM is not a crash: no traceback, the shell's code
             terminated = isinstance(exc, Terminated)
+            # the command is over: a further Ctrl-C while the interpreter shuts down ends it at once, without the
+            # "Exception ignored ... KeyboardInterrupt" traceback Python prints from threading._shutdown
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             click.echo("\nterminated (SIGTERM)" if terminated else "\ninterrupted", err=True)
             ctx.exit(143 if terminated else 130)
         except UserError as exc:

@@ -209,6 +209,19 @@ def remove_stale_temps(dest: PathLike) -> int:
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block ends (blocked, then delivered): for steps that must not
+    stop halfway, such as moving a set of finished files into place or reaping worker processes."""
+    import signal
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextlib.contextmanager
 def atomic_path(dest: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is renamed onto ``dest`` (atomic on POSIX),
     on failure it is removed, so readers never see a half-written file. A disk-full / read-only /

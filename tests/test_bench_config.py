@@ -515,7 +515,7 @@ def _signal_probe(name):
 
     ignores_int = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     dies_on_term = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    return name, [Path(f"int-ignored={ignores_int} term-default={dies_on_term}")]
+    return [Path(f"{name} int-ignored={ignores_int} term-default={dies_on_term}")]
 
 
 def _mask_probe_init():
@@ -571,13 +571,14 @@ def test_figure_workers_leave_interrupts_to_table_and_end_quietly(tmp_path, capf
     previous = signal.signal(signal.SIGTERM, raise_terminated)  # as fsl_lsskd.cli installs it
     try:
         with monkeypatch.context() as m:
-            m.setattr(figures, "_render_named", _signal_probe)
+            m.setattr(figures, "_render", _signal_probe)
             probed = figures.start_figures(rs, tmp_path / "probe", workers=2).wait()
-        assert {p.name for p in probed} == {"int-ignored=True term-default=True"}, probed
+        assert [p.name for p in probed] == [f"{n} int-ignored=True term-default=True" for n in figures._FIGURES]
         job = figures.start_figures(rs, tmp_path / "grid", workers=2)
         job.cancel()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    job.cancel()  # a second Ctrl-C runs it again: harmless
     assert multiprocessing.active_children() == []
     assert "Traceback" not in capfd.readouterr().err
 
@@ -608,3 +609,33 @@ def test_table_files_are_replaced_all_together_or_not_at_all(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="disk full"):
         write_tables(results(50.0), {}, "caption", out / "grid", workers=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no staging folder
+
+
+def _slow_render(name):
+    import time
+
+    time.sleep(60)
+    return []
+
+
+def test_a_killed_figure_worker_is_an_error_and_cancel_reaps_every_worker(tmp_path, monkeypatch):
+    """A worker that dies without reporting (OOM killer, kill -9) makes wait() raise instead of waiting
+    forever, and the others are killed and reaped; cancel() of busy workers returns at once, twice over."""
+    import multiprocessing
+    import os
+    import signal
+
+    from fsl_lsskd.report import figures
+
+    monkeypatch.setattr(figures, "_render", _slow_render)
+    rs = ResultSet()
+    rs.add(("ce", "conv4"), ("tiny", "tiny", "5w1s15q", "protonet"), 0, {"accuracy": np.full(40, 45.0)})
+    job = figures.start_figures(rs, tmp_path / "grid", workers=2)
+    os.kill(job._procs[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="ended without reporting"):
+        job.wait()
+    assert multiprocessing.active_children() == []
+    busy = figures.start_figures(rs, tmp_path / "grid", workers=2)
+    busy.cancel()
+    busy.cancel()
+    assert multiprocessing.active_children() == []

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..progress import announce
-from ..utils import atomic_path
+from ..utils import atomic_path, signals_deferred
 from .results import headline_rows, row_name
 
 # stable colours: the registered methods in a fixed order (tab10), variants a lighter shade of their method
@@ -104,13 +104,14 @@ def write_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -
     return start_figures(results, stem, baseline, workers).wait()
 
 
-#: the figures in their output order, and the order they are handed to workers (most expensive first)
+#: the figures in their output order
 _FIGURES = ("headline", "accuracy", "shot_way_curves", "reliability", "fractions", "training_curves")
-_BY_COST = ("accuracy", "shot_way_curves", "reliability", "headline", "training_curves", "fractions")
+#: their relative drawing cost (measured on cpu_tiny_imagenet: seconds of one core), to share them out
+_COST = {"accuracy": 4.1, "shot_way_curves": 3.6, "reliability": 3.6, "headline": 1.7, "training_curves": 1.3,
+         "fractions": 1.0}
 
 #: what forked workers render: ``(results, stem, baseline)``, set just before the fork
 _JOB: Optional[tuple] = None
-
 
 #: the signals a figure worker leaves to its parent (blocked from the fork until :func:`_worker_init`)
 _PARENT_SIGNALS = ("SIGINT", "SIGTERM")
@@ -118,19 +119,15 @@ _PARENT_SIGNALS = ("SIGINT", "SIGTERM")
 
 def _worker_init() -> None:
     """A figure worker leaves interrupts to its parent: Ctrl-C (SIGINT, sent to the whole process group) is
-    ignored, and SIGTERM (``Pool.terminate``) ends it at once, instead of the CLI's handlers it inherited by the
-    fork, which turn both into exceptions: a traceback per worker, a worker stuck on the pool's queue lock, or,
-    for a signal between the fork and this function, a copy of the parent that goes on running the command. The
-    parent forks with both signals blocked (:func:`start_figures`); they are unblocked here, once handled."""
+    ignored, and SIGTERM ends it at once, instead of the CLI's handlers it inherited by the fork, which turn both
+    into exceptions (a traceback per worker, or, for a signal between the fork and this function, a copy of the
+    parent that goes on running the command). The parent forks with both signals blocked
+    (:func:`start_figures`); they are unblocked here, once handled."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {getattr(signal, n) for n in _PARENT_SIGNALS})
-
-
-def _render_named(name: str) -> Tuple[str, List[Path]]:
-    return name, _render(name)
 
 
 def _render(name: str) -> List[Path]:
@@ -141,6 +138,35 @@ def _render(name: str) -> List[Path]:
     else:
         globals()[f"_{name}"](results, stem, written)
     return written
+
+
+def _worker_main(names: List[str], conn) -> None:
+    """A figure worker: draws ``names`` in turn and reports each, ``("done", name, paths)``, then ``("end",)``;
+    an error is reported as ``("error", exception)`` (its text when the exception does not pickle)."""
+    _worker_init()
+    try:
+        for name in names:
+            conn.send(("done", name, _render(name)))
+        conn.send(("end",))
+    except BaseException as exc:  # reported to the parent, which re-raises it
+        try:
+            conn.send(("error", exc))
+        except Exception:
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()
+
+
+def _share(workers: int) -> List[List[str]]:
+    """The figures split into ``workers`` lists of about equal :data:`_COST` (longest first, each to the least
+    loaded worker)."""
+    shares: List[List[str]] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for name in sorted(_FIGURES, key=lambda n: -_COST[n]):
+        i = loads.index(min(loads))
+        shares[i].append(name)
+        loads[i] += _COST[name]
+    return [s for s in shares if s]
 
 
 def figure_workers() -> int:
@@ -159,35 +185,57 @@ class FigureJob:
     """Figures being rendered (:func:`start_figures`): :meth:`wait` returns the written paths, :meth:`cancel`
     stops the workers (for a caller that fails or is interrupted before waiting)."""
 
-    def __init__(self, pool=None, pending=None, serial: Optional[Callable[[], List[Path]]] = None) -> None:
-        self._pool, self._pending, self._serial = pool, pending, serial
+    def __init__(self, procs=(), conns=(), serial: Optional[Callable[[], List[Path]]] = None) -> None:
+        self._procs, self._conns, self._serial = list(procs), list(conns), serial
 
     def wait(self) -> List[Path]:
         """The written paths, in :data:`_FIGURES` order (the same for any number of workers), announcing each
-        figure as it is done; re-raises a worker's error. Ctrl-C while waiting terminates the workers."""
+        figure as it is done; re-raises a worker's error. Ctrl-C while waiting kills the workers."""
         if self._serial is not None:
             return self._serial()
+        from multiprocessing.connection import wait as ready
+
         by_name: Dict[str, List[Path]] = {}
         try:
-            for name, paths in self._pending:
-                by_name[name] = paths
-                if paths:
-                    announce(f"figure {paths[0].stem} drawn ({len(by_name)} of {len(_FIGURES)} figure kinds done)")
+            open_conns = list(self._conns)
+            while open_conns:
+                for conn in ready(open_conns):
+                    try:
+                        msg = conn.recv()
+                    except EOFError:
+                        raise RuntimeError("a figure worker ended without reporting its figures (killed?)") from None
+                    if msg[0] == "error":
+                        raise msg[1]
+                    if msg[0] == "end":
+                        open_conns.remove(conn)
+                        continue
+                    _, name, paths = msg
+                    by_name[name] = paths
+                    if paths:
+                        announce(f"figure {paths[0].stem} drawn ({len(by_name)} of {len(_FIGURES)} done)")
         except BaseException:
             self.cancel()
             raise
-        self._pool.join()
+        self.cancel()  # all reported: the workers are ending; reap them
         return [p for name in _FIGURES for p in by_name[name]]
 
     def cancel(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+        """Kill the workers that still run and reap them all; safe to call twice, and not interruptible by a
+        second Ctrl-C (it is delivered once the workers are gone)."""
+        with signals_deferred():
+            for proc in self._procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in self._procs:
+                proc.join()
+            for conn in self._conns:
+                conn.close()
 
 
 def start_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -> FigureJob:
-    """Start rendering every figure. With ``workers > 1`` they render in forked processes while the caller
-    goes on (the tables), so a 2-core machine draws two figures at once; the files are the same bytes either
+    """Start rendering every figure. With ``workers > 1`` they render in that many forked processes (plain
+    processes, each with its share of the figures and a pipe back, so cancelling is killing them) while the
+    caller goes on (the tables): a 2-core machine draws two figures at once. The files are the same bytes either
     way (each is written atomically by the process that draws it). With ``workers <= 1`` they render in this
     process when :meth:`FigureJob.wait` is called."""
     global _JOB
@@ -201,22 +249,29 @@ def start_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -
                 _JOB = None
         return FigureJob(serial=serial)
     import multiprocessing
-
     import signal
 
+    ctx = multiprocessing.get_context("fork")
+    procs, conns = [], []
     _JOB = (results, stem, baseline)
-    # fork with Ctrl-C and SIGTERM blocked: a worker must not run the parent's handlers before _worker_init
-    # (the pool's handler thread, started here, keeps them blocked for workers it forks later); a signal that
-    # arrives meanwhile reaches the parent when they are unblocked, after the pool exists, and cancels it
+    # fork with Ctrl-C and SIGTERM blocked: a worker must not run the parent's handlers before _worker_init; a
+    # signal that arrives meanwhile reaches the parent when they are unblocked, and the caller cancels the job
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, n) for n in _PARENT_SIGNALS})
     try:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, len(_FIGURES)), initializer=_worker_init)
+        for names in _share(min(workers, len(_FIGURES))):
+            parent_conn, child_conn = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker_main, args=(names, child_conn), daemon=True)
+            proc.start()
+            child_conn.close()
+            procs.append(proc)
+            conns.append(parent_conn)
+    except BaseException:
+        FigureJob(procs, conns).cancel()
+        raise
     finally:
         _JOB = None  # the workers have their copy
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    pending = pool.imap_unordered(_render_named, _BY_COST, chunksize=1)
-    pool.close()
-    return FigureJob(pool, pending)
+    return FigureJob(procs, conns)
 
 
 def _accuracy(results, stem: Path, written: List[Path]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..progress import announce
-from ..utils import atomic_write_text, make_dir
+from ..utils import atomic_write_text, make_dir, signals_deferred
 from .figures import figure_workers, start_figures
 from .results import ResultSet
 from .tables import headline, render
@@ -64,14 +64,16 @@ def write_tables(results: ResultSet, published: Mapping[str, Mapping[str, str]],
             figures.cancel()
             raise
         written = []
-        for path in staged:
-            os.replace(path, out_stem.parent / path.name)
-            written.append(out_stem.parent / path.name)
-        for path in stale:
-            path.unlink(missing_ok=True)  # a previous run's headline files, for results that no longer have one
+        with signals_deferred():  # all of the new set, or none of it
+            for path in staged:
+                os.replace(path, out_stem.parent / path.name)
+                written.append(out_stem.parent / path.name)
+            for path in stale:
+                path.unlink(missing_ok=True)  # a previous run's headline files, for results that no longer have one
         return written
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _table_texts(results: ResultSet, published: Mapping[str, Mapping[str, str]], caption: str, out_stem: Path,
