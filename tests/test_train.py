@@ -250,3 +250,29 @@ def test_perf_train_reference_smoke():
     assert res["speedup_vs_best_reference"] > 0 and res["methods"] == {}
     assert set(res["data_only_ms_per_batch"]) == {"ours", "reference workers=0"}
     assert res["data_only_speedup_vs_best_reference"] > 0
+
+
+def test_an_epoch_checkpointed_but_not_logged_is_logged_on_resume(tmp_path, monkeypatch):
+    """An epoch's checkpoint is written before its metrics reach MLflow: a job preempted between the two resumes
+    after an epoch its record lacks. The resumed run logs it, so every epoch is in the record once."""
+    from fsl_lsskd.record import Store, open_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    data = _split()
+    real_log = Store.log_metrics
+    calls = []
+
+    def preempted_after_checkpoint(self, run_id, metrics, step):
+        calls.append(step)
+        if step == 2:
+            raise KeyboardInterrupt  # SIGUSR2/SIGTERM between save_training_state and log_metrics of epoch 2
+        return real_log(self, run_id, metrics, step)
+
+    monkeypatch.setattr(Store, "log_metrics", preempted_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, "b", mlflow=True), train_data=data)
+    monkeypatch.setattr(Store, "log_metrics", real_log)
+    resumed = train(_cfg(tmp_path, "b", mlflow=True), train_data=data)
+    assert resumed.resumed_from_epoch == 2 and resumed.finished
+    steps = [step for step, _ in open_store(create=False).metric_history(resumed.run_id, "train_loss")]
+    assert sorted(steps) == [1, 2, 3], steps

@@ -405,6 +405,7 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
         run_id = store.start_training(cfg.experiment, cfg.run_name or out.name, tid, identity, tags=tags,
                                       params=params if run_id is None else None, parent_run_id=parent_run_id,
                                       resume_run_id=run_id)
+        _backfill_epochs(store, run_id, history)
     else:
         store = None
 
@@ -450,6 +451,22 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
     final = dict(history[-1]) if history else {}
     return TrainResult(model_dir, export_dir, run_id, tid, identity, final, out, history, start_epoch,
                        rank=dctx.rank, world_size=dctx.world_size)
+
+
+def _backfill_epochs(store, run_id: str, history: List[Dict[str, float]]) -> None:
+    """Log the epochs of a resumed checkpoint's ``history`` that its MLflow run lacks: an epoch's checkpoint is
+    written before its metrics are logged, so a job stopped between the two (preempted, killed) resumes after
+    an epoch the record never got. Each epoch is then in the record once, at step = epoch."""
+    if not history:
+        return
+    key = next((k for k in history[0] if k != "epoch"), None)
+    if key is None:
+        return
+    logged = {int(step) for step, _ in store.metric_history(run_id, key)}
+    for epoch, metrics in enumerate(history, start=1):
+        if epoch not in logged:
+            log.info("logging epoch %d of the resumed run, which its record lacked", epoch)
+            store.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
 
 def _finish(cfg: TrainConfig, method, meta: Dict[str, Any], history, run_id, out: Path, store):
