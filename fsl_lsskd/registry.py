@@ -58,19 +58,27 @@ def registered_in_source(package: str, symbol: str) -> Dict[str, str]:
         if f"{symbol}.register(" not in source:
             continue
         for node in ast.walk(ast.parse(source, filename=mod_spec.origin)):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == symbol and node.args
-                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-                found[node.args[0].value] = module
+            registered = _registered_name(node, symbol)
+            if registered is not None:
+                found[registered] = module
     return found
 
 
+def _registered_name(node: ast.AST, symbol: str) -> Optional[str]:
+    """``"name"`` when ``node`` is a ``symbol.register("name")`` call (a string literal), else None."""
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == symbol and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return node.args[0].value
+    return None
+
+
 _MISSING = object()  # not decidable from the source: import
+_DEFAULT = object()  # decided: the class chain reaches the package's base class without assigning it
 
 
 class _NameRef(str):
     """A class attribute assigned a bare name in the source (``config_cls = CEConfig``)."""
-_DEFAULT = object()  # decided: the class chain reaches the package's base class without assigning it
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,19 +95,18 @@ def _package_classes(package: str, symbol: str) -> Tuple[Dict[str, Optional[ast.
                 continue
             classes[node.name] = None if node.name in classes else node  # a name defined twice: ambiguous
             for deco in node.decorator_list:
-                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register"
-                        and isinstance(deco.func.value, ast.Name) and deco.func.value.id == symbol and deco.args
-                        and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
-                    registered[deco.args[0].value] = node
+                name = _registered_name(deco, symbol)
+                if name is not None:
+                    registered[name] = node
     return classes, registered
 
 
-def _static_class_constant(modules: Dict[str, str], symbol: str, name: str, attr: str):
+def _static_class_constant(package: str, symbol: str, name: str, attr: str):
     """The literal ``attr`` of the class that ``symbol.register(name)`` decorates, following its single base
     through the classes the package's modules define (sources only); :data:`_DEFAULT` when the
     chain ends at a class without bases that never assigns ``attr``; :data:`_MISSING` when it cannot be decided
     from the source (a non-literal value, several bases, a base defined elsewhere)."""
-    classes, registered = _package_classes(modules[name].rsplit(".", 1)[0], symbol)
+    classes, registered = _package_classes(package, symbol)
     node, seen = registered.get(name), set()
     while node is not None and node.name not in seen:
         seen.add(node.name)
@@ -183,14 +190,14 @@ class Registry(Generic[T]):
         class of :attr:`light_module` (``config_cls = CEConfig``), so that planning a grid and computing training
         identities need no torch import; otherwise the attribute of the imported component (any other value, or
         one inherited from outside the package), ``default`` when it has none.
-        ``tests/test_registry_cli.py`` checks that both ways agree for every registered name. Raises
+        ``tests/test_cli_startup.py`` checks that both ways agree for every registered name. Raises
         :class:`UnknownNameError` for an unknown ``name``."""
         if name not in self:
             raise UnknownNameError(self.unknown_message(name))
         if name not in self._items and self.package:
             key = (name, attr)
             if key not in self._constants:
-                self._constants[key] = _static_class_constant(self.modules(), self.symbol, name, attr)
+                self._constants[key] = _static_class_constant(self.package, self.symbol, name, attr)
             found = self._constants[key]
             if isinstance(found, _NameRef):
                 found = self._light_name(found)
@@ -199,15 +206,10 @@ class Registry(Generic[T]):
         return getattr(self.get(name), attr, default)
 
     def _light_name(self, name: str):
-        """``name`` from :attr:`light_module` (imported: it is torch-free) when that module's source defines it
-        at top level, else :data:`_MISSING`."""
+        """``name`` from :attr:`light_module` (imported: it is torch-free), :data:`_MISSING` when it has none."""
         if not self.light_module:
             return _MISSING
-        spec = importlib.util.find_spec(self.light_module)
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-        if not any(isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name for n in tree.body):
-            return _MISSING
-        return getattr(importlib.import_module(self.light_module), name)
+        return getattr(importlib.import_module(self.light_module), name, _MISSING)
 
     def unknown_message(self, name: str, also: str = "") -> str:
         """``unknown <kind> 'x'. Did you mean 'y'? Valid <kind>s: ...`` (``also``: extra valid names, e.g.

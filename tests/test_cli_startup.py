@@ -187,7 +187,7 @@ def test_class_constants_read_from_the_sources_are_the_imported_ones():
         modules = registered_in_source(reg.package, reg.symbol)
         for attr in ("needs_teacher", "default_teacher", "has_rotation_classifiers", "config_cls", "needs_method"):
             for name in modules:
-                found = _static_class_constant(modules, reg.symbol, name, attr)
+                found = _static_class_constant(reg.package, reg.symbol, name, attr)
                 if isinstance(found, _NameRef):
                     found = reg._light_name(found)
                 if (reg is METHODS and attr in ("needs_teacher", "default_teacher", "config_cls")

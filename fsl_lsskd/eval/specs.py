@@ -46,9 +46,8 @@ class ReadoutSpec:
             settings = raw
         else:
             raise ConfigError(f"a readout is a name or a mapping {{readout: NAME, ...settings}}, got {value!r}")
-        if str(name) not in READOUTS:
-            READOUTS.get(str(name))  # raises UnknownNameError naming the valid readouts
-        config_cls = READOUTS.class_constant(str(name), "config_cls")  # from eval/configs.py: no torch import
+        # from eval/configs.py, no torch import; an unknown name raises UnknownNameError naming the valid ones
+        config_cls = READOUTS.class_constant(str(name), "config_cls")
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
         merged = {k: v for k, v in (defaults or {}).items() if k in fields}
         merged.update(settings)
