@@ -208,13 +208,18 @@ def remove_stale_temps(dest: PathLike) -> int:
     return removed
 
 
+#: the signals :func:`signals_deferred` holds back: Ctrl-C and SIGTERM
+DEFERRED_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Ctrl-C (SIGINT) and SIGTERM wait until the block ends (blocked, then delivered): for steps that must not
-    stop halfway, such as moving a set of finished files into place or reaping worker processes."""
+    stop halfway, such as moving a set of finished files into place or reaping worker processes. A process forked
+    inside the block starts with them blocked."""
     import signal
 
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, n) for n in DEFERRED_SIGNALS})
     try:
         yield
     finally:

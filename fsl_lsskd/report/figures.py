@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..progress import announce
-from ..utils import atomic_path, signals_deferred
+from ..utils import DEFERRED_SIGNALS, atomic_path, signals_deferred
 from .results import headline_rows, row_name
 
 # stable colours: the registered methods in a fixed order (tab10), variants a lighter shade of their method
@@ -113,21 +113,18 @@ _COST = {"accuracy": 4.1, "shot_way_curves": 3.6, "reliability": 3.6, "headline"
 #: what forked workers render: ``(results, stem, baseline)``, set just before the fork
 _JOB: Optional[tuple] = None
 
-#: the signals a figure worker leaves to its parent (blocked from the fork until :func:`_worker_init`)
-_PARENT_SIGNALS = ("SIGINT", "SIGTERM")
-
 
 def _worker_init() -> None:
     """A figure worker leaves interrupts to its parent: Ctrl-C (SIGINT, sent to the whole process group) is
     ignored, and SIGTERM ends it at once, instead of the CLI's handlers it inherited by the fork, which turn both
     into exceptions (a traceback per worker, or, for a signal between the fork and this function, a copy of the
     parent that goes on running the command). The parent forks with both signals blocked
-    (:func:`start_figures`); they are unblocked here, once handled."""
+    (:func:`start_figures`, :func:`~fsl_lsskd.utils.signals_deferred`); they are unblocked here, once handled."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {getattr(signal, n) for n in _PARENT_SIGNALS})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {getattr(signal, n) for n in DEFERRED_SIGNALS})
 
 
 def _render(name: str) -> List[Path]:
@@ -249,28 +246,26 @@ def start_figures(results, stem: Path, baseline: str = "ce", workers: int = 1) -
                 _JOB = None
         return FigureJob(serial=serial)
     import multiprocessing
-    import signal
 
     ctx = multiprocessing.get_context("fork")
     procs, conns = [], []
     _JOB = (results, stem, baseline)
-    # fork with Ctrl-C and SIGTERM blocked: a worker must not run the parent's handlers before _worker_init; a
-    # signal that arrives meanwhile reaches the parent when they are unblocked, and the caller cancels the job
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, n) for n in _PARENT_SIGNALS})
     try:
-        for names in _share(min(workers, len(_FIGURES))):
-            parent_conn, child_conn = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker_main, args=(names, child_conn), daemon=True)
-            proc.start()
-            child_conn.close()
-            procs.append(proc)
-            conns.append(parent_conn)
+        # fork with Ctrl-C and SIGTERM blocked: a worker must not run the parent's handlers before _worker_init;
+        # a signal that arrives meanwhile is delivered when the block ends, and cancels the workers below
+        with signals_deferred():
+            for names in _share(min(workers, len(_FIGURES))):
+                parent_conn, child_conn = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker_main, args=(names, child_conn), daemon=True)
+                proc.start()
+                child_conn.close()
+                procs.append(proc)
+                conns.append(parent_conn)
     except BaseException:
         FigureJob(procs, conns).cancel()
         raise
     finally:
         _JOB = None  # the workers have their copy
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return FigureJob(procs, conns)
 
 
