@@ -198,6 +198,7 @@ class ScoreResult:
     seconds: float = 0.0
     info: Dict[str, Any] = field(default_factory=dict)
     classes: Optional[np.ndarray] = None
+    _class_iv: Optional[Tuple[float, float]] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_episodes(self) -> int:
@@ -212,12 +213,21 @@ class ScoreResult:
         """The 95% test-class interval ``(lo, hi)`` of the mean accuracy (%): how far another draw of as many
         test classes would move it (:func:`fsl_lsskd.eval.intervals.class_interval`, Lafargue et al. 2024). The
         episode interval (:attr:`ci95`) describes these classes only. ``(nan, nan)`` when the episodes cannot
-        estimate it (every episode holds the same classes); None for non-episodic scores."""
+        estimate it (every episode holds the same classes); None for non-episodic scores. Computed once."""
         if self.classes is None:
             return None
-        from .intervals import class_interval
+        if self._class_iv is None:
+            from .intervals import class_interval
 
-        return class_interval(self.accuracy, self.classes)
+            self._class_iv = class_interval(self.accuracy, self.classes)
+        return self._class_iv
+
+    @property
+    def class_ci95(self) -> float:
+        """Half-width (points) of :meth:`class_interval`, as :attr:`ci95` is of the episode interval; NaN when
+        it is not estimable or the score is not episodic."""
+        iv = self.class_interval()
+        return (iv[1] - iv[0]) / 2 if iv is not None and math.isfinite(iv[0]) else math.nan
 
     @property
     def mean(self) -> float:

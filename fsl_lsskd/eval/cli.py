@@ -81,8 +81,8 @@ def _with_classes(r) -> dict:
     not estimable) and ``n_test_classes``."""
     out = r.summary()
     if r.classes is not None:
-        lo, hi = r.class_interval()
-        out.update(accuracy_class_ci95=(hi - lo) / 2 if math.isfinite(lo) else None, n_test_classes=r.n_classes)
+        half = r.class_ci95
+        out.update(accuracy_class_ci95=half if math.isfinite(half) else None, n_test_classes=r.n_classes)
     return out
 
 
@@ -206,10 +206,9 @@ def evaluate(backbone, checkpoint, untrained, untrained_method, settings, datase
 def _class_text(r) -> str:
     """``± h over C test classes``: the half-width of the score's test-class interval (how far another draw of
     as many test classes would move the mean, docs/statistics.md)."""
-    lo, hi = r.class_interval()
-    if not math.isfinite(lo):
+    if not math.isfinite(r.class_ci95):
         return f"± ? over {r.n_classes} test classes (not estimable: every episode holds the same classes)"
-    return f"± {(hi - lo) / 2:.2f} over {r.n_classes} test classes"
+    return f"± {r.class_ci95:.2f} over {r.n_classes} test classes"
 
 
 def _initial_method(name: str, settings, backbone: str, image_size: int, seed: int, num_classes: int, device: str):

@@ -92,8 +92,7 @@ def few_classes_warning(results) -> str:
     _WARNED.add(key)
     parts = []
     for r in few:
-        lo, hi = r.class_interval()
-        cls = f"±{(hi - lo) / 2:.2f} over classes" if math.isfinite(lo) else "not estimable over classes"
+        cls = f"±{r.class_ci95:.2f} over classes" if math.isfinite(r.class_ci95) else "not estimable over classes"
         parts.append(f"{r.protocol.key} {r.label}: ±{r.ci95:.2f} over episodes, {cls}")
     where = f"{info.get('dataset', '')} {info.get('split', '')}".strip()
     return (f"{where} has only {n} classes: an interval over episodes describes these {n} classes only, not "
