@@ -120,8 +120,12 @@ def build_method_config(config_cls: type, cfg: TrainConfig) -> Any:
 
 
 def resolved_method_config(cfg: TrainConfig) -> Any:
-    """The method config ``cfg`` trains with (:func:`build_method_config` of the registered method)."""
-    return build_method_config(method_class(cfg.method).config_cls, cfg)
+    """The method config ``cfg`` trains with (:func:`build_method_config` of the registered method's
+    ``config_cls``, read without importing the method, so no torch:
+    :meth:`~fsl_lsskd.registry.Registry.class_constant`)."""
+    from ..registry import METHODS
+
+    return build_method_config(METHODS.class_constant(cfg.method, "config_cls"), cfg)
 
 
 def training_identity(cfg: TrainConfig, split_fingerprint: str, teacher_train_id: Optional[str] = None
@@ -133,12 +137,10 @@ def training_identity(cfg: TrainConfig, split_fingerprint: str, teacher_train_id
     from ..registry import METHODS
 
     # read without importing the method (no torch): its config class comes from fsl_lsskd.methods.configs
-    needs_teacher = METHODS.class_constant(cfg.method, "needs_teacher", False)
-    config_cls = METHODS.class_constant(cfg.method, "config_cls")
-    if needs_teacher and not teacher_train_id:
+    if METHODS.class_constant(cfg.method, "needs_teacher", False) and not teacher_train_id:
         raise ConfigError(f"method {cfg.method!r} trains from a teacher: its training identity needs the teacher's "
                           f"training id (pass --teacher <teacher model directory>)")
-    mcfg = build_method_config(config_cls, cfg)
+    mcfg = resolved_method_config(cfg)
     identity = {
         "format": IDENTITY_FORMAT,
         "engine_version": ENGINE_VERSION,
