@@ -44,9 +44,13 @@ def _thread_defaults(subcommand: Optional[str]) -> None:
     subcommands import it), since OpenMP reads it once. On a shared CPU (more runnable threads than cores)
     spinning threads steal the cores their peers need: Conv-4 CE trained 6-8x faster with 2 threads under load
     (docs/performance.md). It changes no result, only waiting; ``OMP_WAIT_POLICY=ACTIVE`` restores spinning on
-    a dedicated machine."""
+    a dedicated machine. These commands also keep freed memory for the next step
+    (:func:`~fsl_lsskd.utils.retain_freed_memory`; ``FSL_BENCH_MALLOC=system`` keeps glibc's defaults)."""
     if subcommand in PASSIVE_WAIT_COMMANDS:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from .utils import retain_freed_memory
+
+        retain_freed_memory()
 
 
 def _quiet_third_party() -> None:

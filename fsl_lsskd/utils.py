@@ -32,6 +32,66 @@ def cache_dir() -> Path:
     return root
 
 
+MALLOC_ENV = "FSL_BENCH_MALLOC"
+#: glibc's own malloc settings; when the user set any of them, :func:`retain_freed_memory` leaves malloc alone
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
+_TRIM_THRESHOLD = 2 ** 31 - 1  # bytes: the largest value mallopt takes (an int)
+_malloc_setting: Optional[str] = None
+
+
+def retain_freed_memory() -> str:
+    """Make glibc's malloc keep the memory that tensors free for the next step, instead of handing it back to the
+    kernel and page-faulting it in again: ``mallopt(M_MMAP_MAX, 0)`` (large blocks come from the heap, not from a
+    fresh ``mmap`` each time) and ``mallopt(M_TRIM_THRESHOLD, 2 GiB)`` (the heap's free top is kept up to 2 GiB).
+
+    A training step allocates and frees the same activation and gradient buffers every step. With glibc's defaults
+    the large ones (16.8 MB for one Conv-4 map of a batch of 64 at 32x32) are ``mmap``-ed and unmapped each time,
+    so every step page-faults them in anew: 5,000-17,000 minor faults per Conv-4 CE step, about a third of a
+    1-thread step (docs/performance.md). This is what the PyTorch CPU performance guide gets from jemalloc or
+    TCMalloc, done with glibc itself: no preload, no dependency. It changes no arithmetic, only where freed memory
+    waits; the process's resident memory stays near its peak instead of shrinking between steps.
+
+    Called by the training and scoring commands (``fsl-bench train``, ``run``, ``evaluate``, ``perf`` and the
+    jobs of ``run --launcher``). ``FSL_BENCH_MALLOC=system`` keeps glibc's defaults; so does any of glibc's own
+    ``MALLOC_*_`` settings (:data:`GLIBC_MALLOC_ENV`) or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``, which
+    are left as the user set them. Elsewhere than glibc (macOS, musl) nothing is changed.
+
+    Returns what was done, for logs and ``fsl-bench perf train``: ``"retained"``, ``"system (FSL_BENCH_MALLOC)"``,
+    ``"system (user's MALLOC_* settings)"`` or ``"system (not glibc)"``. Idempotent.
+    """
+    global _malloc_setting
+    if _malloc_setting is not None:
+        return _malloc_setting
+    if os.environ.get(MALLOC_ENV, "retain").strip().lower() == "system":
+        _malloc_setting = f"system ({MALLOC_ENV})"
+    elif any(os.environ.get(k) for k in GLIBC_MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        _malloc_setting = "system (user's MALLOC_* settings)"
+    else:
+        _malloc_setting = _mallopt_retain()
+    log.debug("malloc: %s", _malloc_setting)
+    return _malloc_setting
+
+
+def malloc_setting() -> str:
+    """What :func:`retain_freed_memory` did in this process, or ``"system (not set by fsl-bench)"``."""
+    return _malloc_setting or "system (not set by fsl-bench)"
+
+
+def _mallopt_retain() -> str:
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return "system (not glibc)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return "system (not glibc)"
+    return "retained" if ok else "system (mallopt refused)"
+
+
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

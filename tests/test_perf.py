@@ -177,6 +177,63 @@ def test_training_commands_make_waiting_openmp_threads_sleep_unless_told_otherwi
     assert f"POLICY {expected} False" in out, out
 
 
+_MMAPPED_BYTES = """
+import ctypes, os, sys
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                             "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+from fsl_lsskd.cli import main
+main.main([sys.argv[1], "--help"], standalone_mode=False)
+from fsl_lsskd.utils import malloc_setting
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(64 << 20)  # a 64 MiB buffer, like one LSSKD activation map of a batch
+print("MMAPPED", libc.mallinfo2().hblkhd - before, "SETTING", malloc_setting(), "torch" in sys.modules)
+"""
+
+
+def _glibc_with_mallinfo2() -> bool:
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+@pytest.mark.parametrize("command, env, retained", [
+    ("train", {}, True), ("perf", {}, True), ("evaluate", {}, True), ("table", {}, False), ("edge", {}, False),
+    ("train", {"FSL_BENCH_MALLOC": "system"}, False), ("train", {"MALLOC_MMAP_THRESHOLD_": "131072"}, False),
+    ("train", {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}, False)])
+def test_training_commands_keep_freed_memory_for_the_next_step(command, env, retained):
+    """Training and scoring commands make glibc's malloc serve large buffers from its heap and keep them when
+    freed (no mmap/munmap and page faults per step, utils.retain_freed_memory), before torch is imported; a
+    64 MiB block then takes no mmap. FSL_BENCH_MALLOC=system or glibc's own MALLOC_* / GLIBC_TUNABLES settings
+    leave malloc as configured, and other commands do not touch it."""
+    import os
+    import subprocess
+
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("FSL_BENCH_MALLOC", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    full.update(env, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, command], env=full, text=True, capture_output=True,
+                          timeout=120)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("MMAPPED"))
+    _, mmapped, _, rest = line.split(" ", 3)
+    setting, torch_imported = rest.rsplit(" ", 1)
+    assert torch_imported == "False", line  # set before torch is imported (and --help imports none)
+    if retained:
+        assert int(mmapped) == 0 and setting == "retained", line
+    else:
+        assert int(mmapped) >= 64 << 20 and setting.startswith("system"), line
+
+
 @pytest.mark.parametrize("method", ["lsskd", "hsakd_teacher"])
 def test_rotated_batch_keeps_the_channels_last_layout_and_the_losses(method, monkeypatch):
     """The 4B rotated rows of LSSKD/HSAKD are channels_last like CE's batch (rotate_expand); a few optimiser steps

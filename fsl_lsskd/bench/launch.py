@@ -118,11 +118,13 @@ class TrainJob:
     def __call__(self) -> CellOutcome:
         from ..progress import configure
         from ..record import open_store
+        from ..utils import retain_freed_memory
         from .runner import DataCache, train_cell
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
         route_submitit_logging()  # from here on each line once, in the job's .err log
         configure()  # the job's log (stderr): a line per epoch and every 30 s within one, with the ETA
+        retain_freed_memory()  # as `fsl-bench run` does in its own process
         os.chdir(self.cwd)
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
         log.info("job for cell %s (attempt %d)", self.cell.label, self.attempt + 1)

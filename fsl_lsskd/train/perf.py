@@ -27,6 +27,7 @@ import click
 
 from ..bounds import COUNT, COUNT_OR_ZERO, SIZE
 from ..options import dataset_kwargs, dataset_options, int_list
+from ..utils import malloc_setting
 
 if TYPE_CHECKING:  # torch and numpy load when the measurement runs, not for `fsl-bench perf train --help`
     import numpy as np
@@ -175,7 +176,7 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     "peaks": {threads: {"median", "samples"}}, "device", "cells": [{"threads", "backbone", "method",
     "precision", "images_per_s", "images_per_s_samples", "flops_per_image", "gflops", "peak_share",
     "store_bytes_per_sample" (the method's prediction stores), "time_vs_ce", "flops_vs_ce",
-    "time_over_flop_ratio"}], "errors": [...], "omp_wait_policy"}``. ``threads`` are ``torch.set_num_threads`` settings
+    "time_over_flop_ratio"}], "errors": [...], "omp_wait_policy", "malloc"}``. ``threads`` are ``torch.set_num_threads`` settings
     compared in the same rounds (None: torch's current setting); ``modes`` ``eager`` and/or ``compile`` (each cell
     also with :func:`compiled_training_step`; its compilation happens in the warm-up, untimed; every row has
     ``mode`` and, under ``compile``, ``compile_s``). ``time_vs_ce`` is the method's epoch time over
@@ -268,7 +269,8 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     return {"device": str(dev), "image_size": image_size, "batch_size": batch_size, "steps": steps,
             "repeats": repeats, "peak_gflops": peak,
             "peaks": {str(t): {"median": peak_by[t], "samples": peaks[t]} for t in settings}, "cells": rows,
-            "errors": errors, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+            "errors": errors, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "malloc": malloc_setting()}
 
 
 def format_throughput(res: Dict[str, object]) -> List[str]:
@@ -276,7 +278,7 @@ def format_throughput(res: Dict[str, object]) -> List[str]:
     lines = [f"fp32 matmul peak: {res['peak_gflops']:.1f} GFLOP/s on {res['device']} (the best thread setting's "
              f"median; measured between the timings: "
              + ", ".join(f"{t} threads {p['median']:.1f}" for t, p in res["peaks"].items())
-             + f"; OMP_WAIT_POLICY {res.get('omp_wait_policy', 'unset')})",
+             + f"; OMP_WAIT_POLICY {res.get('omp_wait_policy', 'unset')}; malloc {res.get('malloc', 'unset')})",
              f"{'threads':>7} {'mode':<7} {'backbone':<10} {'method':<7} {'prec':<5} {'img/s':>8} {'MFLOP/img':>10} {'GFLOP/s':>8} "
              f"{'% peak':>7} {'time/CE':>8} {'FLOP/CE':>8} {'time/FLOP':>9}"]
     for r in res["cells"]:
