@@ -177,6 +177,35 @@ def test_training_commands_make_waiting_openmp_threads_sleep_unless_told_otherwi
     assert f"POLICY {expected} False" in out, out
 
 
+def test_perf_train_times_concurrent_trainings_as_separate_processes():
+    """--processes 2: each (backbone, method) also runs as 2 worker processes at once, each with CPUs/2 threads,
+    on the same split; their images are summed over the common wall time, and the row's ratios are taken against
+    CE's row with the same processes (no timing asserted)."""
+    from fsl_lsskd.train.perf import format_throughput, run_throughput, synthetic_split
+    from fsl_lsskd.utils import process_threads
+
+    res = run_throughput(synthetic_split(64, 16, num_classes=4), (0.5,) * 3, (0.25,) * 3, backbones=(BACKBONE,),
+                         methods=("ce", "lsskd"), image_size=16, batch_size=8, steps=2, warmup=1, repeats=2,
+                         processes=(1, 2))
+    rows = {(r["processes"], r["method"]): r for r in res["cells"]}
+    assert set(rows) == {(1, "ce"), (1, "lsskd"), (2, "ce"), (2, "lsskd")}
+    two = rows[(2, "lsskd")]
+    assert two["threads"] == process_threads(2) and len(two["images_per_s_samples"]) == 2
+    assert all(v > 0 for v in two["images_per_s_samples"])
+    assert two["flops_per_image"] == rows[(1, "lsskd")]["flops_per_image"]
+    assert two["store_bytes_per_sample"] == rows[(1, "lsskd")]["store_bytes_per_sample"] > 0
+    assert two["time_vs_ce"] == pytest.approx(rows[(2, "ce")]["images_per_s"] / two["images_per_s"])
+    lines = format_throughput(res)
+    assert lines[1].split()[:2] == ["procs", "threads"] and "procs > 1" in lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [(["--processes", "0"], "--processes must be integers >= 1"),
+                                           (["--processes", "x"], "--processes must be comma-separated integers")])
+def test_perf_train_refuses_bad_process_counts(args, message):
+    res = CliRunner().invoke(main, ["perf", "train", "--synthetic", "64", *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
 _MMAPPED_BYTES = """
 import ctypes, os, sys
 class Info(ctypes.Structure):

@@ -27,7 +27,7 @@ import click
 
 from ..bounds import COUNT, COUNT_OR_ZERO, SIZE
 from ..options import dataset_kwargs, dataset_options, int_list
-from ..utils import malloc_setting
+from ..utils import malloc_setting, process_threads
 
 if TYPE_CHECKING:  # torch and numpy load when the measurement runs, not for `fsl-bench perf train --help`
     import numpy as np
@@ -127,6 +127,30 @@ def compiled_training_step(method):
     return torch.compile(method.training_step)
 
 
+def _endless(method, loader):
+    """The method's own batches, epoch after epoch: the loader's mini-batches, or an episodic method's tasks
+    (ProtoNet, MAML: ``iter_batches``), so images/s counts every image a step trains on."""
+    e = 0
+    while True:
+        yield from method.iter_batches(loader, e)
+        e += 1
+
+
+def _make_method(name: str, backbone: str, num_classes: int, num_samples: int, image_size: int, device, seed: int):
+    """The method ``name`` on a fresh ``backbone`` (its default settings), seeded, in the layout it trains in."""
+    import torch
+
+    from ..backbones import create_backbone
+    from ..registry import METHODS
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cls = METHODS.get(name)
+        net = create_backbone(backbone, num_classes=num_classes, image_size=image_size)
+        method = cls(net, num_classes, num_samples, cls.config_cls()).to(device)
+        return method.to(memory_format=method.memory_format())
+
+
 class _Timed:
     """One cell of the table: a method on a backbone with its optimiser and an endless batch stream; ``mode``
     ``eager`` (the engine's step) or ``compile`` (:func:`compiled_training_step`)."""
@@ -141,15 +165,25 @@ class _Timed:
         self.samples: List[float] = []
         self.compile_s: Optional[float] = None
 
+    @property
+    def store_bytes_per_sample(self) -> int:
+        return store_bytes_per_sample(self.method)
+
     def steps(self, n: int) -> float:
         """images/s over ``n`` engine steps (data included, and the engine's per-step reading of every output,
         which waits for a GPU as the engine does)."""
+        t0 = time.perf_counter()
+        images = self.run(n)
+        return images / (time.perf_counter() - t0)
+
+    def run(self, n: int) -> int:
+        """``n`` engine steps; returns the images they trained on."""
         from .engine import autocast
 
         method, opt = self.method, self.optimizer
         method.train()
         _sync(self.device)
-        images, t0, sums = 0, time.perf_counter(), {}
+        images, sums = 0, {}
         for _ in range(n):
             batch = next(self.batches)
             with autocast(self.precision, self.device):
@@ -164,14 +198,86 @@ class _Timed:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach().float()) * bs
         _sync(self.device)
+        return images
+
+
+class _Concurrent:
+    """``n`` trainings of one (backbone, method, precision) at once, each a worker process
+    (``python -m fsl_lsskd.train.perf_worker``) with :func:`~fsl_lsskd.utils.process_threads` threads, on this split (its arrays
+    written to ``workdir`` as ``.npy``, read back without pickle). The workers build and warm up their cell, then
+    wait; each :meth:`steps` starts them together and returns all their images over the wall time (in this
+    process) from the start to the last worker's end, so a worker that ends early counts as idle time, as it
+    would in a grid."""
+
+    def __init__(self, n: int, split, mean, std, backbone: str, method: str, precision: str, image_size: int,
+                 batch_size: int, warmup: int, seed: int, device, workdir: Path, trained: int) -> None:
+        self.n, self.threads = n, process_threads(n)
+        self.spec = {"backbone": backbone, "method": method, "precision": precision, "image_size": image_size,
+                     "batch_size": batch_size, "warmup": warmup, "seed": seed, "device": str(device),
+                     "threads": self.threads, "mean": list(mean), "std": list(std), "num_samples": trained,
+                     "num_classes": split.num_classes,
+                     "malloc": malloc_setting(), "workdir": str(workdir)}
+        self.split, self.workdir = split, workdir
+        self.samples: List[float] = []
+        self.compile_s: Optional[float] = None
+        self.store_bytes_per_sample = 0
+        self.procs: list = []
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        import numpy as np
+
+        images, labels = self.workdir / "images.npy", self.workdir / "labels.npy"
+        if not images.exists():
+            np.save(images, self.split.images)
+            np.save(labels, self.split.labels)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        for i in range(self.n):
+            err = open(self.workdir / f"worker-{id(self)}-{i}.err", "w+")
+            self.procs.append((subprocess.Popen([sys.executable, "-m", "fsl_lsskd.train.perf_worker",
+                                                 json.dumps(self.spec)], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=err, text=True, env=env), err))
+
+    def _read(self, proc, err) -> Dict[str, object]:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            err.seek(0)
+            raise RuntimeError(f"perf worker ({self.spec['backbone']} {self.spec['method']}) ended with code "
+                               f"{proc.returncode}: {err.read()[-2000:]}")
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        for proc, err in self.procs:
+            self.store_bytes_per_sample = int(self._read(proc, err)["store_bytes_per_sample"])
+
+    def steps(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for proc, _err in self.procs:
+            proc.stdin.write(f"{n}\n")
+            proc.stdin.flush()
+        images = sum(int(self._read(proc, err)["images"]) for proc, err in self.procs)
         return images / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        for proc, err in self.procs:
+            try:
+                if proc.poll() is None:
+                    proc.stdin.close()  # the worker's end-of-input: it exits
+                    proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - never leave a worker behind
+                proc.kill()
+                proc.wait()
+            err.close()
 
 
 def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", "resnet12"),
                    methods: Sequence[str] = ("ce", "pskd", "lsskd"), precisions: Sequence[str] = ("fp32",),
                    image_size: int = 32, batch_size: int = 64, steps: int = 10, warmup: int = 2, repeats: int = 2,
                    device="cpu", seed: int = 0, threads: Sequence[Optional[int]] = (None,),
-                   modes: Sequence[str] = ("eager",)) -> Dict[str, object]:
+                   modes: Sequence[str] = ("eager",), processes: Sequence[int] = (1,)) -> Dict[str, object]:
     """The table of the module docstring as a dict: ``{"peak_gflops": the best thread setting's median peak,
     "peaks": {threads: {"median", "samples"}}, "device", "cells": [{"threads", "backbone", "method",
     "precision", "images_per_s", "images_per_s_samples", "flops_per_image", "gflops", "peak_share",
@@ -180,11 +286,15 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     compared in the same rounds (None: torch's current setting); ``modes`` ``eager`` and/or ``compile`` (each cell
     also with :func:`compiled_training_step`; its compilation happens in the warm-up, untimed; every row has
     ``mode`` and, under ``compile``, ``compile_s``). ``time_vs_ce`` is the method's epoch time over
-    CE's with the same threads, backbone and precision (CE img/s / method img/s)."""
+    CE's with the same processes, threads, backbone and precision (CE img/s / method img/s).
+
+    ``processes`` above 1 also time each (backbone, method, precision) as that many trainings running at once,
+    each its own process with :func:`~fsl_lsskd.utils.process_threads` threads (as ``fsl-bench run --launcher local --parallel
+    N`` trains N cells): such a row's images/s are all the processes' images over the wall time from the common
+    start until the last one finished its ``steps`` (:class:`_Concurrent`), its share is of the same peak, and
+    every row has ``processes`` (1 for the in-process cells)."""
     import torch
 
-    from ..backbones import create_backbone
-    from ..registry import METHODS
     from .loader import TrainLoader
 
     split = train_split.resized(image_size)
@@ -195,24 +305,25 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     loader = TrainLoader(split.images, split.labels, mean, std, batch_size=batch_size, seed=seed, device=dev)
 
     def endless(method):
-        """The method's own batches, epoch after epoch: the loader's mini-batches, or an episodic method's
-        tasks (ProtoNet, MAML: ``iter_batches``), so images/s counts every image a step trains on."""
-        e = 0
-        while True:
-            yield from method.iter_batches(loader, e)
-            e += 1
+        return _endless(method, loader)
 
     def make(name: str, backbone: str):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            cls = METHODS.get(name)
-            net = create_backbone(backbone, num_classes=C, image_size=image_size)
-            method = cls(net, C, N, cls.config_cls()).to(dev)
-            return method.to(memory_format=method.memory_format())
+        return _make_method(name, backbone, C, N, image_size, dev, seed)
 
     cells: Dict[tuple, _Timed] = {}
+    groups: Dict[tuple, _Concurrent] = {}
     flops: Dict[tuple, float] = {}
     errors: List[Dict[str, object]] = []
+    tmp = None
+
+    def workdir() -> Path:  # the split's arrays for the concurrent processes, written once
+        nonlocal tmp
+        if tmp is None:
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix="fsl-bench-perf-")
+        return Path(tmp.name)
+
     try:
         for bb in backbones:
             for m in methods:
@@ -236,6 +347,16 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                                 continue
                             cell.compile_s = time.perf_counter() - t0 if mode == "compile" else None
                             cells[(t, mode, bb, m, prec)] = cell
+        for n in dict.fromkeys(int(n) for n in processes if int(n) > 1):
+            for bb in backbones:
+                for m in methods:
+                    for prec in precisions:
+                        group = _Concurrent(n, split, mean, std, bb, m, prec, image_size, batch_size, warmup, seed,
+                                            dev, workdir=workdir(), trained=N)
+                        groups[(n, group.threads, "eager", bb, m, prec)] = group
+                        group.start()
+        for group in groups.values():
+            group.wait_ready()
         peaks: Dict[int, List[float]] = {t: [] for t in settings}
         for _ in range(repeats):  # interleaved: every cell once per round, each thread setting's peak before them
             for t in settings:  # grouped by threads: a switch of the thread pool is not timed
@@ -244,23 +365,33 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                 for (ct, *_k), cell in cells.items():
                     if ct == t:
                         cell.samples.append(cell.steps(steps))
+            torch.set_num_threads(default_threads)  # this process only waits while the groups run
+            for group in groups.values():
+                group.samples.append(group.steps(steps))
         for t in settings:
             torch.set_num_threads(t)
             peaks[t].append(matmul_peak(dev))
     finally:
         torch.set_num_threads(default_threads)
+        for group in groups.values():
+            group.close()
+        if tmp is not None:
+            tmp.cleanup()
     peak_by = {t: statistics.median(v) for t, v in peaks.items()}
     peak = max(peak_by.values())
     rows = []
-    for (t, mode, bb, m, prec), cell in cells.items():
+    timed = {(1,) + k: c for k, c in cells.items()}
+    timed.update(groups)
+    for (n, t, mode, bb, m, prec), cell in timed.items():
         ips = statistics.median(cell.samples)
         f = flops[(bb, m)]
-        row = {"threads": t, "mode": mode, "backbone": bb, "method": m, "precision": prec, "images_per_s": ips,
-               "images_per_s_samples": cell.samples, "flops_per_image": f, "gflops": ips * f / 1e9,
-               "peak_share": ips * f / 1e9 / peak, "store_bytes_per_sample": store_bytes_per_sample(cell.method)}
+        row = {"processes": n, "threads": t, "mode": mode, "backbone": bb, "method": m, "precision": prec,
+               "images_per_s": ips, "images_per_s_samples": cell.samples, "flops_per_image": f,
+               "gflops": ips * f / 1e9, "peak_share": ips * f / 1e9 / peak,
+               "store_bytes_per_sample": cell.store_bytes_per_sample}
         if cell.compile_s is not None:
             row["compile_s"] = cell.compile_s
-        ce = cells.get((t, mode, bb, "ce", prec))
+        ce = timed.get((n, t, mode, bb, "ce", prec))
         if ce is not None:
             row["time_vs_ce"] = statistics.median(ce.samples) / ips
             row["flops_vs_ce"] = f / flops[(bb, "ce")]
@@ -279,25 +410,27 @@ def format_throughput(res: Dict[str, object]) -> List[str]:
              f"median; measured between the timings: "
              + ", ".join(f"{t} threads {p['median']:.1f}" for t, p in res["peaks"].items())
              + f"; OMP_WAIT_POLICY {res.get('omp_wait_policy', 'unset')}; malloc {res.get('malloc', 'unset')})",
-             f"{'threads':>7} {'mode':<7} {'backbone':<10} {'method':<7} {'prec':<5} {'img/s':>8} {'MFLOP/img':>10} {'GFLOP/s':>8} "
+             f"{'procs':>5} {'threads':>7} {'mode':<7} {'backbone':<10} {'method':<7} {'prec':<5} {'img/s':>8} {'MFLOP/img':>10} {'GFLOP/s':>8} "
              f"{'% peak':>7} {'time/CE':>8} {'FLOP/CE':>8} {'time/FLOP':>9}"]
     for r in res["cells"]:
         goal = PEAK_GOALS.get(r["backbone"]) if r["method"] == "ce" and r["precision"] == "fp32" else None
         extra = ""
         if "time_vs_ce" in r:
             extra = f" {r['time_vs_ce']:>8.2f} {r['flops_vs_ce']:>8.2f} {r['time_over_flop_ratio']:>9.2f}"
-        lines.append(f"{r['threads']:>7} {r['mode']:<7} {r['backbone']:<10} {r['method']:<7} {r['precision']:<5} {r['images_per_s']:>8.1f} "
+        lines.append(f"{r.get('processes', 1):>5} {r['threads']:>7} {r['mode']:<7} {r['backbone']:<10} {r['method']:<7} {r['precision']:<5} {r['images_per_s']:>8.1f} "
                      f"{r['flops_per_image'] / 1e6:>10.1f} {r['gflops']:>8.1f} {100 * r['peak_share']:>6.1f}%"
                      + extra + (f"  (goal {100 * goal:.0f}%)" if goal else ""))
     for e in res.get("errors", ()):
-        lines.append(f"{e['threads']:>7} {e['mode']:<7} {e['backbone']:<10} {e['method']:<7} {e['precision']:<5} "
+        lines.append(f"{1:>5} {e['threads']:>7} {e['mode']:<7} {e['backbone']:<10} {e['method']:<7} {e['precision']:<5} "
                      f"failed: {e['error']}")
     stores = {r["method"]: r["store_bytes_per_sample"] for r in res["cells"] if r.get("store_bytes_per_sample")}
     if stores:
         lines.append("prediction stores: " + ", ".join(f"{m} {b:,} bytes per training image" for m, b in stores.items()))
     lines.append(f"time/FLOP: a method's epoch time over CE's divided by its FLOP ratio over CE's (goal <= "
                  f"{FLOP_RATIO_SLACK}); img/s are medians of {res['repeats']} interleaved rounds of {res['steps']} "
-                 f"steps, data loading included")
+                 f"steps, data loading included"
+                 + ("; procs > 1: that many trainings at once, one process each, img/s summed over the wall time "
+                    "until the last one ended" if any(r.get("processes", 1) > 1 for r in res["cells"]) else ""))
     return lines
 
 
@@ -452,6 +585,9 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
               help="Interleaved rounds over all cells (A B A B); medians are reported.")
 @click.option("--threads", default="", help="Comma list of torch.set_num_threads settings compared in the same "
               "rounds, e.g. 1,2 (default: torch's).")
+@click.option("--processes", default="1", show_default=True,
+              help="Comma list: also time N trainings at once, one process each with CPUs/N threads (as `fsl-bench "
+                   "run --launcher local --parallel N` trains N cells), e.g. 1,2; their img/s are summed.")
 @click.option("--compile", "compare_compile", is_flag=True,
               help="Also time every cell with torch.compile of the training step (compiled once, untimed; kernels "
                    "cached under <cache>/inductor between runs).")
@@ -461,13 +597,14 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 def perf_train(dataset, archive, data_root, download, split_file, train_per_class, folder_image_size, synthetic,
                backbones, methods, precisions, device, image_size, batch_size, steps, warmup, repeats, threads,
-               compare_compile, reference, workers, json_out) -> None:
+               processes, compare_compile, reference, workers, json_out) -> None:
     """Training throughput per backbone and method: images/s, FLOPs per image, the share of the fp32 matmul peak
     measured in the same run, and each method's epoch time over CE's against its FLOP ratio.
 
     \b
     Example:
       fsl-bench perf train --synthetic 4096 --backbones conv4,resnet12 --methods ce,pskd,lsskd
+      fsl-bench perf train --synthetic 4096 --backbones conv4 --methods ce --processes 1,2
       fsl-bench perf train --data tiny_imagenet=tiny-imagenet-200-sub100.zip --backbones conv4
       fsl-bench perf train --synthetic 4096 --device cuda --precisions fp32,bf16 --steps 30
     """
@@ -490,6 +627,11 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
     thread_settings = tuple(int_list(threads, "--threads")) if threads.strip() else (None,)
     if any(t < 1 for t in thread_settings if t is not None):
         raise ConfigError(f"--threads must be integers >= 1, got {threads!r}")
+    process_settings = tuple(int_list(processes, "--processes"))
+    if any(n < 1 for n in process_settings):
+        raise ConfigError(f"--processes must be integers >= 1, got {processes!r}")
+    if max(process_settings) > 1 and torch.device(device).type != "cpu":
+        raise ConfigError("--processes N shares this machine's CPUs between N trainings: use it with --device cpu")
     if synthetic:
         from ..registry import METHODS
 
@@ -511,7 +653,8 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
                          **dataset_kwargs(dataset, split_file, train_per_class, folder_image_size))
         split, mean, std = ds.load_split("train"), tuple(ds.mean), tuple(ds.std)
     res = run_throughput(split, mean, std, bbs, ms, precs, image_size, batch_size, steps, warmup, repeats, device,
-                         threads=thread_settings, modes=("eager", "compile") if compare_compile else ("eager",))
+                         threads=thread_settings, modes=("eager", "compile") if compare_compile else ("eager",),
+                         processes=process_settings)
     res["data"] = f"synthetic {synthetic}" if synthetic else dataset
     for line in format_throughput(res):
         click.echo(line)
