@@ -53,6 +53,10 @@ def test_local_launcher_runs_teachers_first_and_every_cell_once(tmp_path, store,
     assert times["kd"][0] >= times["ce"][1]  # the student started after its teacher's run ended
     logs = sorted((tmp_path / "runs" / "jobs" / "grid").glob("*_log.err"))
     assert len(logs) == 3 and all("Job completed successfully" in p.read_text() for p in logs)
+    # 2 jobs at once share the CPUs: each trains with half of them (at least 1 thread)
+    from fsl_lsskd.utils import process_threads
+
+    assert all(f"(attempt 1, {process_threads(2)} torch threads)" in p.read_text() for p in logs)
     # the finished LSSKD cell's files (its run directory is gone; its artifacts) are a few times a CE cell's
     assert not any((tmp_path / "runs" / "cells").glob("*/run"))
     from fsl_lsskd.record import open_store
@@ -175,3 +179,22 @@ def test_slurm_submission_arrays_dependencies_and_resources(tmp_path, store, cif
     assert res.exit_code == 2 and "expected an integer" in res.output, res.output
     res = cli("run", tmp_path / "g.yaml", "--slurm", "mem_gb=8")
     assert res.exit_code == 2 and "use it with --launcher slurm" in res.output, res.output
+
+
+def test_parallel_sets_how_many_local_jobs_run_at_once_and_their_threads(tmp_path, store, cifar_archive):
+    """--parallel N overrides launcher.local.parallel; each of N jobs gets CPUs/N threads (at least 1), one job
+    at a time and SLURM jobs keep torch's default; --parallel without --launcher local is an error (exit 2)."""
+    from fsl_lsskd.bench.config import load_benchmark
+    from fsl_lsskd.bench.launch import make_launcher
+    from fsl_lsskd.utils import process_threads
+
+    bench_file = write_bench(tmp_path / "grid.yaml", cifar_archive, methods=("ce",), epochs=1)
+    bench = load_benchmark(bench_file)
+    assert make_launcher("local", bench).job_threads() is None  # parallel 1: torch's default
+    launcher = make_launcher("local", bench, parallel=3)
+    assert launcher.local.parallel == 3 and launcher.job_threads() == process_threads(3)
+    assert process_threads(3) == max(1, len(os.sched_getaffinity(0)) // 3) and process_threads(10 ** 6) == 1
+    res = cli("run", bench_file, "--parallel", "2")
+    assert res.exit_code == 2 and "use it with --launcher local" in res.output, res.output
+    res = cli("run", bench_file, "--launcher", "local", "--parallel", "0")
+    assert res.exit_code == 2 and "--parallel" in res.output, res.output

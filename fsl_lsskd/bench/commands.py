@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 
+from ..bounds import COUNT
 from ..options import data_option, renamed_option
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,12 @@ def fewer_episodes(results) -> List[Tuple[str, int]]:
               help="Override launcher.slurm of the benchmark file (repeatable): partition, gpus_per_node, "
                    "cpus_per_task, mem_gb, timeout_min, array_parallelism; other keys are passed to sbatch "
                    "(e.g. account=proj, qos=high).")
+@click.option("--parallel", type=COUNT, default=None,
+              help="With --launcher local: train N cells at once, each with CPUs/N threads (default: "
+                   "launcher.local.parallel of the benchmark file, else 1). On a small CPU, 2 one-thread Conv-4 "
+                   "cells train 1.5-1.6x the images per second of one two-thread cell (docs/performance.md).")
 def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_paths, out_root: Path, rerun: bool,
-        dry_run: bool, shard_spec: Optional[str], launcher: str, slurm_options) -> None:
+        dry_run: bool, shard_spec: Optional[str], launcher: str, slurm_options, parallel: Optional[int]) -> None:
     """Run a benchmark grid resumably: train only the cells that are not finished in the MLflow store, then
     score only the (cell, split, protocol, readout) pairs the store lacks.
 
@@ -117,6 +122,7 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
       fsl-bench run benchmarks/limited_data_tiny_imagenet.yaml --methods lsskd --fractions 0.25,0.5
       fsl-bench run benchmarks/cpu_cifar_fs.yaml --data cifar_fs=~/data/cifar-100-python.tar.gz
       fsl-bench run benchmarks/paper_tiny_imagenet.yaml --launcher slurm
+      fsl-bench run benchmarks/cpu_tiny_imagenet.yaml --launcher local --parallel 2
     """
     import os
 
@@ -125,6 +131,9 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
 
     if slurm_options and launcher != "slurm":
         raise ConfigError("--slurm KEY=VALUE sets SLURM resources: use it with --launcher slurm")
+    if parallel is not None and launcher != "local":
+        raise ConfigError("--parallel N trains N cells at once as local jobs: use it with --launcher local "
+                          "(on SLURM, launcher.slurm.array_parallelism sets how many run at once)")
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("fsl-bench run under torchrun would run the whole grid on every process; run it "
@@ -137,7 +146,8 @@ def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_pa
     if launcher != "inline" and not dry_run:  # its errors (no sbatch, resources beyond the nodes) come first
         from .launch import make_launcher
 
-        launcher_obj = make_launcher(launcher, bench, slurm_options, notify=click.echo)  # job ids, waits
+        launcher_obj = make_launcher(launcher, bench, slurm_options, notify=click.echo,  # job ids, waits
+                                     parallel=parallel)
     # names, settings, --runs-dir and the data against the protocols, before anything is trained or logged
     notes = validate_benchmark(bench, data=True, out_root=None if dry_run else out_root, fetch=not dry_run)
     for n in notes:

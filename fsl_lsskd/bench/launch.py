@@ -114,6 +114,7 @@ class TrainJob:
     parent_run_id: Optional[str] = None
     rerun: bool = False
     attempt: int = 0
+    threads: Optional[int] = None  # torch threads of the job (local jobs run in parallel); None: torch's default
 
     def __call__(self) -> CellOutcome:
         from ..progress import configure
@@ -125,9 +126,16 @@ class TrainJob:
         route_submitit_logging()  # from here on each line once, in the job's .err log
         configure()  # the job's log (stderr): a line per epoch and every 30 s within one, with the ETA
         retain_freed_memory()  # as `fsl-bench run` does in its own process
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         os.chdir(self.cwd)
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
-        log.info("job for cell %s (attempt %d)", self.cell.label, self.attempt + 1)
+        import torch
+
+        log.info("job for cell %s (attempt %d, %d torch threads)", self.cell.label, self.attempt + 1,
+                 torch.get_num_threads())
         plan = Plan(self.bench, with_teachers([self.cell]), DataCache(self.bench))
         store = open_store()
         # a requeued --rerun job keeps the run directory it started (its last epoch) instead of starting over
@@ -144,10 +152,11 @@ class TrainJob:
 
 
 def make_launcher(kind: str, bench: Benchmark, slurm_options: Sequence[str] = (),
-                  notify: Optional[Callable[[str], None]] = None) -> "SubmititLauncher":
+                  notify: Optional[Callable[[str], None]] = None,
+                  parallel: Optional[int] = None) -> "SubmititLauncher":
     """The launcher of ``--launcher KIND`` (``local`` or ``slurm``); ``slurm_options`` are ``KEY=VALUE``
-    overrides of ``launcher.slurm``; ``notify(message)`` receives what a user follows (job ids; default: the
-    log at info level). For SLURM the resources are fitted to the partition's nodes (:func:`fit_to_partition`).
+    overrides of ``launcher.slurm``; ``parallel`` overrides ``launcher.local.parallel``; ``notify(message)``
+    receives what a user follows (job ids; default: the log at info level). For SLURM the resources are fitted to the partition's nodes (:func:`fit_to_partition`).
     Raises :class:`ConfigError` for an unknown kind or option, resources beyond every node of the partition,
     when submitit is missing, and when SLURM's ``sbatch``/``srun`` are not on PATH."""
     if kind not in KINDS:
@@ -166,7 +175,8 @@ def make_launcher(kind: str, bench: Benchmark, slurm_options: Sequence[str] = ()
                               "login node (--launcher local runs the same jobs on this machine)")
         nodes = partition_nodes()
         slurm = fit_to_partition(slurm, nodes)
-    return SubmititLauncher(kind, slurm, bench.launcher.local, notify=notify, nodes=nodes)
+    local = bench.launcher.local if parallel is None else dataclasses.replace(bench.launcher.local, parallel=parallel)
+    return SubmititLauncher(kind, slurm, local, notify=notify, nodes=nodes)
 
 
 def apply_options(spec: SlurmSpec, options: Sequence[str]) -> SlurmSpec:
@@ -381,6 +391,16 @@ class SubmititLauncher:
     def folder(self, bench: Benchmark, out_root: Path) -> Path:
         return Path(out_root).resolve() / "jobs" / bench.name
 
+    def job_threads(self) -> Optional[int]:
+        """Threads of each local job when several run at once: this machine's CPUs shared evenly
+        (:func:`~fsl_lsskd.utils.process_threads`), so N jobs do not oversubscribe the cores; None (torch's
+        default) for one job at a time and on SLURM, where ``cpus_per_task`` bounds the job."""
+        if self.kind != "local" or self.local.parallel <= 1:
+            return None
+        from ..utils import process_threads
+
+        return process_threads(self.local.parallel)
+
     def partition(self) -> Optional[str]:
         """The partition the jobs go to: ``launcher.slurm.partition``, else the cluster's default (None when
         sinfo could not say)."""
@@ -429,9 +449,11 @@ class SubmititLauncher:
         folder = self.folder(bench, out_root)
         folder.mkdir(parents=True, exist_ok=True)
 
+        threads = self.job_threads()
+
         def job_of(cell: Cell) -> TrainJob:
             return TrainJob(bench, cell, str(Path(out_root).resolve()), store_uri(), str(Path.cwd()),
-                            parent_run_id, rerun)
+                            parent_run_id, rerun, threads=threads)
 
         levels = dependency_levels(cells)
         log.info("%s launcher: %d cell(s) in %d level(s); job logs in %s", self.kind, len(cells), len(levels), folder)
@@ -517,7 +539,9 @@ class SubmititLauncher:
                     cell = ready.pop(0)
                     queue.remove(cell)
                     running[cell.key] = (cell, ex.submit(job_of(cell)))
-                    log.info("started %s as local job %s", cell.label, running[cell.key][1].job_id)
+                    threads = self.job_threads()
+                    log.info("started %s as local job %s%s", cell.label, running[cell.key][1].job_id,
+                             f" ({threads} threads)" if threads else "")
                 for key, (cell, job) in list(running.items()):
                     if job.done():
                         del running[key]
