@@ -203,11 +203,12 @@ class _Timed:
 
 class _Concurrent:
     """``n`` trainings of one (backbone, method, precision) at once, each a worker process
-    (``python -m fsl_lsskd.train.perf_worker``) with :func:`~fsl_lsskd.utils.process_threads` threads, on this split (its arrays
-    written to ``workdir`` as ``.npy``, read back without pickle). The workers build and warm up their cell, then
-    wait; each :meth:`steps` starts them together and returns all their images over the wall time (in this
-    process) from the start to the last worker's end, so a worker that ends early counts as idle time, as it
-    would in a grid."""
+    (``python -m fsl_lsskd.train.perf_worker``) with :func:`~fsl_lsskd.utils.process_threads` threads, on this
+    split (its arrays written to ``workdir`` as ``.npy``, read back without pickle). :meth:`start` launches the
+    workers, which build and warm up their cell (untimed) and wait; :meth:`steps` starts them together and
+    returns all their images over the wall time (in this process) from the start to the last worker's end, so a
+    worker that ends early counts as idle time, as it would in a grid; :meth:`close` ends them. Only one group
+    runs at a time (``run_throughput`` starts and closes it in each round), so the memory is N trainings'."""
 
     def __init__(self, n: int, split, mean, std, backbone: str, method: str, precision: str, image_size: int,
                  batch_size: int, warmup: int, seed: int, device, workdir: Path, trained: int) -> None:
@@ -224,6 +225,7 @@ class _Concurrent:
         self.procs: list = []
 
     def start(self) -> None:
+        """Launch the workers and wait until each has warmed up."""
         import subprocess
         import sys
 
@@ -239,6 +241,8 @@ class _Concurrent:
             self.procs.append((subprocess.Popen([sys.executable, "-m", "fsl_lsskd.train.perf_worker",
                                                  json.dumps(self.spec)], stdin=subprocess.PIPE,
                                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env), err))
+        for proc, err in self.procs:
+            self.store_bytes_per_sample = int(self._read(proc, err)["store_bytes_per_sample"])
 
     def _read(self, proc, err) -> Dict[str, object]:
         line = proc.stdout.readline()
@@ -248,10 +252,6 @@ class _Concurrent:
             raise RuntimeError(f"perf worker ({self.spec['backbone']} {self.spec['method']}) ended with code "
                                f"{proc.returncode}: {err.read()[-2000:]}")
         return json.loads(line)
-
-    def wait_ready(self) -> None:
-        for proc, err in self.procs:
-            self.store_bytes_per_sample = int(self._read(proc, err)["store_bytes_per_sample"])
 
     def steps(self, n: int) -> float:
         t0 = time.perf_counter()
@@ -271,6 +271,7 @@ class _Concurrent:
                 proc.kill()
                 proc.wait()
             err.close()
+        self.procs = []
 
 
 def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", "resnet12"),
@@ -354,9 +355,6 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                         group = _Concurrent(n, split, mean, std, bb, m, prec, image_size, batch_size, warmup, seed,
                                             dev, workdir=workdir(), trained=N)
                         groups[(n, group.threads, "eager", bb, m, prec)] = group
-                        group.start()
-        for group in groups.values():
-            group.wait_ready()
         peaks: Dict[int, List[float]] = {t: [] for t in settings}
         for _ in range(repeats):  # interleaved: every cell once per round, each thread setting's peak before them
             for t in settings:  # grouped by threads: a switch of the thread pool is not timed
@@ -366,8 +364,12 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                     if ct == t:
                         cell.samples.append(cell.steps(steps))
             torch.set_num_threads(default_threads)  # this process only waits while the groups run
-            for group in groups.values():
-                group.samples.append(group.steps(steps))
+            for group in groups.values():  # one group's processes at a time: N trainings' memory, not all cells'
+                try:
+                    group.start()
+                    group.samples.append(group.steps(steps))
+                finally:
+                    group.close()
         for t in settings:
             torch.set_num_threads(t)
             peaks[t].append(matmul_peak(dev))
