@@ -92,14 +92,17 @@ def _mallopt_retain() -> str:
     return "retained" if ok else "system (mallopt refused)"
 
 
-def process_threads(processes: int) -> int:
-    """Threads of each of ``processes`` concurrent trainings: the CPUs this process may run on, shared evenly
-    (at least 1)."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask on Linux, else the machine's count)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, processes))
+        return os.cpu_count() or 1
+
+
+def process_threads(processes: int) -> int:
+    """Threads of each of ``processes`` concurrent trainings: :func:`usable_cpus` shared evenly (at least 1)."""
+    return max(1, usable_cpus() // max(1, processes))
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

@@ -56,7 +56,7 @@ def test_local_launcher_runs_teachers_first_and_every_cell_once(tmp_path, store,
     # 2 jobs at once share the CPUs: each trains with half of them (at least 1 thread)
     from fsl_lsskd.utils import process_threads
 
-    assert all(f"(attempt 1, {process_threads(2)} torch threads)" in p.read_text() for p in logs)
+    assert all(f"(attempt 1, torch threads: {process_threads(2)})" in p.read_text() for p in logs)
     # the finished LSSKD cell's files (its run directory is gone; its artifacts) are a few times a CE cell's
     assert not any((tmp_path / "runs" / "cells").glob("*/run"))
     from fsl_lsskd.record import open_store

@@ -199,8 +199,32 @@ def test_perf_train_times_concurrent_trainings_as_separate_processes():
     assert lines[1].split()[:2] == ["procs", "threads"] and "procs > 1" in lines[-1]
 
 
+def test_an_interrupted_concurrent_measurement_leaves_no_worker_and_no_files(tmp_path, monkeypatch):
+    """Ctrl-C (or a failure) while the worker processes of --processes run: they are killed at once, and the
+    split's temporary arrays are removed."""
+    import tempfile
+
+    from fsl_lsskd.train import perf
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    started = []
+
+    def interrupted(self, n):
+        started.extend(proc for proc, _err in self.procs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(perf._Concurrent, "steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        perf.run_throughput(perf.synthetic_split(64, 16, num_classes=4), (0.5,) * 3, (0.25,) * 3,
+                            backbones=(BACKBONE,), methods=("ce",), image_size=16, batch_size=8, steps=1, warmup=0,
+                            repeats=1, processes=(2,))
+    assert len(started) == 2 and all(proc.poll() is not None for proc in started)
+    assert not list(tmp_path.glob("fsl-bench-perf-*"))
+
+
 @pytest.mark.parametrize("args, message", [(["--processes", "0"], "--processes must be integers >= 1"),
-                                           (["--processes", "x"], "--processes must be comma-separated integers")])
+                                           (["--processes", "x"], "--processes must be comma-separated integers"),
+                                           (["--processes", "1,99999"], "--processes 99999: this process may use")])
 def test_perf_train_refuses_bad_process_counts(args, message):
     res = CliRunner().invoke(main, ["perf", "train", "--synthetic", "64", *args])
     assert res.exit_code == 2 and message in res.output, res.output

@@ -104,7 +104,7 @@ def fewer_episodes(results) -> List[Tuple[str, int]]:
 @click.option("--parallel", type=COUNT, default=None,
               help="With --launcher local: train N cells at once, each with CPUs/N threads (default: "
                    "launcher.local.parallel of the benchmark file, else 1). On a 2-core CPU, 2 one-thread Conv-4 "
-                   "cells trained 1.2-1.6x the images per second of one two-thread cell (docs/performance.md).")
+                   "CE cells trained 1.14-1.32x the images per second of one two-thread cell (docs/performance.md).")
 def run(benchmark: Path, methods, backbones, datasets, seeds, fractions, data_paths, out_root: Path, rerun: bool,
         dry_run: bool, shard_spec: Optional[str], launcher: str, slurm_options, parallel: Optional[int]) -> None:
     """Run a benchmark grid resumably: train only the cells that are not finished in the MLflow store, then

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
+from ..utils import usable_cpus
 from .config import Benchmark, LocalSpec, SlurmSpec
 from .grid import Cell, with_teachers
 from .runner import CellOutcome, Plan
@@ -134,7 +135,7 @@ class TrainJob:
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
         import torch
 
-        log.info("job for cell %s (attempt %d, %d torch threads)", self.cell.label, self.attempt + 1,
+        log.info("job for cell %s (attempt %d, torch threads: %d)", self.cell.label, self.attempt + 1,
                  torch.get_num_threads())
         plan = Plan(self.bench, with_teachers([self.cell]), DataCache(self.bench))
         store = open_store()
@@ -176,6 +177,9 @@ def make_launcher(kind: str, bench: Benchmark, slurm_options: Sequence[str] = ()
         nodes = partition_nodes()
         slurm = fit_to_partition(slurm, nodes)
     local = bench.launcher.local if parallel is None else dataclasses.replace(bench.launcher.local, parallel=parallel)
+    if kind == "local" and local.parallel > usable_cpus():
+        log.warning("%d local jobs at once on %d CPU(s): each gets 1 torch thread and they share the cores",
+                    local.parallel, usable_cpus())
     return SubmititLauncher(kind, slurm, local, notify=notify, nodes=nodes)
 
 
@@ -541,7 +545,7 @@ class SubmititLauncher:
                     running[cell.key] = (cell, ex.submit(job_of(cell)))
                     threads = self.job_threads()
                     log.info("started %s as local job %s%s", cell.label, running[cell.key][1].job_id,
-                             f" ({threads} threads)" if threads else "")
+                             f" (torch threads: {threads})" if threads else "")
                 for key, (cell, job) in list(running.items()):
                     if job.done():
                         del running[key]

@@ -27,7 +27,7 @@ import click
 
 from ..bounds import COUNT, COUNT_OR_ZERO, SIZE
 from ..options import dataset_kwargs, dataset_options, int_list
-from ..utils import malloc_setting, process_threads
+from ..utils import malloc_setting, process_threads, usable_cpus
 
 if TYPE_CHECKING:  # torch and numpy load when the measurement runs, not for `fsl-bench perf train --help`
     import numpy as np
@@ -261,16 +261,23 @@ class _Concurrent:
         images = sum(int(self._read(proc, err)["images"]) for proc, err in self.procs)
         return images / (time.perf_counter() - t0)
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        """End the workers: at the end of their input (they exit after their step), or ``at_once`` (killed: an
+        interrupted or failed measurement)."""
         for proc, err in self.procs:
             try:
                 if proc.poll() is None:
-                    proc.stdin.close()  # the worker's end-of-input: it exits
+                    if at_once:
+                        proc.kill()
+                    else:
+                        proc.stdin.close()  # the worker's end-of-input: it exits
                     proc.wait(timeout=60)
-            except Exception:  # noqa: BLE001 - never leave a worker behind
+            except BaseException:  # never leave a worker behind, even on a second Ctrl-C
                 proc.kill()
                 proc.wait()
-            err.close()
+                raise
+            finally:
+                err.close()
         self.procs = []
 
 
@@ -365,18 +372,20 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                         cell.samples.append(cell.steps(steps))
             torch.set_num_threads(default_threads)  # this process only waits while the groups run
             for group in groups.values():  # one group's processes at a time: N trainings' memory, not all cells'
+                ended = False
                 try:
                     group.start()
                     group.samples.append(group.steps(steps))
+                    ended = True
                 finally:
-                    group.close()
+                    group.close(at_once=not ended)
         for t in settings:
             torch.set_num_threads(t)
             peaks[t].append(matmul_peak(dev))
     finally:
         torch.set_num_threads(default_threads)
         for group in groups.values():
-            group.close()
+            group.close(at_once=True)  # none is running here unless the rounds were interrupted
         if tmp is not None:
             tmp.cleanup()
     peak_by = {t: statistics.median(v) for t, v in peaks.items()}
@@ -589,7 +598,8 @@ def run_train_bench(train_split, mean, std, backbone: str = "conv4", image_size:
               "rounds, e.g. 1,2 (default: torch's).")
 @click.option("--processes", default="1", show_default=True,
               help="Comma list: also time N trainings at once, one process each with CPUs/N threads (as `fsl-bench "
-                   "run --launcher local --parallel N` trains N cells), e.g. 1,2; their img/s are summed.")
+                   "run --launcher local --parallel N` trains N cells), e.g. 1,2; their img/s are summed. The "
+                   "one-process rows are always timed; N is at most the CPUs this process may use.")
 @click.option("--compile", "compare_compile", is_flag=True,
               help="Also time every cell with torch.compile of the training step (compiled once, untimed; kernels "
                    "cached under <cache>/inductor between runs).")
@@ -634,6 +644,10 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
         raise ConfigError(f"--processes must be integers >= 1, got {processes!r}")
     if max(process_settings) > 1 and torch.device(device).type != "cpu":
         raise ConfigError("--processes N shares this machine's CPUs between N trainings: use it with --device cpu")
+    cpus = usable_cpus()
+    if max(process_settings) > cpus:
+        raise ConfigError(f"--processes {max(process_settings)}: this process may use {cpus} CPU(s), so at most "
+                          f"{cpus} trainings can each have a core; pass at most {cpus}")
     if synthetic:
         from ..registry import METHODS
 
