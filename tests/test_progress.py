@@ -19,6 +19,9 @@ from fsl_lsskd.data.fake import write_fake_cifar100
 from fsl_lsskd.errors import ConfigError
 from fsl_lsskd.progress import Progress, format_seconds, mode, track
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_cli_walk import _ctrl_c_reaches_child  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 STAMP = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "
 
@@ -111,7 +114,8 @@ def test_a_training_log_shows_epochs_and_batches_with_eta_while_it_runs(tmp_path
         proc = subprocess.Popen([sys.executable, "-m", "fsl_lsskd.cli", "train", "--method", "ce",
                                  "--data", f"cifar_fs={cifar_archive}", "--epochs", "200", "--batch-size", "32",
                                  "--val-n-episodes", "0", "--no-mlflow", "--no-export", "--out", str(tmp_path / "run")],
-                                cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                                cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                preexec_fn=_ctrl_c_reaches_child)  # the SIGINT below ends it even under `pytest &`
         try:
             deadline = time.time() + 300
             while not re.search(r"seed 0: 1/200 epochs", log.read_text()):
@@ -120,7 +124,12 @@ def test_a_training_log_shows_epochs_and_batches_with_eta_while_it_runs(tmp_path
             assert proc.poll() is None, "the epoch line must be in the log while training, not at the end"
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # never leave a training behind
+                proc.kill()
+                proc.wait()
+                raise
     text = [line for line in log.read_text().splitlines() if line.strip()]
     assert re.match(STAMP + r"training ce conv4 cifar_fs seed 0: loading the data", text[0]), text[:3]
     assert any(re.match(STAMP + r"decoding cifar_fs train \(64 classes\) from .* into the cache", line)
