@@ -57,6 +57,10 @@ def test_local_launcher_runs_teachers_first_and_every_cell_once(tmp_path, store,
     from fsl_lsskd.utils import process_threads
 
     assert all(f"(attempt 1, torch threads: {process_threads(2)})" in p.read_text() for p in logs)
+    from fsl_lsskd.record import open_store as _open  # the threads are recorded with each training run
+
+    assert {r.data.params["torch_threads"] for r in _open(create=False)._search("tags.`fsl.kind` = 'train'")} \
+        == {str(process_threads(2))}
     # the finished LSSKD cell's files (its run directory is gone; its artifacts) are a few times a CE cell's
     assert not any((tmp_path / "runs" / "cells").glob("*/run"))
     from fsl_lsskd.record import open_store

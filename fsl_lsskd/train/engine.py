@@ -401,7 +401,7 @@ def _train(cfg: TrainConfig, dctx, *, train_data, val_data, mean, std, teacher, 
         params = {"run": {k: v for k, v in cfg.to_dict().items() if k not in ("method_overrides", "dataset_options")},
                   "num_classes": meta["num_classes"], "num_train_images": len(data.train),
                   "num_heldout_images": len(data.heldout) if data.heldout is not None else 0,
-                  "world_size": dctx.world_size}
+                  "world_size": dctx.world_size, "torch_threads": torch.get_num_threads()}
         run_id = store.start_training(cfg.experiment, cfg.run_name or out.name, tid, identity, tags=tags,
                                       params=params if run_id is None else None, parent_run_id=parent_run_id,
                                       resume_run_id=run_id)
