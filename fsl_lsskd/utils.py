@@ -92,8 +92,8 @@ def _mallopt_retain() -> str:
     return "retained" if ok else "system (mallopt refused)"
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask on Linux, else the machine's count)."""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask on Linux, else the machine's logical cores)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -101,8 +101,8 @@ def usable_cpus() -> int:
 
 
 def process_threads(processes: int) -> int:
-    """Threads of each of ``processes`` concurrent trainings: :func:`usable_cpus` shared evenly (at least 1)."""
-    return max(1, usable_cpus() // max(1, processes))
+    """Threads of each of ``processes`` concurrent trainings: :func:`usable_cores` shared evenly (at least 1)."""
+    return max(1, usable_cores() // max(1, processes))
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from ..utils import usable_cpus
+from ..utils import usable_cores
 from .config import Benchmark, LocalSpec, SlurmSpec
 from .grid import Cell, with_teachers
 from .runner import CellOutcome, Plan
@@ -177,9 +177,9 @@ def make_launcher(kind: str, bench: Benchmark, slurm_options: Sequence[str] = ()
         nodes = partition_nodes()
         slurm = fit_to_partition(slurm, nodes)
     local = bench.launcher.local if parallel is None else dataclasses.replace(bench.launcher.local, parallel=parallel)
-    if kind == "local" and local.parallel > usable_cpus():
+    if kind == "local" and local.parallel > usable_cores():
         log.warning("%d local jobs at once on %d CPU(s): each gets 1 torch thread and they share the cores",
-                    local.parallel, usable_cpus())
+                    local.parallel, usable_cores())
     return SubmititLauncher(kind, slurm, local, notify=notify, nodes=nodes)
 
 

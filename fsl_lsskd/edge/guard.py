@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import UserError
+from ..utils import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,6 @@ def machine_info() -> Dict[str, Any]:
     """Which machine and software a latency figure belongs to: CPU model, logical cores, cores this process may
     use (affinity), OS, Python, torch, onnxruntime and onnx versions (read from the installed distributions, so
     nothing heavy is imported)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"cpu_model": cpu_model(), "cores": os.cpu_count() or 1, "usable_cores": usable,
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count() or 1, "usable_cores": usable_cores(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": _version("torch"),
             "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx")}

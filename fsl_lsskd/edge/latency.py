@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..utils import usable_cores
 from .guard import (BUSY_MAX, SPREAD_MAX, WINDOW_S, MachineBusy, busy_message, cpu_ticks, machine_info,
                     others_share, read_load)
 
@@ -45,10 +46,6 @@ ENGINES: Dict[str, Tuple[str, str, str]] = {
     "ort_int8": ("onnxruntime", "int8", "ONNX Runtime int8"),
 }
 P90_MIN_RUNS, P99_MIN_RUNS = 10, 100
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_threads(text: str) -> Tuple[int, ...]:

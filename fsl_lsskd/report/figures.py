@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..progress import announce
-from ..utils import DEFERRED_SIGNALS, atomic_path, signals_deferred
+from ..utils import DEFERRED_SIGNALS, atomic_path, signals_deferred, usable_cores
 from .results import headline_rows, row_name
 
 # stable colours: the registered methods in a fixed order (tab10), variants a lighter shade of their method
@@ -170,12 +170,10 @@ def figure_workers() -> int:
     """How many processes :func:`start_figures` may use: the CPUs this process may run on, at most one per
     figure; 1 where processes cannot be forked (then figures render in this process)."""
     import multiprocessing
-    import os
 
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, len(_FIGURES)))
+    return max(1, min(usable_cores(), len(_FIGURES)))
 
 
 class FigureJob:

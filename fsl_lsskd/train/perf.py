@@ -27,7 +27,7 @@ import click
 
 from ..bounds import COUNT, COUNT_OR_ZERO, SIZE
 from ..options import dataset_kwargs, dataset_options, int_list
-from ..utils import malloc_setting, process_threads, usable_cpus
+from ..utils import malloc_setting, process_threads, usable_cores
 
 if TYPE_CHECKING:  # torch and numpy load when the measurement runs, not for `fsl-bench perf train --help`
     import numpy as np
@@ -644,7 +644,7 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
         raise ConfigError(f"--processes must be integers >= 1, got {processes!r}")
     if max(process_settings) > 1 and torch.device(device).type != "cpu":
         raise ConfigError("--processes N shares this machine's CPUs between N trainings: use it with --device cpu")
-    cpus = usable_cpus()
+    cpus = usable_cores()
     if max(process_settings) > cpus:
         raise ConfigError(f"--processes {max(process_settings)}: this process may use {cpus} CPU(s), so at most "
                           f"{cpus} trainings can each have a core; pass at most {cpus}")
