@@ -127,14 +127,12 @@ class TrainJob:
         route_submitit_logging()  # from here on each line once, in the job's .err log
         configure()  # the job's log (stderr): a line per epoch and every 30 s within one, with the ETA
         retain_freed_memory()  # as `fsl-bench run` does in its own process
-        if self.threads:
-            import torch
+        import torch
 
+        if self.threads:
             torch.set_num_threads(self.threads)
         os.chdir(self.cwd)
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
-        import torch
-
         log.info("job for cell %s (attempt %d, torch threads: %d)", self.cell.label, self.attempt + 1,
                  torch.get_num_threads())
         plan = Plan(self.bench, with_teachers([self.cell]), DataCache(self.bench))
@@ -157,7 +155,8 @@ def make_launcher(kind: str, bench: Benchmark, slurm_options: Sequence[str] = ()
                   parallel: Optional[int] = None) -> "SubmititLauncher":
     """The launcher of ``--launcher KIND`` (``local`` or ``slurm``); ``slurm_options`` are ``KEY=VALUE``
     overrides of ``launcher.slurm``; ``parallel`` overrides ``launcher.local.parallel``; ``notify(message)``
-    receives what a user follows (job ids; default: the log at info level). For SLURM the resources are fitted to the partition's nodes (:func:`fit_to_partition`).
+    receives what a user follows (job ids; default: the log at info level). For SLURM the resources are fitted
+    to the partition's nodes (:func:`fit_to_partition`).
     Raises :class:`ConfigError` for an unknown kind or option, resources beyond every node of the partition,
     when submitit is missing, and when SLURM's ``sbatch``/``srun`` are not on PATH."""
     if kind not in KINDS:
@@ -177,9 +176,10 @@ def make_launcher(kind: str, bench: Benchmark, slurm_options: Sequence[str] = ()
         nodes = partition_nodes()
         slurm = fit_to_partition(slurm, nodes)
     local = bench.launcher.local if parallel is None else dataclasses.replace(bench.launcher.local, parallel=parallel)
-    if kind == "local" and local.parallel > usable_cores():
+    cores = usable_cores()
+    if kind == "local" and local.parallel > cores:
         log.warning("%d local jobs at once on %d CPU(s): each gets 1 torch thread and they share the cores",
-                    local.parallel, usable_cores())
+                    local.parallel, cores)
     return SubmititLauncher(kind, slurm, local, notify=notify, nodes=nodes)
 
 
@@ -542,10 +542,10 @@ class SubmititLauncher:
                 while ready and len(running) < max(1, self.local.parallel):
                     cell = ready.pop(0)
                     queue.remove(cell)
-                    running[cell.key] = (cell, ex.submit(job_of(cell)))
-                    threads = self.job_threads()
+                    job = job_of(cell)
+                    running[cell.key] = (cell, ex.submit(job))
                     log.info("started %s as local job %s%s", cell.label, running[cell.key][1].job_id,
-                             f" (torch threads: {threads})" if threads else "")
+                             f" (torch threads: {job.threads})" if job.threads else "")
                 for key, (cell, job) in list(running.items()):
                     if job.done():
                         del running[key]
