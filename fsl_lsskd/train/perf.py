@@ -204,21 +204,21 @@ class _Timed:
 class _Concurrent:
     """``n`` trainings of one (backbone, method, precision) at once, each a worker process
     (``python -m fsl_lsskd.train.perf_worker``) with :func:`~fsl_lsskd.utils.process_threads` threads, on this
-    split (its arrays written to ``workdir`` as ``.npy``, read back without pickle). :meth:`start` launches the
+    split (its arrays in ``workdir`` as ``images.npy``/``labels.npy``, read back without pickle). :meth:`start` launches the
     workers, which build and warm up their cell (untimed) and wait; :meth:`steps` starts them together and
     returns all their images over the wall time (in this process) from the start to the last worker's end, so a
     worker that ends early counts as idle time, as it would in a grid; :meth:`close` ends them. Only one group
     runs at a time (``run_throughput`` starts and closes it in each round), so the memory is N trainings'."""
 
-    def __init__(self, n: int, split, mean, std, backbone: str, method: str, precision: str, image_size: int,
-                 batch_size: int, warmup: int, seed: int, device, workdir: Path, trained: int) -> None:
+    def __init__(self, n: int, num_classes: int, num_samples: int, mean, std, backbone: str, method: str,
+                 precision: str, image_size: int, batch_size: int, warmup: int, seed: int, device,
+                 workdir: Path) -> None:
         self.n, self.threads = n, process_threads(n)
         self.spec = {"backbone": backbone, "method": method, "precision": precision, "image_size": image_size,
                      "batch_size": batch_size, "warmup": warmup, "seed": seed, "device": str(device),
-                     "threads": self.threads, "mean": list(mean), "std": list(std), "num_samples": trained,
-                     "num_classes": split.num_classes,
-                     "malloc": malloc_setting(), "workdir": str(workdir)}
-        self.split, self.workdir = split, workdir
+                     "threads": self.threads, "mean": list(mean), "std": list(std), "num_samples": num_samples,
+                     "num_classes": num_classes, "malloc": malloc_setting(), "workdir": str(workdir)}
+        self.workdir = workdir
         self.samples: List[float] = []
         self.compile_s: Optional[float] = None
         self.store_bytes_per_sample = 0
@@ -229,12 +229,6 @@ class _Concurrent:
         import subprocess
         import sys
 
-        import numpy as np
-
-        images, labels = self.workdir / "images.npy", self.workdir / "labels.npy"
-        if not images.exists():
-            np.save(images, self.split.images)
-            np.save(labels, self.split.labels)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         for i in range(self.n):
             err = open(self.workdir / f"worker-{id(self)}-{i}.err", "w+")
@@ -301,6 +295,7 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     N`` trains N cells): such a row's images/s are all the processes' images over the wall time from the common
     start until the last one finished its ``steps`` (:class:`_Concurrent`), its share is of the same peak, and
     every row has ``processes`` (1 for the in-process cells)."""
+    import numpy as np
     import torch
 
     from .loader import TrainLoader
@@ -323,15 +318,6 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
     flops: Dict[tuple, float] = {}
     errors: List[Dict[str, object]] = []
     tmp = None
-
-    def workdir() -> Path:  # the split's arrays for the concurrent processes, written once
-        nonlocal tmp
-        if tmp is None:
-            import tempfile
-
-            tmp = tempfile.TemporaryDirectory(prefix="fsl-bench-perf-")
-        return Path(tmp.name)
-
     try:
         for bb in backbones:
             for m in methods:
@@ -355,12 +341,19 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
                                 continue
                             cell.compile_s = time.perf_counter() - t0 if mode == "compile" else None
                             cells[(t, mode, bb, m, prec)] = cell
-        for n in dict.fromkeys(int(n) for n in processes if int(n) > 1):
+        concurrent = list(dict.fromkeys(int(n) for n in processes if int(n) > 1))
+        if concurrent:  # the split's arrays, written once for every worker process
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix="fsl-bench-perf-")
+            np.save(Path(tmp.name) / "images.npy", split.images)
+            np.save(Path(tmp.name) / "labels.npy", split.labels)
+        for n in concurrent:
             for bb in backbones:
                 for m in methods:
                     for prec in precisions:
-                        group = _Concurrent(n, split, mean, std, bb, m, prec, image_size, batch_size, warmup, seed,
-                                            dev, workdir=workdir(), trained=N)
+                        group = _Concurrent(n, C, N, mean, std, bb, m, prec, image_size, batch_size, warmup, seed,
+                                            dev, workdir=Path(tmp.name))
                         groups[(n, group.threads, "eager", bb, m, prec)] = group
         peaks: Dict[int, List[float]] = {t: [] for t in settings}
         for _ in range(repeats):  # interleaved: every cell once per round, each thread setting's peak before them
@@ -384,8 +377,6 @@ def run_throughput(train_split, mean, std, backbones: Sequence[str] = ("conv4", 
             peaks[t].append(matmul_peak(dev))
     finally:
         torch.set_num_threads(default_threads)
-        for group in groups.values():
-            group.close(at_once=True)  # none is running here unless the rounds were interrupted
         if tmp is not None:
             tmp.cleanup()
     peak_by = {t: statistics.median(v) for t, v in peaks.items()}

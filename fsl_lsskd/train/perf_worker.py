@@ -20,7 +20,6 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from ..data.base import SplitData
     from .loader import TrainLoader
     from .perf import _endless, _make_method, _Timed, store_bytes_per_sample
 
@@ -29,10 +28,8 @@ def main(argv=None) -> int:
     images = np.load(work / "images.npy", allow_pickle=False)
     labels = np.load(work / "labels.npy", allow_pickle=False)
     C = int(spec["num_classes"])
-    split = SplitData(images=images, labels=labels, class_names=tuple(f"c{i}" for i in range(C)),
-                      dataset="perf", split="train")
     dev = torch.device(spec["device"])
-    loader = TrainLoader(split.images, split.labels, tuple(spec["mean"]), tuple(spec["std"]),
+    loader = TrainLoader(images, labels, tuple(spec["mean"]), tuple(spec["std"]),
                          batch_size=int(spec["batch_size"]), seed=int(spec["seed"]), device=dev)
     method = _make_method(spec["method"], spec["backbone"], C, int(spec["num_samples"]), int(spec["image_size"]),
                           dev, int(spec["seed"]))
