@@ -134,7 +134,8 @@ def test_benchmark_file_errors_come_before_heavy_imports_and_decoding(tmp_path, 
 
 
 @pytest.mark.parametrize("case", ["train method typo", "train missing archive", "evaluate readout typo",
-                                  "evaluate missing checkpoint", "export missing checkpoint", "table baseline typo"])
+                                  "evaluate missing checkpoint", "export missing checkpoint", "table baseline typo",
+                                  "perf too many processes"])
 def test_option_errors_come_before_heavy_imports(tmp_path, cifar_archive, case):
     cache = tmp_path / "cache"
     data = ["--dataset", "cifar_fs", "--archive", cifar_archive]
@@ -148,12 +149,14 @@ def test_option_errors_come_before_heavy_imports(tmp_path, cifar_archive, case):
         "export missing checkpoint": ["export", tmp_path / "nowhere", "--out", tmp_path / "export"],
         "table baseline typo": ["table", _bench(tmp_path / "grid.yaml", f"{{archive: {cifar_archive}}}"),
                                 "--baseline", "cee"],
+        "perf too many processes": ["perf", "train", "--synthetic", "64", "--processes", "1,100000"],
     }[case]
     fragments = {"train method typo": ["unknown method 'lsskdd'"], "train missing archive": ["does not exist"],
                  "evaluate readout typo": ["unknown readout 'logreg_batchd'"],
                  "evaluate missing checkpoint": ["nowhere", "does not exist"],
                  "export missing checkpoint": ["nowhere", "does not exist"],
-                 "table baseline typo": ["unknown method 'cee'"]}[case]
+                 "table baseline typo": ["unknown method 'cee'"],
+                 "perf too many processes": ["--processes 100000", "at most"]}[case]
     res = _python(RUN_ONE, *args, cwd=tmp_path, env={"FSL_BENCH_CACHE": str(cache)})
     _no_heavy_and_nothing_decoded(res, cache, *fragments)
     assert not (tmp_path / "run").exists() and not (tmp_path / "export").exists()

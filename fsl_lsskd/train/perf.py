@@ -621,24 +621,25 @@ def perf_train(dataset, archive, data_root, download, split_file, train_per_clas
     bad = [p for p in precs if p not in ("fp32", "bf16", "fp16")]
     if bad:
         raise ConfigError(f"--precisions: {bad[0]!r} is not fp32, bf16 or fp16")
-    import torch
-
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    from ..utils import atomic_write_text
-
+    # the option checks come before torch is imported: an error is answered at once
     thread_settings = tuple(int_list(threads, "--threads")) if threads.strip() else (None,)
     if any(t < 1 for t in thread_settings if t is not None):
         raise ConfigError(f"--threads must be integers >= 1, got {threads!r}")
     process_settings = tuple(int_list(processes, "--processes"))
     if any(n < 1 for n in process_settings):
         raise ConfigError(f"--processes must be integers >= 1, got {processes!r}")
-    if max(process_settings) > 1 and torch.device(device).type != "cpu":
+    if max(process_settings) > 1 and str(device).split(":", 1)[0] != "cpu":
         raise ConfigError("--processes N shares this machine's CPUs between N trainings: use it with --device cpu")
     cpus = usable_cores()
     if max(process_settings) > cpus:
         raise ConfigError(f"--processes {max(process_settings)}: this process may use {cpus} CPU(s), so at most "
                           f"{cpus} trainings can each have a core; pass at most {cpus}")
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    from ..utils import atomic_write_text
+
     if synthetic:
         from ..registry import METHODS
 
